@@ -1,0 +1,29 @@
+"""quantkit: INT8 post-training quantization and TensorRT-ready Q/DQ ONNX export.
+
+Public API (imported lazily so that ``import quantkit`` stays cheap)::
+
+    qmodel = quantkit.quantize(model, calib, recipe)
+    quantkit.export(qmodel, out_dir, ...)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "quantize", "export", "load_recipe", "Recipe"]
+
+
+def __getattr__(name):  # PEP 562 lazy attributes
+    if name == "quantize":
+        from quantkit.api import quantize
+
+        return quantize
+    if name == "export":
+        from quantkit.api import export
+
+        return export
+    if name in ("load_recipe", "Recipe"):
+        from quantkit import recipe
+
+        return getattr(recipe, name)
+    raise AttributeError(name)
