@@ -1,0 +1,128 @@
+"""The calibration pass: one forward loop over real data fills a histogram per activation quantizer.
+
+The caller owns the data; :func:`calibration_mode` attaches collectors and restores quantizer state in
+``finally``. Every method's amax is computed from the same histograms, so the result can switch method
+without another pass (and is what the calibration cache stores).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quantkit.calibrate.histogram import HistogramCollector
+from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.errors import CalibrationError, ModelError
+from quantkit.quant.tensor_quantizer import TensorQuantizer
+
+PERCENTILES = (99.9, 99.99, 99.999)
+
+
+def _activation_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and not m.is_per_channel]
+
+
+@contextmanager
+def calibration_mode(model: nn.Module, settings: MethodSettings):
+    """Attach a HistogramCollector to every per-tensor quantizer (enabled or not) and switch it to calib mode.
+
+    Disabled quantizers are calibrated too (temporarily enabled), so one pass serves any later selection.
+    """
+    qs = _activation_quantizers(model)
+    saved = [(q._disabled, q._if_calib, q._if_quant) for _, q in qs]
+    for name, q in qs:
+        q.collector = HistogramCollector(num_bins=settings.num_bins, name=name)
+        q.enable()
+        q.enable_calib()
+    try:
+        yield qs
+    finally:
+        for (_, q), (disabled, calib, quant) in zip(qs, saved):
+            q._disabled, q._if_calib, q._if_quant = disabled, calib, quant
+
+
+@dataclass
+class CalibrationResult:
+    """Per-tensor amax for every method. ``tensors``: quantizer name -> {method key -> amax}.
+
+    method keys: "max", "percentile_<p>", "entropy", "mse". ``num_samples``: inputs seen.
+    """
+
+    tensors: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_samples: int = 0
+
+    def amax_for(self, name: str, settings: MethodSettings) -> float:
+        values = self.tensors[name]
+        key = method_key(settings)
+        if key not in values:
+            raise CalibrationError(f"no '{key}' amax recorded for {name}; recalibrate (delete the cache)")
+        return values[key]
+
+    def as_dict(self) -> dict:
+        return {"num_samples": self.num_samples, "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationResult":
+        return cls(tensors={k: {m: float(v) for m, v in d2.items()} for k, d2 in d["tensors"].items()},
+                   num_samples=int(d["num_samples"]))
+
+
+def method_key(settings: MethodSettings) -> str:
+    m = CalibMethod(settings.method)
+    return f"percentile_{settings.percentile:g}" if m is CalibMethod.PERCENTILE else m.value
+
+
+def run_calibration(
+    model: nn.Module, batches: Iterable[torch.Tensor], settings: MethodSettings, *, total: int | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Run the calibration pass and compute every method's amax per activation tensor."""
+    model.eval()
+    n = 0
+    with torch.no_grad(), calibration_mode(model, settings) as qs:
+        bar = tqdm(batches, total=total, desc="calibrating", unit="batch",
+                   disable=not (progress and sys.stderr.isatty()))
+        for batch in bar:
+            try:
+                model(batch)
+            except CalibrationError:
+                raise
+            except (RuntimeError, ValueError) as exc:
+                raise ModelError(
+                    f"the model rejects calibration input of shape {tuple(batch.shape)}: {exc}. "
+                    "Pass data of the model's input size (input.size in the recipe) and channel count"
+                ) from exc
+            n += batch.shape[0]
+        percentiles = tuple(sorted({*PERCENTILES, settings.percentile}))
+        result = CalibrationResult(num_samples=n)
+        for name, q in qs:
+            result.tensors[name] = q.collector.all_amax(percentiles=percentiles, settings=settings)
+            q.collector = None
+    return result
+
+
+def apply_calibration(model: nn.Module, result: CalibrationResult, settings: MethodSettings) -> dict[str, float]:
+    """Set every activation quantizer's amax from ``result`` for ``settings``' method. Returns name -> amax.
+
+    An amax of 0 (a tensor that was always zero), NaN or Inf is an error naming the layer.
+    """
+    chosen = {}
+    for name, q in _activation_quantizers(model):
+        if name not in result.tensors:
+            raise CalibrationError(f"no calibration for {name}: the calibration result does not match the model; "
+                                   "recalibrate (delete the calibration cache)")
+        amax = result.amax_for(name, settings)
+        if not (amax > 0 and amax < float("inf")):
+            raise CalibrationError(
+                f"{name}: calibrated amax is {amax} (the tensor was all zero, NaN or Inf on the calibration data). "
+                f"Check the data, or keep the layer in float with quantization.skip=[{name.rsplit('.', 1)[0]}]"
+            )
+        q.amax = amax
+        chosen[name] = amax
+    return chosen

@@ -1,0 +1,104 @@
+"""Calibration data: a folder of images or a preprocessed float32 NCHW ``.npy``, streamed in batches.
+
+Only real data: there is no code path that invents inputs. Images are decoded one batch at a time, so memory
+stays bounded by one batch whatever the number of images. ``fingerprint`` hashes the raw bytes of every file
+used plus the preprocessing, and keys the calibration cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from quantkit.data.images import list_images, load_image
+from quantkit.data.preprocess import Preprocess, preprocess_image
+from quantkit.errors import DataError
+
+
+@dataclass
+class CalibrationData:
+    """A calibration source. ``kind`` is "images" or "npy"; ``input_shape`` is (C, H, W) in pixels."""
+
+    source: Path
+    kind: str
+    preprocess: Preprocess | None
+    batch_size: int
+    files: list[Path]
+    array: np.ndarray | None
+    input_shape: tuple[int, int, int]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.files) if self.kind == "images" else int(self.array.shape[0])
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return -(-self.num_samples // self.batch_size)
+
+    def batches(self, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield float32 NCHW batches; ``limit`` caps the number of samples."""
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            if self.kind == "npy":
+                batch = np.asarray(self.array[start:stop], dtype=np.float32)
+                if not np.isfinite(batch).all():
+                    raise DataError(f"{self.source} rows {start}..{stop - 1} contain NaN or Inf: fix the array")
+            else:
+                batch = np.stack([preprocess_image(load_image(f), self.preprocess)[0] for f in self.files[start:stop]])
+            yield torch.from_numpy(np.ascontiguousarray(batch))
+
+    def fingerprint(self) -> str:
+        """sha256 over the data bytes actually used and the preprocessing settings."""
+        h = hashlib.sha256()
+        h.update(self.kind.encode())
+        if self.kind == "npy":
+            h.update(json.dumps([list(self.array.shape), str(self.array.dtype)]).encode())
+            for start in range(0, self.array.shape[0], 64):
+                h.update(np.ascontiguousarray(self.array[start : start + 64]).tobytes())
+        else:
+            h.update(json.dumps(self.preprocess.as_dict(), sort_keys=True).encode())
+            for f in self.files:
+                h.update(f.name.encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+        return h.hexdigest()
+
+
+def open_calibration_data(
+    path: str | Path, preprocess: Preprocess, batch_size: int = 8, max_images: int = 0
+) -> CalibrationData:
+    """Open ``path`` (image folder or .npy). Image folders are letterboxed to ``preprocess.size``.
+
+    Raises DataError for a missing path, an empty folder, unreadable images (checked up front), or a .npy that
+    is not a finite float32 NCHW array.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"calibration data {p} does not exist: pass --calib DIR (images) or --calib FILE.npy")
+    if p.is_file():
+        if p.suffix.lower() != ".npy":
+            raise DataError(f"calibration file {p} is not a .npy: pass a folder of images or a float32 NCHW .npy")
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"cannot read {p} as a .npy array ({exc}): save it with numpy.save") from exc
+        if arr.dtype != np.float32:
+            raise DataError(f"{p} has dtype {arr.dtype}; calibration arrays must be float32 NCHW "
+                            "(convert with arr.astype(np.float32) after preprocessing)")
+        if arr.ndim != 4 or arr.shape[0] == 0:
+            raise DataError(f"{p} has shape {tuple(arr.shape)}; expected a non-empty float32 NCHW array (N, C, H, W)")
+        if max_images:
+            arr = arr[:max_images]
+        return CalibrationData(p, "npy", None, batch_size, [], arr, tuple(int(s) for s in arr.shape[1:]))
+    files = list_images(p)
+    if max_images:
+        files = files[:max_images]
+    for f in files:  # fail before a long pass, not in the middle of it
+        load_image(f)
+    return CalibrationData(p, "images", preprocess, batch_size, files, None, (3, *preprocess.size))

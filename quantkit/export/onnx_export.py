@@ -1,0 +1,54 @@
+"""torch -> ONNX with the legacy (TorchScript) exporter at opset 17, which TensorRT 8.6 and 10.x read.
+
+The dynamo exporter emits opset 18 only (FACTS.md); the legacy one still ships in torch 2.13 and turns
+``fake_quantize_per_{tensor,channel}_affine`` into QuantizeLinear/DequantizeLinear pairs. Its deprecation
+warning is silenced here because choosing it is deliberate.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from quantkit.errors import ExportError
+
+INPUT_NAME = "images"
+
+
+def output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """``["boxes", "scores"]`` for a detector returning (boxes [B,A,4], scores [B,A,C]); else output[_i]."""
+    with torch.no_grad():
+        out = model(example)
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(o, torch.Tensor) for o in out)
+            and out[0].dim() == 3 and out[0].shape[-1] == 4 and out[1].dim() == 3 and out[0].shape[1] == out[1].shape[1]):
+        return ["boxes", "scores"]
+    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+        return [f"output_{i}" for i in range(len(out))]
+    raise ExportError(f"model output of type {type(out).__name__} is not a tensor or a flat tuple of tensors; "
+                      "wrap the model so that forward returns tensors")
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = 17, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """Export ``model`` (eval mode) traced on ``example`` (NCHW float32). Returns the ModelProto, unchecked."""
+    model = model.eval()
+    names = output_names(model, example)
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+        except Exception as exc:  # the exporter raises many internal types
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    return onnx.load_from_string(buf.getvalue())

@@ -1,0 +1,100 @@
+"""Quantized module wrappers and the float -> quant swap table.
+
+Each wrapper subclasses its float module, so parameters, ``state_dict`` keys and ``repr`` stay familiar; it
+adds ``_input_quantizer`` (per-tensor, activations) and, for layers with weights, ``_weight_quantizer``
+(per-channel on the output-channel axis) — the layout pytorch-quantization uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.models.ops import Add
+from quantkit.quant.tensor_quantizer import TensorQuantizer, weight_amax
+
+
+class _QuantMixin:
+    """Shared construction: copy a float module's state into the quant subclass."""
+
+    weight_axis: int | None = 0
+
+    @classmethod
+    def from_float(cls, module: nn.Module, name: str) -> nn.Module:
+        q = cls.__new__(cls)
+        q.__dict__ = module.__dict__.copy()
+        q._modules = module._modules.copy()
+        q._parameters = module._parameters.copy()
+        q._buffers = module._buffers.copy()
+        q.add_module("_input_quantizer", TensorQuantizer(axis=None, name=f"{name}._input_quantizer"))
+        if "weight" in q._parameters:
+            axis = q._weight_axis()
+            q.add_module("_weight_quantizer", TensorQuantizer(axis=axis, name=f"{name}._weight_quantizer"))
+            q._weight_quantizer.amax = weight_amax(q.weight, axis)
+        return q
+
+    def _weight_axis(self) -> int | None:
+        return self.weight_axis
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """Conv2d (incl. grouped/depthwise) with quantized input and per-output-channel weights (axis 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
+
+
+class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
+    """ConvTranspose2d; its weight is [in, out/groups, kH, kW], so output channels sit on axis 1.
+
+    Grouped transposed convs fall back to a per-tensor weight scale (axis 1 would not index output channels).
+    """
+
+    def _weight_axis(self) -> int | None:
+        return 1 if self.groups == 1 else None
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        out_pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(
+            self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias, self.stride,
+            self.padding, out_pad, self.groups, self.dilation,
+        )
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """Linear with quantized input and per-output-feature weights (axis 0; exported as Gemm transB=1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
+
+
+class QuantAdd(_QuantMixin, Add):
+    """Residual add that quantizes only the skip input, so TensorRT can fuse the add into the conv epilogue."""
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return x + self._input_quantizer(skip)
+
+
+# The swap table: float module type -> quantized wrapper. Exact type match (subclasses are not swapped
+# implicitly; register them here).
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Linear: QuantLinear,
+    Add: QuantAdd,
+}
+
+QUANT_TYPES = tuple(QUANT_MODULES.values())
+
+
+def register_quant_module(float_type: type[nn.Module], quant_type: type[nn.Module]) -> None:
+    """Add a float -> quant mapping (e.g. for a user's custom conv subclass)."""
+    QUANT_MODULES[float_type] = quant_type
+
+
+def quantizers(model: nn.Module):
+    """Yield ``(name, TensorQuantizer)`` for every quantizer in ``model``, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, TensorQuantizer):
+            yield name, m

@@ -1,0 +1,64 @@
+"""report.md: the export summary a person reads (model, calibration, precision map, accuracy, sizes)."""
+
+from __future__ import annotations
+
+
+def _fmt(v, nd=3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def render_markdown(report: dict) -> str:
+    """Render report.json's content as Markdown (deterministic)."""
+    m, c, acc = report["model"], report["calibration"], report["accuracy"]["int8_vs_fp32_sqnr_db"]
+    lines = [
+        f"# quantkit export report — {m['name']}",
+        "",
+        "## Summary",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | `{m['name']}` ({m['parameters']:,} parameters; {m['parameters_deploy']:,} after reparameterization) |",
+        f"| input | {report['input']['shape']} (batch `{report['input']['batch']}`) |",
+        f"| calibration | {c['method']} on {c['num_samples']} {c['kind']} from `{c['data']}` |",
+        f"| INT8 layers | {m['int8_layers']} of {m['quantizable_layers']} quantizable (the rest run FP16 in TensorRT) |",
+        f"| INT8 vs FP32 output SQNR | {_fmt(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
+        f"| torch fake-quant vs onnxruntime | {_fmt(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
+        "",
+    ]
+    ev = report.get("evaluation")
+    if ev:
+        lines += ["## Accuracy (held-out data)", "", f"Data: `{ev['data']}`", "",
+                  "| model | mAP50:95 | mAP50 |", "|---|---|---|"]
+        for key, label in (("fp32_torch", "FP32 torch"), ("fp32_onnx", "FP32 ONNX (onnxruntime)"),
+                           ("int8_onnx", "INT8 Q/DQ ONNX (onnxruntime)")):
+            lines.append(f"| {label} | {_fmt(ev[key]['map50_95'], 4)} | {_fmt(ev[key]['map50'], 4)} |")
+        lines += ["", f"Drop FP32 -> INT8: **{_fmt(ev['drop_map50_95_points'], 2)} mAP50:95 points**, "
+                      f"{_fmt(ev['drop_map50_points'], 2)} mAP50 points.", ""]
+    sizes = report["onnx"]["sizes_bytes"]
+    lines += ["## Artifacts", "", "| file | size |", "|---|---|"]
+    lines += [f"| `{k}` | {_mib(v)} |" for k, v in sizes.items()]
+    lines += ["", f"INT8/FP32 size ratio: {report['onnx']['int8_size_ratio']}", ""]
+    gates = report.get("gates")
+    if gates and (gates["max_drop"] is not None or gates["min_sqnr"] is not None):
+        lines += ["## Gates", "", "PASSED" if gates["passed"] else "FAILED: " + "; ".join(gates["failures"]), ""]
+    lines += ["## Per-layer precision", "", "| layer | type | precision | input amax | weight amax (min..max) |",
+              "|---|---|---|---|---|"]
+    for r in report["layers"]:
+        w = f"{_fmt(r.get('weight_amax_min'), 4)}..{_fmt(r.get('weight_amax_max'), 4)}" if "weight_amax_min" in r else ""
+        lines.append(f"| `{r['name']}` | {r['type']} | {r['precision']} | {_fmt(r['input_amax'], 4)} | {w} |")
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lint = report.get("lint") or {}
+    lines += ["", "## Q/DQ lint", ""]
+    for name, findings in lint.items():
+        lines.append(f"- `{name}`: {len(findings)} finding(s)" + ("" if not findings else ": " + "; ".join(
+            f"{f['severity']} {f['rule']} at {f['node']}" for f in findings[:10])))
+    return "\n".join(lines) + "\n"

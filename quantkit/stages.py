@@ -1,0 +1,188 @@
+"""The pipeline's stages as small functions: model preparation, cached calibration, TensorRT target files,
+evaluation. ``pipeline.run_export`` strings them together."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from torch import nn
+
+from quantkit import __version__, paths
+from quantkit.calibrate.driver import CalibrationResult, run_calibration
+from quantkit.calibrate.methods import MethodSettings
+from quantkit.data.calib import CalibrationData
+from quantkit.data.preprocess import Preprocess
+from quantkit.export import parity
+from quantkit.quant.functional import expose_residual_adds
+from quantkit.quant.insert import QuantLayout, insert_quantizers
+from quantkit.quant.tensor_quantizer import TensorQuantizer
+from quantkit.recipe import Recipe
+
+log = logging.getLogger("quantkit")
+
+
+@dataclass
+class PreparedModel:
+    """The reparameterized FP32 model, its fake-quant copy and the quantization layout."""
+
+    fp32: nn.Module
+    qmodel: nn.Module
+    layout: QuantLayout
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_model(recipe: Recipe) -> tuple[PreparedModel, dict]:
+    """Build the model (registry name or ``file.py:factory``), reparameterize, insert quantizers."""
+    from quantkit.models.loading import build_model
+    from quantkit.reparam.fuse import find_unfused_batchnorms, reparameterize
+
+    m = recipe.model
+    model, info = build_model(m.name, weights=m.weights, num_classes=m.num_classes)
+    size = getattr(model, "default_input_size", None)
+    model.eval()
+    fp32 = reparameterize(model, full_fusion=True)
+    if size is not None and not hasattr(fp32, "default_input_size"):
+        fp32.default_input_size = size
+    fp32, notes = expose_residual_adds(fp32)
+    unfused = find_unfused_batchnorms(fp32)
+    if unfused:
+        notes.append(f"{len(unfused)} BatchNorm layer(s) could not be folded: {', '.join(unfused[:10])}")
+    q = recipe.quantization
+    qmodel, layout = insert_quantizers(fp32, tuple(q.quantize), tuple(q.skip), q.residual_add)
+    layout.notes.extend(notes)
+    info_dict = {
+        "name": m.name,
+        "weights": m.weights,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_deploy": sum(p.numel() for p in fp32.parameters()),
+        "quantizable_layers": len(layout.layers),
+        "int8_layers": len(layout.int8),
+    }
+    info_dict.update({k: v for k, v in (info if isinstance(info, dict) else {}).items() if k not in info_dict})
+    return PreparedModel(fp32=fp32, qmodel=qmodel, layout=layout, notes=notes), info_dict
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the names, shapes and bytes of every state_dict tensor (reparameterized weights)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if t is None:
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(json.dumps([list(t.shape), str(t.dtype)]).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def calibration_key_components(model: PreparedModel, data: CalibrationData, settings: MethodSettings) -> dict:
+    """Everything that determines the calibration histograms (and hence every method's amax)."""
+    layout = [n for n, m in model.qmodel.named_modules() if isinstance(m, TensorQuantizer) and not m.is_per_channel]
+    return {
+        "weights": weights_digest(model.fp32),
+        "quantizer_layout": json.dumps(layout),
+        "data": data.fingerprint(),
+        "preprocess": json.dumps(data.preprocess.as_dict() if data.preprocess else None, sort_keys=True),
+        "settings": json.dumps({"num_bins": settings.num_bins, "percentile": settings.percentile,
+                                "start_bin": settings.start_bin, "num_bits": settings.num_bits}, sort_keys=True),
+        "quantkit_version": __version__,
+    }
+
+
+def calibrate_cached(model: PreparedModel, data: CalibrationData, settings: MethodSettings, recipe: Recipe,
+                     *, progress: bool = True) -> tuple[CalibrationResult, dict]:
+    """Calibrate, reusing a cached result with the same content key. Returns (result, cache info for the report)."""
+    from quantkit.calibrate.cache import CalibrationCache, cache_key
+
+    components = calibration_key_components(model, data, settings)
+    key = cache_key(components)
+    info = {"key": key, "hit": False, "path": None, "reason": None}
+    cache = None
+    if recipe.calibration.use_cache:
+        path = recipe.calibration.cache or str(paths.cache_dir() / "calibration" / f"{key[:24]}.json")
+        cache = CalibrationCache(path)
+        info["path"] = str(path)
+        payload = cache.load(key)
+        if payload is not None:
+            info["hit"] = True
+            log.info("calibration cache hit (%s)", path)
+            return CalibrationResult.from_dict(payload), info
+        info["reason"] = getattr(cache, "last_reason", None)
+        log.info("calibration cache miss%s", f": {info['reason']}" if info["reason"] else "")
+    log.info("calibrating on %d inputs from %s", data.num_samples, data.source)
+    result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress)
+    if cache is not None:
+        cache.save(key, result.as_dict())
+    return result, info
+
+
+def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: onnx.ModelProto,
+                       batches: list[torch.Tensor], names: list[str], batch: tuple[int, int, int],
+                       pp: Preprocess) -> dict:
+    """Strong (FP16) variant, lint of every graph, build_engine.sh and, when asked, the engine."""
+    from quantkit.engine.config import plan_build
+    from quantkit.engine.trtexec import write_build_script
+    from quantkit.export.lint import lint
+    from quantkit.export.strong import to_strongly_typed
+
+    out: dict = {"lint": {}, "strong": None, "engine": None}
+    findings = lint(int8_onnx, strong=False)
+    out["lint"]["model.int8.onnx"] = [f.__dict__ if hasattr(f, "__dict__") else dict(f._asdict()) for f in findings]
+    if "strong" in recipe.export.targets:
+        strong = to_strongly_typed(int8_onnx)
+        strong_bytes = strong.SerializeToString()
+        sess = parity.session(strong_bytes)
+        sp = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(sess), batches, names)
+        if sp.worst < min(recipe.export.parity_min_sqnr, 30.0):
+            from quantkit.errors import ExportError
+
+            raise ExportError(f"model.int8.strong.onnx disagrees with the torch fake-quant model: worst SQNR "
+                              f"{sp.worst:.1f} dB. Nothing was written")
+        stage.write_bytes("model.int8.strong.onnx", strong_bytes)
+        sfind = lint(strong, strong=True)
+        out["lint"]["model.int8.strong.onnx"] = [f.__dict__ for f in sfind]
+        out["strong"] = {"parity_vs_fakequant": sp.as_dict(), "size_bytes": len(strong_bytes)}
+    errors = [f for v in out["lint"].values() for f in v if f.get("severity") == "error"]
+    if errors:
+        from quantkit.errors import ExportError
+
+        raise ExportError("Q/DQ lint found errors in quantkit's own export: "
+                          + "; ".join(f"{f['node']}: {f['message']}" for f in errors[:5]))
+    fp16_layers = [n for n in model.layout.layers if n not in model.layout.int8]
+    onnx_name = "model.int8.strong.onnx" if "strong" in recipe.export.targets else "model.int8.onnx"
+    plan = plan_build("10.0", onnx_is_strong=False, target=recipe.export.target,
+                      batch=batch if batch != (1, 1, 1) else None, fp16_layers=fp16_layers)
+    script = write_build_script(stage.path("build_engine.sh"), "model.int8.onnx", plan)
+    stage.files["build_engine.sh"] = stage.path("build_engine.sh")
+    out["build_script"] = {"onnx": "model.int8.onnx", "alt_strong_onnx": onnx_name, "text_sha256":
+                           hashlib.sha256(script.encode()).hexdigest()}
+    return out
+
+
+def evaluate(recipe: Recipe, eval_path: str | None, pp: Preprocess, model: PreparedModel, fp32_bytes: bytes,
+             targets: dict, int8_bytes: bytes, *, progress: bool = True) -> dict | None:
+    """mAP of FP32 torch, FP32 ONNX and INT8 ONNX (onnxruntime) with one decode + NMS, or None."""
+    if not eval_path:
+        return None
+    from quantkit.eval.coco import CocoDataset
+    from quantkit.eval.detection import evaluate_detection, onnx_predictor, torch_predictor
+
+    ds = CocoDataset(eval_path)
+    ev = recipe.evaluation
+    kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
+    log.info("evaluating on %s", eval_path)
+    res = {
+        "data": str(eval_path),
+        "fp32_torch": evaluate_detection(torch_predictor(model.fp32), ds, pp, **kw).as_dict(),
+        "fp32_onnx": evaluate_detection(onnx_predictor(fp32_bytes), ds, pp, **kw).as_dict(),
+        "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes), ds, pp, **kw).as_dict(),
+    }
+    base = res["fp32_onnx"]["map50_95"]
+    res["drop_map50_95_points"] = round(100.0 * (base - res["int8_onnx"]["map50_95"]), 4)
+    res["drop_map50_points"] = round(100.0 * (res["fp32_onnx"]["map50"] - res["int8_onnx"]["map50"]), 4)
+    return res
