@@ -26,53 +26,67 @@ DEFAULT_MAX_DET = 300  # super-gradients' max_predictions
 DET_COLUMNS = ("x1", "y1", "x2", "y2", "score", "class")
 
 
-def box_iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU between one x1y1x2y2 box [4] and boxes [N,4]; 0 where the union is empty (degenerate boxes)."""
-    box = np.asarray(box, dtype=np.float64)
-    boxes = np.asarray(boxes, dtype=np.float64)
-    iw = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0.0, None)
-    ih = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0.0, None)
-    inter = iw * ih
-    area_a = max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
-    area_b = np.clip(boxes[:, 2] - boxes[:, 0], 0.0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0.0, None)
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix [N,M] between x1y1x2y2 boxes a [N,4] and b [M,4] in float64; 0 where the union is empty."""
+    ax1, ay1, ax2, ay2 = (c[:, None] for c in np.asarray(a, dtype=np.float64).T.copy())
+    bx1, by1, bx2, by2 = np.asarray(b, dtype=np.float64).T.copy()
+    inter = np.maximum(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0.0)
+    inter *= np.maximum(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0.0)
+    area_a = np.maximum(ax2 - ax1, 0.0) * np.maximum(ay2 - ay1, 0.0)
+    area_b = np.maximum(bx2 - bx1, 0.0) * np.maximum(by2 - by1, 0.0)
     union = area_a + area_b - inter
     out = np.zeros_like(inter)
     np.divide(inter, union, out=out, where=union > 0)
     return out
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS over all boxes together. Returns kept indices, best score first.
+def nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    iou: float,
+    max_keep: int | None = None,
+    classes: np.ndarray | None = None,
+) -> np.ndarray:
+    """Greedy NMS. Returns kept indices, best score first (at most ``max_keep``).
 
-    A box is suppressed when its IoU with a kept, higher-ranked box is strictly greater than ``iou``
-    (torchvision's rule). Ties in score keep the lower index first, so the result is deterministic.
+    A box is suppressed when its IoU with a kept, higher-ranked box *of the same class* (all boxes are one
+    class when ``classes`` is None) is strictly greater than ``iou`` (torchvision's rule). Ties in score keep
+    the lower index first, so the result is deterministic. Stopping at ``max_keep`` gives the same rows as
+    running to the end and truncating, and costs O(max_keep * N) instead of an [N,N] IoU matrix.
     """
-    boxes = np.asarray(boxes, dtype=np.float64)
+    x1, y1, x2, y2 = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T.copy()
+    area = np.maximum(x2 - x1, 0.0) * np.maximum(y2 - y1, 0.0)
+    cls = None if classes is None else np.asarray(classes)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    limit = order.size if max_keep is None else min(max_keep, order.size)
     keep: list[int] = []
-    while order.size:
+    while order.size and len(keep) < limit:
         i = int(order[0])
         keep.append(i)
         rest = order[1:]
-        if not rest.size:
-            break
-        order = rest[box_iou_one_to_many(boxes[i], boxes[rest]) <= iou]
+        # Same arithmetic as box_iou, so both give bit-identical IoUs.
+        inter = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0.0)
+        inter *= np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0.0)
+        union = area[i] + area[rest] - inter
+        ious = np.zeros_like(inter)
+        np.divide(inter, union, out=ious, where=union > 0)
+        survive = ious <= iou
+        if cls is not None:
+            survive |= cls[rest] != cls[i]
+        order = rest[survive]
     return np.asarray(keep, dtype=np.int64)
 
 
-def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
+def batched_nms(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, max_keep: int | None = None
+) -> np.ndarray:
     """Per-class NMS: boxes of different classes never suppress each other. Returns kept indices, best first.
 
-    Uses the coordinate-offset trick: each class is shifted by ``class * (span + 1)`` so boxes of different
-    classes cannot overlap. The span is ``max - min`` of all coordinates (not just ``max`` as torchvision
-    does), which keeps classes apart even when unclipped boxes have negative coordinates.
+    Classes are compared directly rather than separated by torchvision's coordinate-offset trick, whose
+    offset (``class * (max + 1)``) fails to separate classes when unclipped boxes have negative
+    coordinates and perturbs IoUs by rounding.
     """
-    boxes = np.asarray(boxes, dtype=np.float64)
-    if boxes.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-    span = float(boxes.max() - boxes.min()) + 1.0
-    shifted = boxes + (np.asarray(classes, dtype=np.float64) * span)[:, None]
-    return nms(shifted, scores, iou)
+    return nms(boxes, scores, iou, max_keep, classes=classes)
 
 
 def _top_k_indices(s: np.ndarray, k: int) -> np.ndarray:
@@ -101,12 +115,14 @@ def postprocess_one(
     Multi-label: an anchor may yield one detection per class whose score is > ``conf``.
     Rows are sorted by score, best first; coordinates stay in the units of ``boxes`` (model-input pixels).
     """
-    anchor, cls = np.nonzero(scores > conf)
-    s = scores[anchor, cls]
+    flat = scores.reshape(-1)
+    idx = np.flatnonzero(flat > conf)  # (anchor, class) pairs, anchor-major
+    s = flat[idx]
     sel = _top_k_indices(s, top_k)
-    anchor, cls, s = anchor[sel], cls[sel], s[sel]
+    anchor, cls = np.divmod(idx[sel], scores.shape[1])
+    s = s[sel]
     b = boxes[anchor]
-    keep = batched_nms(b, s, cls, iou)[:max_det]
+    keep = batched_nms(b, s, cls, iou, max_det)
     out = np.empty((keep.size, 6), dtype=np.float32)
     out[:, :4] = b[keep]
     out[:, 4] = s[keep]

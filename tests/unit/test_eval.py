@@ -20,7 +20,7 @@ from quantkit.eval.detection import (
     predict_dataset,
     torch_predictor,
 )
-from quantkit.eval.nms import batched_nms, postprocess
+from quantkit.eval.nms import batched_nms, box_iou, nms, postprocess
 from quantkit.eval.sqnr import SqnrAccumulator, per_output_sqnr, sqnr_db
 
 pytest.importorskip("faster_coco_eval")
@@ -94,7 +94,6 @@ def test_class_offset_survives_negative_coordinates():
     keep = batched_nms(boxes, np.array([0.9, 0.8]), np.array([0, 1]), 0.5)
     assert sorted(keep.tolist()) == [0, 1]
 
-
 def test_postprocess_matches_brute_force_oracle():
     rng = np.random.default_rng(0)
     b, a, c = 2, 150, 3
@@ -110,6 +109,19 @@ def test_postprocess_matches_brute_force_oracle():
         want = np.array(_oracle_postprocess(boxes[i], scores[i], **kw), dtype=np.float32)
         assert 10 < len(want) <= 60
         np.testing.assert_array_equal(got[i], want)
+
+
+def test_box_iou_and_early_stop():
+    rng = np.random.default_rng(4)
+    xy = rng.uniform(0, 50, size=(40, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 30, size=(40, 2))], axis=1)
+    boxes[0, 2] = boxes[0, 0]  # a zero-area box: IoU 0 with everything, itself included
+    want = [[_py_iou(a.tolist(), b.tolist()) for b in boxes] for a in boxes]
+    np.testing.assert_allclose(box_iou(boxes, boxes), want, rtol=1e-12, atol=0)
+    scores = rng.uniform(size=40)
+    full = nms(boxes, scores, 0.3)
+    assert 5 < len(full) < 40
+    np.testing.assert_array_equal(nms(boxes, scores, 0.3, max_keep=5), full[:5])
 
 
 def test_postprocess_rejects_bad_shapes():
