@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,6 +266,17 @@ def test_shifted_and_empty_predictions(dataset):
     empty = coco_map(dataset, {i: np.zeros((0, 6)) for i in dataset.image_ids})
     assert (empty.map50_95, empty.map50, empty.num_detections) == (0.0, 0.0, 0)
     assert coco_map(dataset, {}).map50 == 0.0
+
+
+REAL_SET = Path(__file__).resolve().parents[2] / "evaldata" / "trees_holdout"
+
+
+@pytest.mark.skipif(not (REAL_SET / "annotations.json").is_file(), reason="evaldata/trees_holdout not in checkout")
+def test_real_tree_set_loads_and_scores_monotonically():
+    ds = CocoDataset(REAL_SET)
+    assert len(ds) == 16 and len(ds.anns) > 300
+    maps = [coco_map(ds, _gt_detections(ds, shift=s)).map50_95 for s in (0.0, 2.0, 5.0)]
+    assert maps[0] == 1.0 and maps[0] > maps[1] > maps[2] > 0.0
 
 
 def test_category_map(tmp_path):
