@@ -38,29 +38,33 @@ class FusionState(str, Enum):
     FULL = "full"  # post_bn folded as well
 
 
-def fold_bn_into_kernel(
-    kernel: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d, out_axis: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm that follows a conv into that conv's kernel and bias.
+def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float64 ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode.
 
-    ``W' = W * g / sqrt(var + eps)`` along ``out_axis`` and ``b' = (b - mean) * g / sqrt(var + eps) + beta``.
-    The arithmetic runs in float64 and the result is cast back to ``kernel``'s dtype. ``out_axis`` is 0 for
-    Conv2d; for a grouped ConvTranspose2d the caller reshapes (see :mod:`quantkit.reparam.fuse`).
+    ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``.
     """
     if bn.running_mean is None or bn.running_var is None:
         raise ModelError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
-    dtype = kernel.dtype
     mean = bn.running_mean.detach().double()
     var = bn.running_var.detach().double()
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + bn.eps)
-    shape = [1] * kernel.dim()
-    shape[out_axis] = -1
-    new_kernel = kernel.detach().double() * scale.view(shape)
-    b = bias.detach().double() if bias is not None else torch.zeros_like(mean)
-    new_bias = (b - mean) * scale + beta
-    return new_kernel.to(dtype), new_bias.to(dtype)
+    return scale, beta - mean * scale
+
+
+def fold_bn_into_kernel(
+    kernel: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm that follows a conv (kernel [out, in/groups, kh, kw]) into kernel and bias.
+
+    ``W' = W * g / sqrt(var + eps)`` per output channel, ``b' = (b - mean) * g / sqrt(var + eps) + beta``.
+    The arithmetic runs in float64; results are cast back to ``kernel``'s dtype.
+    """
+    scale, shift = bn_scale_shift(bn)
+    new_kernel = kernel.detach().double() * scale.view(-1, *([1] * (kernel.dim() - 1)))
+    new_bias = shift if bias is None else bias.detach().double() * scale + shift
+    return new_kernel.to(kernel.dtype), new_bias.to(kernel.dtype)
 
 
 class QARepVGGBlock(nn.Module):
