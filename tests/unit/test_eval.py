@@ -378,6 +378,10 @@ def test_onnx_predictor_checks_input_size(tmp_path):
         onnx_predictor(path)(np.zeros((1, 3, 8, 8), np.float32))
     with pytest.raises(ModelError, match="not found"):
         onnx_predictor(tmp_path / "nope.onnx")
+    m = _toy_onnx(1)
+    m.graph.output.append(m.graph.output[0])  # (boxes, scores, boxes): e.g. a graph with NMS outputs
+    with pytest.raises(ModelError, match="exactly"):
+        onnx_predictor(m)
 
 
 def test_torch_predictor_unpacks_decoded_pair_and_sets_eval():
