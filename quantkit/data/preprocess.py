@@ -38,17 +38,21 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class LetterboxInfo:
-    """Maps model-input pixels back to original pixels: ``orig = (model - pad) / ratio``."""
+    """Maps model-input pixels back to original pixels: ``orig = (model - pad) / ratio``.
+
+    ``ratio_y`` is set only for a plain (aspect-changing) resize; then ``ratio`` applies to x alone.
+    """
 
     ratio: float
     pad_x: float
     pad_y: float
+    ratio_y: float | None = None
 
     def to_original(self, boxes: np.ndarray) -> np.ndarray:
         """Map x1,y1,x2,y2 boxes (model-input pixels, shape [N,4]) to original-image pixels."""
         out = np.asarray(boxes, dtype=np.float64).copy()
         out[:, [0, 2]] = (out[:, [0, 2]] - self.pad_x) / self.ratio
-        out[:, [1, 3]] = (out[:, [1, 3]] - self.pad_y) / self.ratio
+        out[:, [1, 3]] = (out[:, [1, 3]] - self.pad_y) / (self.ratio if self.ratio_y is None else self.ratio_y)
         return out
 
 
@@ -75,7 +79,7 @@ def preprocess_image(img: np.ndarray, pp: Preprocess) -> tuple[np.ndarray, Lette
         th, tw = pp.size
         if (h, w) != (th, tw):
             img = np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
-        info = LetterboxInfo(ratio=th / h, pad_x=0.0, pad_y=0.0) if th / h == tw / w else LetterboxInfo(th / h, 0.0, 0.0)
+        info = LetterboxInfo(ratio=tw / w, pad_x=0.0, pad_y=0.0, ratio_y=th / h)
     x = img.astype(np.float32) * np.float32(pp.scale)
     mean = np.asarray(pp.mean, dtype=np.float32)
     std = np.asarray(pp.std, dtype=np.float32)

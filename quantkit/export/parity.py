@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -12,17 +12,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-
-def sqnr_db(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
-    """10·log10(Σref² / Σ(ref−test)²) over all elements of all outputs, float64; inf when identical."""
-    sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in reference)
-    err = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(t, np.float64)) ** 2))
-              for r, t in zip(reference, test))
-    if err == 0.0:
-        return math.inf
-    if sig == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(sig / err)
+from quantkit.eval.sqnr import sqnr_db
 
 
 def session(model: onnx.ModelProto | bytes, threads: int | None = None) -> ort.InferenceSession:
