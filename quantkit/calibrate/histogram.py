@@ -1,0 +1,294 @@
+"""Single-pass collectors: a growing histogram of |x| for activations, an abs-max for weights.
+
+``HistogramCollector`` never stores activations. Its bin width is fixed by the first batch that is
+not all zeros (``max|x| / num_bins``); a later batch beyond the range appends bins of the same width,
+so earlier counts never move (pytorch-quantization's HistogramCalibrator grows the same way). Only
+when the bin count would pass ``max_bins`` are adjacent bins merged by an integer factor: merged bins
+nest exactly in the wider ones, so this loses resolution but never misplaces a count. Every
+method's amax then comes from the one histogram (``all_amax``), so trying methods costs no new pass.
+
+Bins are half-open on the left: bin j holds ``(j * width, (j + 1) * width]``; exact zeros are
+counted apart (``zero_count``) and reported inside bin 0, which lets the mse search treat them as
+error-free and the entropy search ignore them as TensorRT does.
+
+An all-zero tensor yields amax 0.0 for every method. That is not an error here: the caller decides
+(disable that quantizer, or raise CalibrationError naming the layer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from quantkit.calibrate import search
+from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.errors import CalibrationError
+
+_STATE_VERSION = 1
+
+
+def _check_finite(value: float, name: str | None, what: str) -> None:
+    if not math.isfinite(value):
+        label = f"tensor {name!r}" if name else "an unnamed tensor"
+        raise CalibrationError(
+            f"NaN or Inf in the {what} of {label}: calibrate on finite data "
+            "(check the input preprocessing, the weights, and that the model runs in float32)"
+        )
+
+
+class HistogramCollector:
+    """Histogram of |x| for one activation tensor, collected batch by batch.
+
+    Args:
+        name: the tensor's name, used in error messages.
+        num_bins: bins spanning the first non-zero batch's range (2048 like TensorRT).
+        max_bins: cap on the bin count as the range grows; default ``8 * num_bins``.
+    """
+
+    def __init__(self, name: str | None = None, num_bins: int = 2048, max_bins: int | None = None) -> None:
+        self.name = name
+        self.num_bins = int(num_bins)
+        self.max_bins = int(max_bins) if max_bins is not None else 8 * self.num_bins
+        if self.num_bins < 16 or self.max_bins < self.num_bins:
+            raise CalibrationError(
+                f"histogram for {name!r}: need 16 <= num_bins <= max_bins, got {num_bins}, {max_bins}"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything collected."""
+        self._counts: torch.Tensor | None = None  # int64, non-zero values only, bin j = (j*w, (j+1)*w]
+        self._width: float | None = None
+        self._zero_count = 0
+        self._num_values = 0
+        self._amax: float | None = None
+
+    # ------------------------------------------------------------------ collection
+    @torch.no_grad()
+    def collect(self, x: torch.Tensor) -> None:
+        """Add one batch's |x| to the histogram. Raises CalibrationError on NaN/Inf."""
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        a = x.abs()
+        batch_max = float(a.max())  # max propagates NaN, so this one reduction also screens the batch
+        _check_finite(batch_max, self.name, "collected data")
+        self._amax = batch_max if self._amax is None else max(self._amax, batch_max)
+        self._num_values += x.numel()
+        if batch_max == 0.0:
+            self._zero_count += x.numel()
+            return
+        if self._width is None:
+            self._width = batch_max / self.num_bins
+            self._counts = torch.zeros(self.num_bins, dtype=torch.int64, device=a.device)
+        else:
+            self._grow(batch_max)
+        n = self._counts.numel()
+        if a.dtype != torch.float32:
+            a = a.float()
+        # slot = ceil(|x| / width): 0 for exact zeros, 1..n for the bins; clamp absorbs float roundoff
+        slots = a.mul_(1.0 / self._width).ceil_().clamp_(max=n).long().flatten()
+        hist = torch.bincount(slots, minlength=n + 1)
+        if self._counts.device != hist.device:
+            self._counts = self._counts.to(hist.device)
+        self._zero_count += int(hist[0])
+        self._counts += hist[1:]
+
+    def _grow(self, batch_max: float) -> None:
+        n = self._counts.numel()
+        need = math.ceil(batch_max / self._width)
+        if need <= n:
+            return
+        if need > self.max_bins:
+            factor = math.ceil(need / self.max_bins)
+            padded = math.ceil(n / factor) * factor
+            merged = torch.nn.functional.pad(self._counts, (0, padded - n))
+            self._counts = merged.view(-1, factor).sum(dim=1)
+            self._width *= factor
+            n = self._counts.numel()
+            need = math.ceil(batch_max / self._width)
+        if need > n:
+            self._counts = torch.nn.functional.pad(self._counts, (0, need - n))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_values(self) -> int:
+        """Number of scalars collected so far."""
+        return self._num_values
+
+    @property
+    def zero_count(self) -> int:
+        """Number of exact zeros collected (e.g. ReLU outputs)."""
+        return self._zero_count
+
+    def amax_max(self) -> float:
+        """Largest |x| seen (the MAX method's amax), exactly as torch computed it."""
+        self._require_data()
+        return float(self._amax)
+
+    def histogram(self) -> tuple[np.ndarray, float]:
+        """(counts, width): counts of |x| per bin with exact zeros inside bin 0, bin width in data units.
+
+        An all-zero collection returns ``(array([zero_count]), 0.0)``.
+        """
+        self._require_data()
+        if self._counts is None:
+            return np.array([self._zero_count], dtype=np.int64), 0.0
+        counts = self._counts.cpu().numpy().astype(np.int64)
+        counts[0] += self._zero_count
+        return counts, float(self._width)
+
+    def compute_amax(self, settings: MethodSettings) -> float:
+        """amax for ``settings.method``, in the data's units, never above the largest |x| seen.
+
+        Returns 0.0 when every collected value was zero (see the module docstring).
+        """
+        self._require_data()
+        if self._amax == 0.0 or self._counts is None:
+            return 0.0
+        counts, width = self.histogram()
+        method = settings.method
+        if method is CalibMethod.MAX:
+            return float(self._amax)
+        if method is CalibMethod.PERCENTILE:
+            amax = search.amax_percentile(counts, width, settings.percentile, self._zero_count)
+        elif method is CalibMethod.ENTROPY:
+            amax = search.amax_entropy(counts, width, settings.start_bin, settings.levels)
+        elif method is CalibMethod.MSE:
+            amax = search.amax_mse(counts, width, settings.start_bin, settings.max_bound, self._zero_count)
+        else:  # pragma: no cover - CalibMethod is closed
+            raise CalibrationError(f"no amax rule for {method!r}")
+        return float(min(amax, self._amax))
+
+    def all_amax(
+        self, percentiles: Iterable[float] = (99.9, 99.99, 99.999), settings: MethodSettings | None = None
+    ) -> dict[str, float]:
+        """amax of every method from the one histogram.
+
+        Keys: ``"max"``, ``"percentile_<p>"`` for each p (e.g. ``"percentile_99.99"``), ``"entropy"``,
+        ``"mse"``. ``settings`` supplies start_bin / num_bits / unsigned (default: int8 signed).
+        """
+        base = settings if settings is not None else MethodSettings(CalibMethod.ENTROPY)
+        out = {"max": self.compute_amax(_with(base, CalibMethod.MAX))}
+        for p in percentiles:
+            out[f"percentile_{float(p):g}"] = self.compute_amax(_with(base, CalibMethod.PERCENTILE, percentile=p))
+        out["entropy"] = self.compute_amax(_with(base, CalibMethod.ENTROPY))
+        out["mse"] = self.compute_amax(_with(base, CalibMethod.MSE))
+        return out
+
+    def _require_data(self) -> None:
+        if self._amax is None:
+            raise CalibrationError(
+                f"no data was collected for tensor {self.name!r}: the calibration loop never reached it "
+                "(check that the layer runs in forward and that the loader is not empty)"
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (plain ints, floats, lists) for the calibration cache."""
+        return {
+            "version": _STATE_VERSION,
+            "name": self.name,
+            "num_bins": self.num_bins,
+            "max_bins": self.max_bins,
+            "width": self._width,
+            "counts": None if self._counts is None else [int(c) for c in self._counts.cpu().tolist()],
+            "zero_count": self._zero_count,
+            "num_values": self._num_values,
+            "amax": self._amax,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; CalibrationError if it is inconsistent."""
+        try:
+            if state["version"] != _STATE_VERSION:
+                raise ValueError(f"state version {state['version']} != {_STATE_VERSION}")
+            counts, width, amax = state["counts"], state["width"], state["amax"]
+            zero_count, num_values = int(state["zero_count"]), int(state["num_values"])
+            if (counts is None) != (width is None):
+                raise ValueError("counts and width must both be set or both be null")
+            tensor = None if counts is None else torch.tensor(counts, dtype=torch.int64)
+            nonzero = 0 if tensor is None else int(tensor.sum())
+            if tensor is not None and (tensor.dim() != 1 or (tensor < 0).any() or not width > 0):
+                raise ValueError("counts must be a flat list of non-negative ints and width > 0")
+            if nonzero + zero_count != num_values or (amax is None) != (num_values == 0):
+                raise ValueError("counts, zero_count, num_values and amax disagree")
+            if amax is not None:
+                _check_finite(float(amax), self.name, "stored amax")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(
+                f"histogram state for tensor {self.name!r} is unusable ({exc}): delete the calibration cache"
+            ) from exc
+        self.num_bins, self.max_bins = int(state["num_bins"]), int(state["max_bins"])
+        self._counts, self._width = tensor, None if width is None else float(width)
+        self._zero_count, self._num_values = zero_count, num_values
+        self._amax = None if amax is None else float(amax)
+
+
+def _with(base: MethodSettings, method: CalibMethod, **changes: Any) -> MethodSettings:
+    from dataclasses import replace
+
+    return replace(base, method=method, **changes)
+
+
+class MaxCollector:
+    """Running abs-max, per channel along ``axis`` (weights) or per tensor (``axis=None``).
+
+    The amax keeps the tensor's rank with size 1 on the reduced dims, pytorch-quantization's layout:
+    ``[C, 1, 1, 1]`` for a conv weight with axis 0, ``[C, 1]`` for a linear weight, ``[]`` per tensor.
+    A channel whose weights are all zero gets amax 0.0; the caller decides what to do with it.
+    """
+
+    def __init__(self, axis: int | None = 0, name: str | None = None) -> None:
+        self.axis = axis
+        self.name = name
+        self._amax: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget everything collected."""
+        self._amax = None
+
+    @torch.no_grad()
+    def collect(self, x: torch.Tensor) -> None:
+        """Fold ``x``'s abs-max into the running amax. Raises CalibrationError on NaN/Inf."""
+        a = x.detach().abs().float()
+        if self.axis is None:
+            amax = a.max() if a.numel() else torch.zeros(())
+        else:
+            axis = self.axis % a.dim()
+            dims = [d for d in range(a.dim()) if d != axis]
+            amax = a.amax(dim=dims, keepdim=True) if dims else a.clone()
+        _check_finite(float(amax.max()), self.name, "collected data")
+        if self._amax is None:
+            self._amax = amax
+        elif self._amax.shape != amax.shape:
+            raise CalibrationError(
+                f"tensor {self.name!r} changed shape between batches ({tuple(self._amax.shape)} -> "
+                f"{tuple(amax.shape)}): per-channel amax needs a fixed channel count"
+            )
+        else:
+            self._amax = torch.maximum(self._amax, amax.to(self._amax.device))
+
+    def compute_amax(self) -> torch.Tensor:
+        """The running amax (float32 tensor, see the class docstring for its shape)."""
+        if self._amax is None:
+            raise CalibrationError(f"no data was collected for tensor {self.name!r}")
+        return self._amax.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: the amax as a flat list plus its shape."""
+        if self._amax is None:
+            return {"axis": self.axis, "shape": None, "amax": None}
+        return {"axis": self.axis, "shape": list(self._amax.shape), "amax": self._amax.flatten().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; CalibrationError if it is inconsistent."""
+        try:
+            self.axis = state["axis"]
+            amax = None if state["amax"] is None else torch.tensor(state["amax"], dtype=torch.float32)
+            self._amax = None if amax is None else amax.reshape(state["shape"])
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise CalibrationError(f"max state for tensor {self.name!r} is unusable ({exc})") from exc
