@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +32,7 @@ class CalibrationData:
     files: list[Path]
     array: np.ndarray | None
     input_shape: tuple[int, int, int]
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def num_samples(self) -> int:
@@ -47,7 +48,7 @@ class CalibrationData:
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             if self.kind == "npy":
-                batch = np.asarray(self.array[start:stop], dtype=np.float32)
+                batch = np.array(self.array[start:stop], dtype=np.float32)  # copy: the memmap is read-only
                 if not np.isfinite(batch).all():
                     raise DataError(f"{self.source} rows {start}..{stop - 1} contain NaN or Inf: fix the array")
             else:
@@ -55,7 +56,12 @@ class CalibrationData:
             yield torch.from_numpy(np.ascontiguousarray(batch))
 
     def fingerprint(self) -> str:
-        """sha256 over the data bytes actually used and the preprocessing settings."""
+        """sha256 over the data bytes actually used and the preprocessing settings (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(self.kind.encode())
         if self.kind == "npy":

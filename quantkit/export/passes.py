@@ -32,6 +32,27 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def inline_initializer_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewire ``Identity(initializer)`` nodes (the exporter's de-duplicated constants) to the initializer."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    alias = {}
+    keep = []
+    for n in g.node:
+        if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in graph_outputs:
+            alias[n.output[0]] = n.input[0]
+        else:
+            keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del g.node[:]
+    g.node.extend(keep)
+    return model
+
+
 def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
@@ -120,13 +141,13 @@ def qdq_summary(model: onnx.ModelProto) -> dict[str, int]:
 
 def finalize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     """The INT8 export passes in order; checks the result with onnx.checker."""
-    model = normalize(fold_weight_quantize(constants_to_initializers(model)))
+    model = normalize(fold_weight_quantize(inline_initializer_identities(constants_to_initializers(model))))
     onnx.checker.check_model(model)
     return model
 
 
 def finalize_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
-    model = normalize(remove_unused_initializers(constants_to_initializers(model)))
+    model = normalize(remove_unused_initializers(inline_initializer_identities(constants_to_initializers(model))))
     onnx.checker.check_model(model)
     return model
 
