@@ -349,3 +349,38 @@ def test_compare_precisions_names_only_engine_and_bad_precision():
     assert "DETAILED" in msg
     with pytest.raises(UsageError):
         compare_precisions(layers, {"/stem/conv/Conv": "int4"})
+
+
+# ------------------------------------------------------------------------------------------- dynamic batch
+def test_make_batch_dynamic_runs_at_other_batches():
+    import numpy as np
+    import onnxruntime as ort
+    from qdq_graphs import residual_cnn
+
+    from quantkit.export.dynamic import make_batch_dynamic
+
+    static = residual_cnn(seed=1)
+    dyn = make_batch_dynamic(static, "N")
+    assert {vi.type.tensor_type.shape.dim[0].dim_param for vi in [*dyn.graph.input, *dyn.graph.output]} == {"N"}
+    x = np.random.default_rng(0).standard_normal((3, 4, 8, 8)).astype(np.float32)
+    out = ort.InferenceSession(dyn.SerializeToString()).run(None, {"x": x})
+    one = ort.InferenceSession(static.SerializeToString()).run(None, {"x": x[1:2]})
+    assert out[0].shape[0] == 3 and np.array_equal(out[0][1:2], one[0])
+
+
+def test_make_batch_dynamic_refuses_hard_coded_reshape():
+    import numpy as np
+    from qdq_graphs import GraphBuilder
+
+    from quantkit.errors import ExportError
+    from quantkit.export.dynamic import make_batch_dynamic
+
+    for first, ok in ((1, False), (-1, True), (0, True)):
+        g = GraphBuilder()
+        (r,) = g.node("Reshape", [g.input("x", [1, 2, 3]), g.init("shape", np.array([first, 6]))], "reshape")
+        g.output("y", r, [1, 6])
+        if ok:
+            make_batch_dynamic(g.model())
+        else:
+            with pytest.raises(ExportError, match="reshape"):
+                make_batch_dynamic(g.model())
