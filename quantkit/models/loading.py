@@ -1,0 +1,231 @@
+"""Build models from a registry name or a user file, and load weights safely.
+
+``spec`` forms accepted by :func:`build_model`:
+
+* a registered name (``yolo_nas_s``, ``trees``, ... see :mod:`quantkit.models.registry`);
+* ``path/to/file.py:factory`` -- the file is imported by path and ``factory(**kw)`` must return an nn.Module.
+  **This executes the file's code with your privileges**: only point it at files you trust;
+* ``package.module:factory`` -- an importable module.
+
+Weights are read with ``torch.load(..., weights_only=True)``: files that need arbitrary pickled code are
+refused (re-save them as a plain state_dict, see :func:`load_weights`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import pickle
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from quantkit.errors import ModelError, WeightsError
+from quantkit.models.registry import count_parameters, get_entry, import_factory
+
+#: Where a super-gradients trainer checkpoint keeps the weights, most preferred first.
+CHECKPOINT_SECTIONS = ("ema_net", "net", "state_dict", "model")
+_LIST_LIMIT = 20
+
+
+class ModelSource(str, Enum):
+    REGISTRY = "registry"
+    FILE = "file"
+    MODULE = "module"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was built: registry-entry fields plus provenance.
+
+    ``input_size`` is (H, W) in pixels or None when the model does not declare one (a user model without a
+    ``default_input_size`` attribute); ``num_classes`` likewise.
+    """
+
+    name: str
+    factory: str
+    description: str
+    input_size: tuple[int, int] | None
+    num_classes: int | None
+    source: ModelSource
+    weights: str | None
+    num_parameters: int
+
+
+def build_model(spec: str, *, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, ModelInfo]:
+    """Build the model named by ``spec`` (see the module docstring), optionally load ``weights``, set eval mode.
+
+    ``num_classes`` is passed to the factory as a keyword only when given; a factory that does not accept it
+    raises ModelError. Raises UsageError for unknown names, ModelError for factory problems and WeightsError
+    for weight files that cannot be loaded.
+    """
+    module_part, sep, attr = spec.rpartition(":")
+    if sep and module_part.endswith(".py"):
+        factory, source, description = _factory_from_file(Path(module_part), attr), ModelSource.FILE, f"user model {spec}"
+        entry = None
+    elif sep:
+        factory, source, description = import_factory(spec), ModelSource.MODULE, f"user model {spec}"
+        entry = None
+    else:
+        entry = get_entry(spec)
+        factory, source, description = entry.resolve_factory(), ModelSource.REGISTRY, entry.description
+    model = _call_factory(factory, spec, num_classes)
+    if weights is not None:
+        load_weights(model, weights)
+    model.eval()
+    input_size = getattr(model, "default_input_size", None) or (entry.input_size if entry else None)
+    classes = num_classes or getattr(model, "num_classes", None) or (entry.num_classes if entry else None)
+    info = ModelInfo(
+        name=entry.name if entry else spec,
+        factory=entry.factory if entry else spec,
+        description=description,
+        input_size=tuple(input_size) if input_size is not None else None,
+        num_classes=classes,
+        source=source,
+        weights=str(weights) if weights is not None else None,
+        num_parameters=count_parameters(model),
+    )
+    return model, info
+
+
+def _factory_from_file(path: Path, attr: str) -> Callable[..., nn.Module]:
+    if not attr:
+        raise ModelError(f"missing factory name: use {path}:my_factory")
+    if not path.is_file():
+        raise ModelError(f"model file {path} not found: check the path in '{path}:{attr}'")
+    resolved = path.resolve()
+    name = "quantkit_user_model_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"cannot import {path} as a Python module: give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling inside the file need their module registered
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # user code: any exception is possible
+        sys.modules.pop(name, None)
+        raise ModelError(f"importing {path} failed with {type(exc).__name__}: {exc}; fix the file and retry") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        available = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == name)
+        raise ModelError(f"{path} has no callable '{attr}'; functions defined there: {', '.join(available) or 'none'}")
+    return factory
+
+
+def _call_factory(factory: Callable[..., Any], spec: str, num_classes: int | None) -> nn.Module:
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if "num_classes" not in params and not takes_kwargs:
+            raise ModelError(f"factory for '{spec}' takes no num_classes argument: drop num_classes or add it to the factory")
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # user code
+        raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory for '{spec}' returned {type(model).__name__}, not a torch.nn.Module: return the model")
+    return model
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a weights file safely; returns (state_dict with ``module.`` prefixes stripped, section used).
+
+    Accepts a plain ``{name: tensor}`` mapping or a trainer checkpoint holding one under ``ema_net``
+    (preferred), ``net``, ``state_dict`` or ``model``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found: check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{path} needs arbitrary pickled Python objects to load, which quantkit refuses for safety "
+            "(loading it could run code). In a trusted environment re-save only the tensors: "
+            "`torch.save(model.state_dict(), 'weights.pt')` (for a super-gradients checkpoint: "
+            "`torch.save(ckpt['ema_net'] or ckpt['net'], 'weights.pt')`)."
+            f" Detail: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    except Exception as exc:  # corrupt or non-torch file
+        raise WeightsError(f"{path} is not a readable torch weights file ({type(exc).__name__}: {exc})") from exc
+    state, section = _extract(obj, path)
+    return {_strip_module(k): v for k, v in state.items()}, section
+
+
+def _is_tensor_map(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _extract(obj: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], str]:
+    if _is_tensor_map(obj):
+        return obj, "state_dict"
+    if isinstance(obj, Mapping):
+        for section in CHECKPOINT_SECTIONS:
+            if _is_tensor_map(obj.get(section)):
+                return obj[section], section
+        keys = ", ".join(map(str, list(obj)[:10]))
+        raise WeightsError(
+            f"{path} holds a dict without weights (keys: {keys}): expected {{name: tensor}} or a checkpoint "
+            f"with one of {', '.join(CHECKPOINT_SECTIONS)}"
+        )
+    raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state_dict: save model.state_dict()")
+
+
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_LIST_LIMIT])
+    more = f" ... (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
+    return f"{title} ({len(items)}): {shown}{more}"
+
+
+def _hints(missing: list[str], file_keys: list[str], mismatched: dict[str, tuple]) -> list[str]:
+    hints = []
+    if any(".branch_3x3." in k for k in missing) and not any(".branch_3x3." in k for k in file_keys):
+        hints.append("the file was saved after QA-RepVGG fusion: load it into a model fused the same way")
+    cls = [k for k in mismatched if k.endswith("cls_pred.weight")]
+    if cls:
+        n = mismatched[cls[0]][0][0]
+        hints.append(f"the file has {n} classes: pass num_classes={n}")
+    return hints
+
+
+def load_weights(model: nn.Module, path: str | Path) -> str:
+    """Load ``path`` into ``model`` strictly (in place); returns the checkpoint section used.
+
+    Raises WeightsError listing missing, unexpected and shape-mismatched keys (first 20 of each, with counts).
+    """
+    state, section = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = {
+        k: (tuple(state[k].shape), tuple(expected[k].shape)) for k in expected if k in state and state[k].shape != expected[k].shape
+    }
+    if missing or unexpected or mismatched:
+        parts = [f"{path} ({section}) does not match {type(model).__name__}:"]
+        if missing:
+            parts.append(_listing("missing", missing))
+        if unexpected:
+            parts.append(_listing("unexpected", unexpected))
+        if mismatched:
+            parts.append(_listing("shape mismatch (file vs model)", [f"{k} {a} vs {b}" for k, (a, b) in mismatched.items()]))
+        parts += [f"hint: {h}" for h in _hints(missing, list(state), mismatched)]
+        raise WeightsError("\n  ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return section
