@@ -177,8 +177,12 @@ def _dq_of(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
     return node if node is not None and node.op_type == DQ_OP else None
 
 
-def _is_weight_dq(index: GraphIndex, dq: onnx.NodeProto) -> bool:
-    return index.const(dq.input[0]) is not None
+def _is_weight_dq(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A DQ of a stored int8 weight, or a Q/DQ pair fake-quantizing a float weight initializer."""
+    if index.const(node.input[0]) is not None:
+        return True
+    q = index.producer.get(node.input[0]) if node.op_type == DQ_OP else None
+    return q is not None and q.op_type == Q_OP and index.const(q.input[0]) is not None
 
 
 def _scale_of(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
@@ -268,6 +272,8 @@ def _rule_weight_axis(index: GraphIndex, strong: bool) -> Iterator[Finding]:
         if dq is None or not _is_weight_dq(index, dq):
             continue
         weight = index.const(dq.input[0])
+        if weight is None:  # Q(float weight) -> DQ
+            weight = index.const(index.producer[dq.input[0]].input[0])
         scale = _scale_of(index, dq)
         if scale is None:
             continue
@@ -292,7 +298,7 @@ def _rule_weight_axis(index: GraphIndex, strong: bool) -> Iterator[Finding]:
 @rule("activation-per-tensor")
 def _rule_activation_per_tensor(index: GraphIndex, strong: bool) -> Iterator[Finding]:
     for node in _qdq_nodes(index):
-        if node.op_type == DQ_OP and _is_weight_dq(index, node):
+        if _is_weight_dq(index, node):
             continue
         scale = _scale_of(index, node)
         if scale is not None and scale.size != 1:

@@ -160,10 +160,11 @@ def _convert_scales(index: GraphIndex, result: StrongResult) -> None:
         if node.op_type in (Q_OP, DQ_OP) and len(node.input) > 1:
             scale_users.setdefault(node.input[1], []).append(node)
     for name, users in scale_users.items():
-        if name not in index.initializers:
-            raise ExportError(f"Q/DQ scale '{name}' is not an initializer; fold constants before conversion")
-        tensor = index.initializers[name]
-        old = numpy_helper.to_array(tensor).astype(np.float32)
+        value = index.const(name)
+        if value is None:
+            raise ExportError(f"Q/DQ scale '{name}' is computed in the graph; store calibrated scales as "
+                              "constants (fold constants) before conversion")
+        old = value.astype(np.float32)
         if not np.all(np.isfinite(old)) or np.any(old <= 0) or np.any(old > FP16_MAX):
             raise ExportError(f"Q/DQ scale '{name}' (max {np.max(old):.4g}) is not a positive FP16 value "
                               f"(<= {FP16_MAX}); re-calibrate or keep that layer out of quantization")
@@ -175,7 +176,17 @@ def _convert_scales(index: GraphIndex, result: StrongResult) -> None:
             for node in users:
                 if node.op_type == DQ_OP and node.input[0] in index.initializers:
                     _requantize(index, node, old, new.astype(np.float32))
-        tensor.CopyFrom(numpy_helper.from_array(new, name))
+        _replace_const(index, name, new)
+
+
+def _replace_const(index: GraphIndex, name: str, value: np.ndarray) -> None:
+    """Overwrite an initializer or a Constant node's value in place."""
+    if name in index.initializers:
+        index.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+        return
+    for a in index.producer[name].attribute:
+        if a.name == "value":
+            a.t.CopyFrom(numpy_helper.from_array(value, a.t.name))
 
 
 def _requantize(index: GraphIndex, dq: onnx.NodeProto, old: np.ndarray, new: np.ndarray) -> None:

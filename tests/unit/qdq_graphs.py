@@ -130,3 +130,42 @@ def float_cnn(seed: int = 0, c: int = 8, hw: int = 8) -> onnx.ModelProto:
     (s,) = g.node("Sigmoid", [logits], "sigmoid")
     g.output("scores", s, [1, 3, hw, hw])
     return g.model()
+
+
+def torch_fakequant_cnn(*, quantize_head_output: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """The graph torch's legacy exporter (opset 17) makes from fake-quant ops, as quantkit's exporter starts from.
+
+    Calibrated amax values are constants (as buffers would be); weights stay float initializers behind a
+    per-channel QuantizeLinear -> DequantizeLinear. ``quantize_head_output`` adds the classic mistake of
+    fake-quantizing the head conv output before the Sigmoid.
+    """
+    import io
+
+    import torch
+    from torch import nn
+
+    def fq_w(conv):
+        amax = torch.tensor(conv.weight.detach().abs().amax(dim=(1, 2, 3)).numpy())
+        zero = torch.zeros_like(amax, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(conv.weight, amax / 127, zero, 0, -128, 127)
+
+    def fq_a(x, amax):
+        return torch.fake_quantize_per_tensor_affine(x, amax / 127, 0, -128, 127)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            h = fq_a(torch.relu(nn.functional.conv2d(fq_a(x, 3.0), fq_w(self.c1), self.c1.bias, padding=1)), 2.0)
+            r = torch.relu(nn.functional.conv2d(h, fq_w(self.c2), self.c2.bias, padding=1) + h)  # skip is Q/DQ'd
+            logits = nn.functional.conv2d(fq_a(r, 4.0), fq_w(self.head), self.head.bias)
+            return torch.sigmoid(fq_a(logits, 6.0) if quantize_head_output else logits)
+
+    torch.manual_seed(seed)
+    buf = io.BytesIO()
+    torch.onnx.export(Net().eval(), torch.randn(1, 4, 8, 8), buf, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["scores"])
+    return onnx.load_from_string(buf.getvalue())

@@ -237,3 +237,19 @@ def test_onnxruntime_quantize_static_placement_problems_are_found(tmp_path):
     uint8 = lint(_ort_quantize(tmp_path, activation_type=QuantType.QUInt8, per_channel=True))
     assert any("UINT8" in f.message for f in uint8 if f.rule == "int8-zero-point")
     assert "weight-per-channel" not in {f.rule for f in uint8}  # per_channel=True uses axis 0
+
+
+def test_torch_legacy_export_of_fake_quant_modules():
+    """The exporter's starting point (torch fake-quant, opset 17) lints clean; a quantized head output does not."""
+    import warnings
+
+    from qdq_graphs import torch_fakequant_cnn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = torch_fakequant_cnn()
+        bad = torch_fakequant_cnn(quantize_head_output=True)
+    assert sum(n.op_type == "QuantizeLinear" for n in clean.graph.node) == 6  # 3 activations + 3 weights
+    assert lint(clean) == []
+    found = lint(bad)
+    assert [f.rule for f in found] == ["float-head"] and "Sigmoid" in found[0].message

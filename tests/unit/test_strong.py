@@ -151,3 +151,18 @@ def test_nms_stays_fp32_behind_casts():
     assert got[0].tolist() == ref[0].tolist()
     np.testing.assert_array_equal(got[3], ref[3])
     np.testing.assert_allclose(got[2], ref[2], atol=1e-3)  # scores pass through FP16
+
+
+def test_torch_exported_graph_converts_with_constant_node_scales():
+    """torch's legacy exporter stores scales as Constant nodes and weights as float Q->DQ: both convert."""
+    import warnings
+
+    from qdq_graphs import torch_fakequant_cnn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = torch_fakequant_cnn(seed=1)
+    strong = to_strongly_typed(fp32)
+    assert lint(strong, strong=True) == []
+    x = {"x": np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    assert sqnr_db(run(fp32, x)[0], run(strong, x)[0]) >= 30.0
