@@ -15,8 +15,11 @@ import json
 import re
 from typing import Any
 
+import onnx
+
 from quantkit.engine.builder import import_tensorrt
 from quantkit.errors import EngineError, UsageError
+from quantkit.export.lint import WEIGHTED_OPS, GraphIndex, _dq_of
 
 PRECISIONS = ("int8", "fp16", "fp32")
 _META = re.compile(r"\[ONNX Layer: (.*?)\]")
@@ -67,6 +70,43 @@ def onnx_names(layer: dict[str, Any]) -> set[str]:
         if token and token not in _WRAPPERS:
             names.add(token)
     return names
+
+
+def intended_precisions(model: onnx.ModelProto, float_precision: str = "fp16") -> dict[str, str]:
+    """ONNX node name -> intended precision for every Conv/ConvTranspose/Gemm/MatMul of a Q/DQ graph.
+
+    A layer whose data and weight inputs are both dequantized is meant INT8; the others ``float_precision``
+    ('fp16' for the weak FP16+INT8 build and the strong FP16 graph, 'fp32' for an FP32 fallback). Unnamed
+    nodes are skipped (TensorRT cannot report them by name either).
+    """
+    if float_precision not in PRECISIONS:
+        raise UsageError(f"float_precision must be one of {PRECISIONS}, got {float_precision!r}")
+    index = GraphIndex(model)
+    out = {}
+    for node in index.nodes:
+        if node.op_type in WEIGHTED_OPS and node.name and len(node.input) > 1:
+            quantized = _dq_of(index, node.input[0]) is not None and _dq_of(index, node.input[1]) is not None
+            out[node.name] = "int8" if quantized else float_precision
+    return out
+
+
+def onnx_nodes_for_modules(model: onnx.ModelProto, module_names: list[str]) -> dict[str, str]:
+    """Map torch module names ('backbone.stem.conv') to the ONNX node names torch's exporter gives their
+    weighted op ('/backbone/stem/conv/Conv'), e.g. for ``fp16_layers``. Raises UsageError for names that match
+    no node or several, so a typo never silently matches nothing.
+    """
+    nodes = [n for n in model.graph.node if n.op_type in WEIGHTED_OPS]
+    result, missing = {}, []
+    for module in module_names:
+        prefix = "/" + module.replace(".", "/") + "/"
+        hits = [n.name for n in nodes if n.name.startswith(prefix) and "/" not in n.name[len(prefix):]]
+        if len(hits) != 1:
+            missing.append(f"{module} ({len(hits)} matches)")
+        else:
+            result[module] = hits[0]
+    if missing:
+        raise UsageError(f"modules without exactly one weighted ONNX node: {missing}; check the module names")
+    return result
 
 
 def _is_reformat(layer: dict[str, Any]) -> bool:

@@ -53,6 +53,11 @@ class Finding:
     message: str
     fix: str
 
+    def as_dict(self) -> dict[str, str]:
+        """Plain JSON-ready dict (severity as its string value)."""
+        return {"rule": self.rule, "severity": self.severity.value, "node": self.node, "message": self.message,
+                "fix": self.fix}
+
 
 class GraphIndex:
     """Producer/consumer maps and constant lookup over one ONNX graph (read-only)."""

@@ -14,7 +14,7 @@ from qdq_graphs import residual_cnn
 
 from quantkit.engine.builder import build_engine, import_tensorrt
 from quantkit.engine.config import STRONG_FROM, plan_build
-from quantkit.engine.inspect import compare_precisions, engine_layers
+from quantkit.engine.inspect import compare_precisions, engine_layers, intended_precisions
 from quantkit.export.dynamic import make_batch_dynamic
 from quantkit.export.strong import to_strongly_typed
 
@@ -73,7 +73,8 @@ def _check(model, onnx_path, plan, out_dir, feeds, ref_model):
                    ort.InferenceSession(ref_model.SerializeToString()).run(None, feeds)))
     for name, value in ref.items():
         assert sqnr_db(value, got[name]) >= 30.0, name
-    intended = {n.name: "int8" for n in model.graph.node if n.op_type == "Conv"}
+    intended = intended_precisions(model)
+    assert intended and set(intended.values()) == {"int8"}
     assert compare_precisions(engine_layers(engine_bytes), intended) == []
 
 

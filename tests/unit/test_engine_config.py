@@ -4,6 +4,8 @@ and precision comparison on an inspector-format fixture."""
 from __future__ import annotations
 
 import json
+
+import numpy as np
 import os
 import shutil
 import subprocess
@@ -384,3 +386,37 @@ def test_make_batch_dynamic_refuses_hard_coded_reshape():
         else:
             with pytest.raises(ExportError, match="reshape"):
                 make_batch_dynamic(g.model())
+
+
+def test_intended_precisions_and_module_mapping():
+    import warnings
+
+    from qdq_graphs import GraphBuilder, torch_fakequant_cnn
+
+    from quantkit.engine.inspect import intended_precisions, onnx_nodes_for_modules
+
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 6, 6])
+    y = g.conv(x, 4, 4, quant=True, stem="q_conv")
+    z = g.conv(y, 4, 2, quant=False, stem="f_conv")
+    g.output("z", z, [1, 2, 6, 6])
+    got = intended_precisions(g.model())
+    assert sorted((k.split("_")[0], v) for k, v in got.items()) == [("f", "fp16"), ("q", "int8")]
+    assert sorted(intended_precisions(g.model(), "fp32").values()) == ["fp32", "int8"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch_fakequant_cnn()
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    # the fixture calls F.conv2d, so the exporter names nodes after the top module: '/Conv', '/Conv_1', ...
+    assert set(intended_precisions(model).values()) == {"int8"} and len(convs) == 3
+    g2 = GraphBuilder()
+    a = g2.input("a", [1, 2, 4, 4])
+    (c1,) = g2.node("Conv", [a, g2.init("w", np.ones((2, 2, 1, 1), np.float32))], "c1")
+    g2.nodes[-1].name = "/backbone/stem/conv/Conv"
+    (c2,) = g2.node("Conv", [c1, g2.init("w", np.ones((2, 2, 1, 1), np.float32))], "c2")
+    g2.nodes[-1].name = "/backbone/stem/conv2/Conv"
+    g2.output("y", c2, [1, 2, 4, 4])
+    m2 = g2.model()
+    assert onnx_nodes_for_modules(m2, ["backbone.stem.conv"]) == {"backbone.stem.conv": "/backbone/stem/conv/Conv"}
+    with pytest.raises(UsageError, match="backbone.stem.con "):
+        onnx_nodes_for_modules(m2, ["backbone.stem.con"])
