@@ -1,7 +1,8 @@
 """The export pipeline, stage by stage. Only strings the stages together; each stage lives in its package.
 
-reparam -> quant -> calibrate (cached) -> export (FP32 + INT8 Q/DQ [+ strong FP16]) -> parity -> lint
--> evaluation -> report/manifest -> engine script [-> engine] -> gates
+quantize:  reparam -> quant -> calibrate (cached)                        -> QuantState (on the qmodel)
+export:    ONNX (FP32 + INT8 Q/DQ [+ strong FP16]) -> parity -> lint -> evaluation -> report/manifest
+           -> build_engine.sh [-> engine] -> gates
 """
 
 from __future__ import annotations
@@ -12,23 +13,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from quantkit import paths
-from quantkit.calibrate.driver import apply_calibration
+from quantkit.calibrate.driver import CalibrationResult, apply_calibration
 from quantkit.calibrate.methods import MethodSettings
 from quantkit.data.calib import CalibrationData, open_calibration_data
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import ExportError, GateFailure, ModelError, UsageError
 from quantkit.export import parity
-from quantkit.export.artifacts import StagedOutput
+from quantkit.export.artifacts import StagedOutput, check_output_dir
 from quantkit.export.onnx_export import export_onnx
 from quantkit.export.passes import finalize_fp32, finalize_int8, qdq_summary
 from quantkit.recipe import Recipe, parse_batch
-from quantkit.stages import calibrate_cached, evaluate, prepare_model, write_target_files
+from quantkit.stages import PreparedModel, calibrate_cached, evaluate, prepare_model, prepare_module, write_target_files
 
 log = logging.getLogger("quantkit")
 
 PARITY_SAMPLES = 16  # calibration inputs used for the parity / SQNR checks
+
+
+@dataclass
+class QuantState:
+    """Everything ``quantize`` learned, kept on the returned module as ``qmodel.quantkit_state``."""
+
+    recipe: Recipe
+    model: PreparedModel
+    model_info: dict
+    data: CalibrationData
+    pp: Preprocess
+    settings: MethodSettings
+    calib: CalibrationResult
+    chosen_amax: dict[str, float]
+    cache_info: dict
+    eval_path: str | None
+    t0: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -56,6 +75,7 @@ def resolve_inputs(recipe: Recipe) -> tuple[str, str | None]:
 
 
 def open_data(recipe: Recipe, calib_path: str, model_size: tuple[int, int] | None) -> tuple[CalibrationData, Preprocess]:
+    """Open the calibration data with the recipe's preprocessing at the model's input size."""
     size = recipe.input.size or model_size or (640, 640)
     p = recipe.preprocess
     pp = Preprocess(size=tuple(size), letterbox=p.letterbox, pad_value=p.pad_value, scale=p.scale,
@@ -67,80 +87,90 @@ def open_data(recipe: Recipe, calib_path: str, model_size: tuple[int, int] | Non
     return data, pp
 
 
-def _parity_batches(data: CalibrationData) -> list[torch.Tensor]:
-    return list(data.batches(limit=PARITY_SAMPLES))
+def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: str | None = None,
+                    progress: bool = True) -> QuantState:
+    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax."""
+    calib_path, eval_path = resolve_inputs(recipe) if calib is None else (str(calib), recipe.evaluation.data)
+    prepared, info = prepare_model(recipe) if model is None else prepare_module(model, recipe)
+    data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
+    example = next(data.batches(limit=1))[:1]
+    try:
+        with torch.no_grad():
+            prepared.fp32(example)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
+                         "Set input.size (or the .npy shape) to what the model expects") from exc
+    settings = MethodSettings(method=recipe.calibration.method, percentile=recipe.calibration.percentile,
+                              num_bins=recipe.calibration.num_bins)
+    calib_result, cache_info = calibrate_cached(prepared, data, settings, recipe, progress=progress)
+    chosen = apply_calibration(prepared.qmodel, calib_result, settings)
+    return QuantState(recipe, prepared, info, data, pp, settings, calib_result, chosen, cache_info, eval_path)
 
 
-def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
-               command_line: list[str] | None = None, engine: bool | None = None) -> ExportResult:
-    """Run the whole pipeline for ``recipe`` and write the artifacts into ``out_dir`` atomically.
-
-    Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
-    written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
-    """
-    t0 = time.perf_counter()
+def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
+                 command_line: list[str] | None = None) -> ExportResult:
+    """Export a quantized state to ``out_dir`` atomically; checks parity, lint, gates."""
+    recipe, model, data = state.recipe, state.model, state.data
     out_dir = Path(out_dir)
-    calib_path, eval_path = resolve_inputs(recipe)
+    bmin, bopt, bmax = parse_batch(recipe.input.batch)
+    dynamic = not (bmin == bopt == bmax)
+    example = next(data.batches(limit=1))[:1]
     with StagedOutput(out_dir, force) as stage:
-        model, model_info = prepare_model(recipe)
-        data, pp = open_data(recipe, calib_path, getattr(model.fp32, "default_input_size", None))
-        bmin, bopt, bmax = parse_batch(recipe.input.batch)
-        dynamic = (bmin, bopt, bmax) != (1, 1, 1) and not (bmin == bopt == bmax)
-        example = next(data.batches(limit=1))[:1]
-        try:
-            with torch.no_grad():
-                model.fp32(example)
-        except (RuntimeError, ValueError) as exc:
-            raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
-                             "Set input.size (or the .npy shape) to what the model expects") from exc
-        settings = MethodSettings(method=recipe.calibration.method, percentile=recipe.calibration.percentile,
-                                  num_bins=recipe.calibration.num_bins)
-        calib, cache_info = calibrate_cached(model, data, settings, recipe, progress=progress)
-        chosen_amax = apply_calibration(model.qmodel, calib, settings)
-
         log.info("exporting ONNX (FP32 and INT8 Q/DQ)")
         fp32_onnx = finalize_fp32(export_onnx(model.fp32, example, opset=recipe.export.opset, dynamic_batch=dynamic))
         int8_onnx = finalize_int8(export_onnx(model.qmodel, example, opset=recipe.export.opset, dynamic_batch=dynamic))
         fp32_bytes, int8_bytes = fp32_onnx.SerializeToString(), int8_onnx.SerializeToString()
 
         log.info("checking parity in onnxruntime")
-        batches = _parity_batches(data)
+        batches = list(data.batches(limit=PARITY_SAMPLES))
         names = [o.name for o in int8_onnx.graph.output]
         int8_sess = parity.session(int8_bytes)
         fq_parity = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(int8_sess), batches, names)
         fp32_parity = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(parity.session(fp32_bytes)),
                                      batches, names)
         int8_vs_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(int8_sess), batches, names)
-        if fq_parity.worst < recipe.export.parity_min_sqnr:
+        if not fq_parity.worst >= recipe.export.parity_min_sqnr:
             raise ExportError(
                 f"model.int8.onnx disagrees with the torch fake-quant model: worst output SQNR "
                 f"{fq_parity.worst:.1f} dB < {recipe.export.parity_min_sqnr} dB ({fq_parity.per_output}). "
                 "Nothing was written; please report this with the recipe"
             )
-
         stage.write_bytes("model.onnx", fp32_bytes)
         stage.write_bytes("model.int8.onnx", int8_bytes)
-        targets = write_target_files(stage, recipe, model, int8_onnx, batches, names, (bmin, bopt, bmax), pp)
-        metrics = evaluate(recipe, eval_path, pp, model, fp32_bytes, targets, int8_bytes, progress=progress)
+        targets = write_target_files(stage, recipe, model, int8_onnx, batches, names, (bmin, bopt, bmax), state.pp)
+        metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, targets, int8_bytes,
+                           progress=progress)
 
         from quantkit.report.build import build_report, write_reports
 
         report = build_report(
-            recipe=recipe, model_info=model_info, model=model, data=data, pp=pp, settings=settings, calib=calib,
-            chosen_amax=chosen_amax, cache_info=cache_info, fp32_bytes=fp32_bytes, int8_bytes=int8_bytes,
-            qdq=qdq_summary(int8_onnx), fq_parity=fq_parity, fp32_parity=fp32_parity, int8_vs_fp32=int8_vs_fp32,
-            targets=targets, metrics=metrics, seconds=time.perf_counter() - t0,
+            recipe=recipe, model_info=state.model_info, model=model, data=data, pp=state.pp, settings=state.settings,
+            calib=state.calib, chosen_amax=state.chosen_amax, cache_info=state.cache_info, fp32_bytes=fp32_bytes,
+            int8_bytes=int8_bytes, qdq=qdq_summary(int8_onnx), fq_parity=fq_parity, fp32_parity=fp32_parity,
+            int8_vs_fp32=int8_vs_fp32, targets=targets, metrics=metrics, seconds=time.perf_counter() - state.t0,
         )
         gate_failures = check_gates(recipe, report)
         report["gates"] = {"max_drop": recipe.gates.max_drop, "min_sqnr": recipe.gates.min_sqnr,
                            "failures": gate_failures, "passed": not gate_failures}
-        write_reports(stage, recipe, report, calib, command_line or [], settings=settings, data=data,
-                      chosen_amax=chosen_amax)
+        write_reports(stage, recipe, report, state.calib, command_line or [], settings=state.settings, data=data,
+                      chosen_amax=state.chosen_amax)
         files = sorted(stage.files)
     result = ExportResult(out_dir=out_dir, report=report, files=files, gate_failures=gate_failures)
     if gate_failures:
         raise GateFailure("; ".join(gate_failures) + f" (artifacts and report written to {out_dir})")
     return result
+
+
+def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
+               command_line: list[str] | None = None) -> ExportResult:
+    """Run the whole pipeline for ``recipe`` and write the artifacts into ``out_dir`` atomically.
+
+    Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
+    written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
+    """
+    check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
+    state = quantize_recipe(recipe, progress=progress)
+    return export_state(state, out_dir, force=force, progress=progress, command_line=command_line)
 
 
 def check_gates(recipe: Recipe, report: dict) -> list[str]:
@@ -149,17 +179,12 @@ def check_gates(recipe: Recipe, report: dict) -> list[str]:
     g = recipe.gates
     if g.min_sqnr is not None:
         sqnr = report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
-        if sqnr is not None and sqnr < g.min_sqnr:
-            failures.append(f"INT8-vs-FP32 SQNR {sqnr:.2f} dB is below --min-sqnr {g.min_sqnr} dB")
+        if sqnr is None or float(sqnr) < g.min_sqnr:
+            failures.append(f"INT8-vs-FP32 SQNR {sqnr} dB is below --min-sqnr {g.min_sqnr} dB")
     if g.max_drop is not None:
         ev = report.get("evaluation")
         if not ev:
             failures.append("--max-drop needs evaluation data (--eval DATA) and none was given")
-        else:
-            drop = ev["drop_map50_95_points"]
-            if drop is not None and drop > g.max_drop:
-                failures.append(f"INT8 mAP50:95 drop {drop:.3f} points exceeds --max-drop {g.max_drop}")
+        elif ev["drop_map50_95_points"] > g.max_drop:
+            failures.append(f"INT8 mAP50:95 drop {ev['drop_map50_95_points']:.3f} points exceeds --max-drop {g.max_drop}")
     return failures
-
-
-__all__ = ["run_export", "ExportResult", "check_gates", "resolve_inputs"]

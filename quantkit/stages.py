@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 import onnx
@@ -37,17 +38,35 @@ class PreparedModel:
 
 
 def prepare_model(recipe: Recipe) -> tuple[PreparedModel, dict]:
-    """Build the model (registry name or ``file.py:factory``), reparameterize, insert quantizers."""
+    """Build the model named by the recipe (registry name or ``file.py:factory``) and prepare it."""
     from quantkit.models.loading import build_model
-    from quantkit.reparam.fuse import find_unfused_batchnorms, reparameterize
 
     m = recipe.model
     model, info = build_model(m.name, weights=m.weights, num_classes=m.num_classes)
-    size = getattr(model, "default_input_size", None)
+    info_dict = {
+        "name": info.name,
+        "description": info.description,
+        "source": info.source.value,
+        "num_classes": info.num_classes,
+        "weights": os.path.basename(m.weights) if m.weights else None,
+        "parameters": info.num_parameters,
+    }
+    size = getattr(model, "default_input_size", None) or info.input_size
+    return prepare_module(model, recipe, info_dict, size)
+
+
+def prepare_module(model: nn.Module, recipe: Recipe, info: dict | None = None,
+                   size: tuple[int, int] | None = None) -> tuple[PreparedModel, dict]:
+    """Reparameterize ``model`` (a copy), expose residual adds, insert quantizers per the recipe's selection."""
+    from quantkit.reparam.fuse import find_unfused_batchnorms, reparameterize
+
+    info = dict(info or {"name": type(model).__name__, "source": "python",
+                         "parameters": sum(p.numel() for p in model.parameters())})
+    size = size or getattr(model, "default_input_size", None)
     model.eval()
     fp32 = reparameterize(model, full_fusion=True)
-    if size is not None and not hasattr(fp32, "default_input_size"):
-        fp32.default_input_size = size
+    if size is not None:
+        fp32.default_input_size = tuple(size)
     fp32, notes = expose_residual_adds(fp32)
     unfused = find_unfused_batchnorms(fp32)
     if unfused:
@@ -55,16 +74,12 @@ def prepare_model(recipe: Recipe) -> tuple[PreparedModel, dict]:
     q = recipe.quantization
     qmodel, layout = insert_quantizers(fp32, tuple(q.quantize), tuple(q.skip), q.residual_add)
     layout.notes.extend(notes)
-    info_dict = {
-        "name": m.name,
-        "weights": m.weights,
-        "parameters": sum(p.numel() for p in model.parameters()),
+    info.update({
         "parameters_deploy": sum(p.numel() for p in fp32.parameters()),
         "quantizable_layers": len(layout.layers),
         "int8_layers": len(layout.int8),
-    }
-    info_dict.update({k: v for k, v in (info if isinstance(info, dict) else {}).items() if k not in info_dict})
-    return PreparedModel(fp32=fp32, qmodel=qmodel, layout=layout, notes=notes), info_dict
+    })
+    return PreparedModel(fp32=fp32, qmodel=qmodel, layout=layout, notes=notes), info
 
 
 def weights_digest(model: nn.Module) -> str:

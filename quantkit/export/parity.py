@@ -56,8 +56,8 @@ class ParityResult:
         return min(self.per_output.values())
 
     def as_dict(self) -> dict:
-        def r(v):
-            return None if math.isinf(v) else round(v, 3)
+        def r(v):  # JSON has no infinities: identical outputs are "inf", NaN/garbage outputs "-inf"
+            return ("inf" if v > 0 else "-inf") if math.isinf(v) else (None if math.isnan(v) else round(v, 3))
         return {"per_output_db": {k: r(v) for k, v in self.per_output.items()}, "overall_db": r(self.overall),
                 "worst_db": r(self.worst)}
 

@@ -1,0 +1,51 @@
+"""Python API: ``qmodel = quantkit.quantize(model, calib, recipe)``; ``quantkit.export(qmodel, out_dir)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from quantkit.errors import UsageError
+from quantkit.recipe import Recipe
+
+
+def quantize(model: nn.Module | str, calib: str | Path | None = None, recipe: Recipe | None = None, *,
+             progress: bool = True) -> nn.Module:
+    """Reparameterize, insert INT8 quantizers and calibrate ``model`` on real data.
+
+    Args:
+        model: an ``nn.Module`` (any model of standard layers) or a registered model name / ``file.py:factory``.
+        calib: folder of images or float32 NCHW ``.npy`` (None: the recipe's, or the bundled set for ``trees``).
+        recipe: configuration (None: defaults).
+    Returns:
+        The fake-quantized torch module (eval mode). ``qmodel.quantkit_state`` keeps what ``export`` needs.
+    """
+    from dataclasses import replace
+
+    from quantkit.pipeline import quantize_recipe
+
+    recipe = recipe or Recipe()
+    if isinstance(model, str):
+        recipe = replace(recipe, model=replace(recipe.model, name=model))
+        state = quantize_recipe(recipe, calib=None if calib is None else str(calib), progress=progress)
+    else:
+        if calib is None and recipe.calibration.data is None:
+            raise UsageError("quantize(model, calib): pass calibration data (a folder of images or a .npy)")
+        state = quantize_recipe(recipe, model=model, calib=str(calib or recipe.calibration.data), progress=progress)
+    qmodel = state.model.qmodel
+    qmodel.quantkit_state = state
+    return qmodel
+
+
+def export(qmodel: nn.Module, out_dir: str | Path, *, force: bool = False, progress: bool = True):
+    """Write FP32 / INT8 Q/DQ ONNX, reports and manifest of a module returned by :func:`quantize`.
+
+    Returns the :class:`~quantkit.pipeline.ExportResult`; raises GateFailure after writing when a gate fails.
+    """
+    from quantkit.pipeline import export_state
+
+    state = getattr(qmodel, "quantkit_state", None)
+    if state is None:
+        raise UsageError("export() takes the module returned by quantkit.quantize(...)")
+    return export_state(state, out_dir, force=force, progress=progress, command_line=["quantkit.export(python)"])
