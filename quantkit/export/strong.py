@@ -91,8 +91,11 @@ def convert_strongly_typed(model: onnx.ModelProto, *, keep_io_types: bool = True
             result.fp32_nodes.append(node.name)
             continue
         if node.op_type == "Constant" and not all(o in keep32 for o in node.output):
+            _float_attrs_to_tensor(node)
             _convert_constant_attr(node, "value", overflow, result)
         elif node.op_type == "ConstantOfShape":
+            if get_attr(node, "value") is None:  # default value is float32 0
+                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float32))))
             _convert_constant_attr(node, "value", overflow, result)
         elif node.op_type == "Cast" and get_attr(node, "to") == FLOAT and node.output[0] not in keep32:
             _set_attr(node, "to", HALF)
@@ -227,6 +230,15 @@ def _convert_constant_attr(node: onnx.NodeProto, attr_name: str, overflow: Overf
         if a.name == attr_name and a.type == onnx.AttributeProto.TENSOR and a.t.data_type == FLOAT:
             half = _to_half(numpy_helper.to_array(a.t), node.name or node.output[0], overflow, result)
             a.t.CopyFrom(numpy_helper.from_array(half, a.t.name))
+
+
+def _float_attrs_to_tensor(node: onnx.NodeProto) -> None:
+    """Constant(value_float[s]=...) -> Constant(value=tensor) so that it can become FP16."""
+    for a in list(node.attribute):
+        if a.name in ("value_float", "value_floats"):
+            value = np.asarray(helper.get_attribute_value(a), np.float32)
+            node.attribute.remove(a)
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:

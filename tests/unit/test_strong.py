@@ -166,3 +166,21 @@ def test_torch_exported_graph_converts_with_constant_node_scales():
     assert lint(strong, strong=True) == []
     x = {"x": np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)}
     assert sqnr_db(run(fp32, x)[0], run(strong, x)[0]) >= 30.0
+
+
+def test_float_only_slots_and_float_constant_forms():
+    """Resize's scales input stays float32; Constant(value_float) and default ConstantOfShape become FP16."""
+    g = GraphBuilder()
+    x = g.input("x", [1, 2, 3, 3])
+    scales = g.init("scales", np.array([1, 1, 2, 2], np.float32))
+    (up,) = g.node("Resize", [x, "", scales], "resize", mode="nearest")
+    (half,) = g.node("Constant", [], "half", value_float=0.5)
+    (zeros,) = g.node("ConstantOfShape", [g.init("shape", np.array([1, 2, 6, 6]))], "zeros")
+    (y,) = g.node("Mul", [up, half], "mul")
+    (z,) = g.node("Add", [y, zeros], "add")
+    g.output("y", z, [1, 2, 6, 6])
+    model = g.model()
+    strong = to_strongly_typed(model)
+    assert {t.name: t.data_type for t in strong.graph.initializer}[scales] == TensorProto.FLOAT
+    x = {"x": np.random.default_rng(0).standard_normal((1, 2, 3, 3)).astype(np.float32)}
+    np.testing.assert_allclose(run(strong, x)[0], run(model, x)[0], rtol=1e-3, atol=1e-3)
