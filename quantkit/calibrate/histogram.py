@@ -28,6 +28,7 @@ from quantkit.calibrate.methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError
 
 _STATE_VERSION = 1
+_CHUNK = 1 << 18  # elements per scratch chunk (1 MiB of float32)
 
 
 def _check_finite(value: float, name: str | None, what: str) -> None:
@@ -70,30 +71,42 @@ class HistogramCollector:
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
         """Add one batch's |x| to the histogram. Raises CalibrationError on NaN/Inf."""
-        x = x.detach()
-        if x.numel() == 0:
+        flat = x.detach().reshape(-1)
+        if flat.numel() == 0:
             return
-        a = x.abs()
-        batch_max = float(a.max())  # max propagates NaN, so this one reduction also screens the batch
-        _check_finite(batch_max, self.name, "collected data")
+        lo, hi = torch.aminmax(flat)  # one pass; NaN propagates into both, Inf into one
+        lo, hi = float(lo), float(hi)
+        _check_finite(lo, self.name, "collected data")
+        _check_finite(hi, self.name, "collected data")
+        batch_max = max(-lo, hi)
         self._amax = batch_max if self._amax is None else max(self._amax, batch_max)
-        self._num_values += x.numel()
+        self._num_values += flat.numel()
         if batch_max == 0.0:
-            self._zero_count += x.numel()
+            self._zero_count += flat.numel()
             return
         if self._width is None:
             self._width = batch_max / self.num_bins
-            self._counts = torch.zeros(self.num_bins, dtype=torch.int64, device=a.device)
+            self._counts = torch.zeros(self.num_bins, dtype=torch.int64, device=flat.device)
         else:
             self._grow(batch_max)
         n = self._counts.numel()
-        if a.dtype != torch.float32:
-            a = a.float()
-        # slot = ceil(|x| / width): 0 for exact zeros, 1..n for the bins; clamp absorbs float roundoff
-        slots = a.mul_(1.0 / self._width).ceil_().clamp_(max=n).long().flatten()
-        hist = torch.bincount(slots, minlength=n + 1)
-        if self._counts.device != hist.device:
-            self._counts = self._counts.to(hist.device)
+        if self._counts.device != flat.device:
+            self._counts = self._counts.to(flat.device)
+        hist = torch.zeros(n + 1, dtype=torch.int64, device=flat.device)
+        inv_width = 1.0 / self._width
+        size = min(_CHUNK, flat.numel())
+        # Cache-sized scratch buffers: whole-tensor temporaries (|x|, then int indices) cost more in
+        # fresh-page faults than the arithmetic itself on a large feature map.
+        buf = torch.empty(size, dtype=torch.float32, device=flat.device)
+        slots = torch.empty(size, dtype=torch.int32, device=flat.device)  # int32: faster bincount
+        for start in range(0, flat.numel(), size):
+            chunk = flat[start : start + size]
+            f, s = buf[: chunk.numel()], slots[: chunk.numel()]
+            f.copy_(chunk)
+            # slot = ceil(|x| / width): 0 for exact zeros, 1..n for the bins; clamp absorbs roundoff
+            f.abs_().mul_(inv_width).ceil_().clamp_(max=n)
+            s.copy_(f)
+            hist += torch.bincount(s, minlength=n + 1)
         self._zero_count += int(hist[0])
         self._counts += hist[1:]
 
