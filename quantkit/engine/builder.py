@@ -92,6 +92,14 @@ def _configure(trt, builder, network, plan: BuildPlan):
         missing = sorted(wanted - found)
         if missing:
             raise EngineError(f"fp16_layers {missing} match no TensorRT layer; use ONNX node names of the graph")
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    dynamic = sorted(n for n, shape in inputs.items() if any(d < 0 for d in shape))
+    if dynamic and plan.profile is None:
+        raise EngineError(f"inputs {dynamic} have dynamic dimensions but the plan has no profile: plan with "
+                          "batch='min:opt:max', or export with a static batch")
+    if plan.profile is not None and plan.profile.input_name not in inputs:
+        raise EngineError(f"profile input '{plan.profile.input_name}' is not a network input {sorted(inputs)}; "
+                          "plan with input_name=<the ONNX input name>")
     if plan.profile is not None:
         profile = builder.create_optimization_profile()
         p = plan.profile

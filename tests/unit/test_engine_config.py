@@ -191,7 +191,8 @@ class _Rec:
         return {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 5}[self.name.rsplit(".", 1)[-1]]
 
 
-def fake_trt(version, log, layers=("/a/Conv", "/head/Conv"), flag_names=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS")):
+def fake_trt(version, log, layers=("/a/Conv", "/head/Conv"), flag_names=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"),
+             input_shape=(-1, 3, 640, 640)):
     trt = types.SimpleNamespace(__version__=version, float16="float16")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(
         EXPLICIT_BATCH=_Rec(log, "EXPLICIT_BATCH"), STRONGLY_TYPED=_Rec(log, "STRONGLY_TYPED"))
@@ -231,7 +232,9 @@ def fake_trt(version, log, layers=("/a/Conv", "/head/Conv"), flag_names=("INT8",
 
         def create_network(self, flags):
             log.append(("network", (flags,)))
-            return types.SimpleNamespace(num_layers=len(net_layers), get_layer=lambda i: net_layers[i])
+            image = types.SimpleNamespace(name="images", shape=input_shape)
+            return types.SimpleNamespace(num_layers=len(net_layers), get_layer=lambda i: net_layers[i],
+                                         num_inputs=1, get_input=lambda i: image)
 
         create_builder_config = staticmethod(Config)
         create_optimization_profile = staticmethod(Profile)
@@ -278,7 +281,11 @@ def test_builder_refuses_wrong_gpu_version_and_unknown_layers(monkeypatch, tmp_p
     with pytest.raises(EngineError, match="re-plan"):
         build_engine(onnx_file, plan_build("8.6.1", False, "t4"), tmp_path)
     with pytest.raises(EngineError, match="match no TensorRT layer"):
-        build_engine(onnx_file, plan_build("10.3.0", False, "t4", None, ["/missing/Conv"]), tmp_path)
+        build_engine(onnx_file, plan_build("10.3.0", False, "t4", "1:1:2", ["/missing/Conv"]), tmp_path)
+    with pytest.raises(EngineError, match="no profile"):  # dynamic ONNX input, static plan
+        build_engine(onnx_file, plan_build("10.3.0", False, "t4"), tmp_path)
+    with pytest.raises(EngineError, match="input_name"):
+        build_engine(onnx_file, plan_build("10.3.0", False, "t4", "1:1:2", input_name="x"), tmp_path)
 
 
 def test_network_flags_without_strongly_typed_support():
