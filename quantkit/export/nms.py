@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantkit.errors import UsageError
+from quantkit.errors import ExportError, UsageError
 
 OUTPUT_NAMES = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
 PREFIX = "nms/"
@@ -57,6 +57,12 @@ def append_nms(model: onnx.ModelProto, *, score_threshold: float, iou_threshold:
         if name not in names:
             raise UsageError(f"graph has no output '{name}' (outputs: {sorted(names)}); pass boxes=/scores=")
     batch = _dim(names[boxes], 0)
+    for name in (boxes, scores):  # an FP16 graph (keep_io_types=False): NMS takes float32 only
+        if names[name].type.tensor_type.elem_type == TensorProto.FLOAT16:
+            graph.node.append(helper.make_node("Cast", [name], [name + "_fp32"], name=PREFIX + name + "_fp32",
+                                               to=TensorProto.FLOAT))
+    boxes, scores = (n + "_fp32" if names[n].type.tensor_type.elem_type == TensorProto.FLOAT16 else n
+                     for n in (boxes, scores))
     if flavor == NmsFlavor.ONNX:
         nodes, inits = _onnx_nms(boxes, scores, score_threshold, iou_threshold, top_k, max_detections)
     else:
@@ -72,7 +78,10 @@ def append_nms(model: onnx.ModelProto, *, score_threshold: float, iou_threshold:
         helper.make_tensor_value_info(OUTPUT_NAMES[3], TensorProto.INT32, [batch, k]),
     ])
     if flavor == NmsFlavor.ONNX:
-        onnx.checker.check_model(model, full_check=True)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"appending NMS produced an invalid graph: {exc}") from exc
     return model
 
 

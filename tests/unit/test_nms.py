@@ -111,3 +111,18 @@ def test_bad_arguments_are_refused(kwargs):
     args = dict(score_threshold=0.3, iou_threshold=0.5, top_k=10, max_detections=10) | kwargs
     with pytest.raises(UsageError):
         append_nms(detector_outputs(), **args)
+
+
+def test_nms_after_fp16_graph_outputs():
+    """A strongly typed graph with FP16 outputs gets Casts in front of NonMaxSuppression."""
+    from quantkit.export.strong import to_strongly_typed
+
+    fp16 = to_strongly_typed(detector_outputs(), keep_io_types=False)
+    model = append_nms(fp16, score_threshold=0.25, iou_threshold=0.45, top_k=100, max_detections=10)
+    boxes, scores = make_inputs(5)
+    num, out_boxes, out_scores, out_cls = ort.InferenceSession(model.SerializeToString()).run(
+        None, {"raw_boxes": boxes.astype(np.float16), "raw_scores": scores.astype(np.float16)})
+    b16, s16 = boxes.astype(np.float16).astype(np.float32), scores.astype(np.float16).astype(np.float32)
+    for bi, dets in enumerate(numpy_nms(b16, s16, 0.25, 0.45, 100, 10)):
+        assert num[bi, 0] == len(dets)
+        np.testing.assert_array_equal(out_cls[bi, :len(dets)], [d[1] for d in dets])
