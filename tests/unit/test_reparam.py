@@ -85,6 +85,17 @@ def test_qarepvgg_fusion_matches_branches(residual, alpha, bias1x1, post_bn, str
     assert fused.fully_fused == full and fused.partially_fused == (not full)
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["partial", "full"])
+def test_dilated_block_fuses(full):
+    torch.manual_seed(7)
+    block = randomize_bn(QARepVGGBlock(4, 4, dilation=2, use_alpha=True).double())
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        ref = block(x)
+        assert ref.shape == x.shape
+        assert rel_err(ref, reparameterize(block, full_fusion=full)(x)) <= REL_TOL
+
+
 def test_fusion_in_float32_is_close_to_float64_oracle():
     torch.manual_seed(0)
     block64 = randomize_bn(QARepVGGBlock(8, 8, use_alpha=True).double(), in_shape=(4, 8, 9, 9))

@@ -105,21 +105,23 @@ def test_num_classes_changes_only_cls_pred():
 
 def test_forward_shapes_and_train_structure_320():
     torch.manual_seed(0)
-    model = yolo_nas_s(num_classes=5).eval()
-    x = torch.rand(1, 3, 320, 320)
+    model = yolo_nas_s(num_classes=5).train()
+    for m in model.modules():  # deterministic BN so train and eval modes must agree exactly
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    small = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        boxes, scores = model(x)
-        assert boxes.shape == (1, 2100, 4) and scores.shape == (1, 2100, 5)
-        model.train()
-        for m in model.modules():  # deterministic BN so the two modes must agree exactly
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-        (tb, ts), (cls_logits, reg_distri, anchors, points_px, counts, stride_t) = model(x)
+        (tb_small, ts_small), _ = model(small)
+        (boxes, scores), (cls_logits, reg_distri, anchors, points_px, counts, stride_t) = model(torch.rand(1, 3, 320, 320))
+        model.eval()
+        eb_small, es_small = model(small)
+    torch.testing.assert_close(eb_small, tb_small)
+    torch.testing.assert_close(es_small, ts_small)
+    assert boxes.shape == (1, 2100, 4) and scores.shape == (1, 2100, 5)
     assert counts == [1600, 400, 100]
     assert cls_logits.shape == (1, 2100, 5) and reg_distri.shape == (1, 2100, 68)
     assert anchors.shape == (2100, 4) and points_px.shape == (2100, 2) and stride_t.shape == (2100, 1)
-    torch.testing.assert_close(tb, boxes)
-    torch.testing.assert_close(ts, torch.sigmoid(cls_logits))
+    torch.testing.assert_close(scores, torch.sigmoid(cls_logits))
 
     # Independent numpy decode of the raw outputs: DFL expectation, closed-form anchors.
     strides = np.concatenate([np.full(n, s) for n, s in zip(counts, (8, 16, 32))])
