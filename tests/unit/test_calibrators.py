@@ -159,6 +159,25 @@ def test_expected_mse_model_tracks_true_error():
         assert abs(m / true - 1) < 0.02, (c, m, true)
 
 
+def test_expected_mse_equals_integral_of_uniform_in_bin_model():
+    """The closed form (rounding + aliasing + clipping terms) against direct numerical integration
+    of the same model: each bin's count spread uniformly, sampled at 512 midpoints per bin. The
+    aliasing term matters here: the data sits below small candidates, where a step is ~1 bin."""
+    rng = np.random.default_rng(7)
+    counts = np.zeros(2048, dtype=np.int64)
+    counts[:200] = rng.integers(0, 1000, size=200)
+    width, k = 0.01, 512
+    cand = np.array([128, 131, 150, 170, 199, 200, 260, 2048])
+    got = search.expected_mse(counts, width, cand, 127)
+    pos = (np.arange(200)[:, None] + (np.arange(k)[None, :] + 0.5) / k) * width
+    x = torch.from_numpy(pos.ravel())
+    weights = torch.from_numpy(np.repeat(counts[:200] / k, k))
+    for c, g in zip(cand, got):
+        q = torch.fake_quantize_per_tensor_affine(x.float(), float(c * width / 127), 0, -127, 127).double()
+        want = float((weights * (q - x) ** 2).sum() / counts.sum())
+        assert abs(g / want - 1) < 2e-3, (c, g, want)
+
+
 def test_uniform_closed_forms():
     x = torch.linspace(-1.0, 1.0, 400_001)  # |x| uniform on [0, 1]
     col = HistogramCollector("uniform")
