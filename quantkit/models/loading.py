@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from quantkit.errors import ModelError, WeightsError
+from quantkit.errors import ModelError, QuantkitError, WeightsError
 from quantkit.models.registry import count_parameters, get_entry, import_factory
 
 #: Where a super-gradients trainer checkpoint keeps the weights, most preferred first.
@@ -131,6 +131,8 @@ def _call_factory(factory: Callable[..., Any], spec: str, num_classes: int | Non
         kwargs["num_classes"] = num_classes
     try:
         model = factory(**kwargs)
+    except QuantkitError:  # already names the fix (e.g. missing bundled weights)
+        raise
     except Exception as exc:  # user code
         raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantkit.errors import ModelError, UsageError, WeightsError
+from quantkit.errors import DataError, ModelError, UsageError, WeightsError
 from quantkit.models.loading import ModelSource, build_model, load_weights, read_state_dict
 from quantkit.models.registry import count_parameters, get_entry, list_models
 
@@ -63,17 +63,23 @@ def test_build_from_user_file(tmp_path):
 
         def broken():
             raise RuntimeError("boom")
+
+        def needs_data():
+            from quantkit.errors import DataError
+            raise DataError("fetch the data first")
         """
     ))
     model, info = build_model(f"{src}:make", num_classes=5)
     assert isinstance(model, nn.Sequential) and model[0].out_channels == 5
     assert info.source is ModelSource.FILE and info.input_size == (64, 96) and info.num_classes == 5
-    with pytest.raises(ModelError, match=r"no callable 'missing'.*broken, make, not_a_model"):
+    with pytest.raises(ModelError, match=r"no callable 'missing'.*broken, make, needs_data, not_a_model"):
         build_model(f"{src}:missing")
     with pytest.raises(ModelError, match="returned int, not a torch.nn.Module"):
         build_model(f"{src}:not_a_model")
     with pytest.raises(ModelError, match="RuntimeError: boom"):
         build_model(f"{src}:broken")
+    with pytest.raises(DataError, match="^fetch the data first$"):  # quantkit errors pass through as they are
+        build_model(f"{src}:needs_data")
     with pytest.raises(ModelError, match="takes no num_classes"):
         build_model(f"{src}:not_a_model", num_classes=3)
     with pytest.raises(ModelError, match="not found"):
