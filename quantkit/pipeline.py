@@ -26,7 +26,8 @@ from quantkit.export.artifacts import StagedOutput, check_output_dir
 from quantkit.export.onnx_export import export_onnx
 from quantkit.export.passes import finalize_fp32, finalize_int8, qdq_summary
 from quantkit.recipe import Recipe, parse_batch
-from quantkit.stages import PreparedModel, calibrate_cached, evaluate, prepare_model, prepare_module, write_target_files
+from quantkit.stages import (PreparedModel, calibrate_cached, check_engine_possible, evaluate, prepare_model,
+                             prepare_module, write_target_files)
 
 log = logging.getLogger("quantkit")
 
@@ -169,6 +170,7 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
+    check_engine_possible(recipe)
     state = quantize_recipe(recipe, progress=progress)
     return export_state(state, out_dir, force=force, progress=progress, command_line=command_line)
 
