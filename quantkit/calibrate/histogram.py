@@ -271,6 +271,8 @@ class MaxCollector:
         if self.axis is None:
             amax = a.max() if a.numel() else torch.zeros(())
         else:
+            if a.dim() == 0:
+                raise CalibrationError(f"tensor {self.name!r} is a scalar: use axis=None for a per-tensor amax")
             axis = self.axis % a.dim()
             dims = [d for d in range(a.dim()) if d != axis]
             amax = a.amax(dim=dims, keepdim=True) if dims else a.clone()

@@ -224,6 +224,22 @@ def test_range_growth_merges_bins_exactly():
     np.testing.assert_array_equal(counts, want)
 
 
+def test_mse_on_wide_histogram_refines_strided_search():
+    """A histogram grown past 4096 candidates is searched on a stride, then refined: the result
+    must be the exhaustive optimum of the same error model (or tie with it)."""
+    g = _gen(9)
+    col = HistogramCollector("wide", num_bins=2048)
+    col.collect(torch.randn(50_000, generator=g))
+    col.collect(torch.randn(50_000, generator=g) * 3.5)
+    counts, width = col.histogram()
+    assert len(counts) > 4096 + 128
+    cand = np.arange(128, len(counts) + 1)
+    err = search.expected_mse(counts, width, cand, 127, col.zero_count)
+    got = search.amax_mse(counts, width, 128, 127, col.zero_count)
+    got_err = search.expected_mse(counts, width, np.array([round(got / width)]), 127, col.zero_count)[0]
+    assert got_err <= err.min() * (1 + 1e-9), (got, cand[err.argmin()] * width)
+
+
 def test_growth_appends_bins_of_first_width():
     g = _gen(5)
     col = HistogramCollector("g", num_bins=256)
