@@ -122,7 +122,7 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, settings: Meth
         path = recipe.calibration.cache or str(paths.cache_dir() / "calibration" / f"{key[:24]}.json")
         cache = CalibrationCache(path)
         info["path"] = str(path)
-        payload = cache.load(key)
+        payload = cache.load(key, components)
         if payload is not None:
             info["hit"] = True
             log.info("calibration cache hit (%s)", path)
@@ -132,7 +132,7 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, settings: Meth
     log.info("calibrating on %d inputs from %s", data.num_samples, data.source)
     result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress)
     if cache is not None:
-        cache.save(key, result.as_dict())
+        cache.save(key, result.as_dict(), components)
     return result, info
 
 

@@ -13,10 +13,17 @@ import operator
 import torch
 from torch import fx, nn
 
-from quantkit.models.ops import Add
+from quantkit.models.ops import Add, Concat
 
 _PASS_THROUGH = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.Identity, nn.GELU)
 _CONV = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps quantkit's op modules opaque so they are never re-wrapped."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (Add, Concat)) or super().is_leaf_module(m, qualname)
 
 
 def _from_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -39,10 +46,12 @@ def _from_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """Return (model, notes). Adds between two tensors become ``Add`` modules named ``qk_add_<i>``."""
-    if not any(True for _ in model.modules() if isinstance(_, _CONV)):
+    if not any(isinstance(m, _CONV) for m in model.modules()):
         return model, []
+    if any(isinstance(m, Add) for m in model.modules()):
+        return model, []  # the model marks its residual adds itself (our blocks do); keep its names
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
     except Exception as exc:  # fx raises many types for untraceable code
         return model, [
             f"residual adds not exposed: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}); "

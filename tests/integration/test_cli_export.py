@@ -1,0 +1,188 @@
+"""`quantkit export` end to end on a user model: artifacts, parity, lint, verify, cache, gates, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantkit.cli import main
+
+
+def run(*args, env=None):
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False, env=env)
+    return res.exit_code, res.output
+
+
+def export_args(m, out, *extra):
+    return ["export", "--model", m["spec"], "--weights", m["weights"], "--calib", m["npy"], "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def exported(user_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "out"
+    code, text = run(*export_args(user_model, out))
+    assert code == 0, text
+    return out, text
+
+
+def test_export_writes_every_artifact_with_parity(exported):
+    out, text = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.int8.onnx", "model.int8.strong.onnx", "calibration.json", "report.json",
+            "report.md", "manifest.json", "recipe.resolved.yaml", "build_engine.sh"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"] >= 40
+    assert report["parity"]["fp32_onnx_vs_torch"]["worst_db"] >= 60
+    assert report["model"]["int8_layers"] == report["model"]["quantizable_layers"] == 10  # 8 conv, fc, 2 adds - 1
+    assert all(not f for f in report["lint"].values()), report["lint"]
+    assert "INT8 vs FP32 output SQNR" in text and str(out) in text
+    m = onnx.load(out / "model.onnx")
+    assert not [n for n in m.graph.node if n.op_type == "BatchNormalization"]  # Conv+BN folded
+
+
+def test_verify_passes_then_catches_modification(exported, tmp_path):
+    out, _ = exported
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert run("verify", str(copy))[0] == 0
+    with open(copy / "model.int8.onnx", "r+b") as fh:
+        fh.seek(100)
+        b = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([b[0] ^ 1]))
+    code, text = run("verify", str(copy))
+    assert code == 4 and "model.int8.onnx" in text
+    (copy / "extra.bin").write_bytes(b"x")
+    assert "extra.bin" in run("verify", str(copy))[1]
+
+
+def test_second_run_hits_cache_and_is_byte_identical(user_model, exported, tmp_path):
+    out, _ = exported
+    out2 = tmp_path / "out2"
+    code, text = run(*export_args(user_model, out2))
+    assert code == 0, text
+    assert "cache hit" in text
+    for name in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx", "calibration.json", "report.json"):
+        assert (out / name).read_bytes() == (out2 / name).read_bytes(), name
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (out, out2))
+    for m in (m1, m2):
+        m.pop("run")
+        m.pop("command")
+    assert m1 == m2
+
+
+def test_changed_method_uses_same_pass_but_new_amax(user_model, exported, tmp_path):
+    out, _ = exported
+    code, text = run(*export_args(user_model, tmp_path / "o", "--method", "max"))
+    assert code == 0 and "cache hit" in text  # every method comes from the one cached pass
+    a = json.loads((out / "calibration.json").read_text())
+    b = json.loads((tmp_path / "o" / "calibration.json").read_text())
+    assert a["all_methods"] == b["all_methods"] and a["amax"] != b["amax"]
+    assert all(b["amax"][k] == b["all_methods"][k]["max"] for k in b["amax"])
+
+
+def test_gate_failure_exit_3_after_writing(user_model, tmp_path):
+    code, text = run(*export_args(user_model, tmp_path / "g", "--min-sqnr", "200"))
+    assert code == 3 and "below --min-sqnr" in text
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    assert report["gates"]["passed"] is False
+    code, text = run(*export_args(user_model, tmp_path / "g2", "--max-drop", "0.3"))
+    assert code == 3 and "needs evaluation data" in text
+
+
+def test_non_empty_output_needs_force(user_model, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    code, text = run(*export_args(user_model, out))
+    assert code == 2 and "--force" in text
+    assert (out / "keep.txt").read_text() == "previous"
+
+
+@pytest.mark.parametrize("case", ["unknown_model", "bad_factory", "missing_calib", "weights_mismatch",
+                                  "pickle_weights", "unknown_recipe_key", "bad_skip", "engine_without_trt"])
+def test_bad_inputs_exit_2_and_write_nothing(user_model, tmp_path, case):
+    out = tmp_path / "out"
+    m = dict(user_model)
+    extra = []
+    expect = {"unknown_model": "unknown model", "bad_factory": "nope", "missing_calib": "does not exist",
+              "weights_mismatch": "missing", "pickle_weights": "refuses for safety",
+              "unknown_recipe_key": "valid keys", "bad_skip": "matches no quantizable layer",
+              "engine_without_trt": "tensorrt"}[case]
+    if case == "unknown_model":
+        m["spec"] = "yolo_nas_xs"
+    elif case == "bad_factory":
+        m["spec"] = m["spec"].replace(":build", ":nope")
+    elif case == "missing_calib":
+        m["npy"] = str(tmp_path / "none.npy")
+    elif case == "weights_mismatch":
+        torch.save({"stem.0.weight": torch.zeros(1)}, tmp_path / "w.pt")
+        m["weights"] = str(tmp_path / "w.pt")
+    elif case == "pickle_weights":
+        torch.save({"obj": Path("x")}, tmp_path / "p.pt")  # needs pickle code: refused
+        m["weights"] = str(tmp_path / "p.pt")
+    elif case == "unknown_recipe_key":
+        extra = ["--set", "calibration.methd=max"]
+    elif case == "bad_skip":
+        extra = ["--skip", "stemm.*"]
+    elif case == "engine_without_trt":
+        pytest.importorskip("pytest")
+        try:
+            import tensorrt  # noqa: F401
+            pytest.skip("tensorrt is installed here")
+        except ImportError:
+            pass
+        extra = ["--engine"]
+    code, text = run(*export_args(m, out, *extra))
+    assert code == 2, text
+    assert expect.lower() in text.lower(), text
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left behind
+
+
+def test_interrupt_leaves_previous_output_intact(user_model, exported, tmp_path):
+    out, _ = exported
+    import shutil
+
+    target = tmp_path / "prev"
+    shutil.copytree(out, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    env = dict(os.environ, QK_TEST_DELAY="0.4", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "quantkit", *export_args(user_model, target, "--force", "--no-cache")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    seen = ""
+    while time.time() < deadline:  # wait until it is calibrating, then interrupt
+        line = proc.stdout.readline()
+        seen += line
+        if "calibrating" in line or not line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, seen + rest
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prev.")]
+
+
+def test_exception_mid_export_leaves_nothing(user_model, tmp_path, monkeypatch):
+    import quantkit.report.build as rb
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(rb, "write_reports", boom)
+    out = tmp_path / "x"
+    res = CliRunner().invoke(main, export_args(user_model, out))
+    assert res.exit_code == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
