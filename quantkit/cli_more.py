@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from quantkit.cli import EXIT_CHECK, main, run_guarded, _setup_logging
+from quantkit.cli import EXIT_CHECK, _setup_logging, main, run_guarded
 
 
 @main.command("verify")
