@@ -20,7 +20,9 @@ import numpy as np
 # Working-set bound for the mse search: candidates x edges evaluated per chunk (float64 elements).
 _MSE_CHUNK_ELEMENTS = 1 << 21
 # Above this many mse candidates, search a strided grid first and then refine around its best.
-_MSE_MAX_CANDIDATES = 4096
+# The modelled error is smooth over a few bins (checked: exhaustive and strided argmin agreed on
+# 40 seeded gaussian/laplace/relu/student-t/skewed histograms); 512 makes 2048 bins cost ~1/4.
+_MSE_MAX_CANDIDATES = 512
 
 
 def _xlogx(v: np.ndarray) -> np.ndarray:
@@ -182,8 +184,8 @@ def amax_mse(
 ) -> float:
     """amax (a bin edge, start_bin .. n bins) minimising ``expected_mse``; smallest amax wins ties.
 
-    Very wide histograms (grown during collection) are searched on a strided grid first, then
-    bin by bin around the grid's best, so the cost stays O(4096 x bins).
+    More than 512 candidates are searched on a strided grid first, then bin by bin within one
+    stride of the grid's best, so the cost stays O(512 x bins) however far the range grew.
     """
     counts = np.asarray(counts)
     n = len(counts)

@@ -141,8 +141,11 @@ def test_mse_amax_is_near_brute_force_optimum(name):
         col.collect(b)
     amax = col.compute_amax(MethodSettings(CalibMethod.MSE))
     top = float(x.abs().max())
-    grid = np.linspace(top * 128 / 2048, top, 400)
-    best = min(_true_mse(x, float(a)) for a in grid)
+    coarse = np.linspace(top * 128 / 2048, top, 80)
+    c_best = coarse[int(np.argmin([_true_mse(x, float(a)) for a in coarse]))]
+    step = coarse[1] - coarse[0]
+    fine = np.linspace(max(coarse[0], c_best - 2 * step), min(top, c_best + 2 * step), 80)  # < 1 bin apart
+    best = min(_true_mse(x, float(a)) for a in np.concatenate([coarse, fine]))
     assert _true_mse(x, amax) <= 1.01 * best, (amax, _true_mse(x, amax), best)
 
 
@@ -225,14 +228,14 @@ def test_range_growth_merges_bins_exactly():
 
 
 def test_mse_on_wide_histogram_refines_strided_search():
-    """A histogram grown past 4096 candidates is searched on a stride, then refined: the result
-    must be the exhaustive optimum of the same error model (or tie with it)."""
+    """Past 512 candidates the search is strided, then refined: on a grown histogram (~5000 bins,
+    stride 10) the result must be the exhaustive optimum of the same error model (or tie with it)."""
     g = _gen(9)
     col = HistogramCollector("wide", num_bins=2048)
     col.collect(torch.randn(50_000, generator=g))
     col.collect(torch.randn(50_000, generator=g) * 3.5)
     counts, width = col.histogram()
-    assert len(counts) > 4096 + 128
+    assert len(counts) > 4096
     cand = np.arange(128, len(counts) + 1)
     err = search.expected_mse(counts, width, cand, 127, col.zero_count)
     got = search.amax_mse(counts, width, 128, 127, col.zero_count)
@@ -351,7 +354,7 @@ def test_report_search_time_on_a_feature_map():
     scale = torch.rand(1, 64, 1, 1, generator=g) * 2 + 0.1
     x = torch.relu(torch.randn(8, 64, 80, 80, generator=g) * scale + 0.2)
     collect_ours = collect_ref = math.inf
-    for _ in range(5):  # interleaved so both see the same load on the shared machine
+    for _ in range(3):  # interleaved so both see the same load on the shared machine
         collect_ours = min(collect_ours, _best_ms(lambda: HistogramCollector("fmap").collect(x), repeat=1))
         collect_ref = min(collect_ref, _best_ms(lambda: pq_calib.HistogramCalibrator(8, None, False).collect(x), 1))
     ours = HistogramCollector("fmap")
