@@ -99,10 +99,12 @@ Weights are loaded with torch.load(weights_only=True): files that need pickle co
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs.")
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
 @click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
+@click.option("--target", help="Engine target GPU: t4 (default; compute capability 7.5) or any.")
+@click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("-v", "--verbose", is_flag=True)
 def export_cmd(model_arg, model_opt, weights, num_classes, calib, out_dir, recipe_path, overrides, method,
-               input_size, batch, eval_data, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, force, verbose):
+               input_size, batch, eval_data, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, target, nms, force, verbose):
     """Quantize MODEL to INT8 and write FP32 / INT8 Q/DQ ONNX, report and manifest into --out."""
     _setup_logging(verbose)
     run_guarded(_export, locals())
@@ -136,6 +138,10 @@ def _export(a: dict) -> None:
         sets.append("calibration.use_cache=false")
     if a["engine"]:
         sets.append("export.engine=true")
+    if a["nms"]:
+        sets.append("export.nms=true")
+    if a["target"]:
+        sets.append(f"export.target={_yaml_str(a['target'])}")
     recipe = load_recipe(a["recipe_path"], [*a["overrides"], *sets])
     result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv))
     _print_summary(result)

@@ -59,3 +59,95 @@ def layers_cmd(model, num_classes):
         for name, t in quantizable_layers(reparameterize(m.eval())).items():
             click.echo(f"{name}\t{t}")
     run_guarded(_run)
+
+
+@main.command("eval", epilog="""\b
+Examples:
+  quantkit eval out/                                # bundled model: uses the bundled held-out set
+  quantkit eval out/ --data my_coco/ --json out_eval.json""")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(), help="COCO folder (annotations.json + images/); default: the recipe's.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
+@click.option("--max-images", type=int, default=0, help="Evaluate only the first N images (0 = all).")
+def eval_cmd(out_dir, data, json_path, max_images):
+    """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder, with one decode + NMS."""
+    def _run():
+        from pathlib import Path
+
+        from quantkit.errors import UsageError
+        from quantkit.eval.coco import CocoDataset
+        from quantkit.eval.detection import evaluate_detection, onnx_predictor, torch_predictor
+        from quantkit.pipeline import open_data, resolve_inputs
+        from quantkit.recipe import load_recipe
+        from quantkit.stages import prepare_model
+        from quantkit.utils.atomic import atomic_write_json
+
+        folder = Path(out_dir)
+        if not (folder / "recipe.resolved.yaml").is_file():
+            raise UsageError(f"{folder} is not a quantkit export folder (no recipe.resolved.yaml): pass --out of an export")
+        recipe = load_recipe(folder / "recipe.resolved.yaml")
+        calib_path, default_eval = resolve_inputs(recipe)
+        data_path = data or default_eval
+        if not data_path:
+            raise UsageError("no evaluation data: pass --data DIR (COCO: annotations.json + images/)")
+        model, _ = prepare_model(recipe)
+        _, pp = open_data(recipe, calib_path, getattr(model.fp32, "default_input_size", None))
+        ds = CocoDataset(data_path, max_images=max_images or None)
+        ev = recipe.evaluation
+        results = {"data": str(data_path)}
+        for key, predict in (("fp32_torch", torch_predictor(model.fp32)),
+                             ("fp32_onnx", onnx_predictor(folder / "model.onnx")),
+                             ("int8_onnx", onnx_predictor(folder / "model.int8.onnx"))):
+            results[key] = evaluate_detection(predict, ds, pp, conf=ev.conf, iou=ev.iou).as_dict()
+            click.echo(f"{key:<11} mAP50:95 {results[key]['map50_95']:.4f}  mAP50 {results[key]['map50']:.4f}")
+        drop = 100 * (results["fp32_onnx"]["map50_95"] - results["int8_onnx"]["map50_95"])
+        results["drop_map50_95_points"] = round(drop, 4)
+        click.echo(f"INT8 drop: {drop:.2f} mAP50:95 points")
+        if json_path:
+            atomic_write_json(json_path, results)
+    run_guarded(_run)
+
+
+@main.command("build", epilog="""\b
+Needs TensorRT (pip install 'quantkit[trt]') and an NVIDIA GPU. Without them it exits 2 and says so;
+every export folder also holds build_engine.sh, the equivalent trtexec command for the target GPU.""")
+@click.argument("onnx_path", type=click.Path(dir_okay=False))
+@click.option("--target", default="t4", show_default=True, help="GPU target: t4 (compute capability 7.5) or any.")
+@click.option("--batch", help="Dynamic batch min:opt:max, e.g. 1:8:32 (the ONNX must have a dynamic batch axis).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the engine (default: beside the ONNX).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file, reused and updated.")
+def build_cmd(onnx_path, target, batch, out_dir, timing_cache):
+    """Build a TensorRT engine from a Q/DQ ONNX (strongly typed for an FP16 graph on TensorRT >= 10.12)."""
+    def _run():
+        from pathlib import Path
+
+        import onnx
+
+        from quantkit.engine.builder import build_engine, cuda_device, import_tensorrt
+        from quantkit.engine.config import check_target, plan_build
+        from quantkit.engine.dispatch import is_strong_graph
+        from quantkit.engine.inspect import compare_precisions, engine_layers, intended_precisions
+        from quantkit.errors import UsageError
+        from quantkit.utils.atomic import atomic_write_json
+
+        p = Path(onnx_path)
+        if not p.is_file():
+            raise UsageError(f"{p} does not exist: pass an ONNX written by `quantkit export`")
+        trt = import_tensorrt()
+        name, cc = cuda_device()
+        check_target(target, cc, name)
+        model = onnx.load(p)
+        inp = model.graph.input[0]
+        strong = is_strong_graph(model)
+        chw = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim[1:])
+        plan = plan_build(trt.__version__.split("+")[0], onnx_is_strong=strong, target=target, batch=batch, chw=chw,
+                          input_name=inp.name)
+        folder = Path(out_dir) if out_dir else p.parent
+        engine = build_engine(p, plan, folder, timing_cache)
+        layers = engine_layers(engine.read_bytes())
+        atomic_write_json(folder / "engine.layers.json", layers)
+        problems = compare_precisions(layers, intended_precisions(model))
+        click.echo(f"engine: {engine} ({plan.typing.value} typing, TensorRT {trt.__version__}, GPU {name})")
+        for pr in problems:
+            click.secho(f"precision: {pr}", fg="yellow", err=True)
+    run_guarded(_run)

@@ -83,7 +83,10 @@ class QuantizationSpec:
 class ExportSpec:
     """ONNX export. ``targets``: ``weak`` (FP32 + Q/DQ, opset 17, TensorRT ``--int8 --fp16``) and/or ``strong``
     (FP16 + Q/DQ, opset 19, strongly typed builds). ``parity_min_sqnr``: minimum torch-vs-onnxruntime SQNR in dB
-    below which the export fails. ``engine``: build a TensorRT engine (needs TensorRT and a GPU)."""
+    below which the export fails. ``engine``: build a TensorRT engine (needs TensorRT and a GPU).
+    ``nms``: also write ``*.nms.onnx`` graphs with post-processing appended (``nms_flavor``: ``onnx`` =
+    NonMaxSuppression, built by TensorRT >= 10; ``efficient_nms_trt`` = the TensorRT 8.6 plugin), which
+    build_engine.sh then builds."""
 
     opset: int = 17
     targets: tuple[str, ...] = ("weak", "strong")
@@ -91,6 +94,7 @@ class ExportSpec:
     engine: bool = False
     target: str = "t4"
     nms: bool = False
+    nms_flavor: str = "onnx"
     nms_score_threshold: float = 0.25
     nms_iou_threshold: float = 0.7
     nms_top_k: int = 1000
@@ -252,6 +256,8 @@ def validate(recipe: Recipe) -> Recipe:
             raise UsageError(f"export.targets entry '{t}' is not one of: {', '.join(EXPORT_TARGETS)}")
     if "weak" not in recipe.export.targets:
         raise UsageError("export.targets must include 'weak' (the strong variant is derived from it)")
+    if recipe.export.nms_flavor not in ("onnx", "efficient_nms_trt"):
+        raise UsageError(f"export.nms_flavor must be onnx or efficient_nms_trt, got {recipe.export.nms_flavor!r}")
     if recipe.export.opset not in (17, 18, 19, 20, 21):
         raise UsageError(f"export.opset must be 17..21, got {recipe.export.opset}")
     if recipe.input.size is not None and any(s < 32 or s % 32 for s in recipe.input.size):

@@ -169,6 +169,11 @@ def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: o
     if errors:
         raise ExportError("Q/DQ lint found errors in quantkit's own export (please report): "
                           + "; ".join(f"{f['node']}: {f['message']}" for f in errors[:5]))
+    weak_name, strong_name = "model.int8.onnx", "model.int8.strong.onnx"
+    if recipe.export.nms:
+        weak_name, strong_name = write_nms_graphs(stage, recipe, int8_onnx, strong, batches[:1])
+        out["nms"] = {"weak": weak_name, "strong": strong_name if strong is not None else None,
+                      "flavor": recipe.export.nms_flavor}
     fp16_modules = [n for n, t in model.layout.layers.items() if n not in model.layout.int8 and t in WEIGHTED_TYPES]
     fp16_nodes = sorted(onnx_nodes_for_modules(int8_onnx, fp16_modules).values())
     dyn = None if batch[0] == batch[2] else batch
@@ -177,12 +182,31 @@ def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: o
                            fp16_layers=fp16_nodes, chw=chw)
     strong_plan = (plan_build("10.12", onnx_is_strong=True, target=recipe.export.target, batch=dyn, chw=chw)
                    if strong is not None else None)
-    write_dispatch_script(stage.path("build_engine.sh"), weak_plan, strong_plan)
+    write_dispatch_script(stage.path("build_engine.sh"), weak_plan, strong_plan, weak_onnx=weak_name,
+                          strong_onnx=strong_name)
     stage.files["build_engine.sh"] = stage.path("build_engine.sh")
     out["fp16_onnx_nodes"] = fp16_nodes
     if recipe.export.engine:
         out["engine"] = build_engine_here(stage, recipe, int8_onnx, strong, dyn, chw, fp16_nodes)
     return out
+
+
+def write_nms_graphs(stage, recipe: Recipe, int8_onnx, strong, sample: list[torch.Tensor]) -> tuple[str, str]:
+    """Write model.int8.nms.onnx (recipe's flavor) and model.int8.strong.nms.onnx (ONNX NMS); check they run."""
+    from quantkit.export.nms import append_nms
+
+    e = recipe.export
+    kw = dict(score_threshold=e.nms_score_threshold, iou_threshold=e.nms_iou_threshold, top_k=e.nms_top_k,
+              max_detections=e.nms_max_detections)
+    weak = append_nms(int8_onnx, flavor=e.nms_flavor, **kw)
+    if e.nms_flavor == "onnx":  # onnxruntime has no EfficientNMS_TRT kernel: only the ONNX flavor can run here
+        parity.run_session(parity.session(weak), sample[0].numpy())
+    stage.write_bytes("model.int8.nms.onnx", weak.SerializeToString())
+    if strong is not None:
+        strong_nms = append_nms(strong, flavor="onnx", **kw)
+        parity.run_session(parity.session(strong_nms), sample[0].numpy())
+        stage.write_bytes("model.int8.strong.nms.onnx", strong_nms.SerializeToString())
+    return "model.int8.nms.onnx", "model.int8.strong.nms.onnx"
 
 
 def check_engine_possible(recipe: Recipe) -> None:

@@ -186,3 +186,45 @@ def test_exception_mid_export_leaves_nothing(user_model, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, export_args(user_model, out))
     assert res.exit_code == 1
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_dynamic_batch_runs_at_several_sizes_and_nms_graph(user_model, tmp_path):
+    import numpy as np
+
+    from quantkit.export import parity
+
+    out = tmp_path / "dyn"
+    code, text = run(*export_args(user_model, out, "--batch", "1:4:8", "--nms"))
+    # the user model is a classifier: --nms needs detector outputs, so it must fail clearly and write nothing
+    assert code == 2 and "boxes" in text and not out.exists()
+    code, text = run(*export_args(user_model, out, "--batch", "1:4:8"))
+    assert code == 0, text
+    x = np.load(user_model["npy"])[:8]
+    for name in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx"):
+        sess = parity.session((out / name).read_bytes())
+        assert sess.get_inputs()[0].shape[0] == "batch"
+        ref = parity.run_session(sess, x)[0]
+        for n in (1, 3, 8):
+            got = parity.run_session(sess, x[:n])[0]
+            assert got.shape[0] == n and np.allclose(got, ref[:n], atol=1e-3), name
+    script = (out / "build_engine.sh").read_text()
+    assert "--minShapes=images:1x3x64x64" in script and "--optShapes=images:4x3x64x64" in script
+
+
+def test_build_without_tensorrt_exits_2_with_hint(exported):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    out, _ = exported
+    code, text = run("build", str(out / "model.int8.onnx"), "--target", "t4")
+    assert code == 2 and "pip install 'quantkit[trt]'" in text
+
+
+def test_lint_command_on_own_export_is_clean(exported):
+    out, _ = exported
+    code, text = run("lint", str(out / "model.int8.onnx"))
+    assert code == 0 and "no findings" in text
+    code, text = run("lint", str(out / "model.int8.strong.onnx"), "--strong")
+    assert code == 0, text
