@@ -25,7 +25,7 @@ import torch
 
 from quantkit.calibrate import search
 from quantkit.calibrate.methods import CalibMethod, MethodSettings
-from quantkit.errors import CalibrationError
+from quantkit.errors import CalibrationError, UsageError
 
 _STATE_VERSION = 1
 _CHUNK = 1 << 20  # elements per scratch chunk (4 MiB of float32)
@@ -54,8 +54,9 @@ class HistogramCollector:
         self.num_bins = int(num_bins)
         self.max_bins = int(max_bins) if max_bins is not None else 8 * self.num_bins
         if self.num_bins < 16 or self.max_bins < self.num_bins:
-            raise CalibrationError(
-                f"histogram for {name!r}: need 16 <= num_bins <= max_bins, got {num_bins}, {max_bins}"
+            raise UsageError(
+                f"histogram for {name!r}: need 16 <= num_bins <= max_bins, got {num_bins}, {max_bins} "
+                "(2048 bins is the usual setting)"
             )
         self.reset()
 
