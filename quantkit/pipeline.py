@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from quantkit import paths
-from quantkit.calibrate.driver import CalibrationResult, apply_calibration
+from quantkit.calibrate.driver import CalibrationResult, apply_calibration, fixed_threads
 from quantkit.calibrate.methods import MethodSettings
 from quantkit.data.calib import CalibrationData, open_calibration_data
 from quantkit.data.preprocess import Preprocess
@@ -125,11 +125,13 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         log.info("checking parity in onnxruntime")
         batches = list(data.batches(limit=PARITY_SAMPLES))
         names = [o.name for o in int8_onnx.graph.output]
-        int8_sess = parity.session(int8_bytes)
-        fq_parity = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(int8_sess), batches, names)
-        fp32_parity = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(parity.session(fp32_bytes)),
-                                     batches, names)
-        int8_vs_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(int8_sess), batches, names)
+        threads = 1 if recipe.calibration.deterministic else None  # measured figures independent of core count
+        with fixed_threads(threads):
+            int8_sess = parity.session(int8_bytes, threads)
+            fq_parity = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(int8_sess), batches, names)
+            fp32_parity = parity.compare(parity.torch_fn(model.fp32),
+                                         parity.onnx_fn(parity.session(fp32_bytes, threads)), batches, names)
+            int8_vs_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(int8_sess), batches, names)
         if not fq_parity.worst >= recipe.export.parity_min_sqnr:
             raise ExportError(
                 f"model.int8.onnx disagrees with the torch fake-quant model: worst output SQNR "
@@ -138,9 +140,11 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
             )
         stage.write_bytes("model.onnx", fp32_bytes)
         stage.write_bytes("model.int8.onnx", int8_bytes)
-        targets = write_target_files(stage, recipe, model, int8_onnx, batches, names, (bmin, bopt, bmax), state.pp)
-        metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, targets, int8_bytes,
-                           progress=progress)
+        with fixed_threads(threads):
+            targets = write_target_files(stage, recipe, model, int8_onnx, batches, names, (bmin, bopt, bmax),
+                                         state.pp)
+            metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, targets, int8_bytes,
+                               progress=progress, threads=threads)
 
         from quantkit.report.build import build_report, write_reports
 

@@ -56,7 +56,9 @@ class PreprocessSpec:
 class CalibrationSpec:
     """Post-training calibration. ``data``: a folder of images or a float32 NCHW ``.npy`` (null: the bundled
     calibration set of the bundled model). ``method``: max | percentile | entropy | mse. ``max_images``: how many
-    images/rows to use (0: all). ``cache``: calibration cache file (null: ``<out>/../.quantkit-cache``)."""
+    images/rows to use (0: all). ``cache``: calibration cache file (null: ``$QUANTKIT_CACHE_DIR`` or
+    ``~/.cache/quantkit/calibration/<key>.json``). ``deterministic``: run the calibration pass on one CPU thread
+    so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores)."""
 
     data: str | None = None
     method: str = "entropy"
@@ -66,6 +68,7 @@ class CalibrationSpec:
     max_images: int = 0
     cache: str | None = None
     use_cache: bool = True
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)

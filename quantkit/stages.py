@@ -130,7 +130,8 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, settings: Meth
         info["reason"] = getattr(cache, "last_reason", None)
         log.info("calibration cache miss%s", f": {info['reason']}" if info["reason"] else "")
     log.info("calibrating on %d inputs from %s", data.num_samples, data.source)
-    result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress)
+    result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress,
+                             threads=1 if recipe.calibration.deterministic else None)
     if cache is not None:
         cache.save(key, result.as_dict(), components)
     return result, info
@@ -156,7 +157,9 @@ def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: o
     if "strong" in recipe.export.targets:
         strong = to_strongly_typed(int8_onnx)
         strong_bytes = strong.SerializeToString()
-        sp = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(parity.session(strong_bytes)), batches, names)
+        threads = 1 if recipe.calibration.deterministic else None
+        sp = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(parity.session(strong_bytes, threads)),
+                            batches, names)
         # FP16 activations cost SQNR on their own (~60-70 dB on FP16-friendly nets); 30 dB still means
         # "same model", while a broken conversion lands far below it.
         if not sp.worst >= 30.0:
@@ -243,7 +246,7 @@ def build_engine_here(stage, recipe: Recipe, int8_onnx, strong, dyn, chw, fp16_n
 
 
 def evaluate(recipe: Recipe, eval_path: str | None, pp: Preprocess, model: PreparedModel, fp32_bytes: bytes,
-             targets: dict, int8_bytes: bytes, *, progress: bool = True) -> dict | None:
+             targets: dict, int8_bytes: bytes, *, progress: bool = True, threads: int | None = None) -> dict | None:
     """mAP of FP32 torch, FP32 ONNX and INT8 ONNX (onnxruntime) with one decode + NMS, or None."""
     if not eval_path:
         return None
@@ -257,8 +260,8 @@ def evaluate(recipe: Recipe, eval_path: str | None, pp: Preprocess, model: Prepa
     res = {
         "data": str(eval_path),
         "fp32_torch": evaluate_detection(torch_predictor(model.fp32), ds, pp, **kw).as_dict(),
-        "fp32_onnx": evaluate_detection(onnx_predictor(fp32_bytes), ds, pp, **kw).as_dict(),
-        "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes), ds, pp, **kw).as_dict(),
+        "fp32_onnx": evaluate_detection(onnx_predictor(fp32_bytes, intra_op_threads=threads), ds, pp, **kw).as_dict(),
+        "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, pp, **kw).as_dict(),
     }
     base = res["fp32_onnx"]["map50_95"]
     res["drop_map50_95_points"] = round(100.0 * (base - res["int8_onnx"]["map50_95"]), 4)

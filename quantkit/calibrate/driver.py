@@ -78,14 +78,35 @@ def method_key(settings: MethodSettings) -> str:
     return f"percentile_{settings.percentile:g}" if m is CalibMethod.PERCENTILE else m.value
 
 
+@contextmanager
+def fixed_threads(n: int | None):
+    """Run torch with ``n`` intra-op threads inside the block (None: leave as is).
+
+    oneDNN's conv kernels sum in a thread-count-dependent order, so activations differ in the last bits across
+    machines; a histogram bin edge can then move an amax. One thread makes calibration machine-independent.
+    """
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def run_calibration(
     model: nn.Module, batches: Iterable[torch.Tensor], settings: MethodSettings, *, total: int | None = None,
-    progress: bool = True,
+    progress: bool = True, threads: int | None = None,
 ) -> CalibrationResult:
-    """Run the calibration pass and compute every method's amax per activation tensor."""
+    """Run the calibration pass and compute every method's amax per activation tensor.
+
+    ``threads``: pin torch's intra-op threads during the pass (1 gives results independent of the machine).
+    """
     model.eval()
     n = 0
-    with torch.no_grad(), calibration_mode(model, settings) as qs:
+    with torch.no_grad(), fixed_threads(threads), calibration_mode(model, settings) as qs:
         bar = tqdm(batches, total=total, desc="calibrating", unit="batch",
                    disable=not (progress and sys.stderr.isatty()))
         for batch in bar:

@@ -228,3 +228,19 @@ def test_lint_command_on_own_export_is_clean(exported):
     assert code == 0 and "no findings" in text
     code, text = run("lint", str(out / "model.int8.strong.onnx"), "--strong")
     assert code == 0, text
+
+
+def test_byte_identical_across_thread_counts(user_model, tmp_path):
+    """Same inputs, 1 vs 2 intra-op threads, fresh caches: identical ONNX, calibration and report bytes."""
+    outs = []
+    for threads in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), QUANTKIT_CACHE_DIR=str(tmp_path / f"cache{threads}"))
+        out = tmp_path / f"t{threads}"
+        cmd = [sys.executable, "-c", f"import torch; torch.set_num_threads({threads}); "
+               "from quantkit.cli import main; main()", *export_args(user_model, out)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        outs.append(out)
+    for name in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx", "calibration.json", "report.json",
+                 "build_engine.sh"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
