@@ -86,6 +86,7 @@ def calibration_json(calib: CalibrationResult, chosen_amax: dict[str, float], se
 def write_reports(stage, recipe, report: dict, calib: CalibrationResult, command_line: list[str], *,
                   settings=None, data=None, chosen_amax=None) -> None:
     """Write every report file into the staging folder, manifest last (it hashes the others)."""
+    from quantkit.report.html import render_html
     from quantkit.report.manifest import build_manifest
     from quantkit.report.markdown import render_markdown
 
@@ -95,4 +96,5 @@ def write_reports(stage, recipe, report: dict, calib: CalibrationResult, command
     stage.write_text("recipe.resolved.yaml", recipe.to_yaml())
     stage.write_json("report.json", report)
     stage.write_text("report.md", render_markdown(report))
+    stage.write_text("report.html", render_html(report, stage.staging))
     stage.write_json("manifest.json", build_manifest(stage.staging, recipe, report, command_line, run))

@@ -244,3 +244,29 @@ def test_byte_identical_across_thread_counts(user_model, tmp_path):
     for name in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx", "calibration.json", "report.json",
                  "build_engine.sh"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_python_api_quantize_then_export(user_model, tmp_path):
+    import importlib.util
+
+    import quantkit
+    import quantkit.errors
+    from quantkit.quant.tensor_quantizer import TensorQuantizer
+
+    spec = importlib.util.spec_from_file_location("user_net", user_model["dir"] / "net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.build()
+    net.load_state_dict(torch.load(user_model["weights"], weights_only=True))
+    recipe = quantkit.load_recipe(None, ["calibration.method=mse", "model.name=user"])
+    qmodel = quantkit.quantize(net, user_model["npy"], recipe)
+    qs = [m for m in qmodel.modules() if isinstance(m, TensorQuantizer)]
+    assert qs and all(q.amax is not None for q in qs)
+    x = torch.from_numpy(__import__("numpy").load(user_model["npy"])[:2])
+    with torch.no_grad():
+        assert qmodel(x).shape == (2, 5)
+    res = quantkit.export(qmodel, tmp_path / "api")
+    assert (tmp_path / "api" / "model.int8.onnx").is_file()
+    assert res.report["calibration"]["method"] == "mse"
+    with pytest.raises(quantkit.errors.UsageError):
+        quantkit.export(net, tmp_path / "api2")
