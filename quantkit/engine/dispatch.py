@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import shlex
-from pathlib import Path
 
-from quantkit.engine.config import ANY_TARGET, TARGETS, BuildPlan
-from quantkit.engine.trtexec import trtexec_args
+from quantkit.engine.config import BuildPlan
+from quantkit.engine.trtexec import gpu_check_lines, trtexec_args
 from quantkit.utils.atomic import atomic_write_text
 
 ENGINE_NAME = "model.engine"
@@ -39,15 +38,7 @@ def render_dispatch_script(weak: BuildPlan, strong: BuildPlan | None, *, weak_on
         'TRTEXEC="${TRTEXEC:-trtexec}"',
         'MODE="${MODE:-auto}"',
     ]
-    if weak.target != ANY_TARGET:
-        token = TARGETS[weak.target].device_token
-        lines += [
-            'gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"',
-            'case "$gpu" in',
-            f"  *{token}*) ;;",
-            f'  *) echo "error: this export targets an NVIDIA {token}, but the GPU is \'$gpu\'" >&2; exit 1 ;;',
-            "esac",
-        ]
+    lines += gpu_check_lines(weak.target)
     if strong is None:
         lines += ['if [ "$MODE" = strong ]; then echo "error: this export has no strongly typed ONNX" >&2; exit 2; fi',
                   "MODE=weak"]
@@ -75,8 +66,7 @@ def write_dispatch_script(path: str | os.PathLike, weak: BuildPlan, strong: Buil
                           weak_onnx: str = "model.int8.onnx", strong_onnx: str = "model.int8.strong.onnx") -> str:
     """Write build_engine.sh atomically, executable (0755); returns its text."""
     text = render_dispatch_script(weak, strong, weak_onnx=weak_onnx, strong_onnx=strong_onnx)
-    atomic_write_text(path, text)
-    os.chmod(Path(path), 0o755)
+    atomic_write_text(path, text, mode=0o755)
     return text
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 from pathlib import Path
 
 from quantkit.engine.config import ANY_TARGET, TARGETS, BuilderFlagName, BuildPlan
+from quantkit.utils.atomic import atomic_write_text
 
 TIMING_CACHE = "timing.cache"
 LAYER_INFO = "layers.json"
@@ -43,6 +43,20 @@ def trtexec_args(onnx_name: str, plan: BuildPlan, *, engine_name: str | None = N
     return args
 
 
+def gpu_check_lines(target: str) -> list[str]:
+    """Bash lines that stop the script unless the first GPU's name contains the target's token (e.g. T4)."""
+    if target == ANY_TARGET:
+        return []
+    token = TARGETS[target].device_token
+    return [
+        'gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"',
+        'case "$gpu" in',
+        f"  *{token}*) ;;",
+        f"  *) echo \"error: this engine targets an NVIDIA {token}, but the GPU is '$gpu'\" >&2; exit 1 ;;",
+        "esac",
+    ]
+
+
 def render_build_script(onnx_name: str, plan: BuildPlan, *, engine_name: str | None = None) -> str:
     """The text of build_engine.sh (see ``write_build_script``)."""
     version = ".".join(str(p) for p in plan.trt_version)
@@ -58,15 +72,7 @@ def render_build_script(onnx_name: str, plan: BuildPlan, *, engine_name: str | N
     ]
     for note in plan.notes:
         lines.append(f"# note: {note}")
-    if plan.target != ANY_TARGET:
-        token = TARGETS[plan.target].device_token
-        lines += [
-            "gpu=\"$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)\"",
-            'case "$gpu" in',
-            f"  *{token}*) ;;",
-            f"  *) echo \"error: this engine targets an NVIDIA {token}, but the GPU is '$gpu'\" >&2; exit 1 ;;",
-            "esac",
-        ]
+    lines += gpu_check_lines(plan.target)
     args = trtexec_args(onnx_name, plan, engine_name=engine_name)
     lines.append('"$TRTEXEC" \\')
     lines += [f"  {shlex.quote(a)} \\" for a in args[:-1]]
@@ -81,20 +87,5 @@ def write_build_script(path: str | os.PathLike, onnx_name: str, plan: BuildPlan,
     ``onnx_name``: the ONNX file name relative to the script's folder (the script cd's there first).
     """
     text = render_build_script(onnx_name, plan, engine_name=engine_name)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)  # executable before it appears under its name
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(path, text, mode=0o755)  # executable before it appears under its name
     return text
