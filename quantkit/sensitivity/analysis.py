@@ -1,0 +1,446 @@
+"""Per-layer sensitivity: what quantizing each layer alone costs, and what leaving it alone in float recovers.
+
+For every quantizable layer L (``layout.layers``, residual Adds included), with the one existing calibration
+(quantizers keep their amax; only their enable flags change):
+
+* damage   — output SQNR (dB) against FP32 with only L in INT8 (lower = more harmful); with several outputs
+  the worst output's SQNR, as the ``min_sqnr`` gate reads it;
+* recovery — SQNR gain (dB) when L alone stays float in an otherwise all-INT8 model;
+
+and, when a labelled data set is given, the same two in mAP50:95 points on it.
+
+Cost: each configuration re-runs only the forward from L's first call on (prefix replay, see ``Replayer``):
+the calls that finished before L are taken from one recorded all-float pass (damage) or all-INT8 pass
+(recovery), so the analysis costs about one full forward per layer instead of two.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantkit.errors import UsageError
+from quantkit.eval.sqnr import SqnrAccumulator
+from quantkit.quant.insert import set_precision
+from quantkit.quant.tensor_quantizer import TensorQuantizer
+
+
+class Metric(Enum):
+    """What an accuracy budget is expressed in."""
+
+    SQNR_DB = "sqnr_db"  # output SQNR against FP32 on calibration inputs, dB (higher is better)
+    MAP_DROP_POINTS = "map_drop_points"  # FP32 mAP50:95 minus INT8 mAP50:95, x100 (lower is better)
+
+
+# ---- prefix replay -----------------------------------------------------------------------------------------
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+@dataclass
+class _Node:
+    start: int
+    parent: int
+    end: int = -1
+    output: object = None
+    versions: list = field(default_factory=list)
+    usable: bool = False
+
+
+@dataclass
+class Record:
+    """One recorded forward: call tree keyed (parent node, module id, k-th call in parent), clock per call."""
+
+    tree: dict = field(default_factory=dict)
+    nodes: list = field(default_factory=list)
+    first_start: dict = field(default_factory=dict)  # module id -> clock of its first call
+    output: object = None
+
+
+class Replayer:
+    """Wraps the ``forward`` of every submodule of ``model`` (quantizers excluded) until ``close()``.
+
+    ``record(x)`` runs a full forward and keeps the outputs that a later ``replay`` could reuse (calls that
+    end before some cut module starts, inside a parent that is still running then). ``replay(x, rec, start)``
+    returns ``rec``'s output for every call that ended before clock ``start`` without computing it.
+    Outputs modified in place during the recorded pass are never reused (``tensor._version`` check); calls
+    the record does not know (data-dependent control flow) simply run. Works on any eager module, no tracing.
+    """
+
+    def __init__(self, model: nn.Module, cut_modules: list[nn.Module]):
+        self.model = model
+        self._cut_ids = [id(m) for m in cut_modules]
+        self._patched: list[tuple[nn.Module, object]] = []
+        self._mode: str | None = None
+        self._rec = Record()
+        self._limit = -1
+        self._clock = 0
+        self._stack: list = []
+        for name, m in model.named_modules():
+            if name and not isinstance(m, TensorQuantizer):
+                self._patched.append((m, m.__dict__.get("forward")))
+                m.forward = self._wrap(id(m), m.forward)
+
+    def close(self) -> None:
+        for m, old in self._patched:
+            if old is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = old
+        self._patched = []
+
+    def __enter__(self) -> "Replayer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start_of(self, rec: Record, module: nn.Module) -> int | None:
+        """Clock of ``module``'s first call in ``rec`` (None: never called)."""
+        return rec.first_start.get(id(module))
+
+    def _run(self, mode: str, rec: Record, limit: int, x: torch.Tensor):
+        self._mode, self._rec, self._limit, self._clock = mode, rec, limit, 0
+        self._stack = [(-1, {})]
+        try:
+            with torch.no_grad():
+                return self.model(x)
+        finally:
+            self._mode = None
+
+    def record(self, x: torch.Tensor) -> Record:
+        rec = Record()
+        rec.output = self._run("record", rec, -1, x)
+        starts = sorted(rec.first_start[i] for i in self._cut_ids if i in rec.first_start)
+        for node in rec.nodes:
+            parent_end = rec.nodes[node.parent].end if node.parent >= 0 else math.inf
+            i = bisect.bisect_right(starts, node.end)
+            keep = i < len(starts) and starts[i] < parent_end
+            node.usable = keep and all(t._version == v for t, v in node.versions)
+            if not node.usable:
+                node.output, node.versions = None, []
+        return rec
+
+    def replay(self, x: torch.Tensor, rec: Record, start: int):
+        return self._run("replay", rec, start, x)
+
+    def _wrap(self, mid: int, forward):
+        def wrapped(*args, **kwargs):
+            if self._mode is None:
+                return forward(*args, **kwargs)
+            parent, counts = self._stack[-1]
+            k = counts.get(mid, 0)
+            counts[mid] = k + 1
+            rec = self._rec
+            if self._mode == "record":
+                nid = len(rec.nodes)
+                rec.tree[(parent, mid, k)] = nid
+                node = _Node(start=self._clock, parent=parent)
+                rec.nodes.append(node)
+                rec.first_start.setdefault(mid, self._clock)
+                self._clock += 1
+            else:
+                nid = rec.tree.get((parent, mid, k)) if parent is not None else None
+                node = rec.nodes[nid] if nid is not None else None
+                if node is not None and node.usable and node.end < self._limit:
+                    if any(t._version != v for t, v in node.versions):
+                        raise RuntimeError("a replayed output was modified in place; please report this model")
+                    return node.output
+            self._stack.append((nid, {}))
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                self._stack.pop()
+            if self._mode == "record":
+                node.end = self._clock
+                self._clock += 1
+                node.output = out
+                node.versions = [(t, t._version) for t in _tensors(out)]
+            return out
+
+        return wrapped
+
+
+# ---- results -----------------------------------------------------------------------------------------------
+
+
+def _r(v: float | None, nd: int = 4):
+    """Rounded JSON value; infinities as strings (JSON has none): identical outputs give "inf"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return round(float(v), nd)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One layer. SQNR values in dB against FP32; mAP values in mAP50:95 points (x100), None without labels.
+
+    damage_sqnr_db: SQNR with only this layer INT8 (lower = more harmful; inf: no effect).
+    without_sqnr_db: SQNR with every layer INT8 except this one.
+    recovery_sqnr_db: without_sqnr_db minus the all-INT8 SQNR (dB gained by keeping it in float).
+    damage_map_points: FP32 mAP minus mAP with only this layer INT8.
+    recovery_map_points: mAP with all but this layer INT8 minus the all-INT8 mAP.
+    """
+
+    name: str
+    type: str
+    order: int
+    damage_sqnr_db: float
+    without_sqnr_db: float
+    recovery_sqnr_db: float
+    damage_map_points: float | None = None
+    recovery_map_points: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "type": self.type, "order": self.order,
+                "damage_sqnr_db": _r(self.damage_sqnr_db), "without_sqnr_db": _r(self.without_sqnr_db),
+                "recovery_sqnr_db": _r(self.recovery_sqnr_db), "damage_map_points": _r(self.damage_map_points),
+                "recovery_map_points": _r(self.recovery_map_points)}
+
+
+@dataclass
+class SensitivityResult:
+    """Per-layer sensitivities plus the all-INT8 baseline. ``seconds`` is wall time (not in ``as_dict``)."""
+
+    layers: dict[str, LayerSensitivity]
+    int8_sqnr_db: float
+    num_images: int
+    fp32_map50_95: float | None = None
+    int8_map50_95: float | None = None
+    num_eval_images: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_map(self) -> bool:
+        return self.fp32_map50_95 is not None
+
+    @property
+    def int8_drop_points(self) -> float | None:
+        return None if not self.has_map else 100.0 * (self.fp32_map50_95 - self.int8_map50_95)
+
+    def ranking(self) -> list[str]:
+        """Layer names, most damaging first: by mAP damage when measured, then by SQNR damage, then name."""
+        def key(s: LayerSensitivity):
+            dm = -(s.damage_map_points or 0.0) if self.has_map else 0.0
+            return (round(dm, 6), round(s.damage_sqnr_db, 6) if math.isfinite(s.damage_sqnr_db) else math.inf, s.name)
+        return [s.name for s in sorted(self.layers.values(), key=key)]
+
+    def as_dict(self) -> dict:
+        """Deterministic JSON-ready form: rounded floats, layers in ranking order."""
+        return {
+            "metric_units": {"sqnr": "dB vs FP32 on calibration inputs, worst output", "map": "mAP50:95 points (x100)"},
+            "num_images": self.num_images,
+            "num_eval_images": self.num_eval_images,
+            "int8_sqnr_db": _r(self.int8_sqnr_db),
+            "fp32_map50_95": _r(self.fp32_map50_95, 6),
+            "int8_map50_95": _r(self.int8_map50_95, 6),
+            "int8_drop_points": _r(self.int8_drop_points),
+            "ranking": self.ranking(),
+            "layers": [self.layers[n].as_dict() for n in self.ranking()],
+            "notes": list(self.notes),
+        }
+
+
+# ---- the analysis ------------------------------------------------------------------------------------------
+
+
+def _worst_db(acc: SqnrAccumulator) -> float:
+    """The worst output's SQNR (dB), as the ``min_sqnr`` gate reads it: a detector's box coordinates (pixels)
+    would otherwise drown its scores (0..1) in one pooled number."""
+    return min(acc.per_output())
+
+
+def _chunks(batches, size: int):
+    for b in batches:
+        for i in range(0, b.shape[0], size):
+            yield b[i : i + size]
+
+
+def _quantizer_flags(qmodel: nn.Module) -> list[tuple[TensorQuantizer, bool]]:
+    return [(m, m._disabled) for m in qmodel.modules() if isinstance(m, TensorQuantizer)]
+
+
+def _set_layer(module: nn.Module, int8: bool) -> None:
+    for q in module.children():
+        if isinstance(q, TensorQuantizer):
+            q.enable() if int8 else q.disable()
+
+
+def analyze(state, *, num_images: int = 16, dataset=None, progress: bool = True, chunk_size: int = 4) -> SensitivityResult:
+    """Measure every quantizable layer's damage and recovery (see the module docstring).
+
+    state: a ``QuantState`` from ``quantize_recipe`` (calibrated). num_images: calibration inputs for SQNR.
+    dataset: a small ``CocoDataset`` for mAP50:95 (None: SQNR only). chunk_size: images per replay chunk
+    (bounds the memory of the recorded activations). The qmodel's precision is restored in ``finally``.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    if num_images < 1 or chunk_size < 1:
+        raise UsageError(f"num_images and chunk_size must be >= 1, got {num_images} and {chunk_size}")
+    t0 = time.perf_counter()
+    qmodel, layout = state.model.qmodel, state.model.layout
+    names = list(layout.layers)
+    if not names:
+        raise UsageError("the model has no quantizable layers: nothing to analyse")
+    modules = {n: qmodel.get_submodule(n) for n in names}
+    everything = set(names)
+    batches = list(_chunks(state.data.batches(limit=num_images), chunk_size))
+    n_images = sum(int(b.shape[0]) for b in batches)
+    items = [] if dataset is None else list(dataset)
+    eval_chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    saved = _quantizer_flags(qmodel)
+    full = SqnrAccumulator()
+    dmg = {n: SqnrAccumulator() for n in names}
+    rec_ = {n: SqnrAccumulator() for n in names}
+    dets: dict[str, dict] = {}
+    order: dict[str, int] = {}
+    bar = tqdm(total=(len(batches) + len(eval_chunks)) * len(names), desc="sensitivity", unit="layer",
+               disable=not (progress and sys.stderr.isatty()))
+    try:
+        with Replayer(qmodel, list(modules.values())) as rp:
+            for x in batches:
+                for n, out in _configs(rp, qmodel, modules, everything, x, order):
+                    if n == "fp32":
+                        ref = out
+                    elif n == "int8":
+                        full.update(ref, out)
+                    else:
+                        (dmg if n[0] == "d" else rec_)[n[1]].update(ref, out)
+                        bar.update(n[0] == "d")
+            for chunk in eval_chunks:
+                x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk]))
+                for n, out in _configs(rp, qmodel, modules, everything, x, order):
+                    _collect_dets(dets, n, out, chunk, state)
+                    bar.update(isinstance(n, tuple) and n[0] == "d")
+    finally:
+        bar.close()
+        for q, disabled in saved:
+            q._disabled = disabled
+    int8_db = _worst_db(full)
+    notes = [f"{n}: never called in forward (no effect)" for n in names if n not in order]
+    maps = _maps(dets, dataset) if dataset is not None else {}
+    layers = {}
+    for i, n in enumerate(sorted(names, key=lambda n: (order.get(n, math.inf), names.index(n)))):
+        d_db = _worst_db(dmg[n]) if n in order else math.inf
+        w_db = _worst_db(rec_[n]) if n in order else int8_db
+        dm = rm = None
+        if maps:
+            dm = 100.0 * (maps["fp32"] - maps.get(("d", n), maps["fp32"]))
+            rm = 100.0 * (maps.get(("r", n), maps["int8"]) - maps["int8"])
+        layers[n] = LayerSensitivity(n, layout.layers[n], i, d_db, w_db, w_db - int8_db, dm, rm)
+    return SensitivityResult(layers, int8_db, n_images, maps.get("fp32"), maps.get("int8"), len(items),
+                             time.perf_counter() - t0, notes)
+
+
+def _configs(rp: Replayer, qmodel, modules, everything, x, order):
+    """Yield (config, outputs) for one chunk: "fp32", "int8", then ("d", L) and ("r", L) for every layer."""
+    set_precision(qmodel, set())
+    fp = rp.record(x)
+    yield "fp32", fp.output
+    set_precision(qmodel, everything)
+    q = rp.record(x)
+    yield "int8", q.output
+    for n, m in modules.items():
+        s_fp, s_q = rp.start_of(fp, m), rp.start_of(q, m)
+        if s_fp is None:
+            continue
+        order.setdefault(n, s_fp)
+        set_precision(qmodel, set())
+        _set_layer(m, True)
+        yield ("d", n), rp.replay(x, fp, s_fp)
+        set_precision(qmodel, everything)
+        _set_layer(m, False)
+        yield ("r", n), rp.replay(x, q, s_q)
+
+
+def _preprocess(img, pp) -> np.ndarray:
+    from quantkit.data.preprocess import preprocess_image
+
+    return preprocess_image(img, pp)[0]
+
+
+def _collect_dets(dets: dict, config, out, chunk, state) -> None:
+    """NMS the detector outputs of one eval chunk and file them under ``config``."""
+    from quantkit.eval.detection import _unpack_outputs, predict_dataset
+
+    boxes, scores = (t.float().numpy() for t in _unpack_outputs(out))
+    ev = state.recipe.evaluation
+    got = predict_dataset(lambda _x: (boxes, scores), chunk, state.pp, batch_size=len(chunk), conf=ev.conf,
+                          iou=ev.iou, progress=False)
+    entry = dets.setdefault(config, {"dets": {}, "classes": 0})
+    entry["dets"].update(got)
+    entry["classes"] = max(entry["classes"], int(scores.shape[-1]))
+
+
+def _maps(dets: dict, dataset) -> dict:
+    from quantkit.eval.detection import coco_map
+
+    return {k: coco_map(dataset, v["dets"], num_classes=v["classes"]).map50_95 for k, v in dets.items()}
+
+
+# ---- measuring one configuration (the selection's verification step) ---------------------------------------
+
+
+def make_measure(state, metric: Metric, *, num_images: int = 16, dataset=None) -> Callable[[set[str]], float]:
+    """A callable ``measure(int8_layers) -> value`` for :func:`quantkit.sensitivity.select.choose_fp16_layers`.
+
+    Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.
+    Metric.MAP_DROP_POINTS: FP32 minus INT8 mAP50:95 on ``dataset``, in points (needs ``dataset``).
+    Each call sets the precision, measures, and restores the qmodel's previous precision.
+    """
+    from quantkit.eval.detection import evaluate_detection, torch_predictor
+
+    qmodel = state.model.qmodel
+    if metric is Metric.MAP_DROP_POINTS:
+        if dataset is None:
+            raise UsageError("an mAP budget needs evaluation data: pass --eval DATA (or use an SQNR floor)")
+        ev = state.recipe.evaluation
+        kw = dict(conf=ev.conf, iou=ev.iou, progress=False)
+        base = evaluate_detection(torch_predictor(state.model.fp32), dataset, state.pp, **kw).map50_95
+
+        def run(int8: set[str]) -> float:
+            return 100.0 * (base - evaluate_detection(torch_predictor(qmodel), dataset, state.pp, **kw).map50_95)
+    else:
+        batches = list(state.data.batches(limit=num_images))
+        with torch.no_grad():
+            refs = [state.model.fp32(b) for b in batches]
+
+        def run(int8: set[str]) -> float:
+            acc = SqnrAccumulator()
+            with torch.no_grad():
+                for b, r in zip(batches, refs):
+                    acc.update(r, qmodel(b))
+            return _worst_db(acc)
+
+    def measure(int8_layers) -> float:
+        saved = _quantizer_flags(qmodel)
+        try:
+            set_precision(qmodel, set(int8_layers))
+            return run(set(int8_layers))
+        finally:
+            for q, disabled in saved:
+                q._disabled = disabled
+
+    return measure

@@ -1,0 +1,170 @@
+"""Choose which layers stay FP16 under an accuracy budget, cheapest first, then verify by measuring.
+
+Prediction: keeping layer L in float recovers ``recovery(L)`` (mAP points, or noise power for SQNR) as
+measured by the sensitivity analysis, and costs ``fp16_extra_ms(L)`` of estimated T4 time (roofline model,
+not measured). Recoveries are treated as additive: a knapsack, solved greedily by recovery per estimated ms,
+then pruned (drop a chosen layer whenever the prediction stays within budget without it, most expensive first).
+
+Verification: the chosen configuration is measured with the caller's ``measure(int8_layers)``; while the
+measurement misses the budget, more layers follow in priority order (1, 2, 4, ... at a time, so even a budget
+only the all-FP16 model meets is reached in about log2(#layers) measurements).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from quantkit.errors import UsageError
+from quantkit.sensitivity.analysis import Metric, SensitivityResult, _r
+from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, CostTable, estimate_latency_ms
+
+_TINY_MS = 1e-9  # a layer with no estimated cost is free to keep in FP16
+
+
+def _noise(db: float) -> float:
+    """Noise-to-signal power ratio of an SQNR in dB (0 for +inf)."""
+    return 0.0 if db == math.inf else 10.0 ** (-db / 10.0)
+
+
+def _db(noise: float) -> float:
+    return math.inf if noise <= 0.0 else -10.0 * math.log10(noise)
+
+
+@dataclass
+class Selection:
+    """The chosen precisions. ``predicted``/``measured`` are in the metric's unit (mAP points dropped, or dB).
+
+    ``estimated_ms``: fp16 / int8 / hybrid, an ESTIMATE of T4 latency (roofline model, not measured).
+    ``met``: whether the last measurement met the budget (None when nothing was measured).
+    """
+
+    metric: Metric
+    budget: float
+    int8: list[str]
+    fp16: list[str]
+    predicted: float
+    measured: float | None
+    met: bool | None
+    estimated_ms: dict[str, float]
+    reasons: dict[str, str]
+    measurements: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        unit = "mAP50:95 points dropped" if self.metric is Metric.MAP_DROP_POINTS else "output SQNR dB"
+        return {
+            "metric": self.metric.value, "unit": unit, "budget": _r(self.budget),
+            "predicted": _r(self.predicted), "measured": _r(self.measured), "met": self.met,
+            "int8_layers": list(self.int8), "fp16_layers": list(self.fp16),
+            "estimated_ms": {k: round(v, 5) for k, v in self.estimated_ms.items()},
+            "estimated_ms_label": ESTIMATE_LABEL,
+            "reasons": dict(self.reasons),
+            "measurements": [{"num_fp16": m["num_fp16"], "value": _r(m["value"]), "met": m["met"]}
+                             for m in self.measurements],
+        }
+
+
+def _gains(result: SensitivityResult, metric: Metric) -> dict[str, float]:
+    """What keeping each layer in float recovers: mAP points, or noise power (linear) for SQNR."""
+    if metric is Metric.MAP_DROP_POINTS:
+        return {n: s.recovery_map_points for n, s in result.layers.items()}
+    full = _noise(result.int8_sqnr_db)
+    return {n: full - _noise(s.without_sqnr_db) for n, s in result.layers.items()}
+
+
+def _predict(result: SensitivityResult, metric: Metric, gains: dict[str, float], fp16) -> float:
+    recovered = sum(max(gains[n], 0.0) for n in fp16)
+    if metric is Metric.MAP_DROP_POINTS:
+        return max(result.int8_drop_points - recovered, 0.0)
+    return _db(_noise(result.int8_sqnr_db) - recovered)
+
+
+def _within(metric: Metric, value: float, budget: float) -> bool:
+    return value <= budget + 1e-9 if metric is Metric.MAP_DROP_POINTS else value >= budget - 1e-9
+
+
+def priority(result: SensitivityResult, costs: CostTable, metric: Metric) -> list[str]:
+    """Layers in the order they should leave INT8: positive recovery per estimated ms first, then the rest
+    by single-layer damage (noise power) per estimated ms; ties by name."""
+    gains = _gains(result, metric)
+
+    def key(n: str):
+        ms = max(costs.layers[n].fp16_extra_ms(costs.spec), _TINY_MS) if n in costs.layers else _TINY_MS
+        damage = _noise(result.layers[n].damage_sqnr_db)
+        return (0, -gains[n] / ms, n) if gains[n] > 0 else (1, -damage / ms, n)
+
+    return sorted(result.layers, key=key)
+
+
+def choose_fp16_layers(result: SensitivityResult, costs: CostTable, *, max_drop_points: float | None = None,
+                       sqnr_floor_db: float | None = None, measure: Callable[[set[str]], float] | None = None,
+                       max_measurements: int = 10) -> Selection:
+    """Keep in FP16 the cheapest set of layers predicted to meet the budget, then verify with ``measure``.
+
+    Give exactly one budget: ``max_drop_points`` (mAP50:95 points; needs a result with mAP) or
+    ``sqnr_floor_db`` (output SQNR in dB). ``measure(int8_layers)`` returns the metric of a configuration
+    (see ``quantkit.sensitivity.analysis.make_measure``); without it the selection is only predicted.
+    """
+    if (max_drop_points is None) == (sqnr_floor_db is None):
+        raise UsageError("give exactly one budget: max_drop_points (mAP50:95 points) or sqnr_floor_db (dB)")
+    metric = Metric.MAP_DROP_POINTS if max_drop_points is not None else Metric.SQNR_DB
+    budget = float(max_drop_points if max_drop_points is not None else sqnr_floor_db)
+    if metric is Metric.MAP_DROP_POINTS and not result.has_map:
+        raise UsageError("an mAP budget needs a sensitivity analysis with evaluation data (--eval DATA); "
+                         "without labels use an SQNR floor")
+    if metric is Metric.MAP_DROP_POINTS and budget < 0:
+        raise UsageError(f"max_drop_points must be >= 0, got {budget}")
+    gains = _gains(result, metric)
+    order = priority(result, costs, metric)
+    extra = {n: costs.layers[n].fp16_extra_ms(costs.spec) if n in costs.layers else 0.0 for n in order}
+
+    fp16: list[str] = []
+    for n in order:  # greedy: best recovery per estimated ms until the prediction meets the budget
+        if _within(metric, _predict(result, metric, gains, fp16), budget) or gains[n] <= 0:
+            break
+        fp16.append(n)
+    for n in sorted(fp16, key=lambda n: (-extra[n], n)):  # prune what the budget does not need
+        rest = [m for m in fp16 if m != n]
+        if _within(metric, _predict(result, metric, gains, rest), budget):
+            fp16 = rest
+    predicted = _predict(result, metric, gains, fp16)
+    reasons = {n: _reason(result, metric, n, gains[n], extra[n]) for n in fp16}
+
+    measured = met = None
+    history: list[dict] = []
+    step = 1
+    while measure is not None and len(history) < max_measurements:
+        int8 = {n for n in order if n not in fp16}
+        measured = float(measure(int8))
+        met = _within(metric, measured, budget)
+        history.append({"num_fp16": len(fp16), "value": measured, "met": met})
+        remaining = [n for n in order if n not in fp16]
+        if met or not remaining:
+            break
+        added = remaining[:step]
+        for n in added:
+            reasons[n] = (f"added after measuring {_fmt(metric, measured)} against the budget "
+                          f"{_fmt(metric, budget)}; costs {extra[n]:.4f} ms (estimated)")
+        fp16.extend(added)
+        step *= 2
+    fp16_set = set(fp16)
+    int8_list = [n for n in result.layers if n not in fp16_set]
+    fp16_list = [n for n in result.layers if n in fp16_set]
+    est = {"fp16": estimate_latency_ms(costs, ()), "int8": estimate_latency_ms(costs, costs.layers),
+           "hybrid": estimate_latency_ms(costs, [n for n in int8_list if n in costs.layers])}
+    return Selection(metric, budget, int8_list, fp16_list, predicted, measured, met, est,
+                     {n: reasons[n] for n in fp16_list}, history)
+
+
+def _fmt(metric: Metric, v: float) -> str:
+    return f"{v:.3f} mAP points" if metric is Metric.MAP_DROP_POINTS else f"{v:.2f} dB"
+
+
+def _reason(result: SensitivityResult, metric: Metric, name: str, gain: float, extra_ms: float) -> str:
+    s = result.layers[name]
+    if metric is Metric.MAP_DROP_POINTS:
+        what = f"recovers {gain:.3f} mAP points ({s.recovery_sqnr_db:.2f} dB)"
+    else:
+        what = f"recovers {s.recovery_sqnr_db:.2f} dB of output SQNR"
+    return f"{what}, costs {extra_ms:.4f} ms (estimated)"
