@@ -210,9 +210,8 @@ def layer_costs(model: nn.Module, example: torch.Tensor, layer_names, spec: Devi
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if depth[0] == 0 and not func.is_view and torch.Tag.pointwise not in func.tags:
-                tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
                 overhead[0] += _op_flops(func, args, out)
-                overhead[1] += 2.0 * (sum(t.numel() for t in tensors) + _numel(out))
+                overhead[1] += 2.0 * (_numel(list(args)) + _numel(list((kwargs or {}).values())) + _numel(out))
             return out
 
     def pre(m, inputs):
