@@ -235,3 +235,31 @@ def test_map_sensitivities_match_evaluate_detection(tmp_path):
         assert s.recovery_map_points == pytest.approx(res.int8_drop_points - measure(set(res.layers) - {n}),
                                                       abs=1e-6), n
     assert math.isfinite(res.as_dict()["int8_drop_points"])
+
+
+def test_cli_writes_json_png_and_keeps_the_fragile_layer_fp16(tmp_path):
+    import inspect
+    import json
+
+    from click.testing import CliRunner
+
+    import quantkit.cli_sensitivity  # noqa: F401  (registers the sub-command)
+    from quantkit.cli import main
+
+    (tmp_path / "net.py").write_text("import torch\nfrom torch import nn\nfrom quantkit.models.ops import Add\n\n"
+                                     + inspect.getsource(Fragile) + "\n\ndef build(num_classes=None):\n"
+                                     "    torch.manual_seed(0)\n    return Fragile()\n")
+    np.save(tmp_path / "calib.npy", _tiles(8, 32).astype(np.float32))
+    args = ["sensitivity", "--model", f"{tmp_path / 'net.py'}:build", "--calib", str(tmp_path / "calib.npy"),
+            "--num-images", "8", "--set", "calibration.method=max", "--set", "calibration.use_cache=false"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--sqnr-floor", "30"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
+    assert doc["sensitivity"]["ranking"][0] == "fragile"
+    assert "fragile" in doc["selection"]["fp16_layers"] and doc["selection"]["measured"] >= 30
+    assert (tmp_path / "a" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    rows = res.output.splitlines()
+    header = next(i for i, r in enumerate(rows) if r.lstrip().startswith("#  layer"))
+    assert rows[header + 1].split()[1] == "fragile" and "not measured" in res.output
+    res2 = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")], catch_exceptions=False)
+    assert res2.exit_code == 2 and "not empty" in res2.output  # refuses to overwrite without --force
