@@ -355,24 +355,40 @@ def analyze(state, *, num_images: int = 16, dataset=None, progress: bool = True,
 
 
 def _configs(rp: Replayer, qmodel, modules, everything, x, order):
-    """Yield (config, outputs) for one chunk: "fp32", "int8", then ("d", L) and ("r", L) for every layer."""
+    """Yield (config, outputs) for one chunk: "fp32", ("d", L) for every layer, "int8", ("r", L) for every layer.
+
+    The all-float record is dropped before the all-INT8 one is made, so only one record's activations are
+    held at a time (memory ~ chunk images x the model's activations).
+    """
     set_precision(qmodel, set())
-    fp = rp.record(x)
-    yield "fp32", fp.output
-    set_precision(qmodel, everything)
-    q = rp.record(x)
-    yield "int8", q.output
+    rec = rp.record(x)
+    yield "fp32", rec.output
     for n, m in modules.items():
-        s_fp, s_q = rp.start_of(fp, m), rp.start_of(q, m)
-        if s_fp is None:
+        start = rp.start_of(rec, m)
+        if start is None:
             continue
-        order.setdefault(n, s_fp)
-        set_precision(qmodel, set())
+        order.setdefault(n, start)
         _set_layer(m, True)
-        yield ("d", n), rp.replay(x, fp, s_fp)
-        set_precision(qmodel, everything)
+        try:
+            out = rp.replay(x, rec, start)
+        finally:
+            _set_layer(m, False)
+        yield ("d", n), out
+    rec.nodes.clear()
+    set_precision(qmodel, everything)
+    rec = rp.record(x)
+    yield "int8", rec.output
+    for n, m in modules.items():
+        start = rp.start_of(rec, m)
+        if start is None:
+            continue
         _set_layer(m, False)
-        yield ("r", n), rp.replay(x, q, s_q)
+        try:
+            out = rp.replay(x, rec, start)
+        finally:
+            _set_layer(m, True)
+        yield ("r", n), out
+    rec.nodes.clear()
 
 
 def _preprocess(img, pp) -> np.ndarray:

@@ -99,12 +99,13 @@ def priority(result: SensitivityResult, costs: CostTable, metric: Metric) -> lis
 
 def choose_fp16_layers(result: SensitivityResult, costs: CostTable, *, max_drop_points: float | None = None,
                        sqnr_floor_db: float | None = None, measure: Callable[[set[str]], float] | None = None,
-                       max_measurements: int = 10) -> Selection:
+                       fixed_fp16=(), max_measurements: int = 10) -> Selection:
     """Keep in FP16 the cheapest set of layers predicted to meet the budget, then verify with ``measure``.
 
     Give exactly one budget: ``max_drop_points`` (mAP50:95 points; needs a result with mAP) or
     ``sqnr_floor_db`` (output SQNR in dB). ``measure(int8_layers)`` returns the metric of a configuration
     (see ``quantkit.sensitivity.analysis.make_measure``); without it the selection is only predicted.
+    ``fixed_fp16``: layers that stay FP16 whatever the budget (e.g. the recipe's ``quantization.skip``).
     """
     if (max_drop_points is None) == (sqnr_floor_db is None):
         raise UsageError("give exactly one budget: max_drop_points (mAP50:95 points) or sqnr_floor_db (dB)")
@@ -119,17 +120,22 @@ def choose_fp16_layers(result: SensitivityResult, costs: CostTable, *, max_drop_
     order = priority(result, costs, metric)
     extra = {n: costs.layers[n].fp16_extra_ms(costs.spec) if n in costs.layers else 0.0 for n in order}
 
-    fp16: list[str] = []
-    for n in order:  # greedy: best recovery per estimated ms until the prediction meets the budget
+    fixed = list(dict.fromkeys(fixed_fp16))
+    unknown = [n for n in fixed if n not in result.layers]
+    if unknown:
+        raise UsageError(f"fixed_fp16 names {unknown[:5]} are not analysed layers: use names from the layout")
+    fp16: list[str] = list(fixed)
+    for n in (m for m in order if m not in fixed):  # greedy: best recovery per ms until the prediction fits
         if _within(metric, _predict(result, metric, gains, fp16), budget) or gains[n] <= 0:
             break
         fp16.append(n)
-    for n in sorted(fp16, key=lambda n: (-extra[n], n)):  # prune what the budget does not need
+    for n in sorted((m for m in fp16 if m not in fixed), key=lambda n: (-extra[n], n)):  # prune the unneeded
         rest = [m for m in fp16 if m != n]
         if _within(metric, _predict(result, metric, gains, rest), budget):
             fp16 = rest
     predicted = _predict(result, metric, gains, fp16)
     reasons = {n: _reason(result, metric, n, gains[n], extra[n]) for n in fp16}
+    reasons.update({n: "kept FP16 by the caller (e.g. quantization.skip)" for n in fixed})
 
     measured = met = None
     history: list[dict] = []

@@ -263,3 +263,14 @@ def test_cli_writes_json_png_and_keeps_the_fragile_layer_fp16(tmp_path):
     assert rows[header + 1].split()[1] == "fragile" and "not measured" in res.output
     res2 = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")], catch_exceptions=False)
     assert res2.exit_code == 2 and "not empty" in res2.output  # refuses to overwrite without --force
+
+
+def test_fixed_fp16_layers_stay_fp16_and_count_toward_the_budget(state):
+    res = analyze(state, num_images=8, progress=False)
+    costs = layer_costs(state.model.fp32, next(state.data.batches(limit=1)), res.layers)
+    floor = res.int8_sqnr_db + 0.5 * (res.layers["fragile"].without_sqnr_db - res.int8_sqnr_db)
+    sel = choose_fp16_layers(res, costs, sqnr_floor_db=floor, fixed_fp16=["c1", "fragile"])
+    assert set(sel.fp16) == {"c1", "fragile"} and "caller" in sel.reasons["c1"]
+    assert sel.measured is None and sel.met is None  # nothing measured without a measure callable
+    with pytest.raises(Exception, match="not analysed layers"):
+        choose_fp16_layers(res, costs, sqnr_floor_db=floor, fixed_fp16=["nope"])
