@@ -21,7 +21,7 @@ def _figure(ncols: int, nrows: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.0 * ncols, 0.8 + 0.28 * nrows), dpi=100)
+    fig = Figure(figsize=(6.0 * ncols, max(2.8, 1.2 + 0.28 * nrows)), dpi=100)
     FigureCanvasAgg(fig)
     return fig
 
@@ -53,7 +53,7 @@ def sensitivity_bar_chart_bytes(result, top: int = 20) -> bytes:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)))
     axes[0].set_yticklabels(labels, fontsize=7)
-    axes[0].set_ylabel("layer (most damaging at top)")
+    axes[0].set_ylabel("layer (worst on top)")
     fig.suptitle(f"Per-layer INT8 sensitivity ({result.num_images} calibration images"
                  + (f", mAP on {result.num_eval_images} images)" if result.has_map else ")"), fontsize=10)
     fig.tight_layout()
