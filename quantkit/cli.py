@@ -70,7 +70,7 @@ Examples:
   quantkit export yolo_nas_s --weights ckpt.pth --calib images/ --out out/
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
   quantkit export --recipe recipes/yolo_nas_s.yaml --set calibration.method=mse --out out/
-  quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # CI gate
+  quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
 
 \b
 Security: --model FILE.py:FACTORY imports and runs FILE.py (your code, with your permissions).
@@ -94,7 +94,9 @@ Weights are loaded with torch.load(weights_only=True): files that need pickle co
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32.")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for mAP.")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
-@click.option("--max-drop", type=float, help="Gate: fail (exit 3) if INT8 loses more mAP50:95 points than this.")
+@click.option("--max-drop", type=float, help="Budget in mAP50:95 points: with --eval, layers are kept FP16 "
+              "automatically to stay within it (sensitivity.auto); exit 3 if the exported model still exceeds it.")
+@click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and plot.")
 @click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs.")
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
@@ -104,7 +106,7 @@ Weights are loaded with torch.load(weights_only=True): files that need pickle co
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("-v", "--verbose", is_flag=True)
 def export_cmd(model_arg, model_opt, weights, num_classes, calib, out_dir, recipe_path, overrides, method,
-               input_size, batch, eval_data, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, target, nms, force, verbose):
+               input_size, batch, eval_data, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, target, nms, sensitivity_flag, force, verbose):
     """Quantize MODEL to INT8 and write FP32 / INT8 Q/DQ ONNX, report and manifest into --out."""
     _setup_logging(verbose)
     run_guarded(_export, locals())
@@ -140,6 +142,8 @@ def _export(a: dict) -> None:
         sets.append("export.engine=true")
     if a["nms"]:
         sets.append("export.nms=true")
+    if a["sensitivity_flag"]:
+        sets.append("sensitivity.enabled=true")
     if a["target"]:
         sets.append(f"export.target={_yaml_str(a['target'])}")
     recipe = load_recipe(a["recipe_path"], [*a["overrides"], *sets])
@@ -179,4 +183,4 @@ def _models() -> None:
         click.echo(f"{e.name:<14} {e.description}")
 
 
-from quantkit import cli_more  # noqa: E402,F401  (registers the remaining sub-commands)
+from quantkit import cli_more, cli_sensitivity  # noqa: E402,F401  (register the remaining sub-commands)

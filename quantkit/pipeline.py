@@ -26,8 +26,8 @@ from quantkit.export.artifacts import StagedOutput, check_output_dir
 from quantkit.export.onnx_export import export_onnx
 from quantkit.export.passes import finalize_fp32, finalize_int8, qdq_summary
 from quantkit.recipe import Recipe, parse_batch
-from quantkit.stages import (PreparedModel, calibrate_cached, check_engine_possible, evaluate, prepare_model,
-                             prepare_module, write_target_files)
+from quantkit.stages import (PreparedModel, calibrate_cached, check_engine_possible, evaluate, latency_estimate,
+                             prepare_model, prepare_module, sensitivity_and_selection, write_target_files)
 
 log = logging.getLogger("quantkit")
 
@@ -49,6 +49,8 @@ class QuantState:
     cache_info: dict
     eval_path: str | None
     t0: float = field(default_factory=time.perf_counter)
+    selection_report: dict | None = None  # sensitivity analysis / automatic FP16 selection, when run
+    sensitivity: object = None  # SensitivityResult, when run
 
 
 @dataclass
@@ -154,6 +156,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
             int8_bytes=int8_bytes, qdq=qdq_summary(int8_onnx), fq_parity=fq_parity, fp32_parity=fp32_parity,
             int8_vs_fp32=int8_vs_fp32, targets=targets, metrics=metrics, seconds=time.perf_counter() - state.t0,
         )
+        add_selection_sections(stage, state, report)
         gate_failures = check_gates(recipe, report)
         report["gates"] = {"max_drop": recipe.gates.max_drop, "min_sqnr": recipe.gates.min_sqnr,
                            "failures": gate_failures, "passed": not gate_failures}
@@ -176,7 +179,26 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
     check_engine_possible(recipe)
     state = quantize_recipe(recipe, progress=progress)
+    state.selection_report = sensitivity_and_selection(state, progress=progress)
     return export_state(state, out_dir, force=force, progress=progress, command_line=command_line)
+
+
+def add_selection_sections(stage, state: QuantState, report: dict) -> None:
+    """Latency estimate, sensitivity/selection, the full-INT8 accuracy row and the sensitivity plot."""
+    report["latency_estimate"] = latency_estimate(state)
+    sel = state.selection_report
+    report["sensitivity"] = sel
+    if not sel:
+        return
+    from quantkit.report.plots import sensitivity_bar_chart_bytes
+
+    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.sensitivity))
+    report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
+    a = sel["analysis"]
+    ev = report.get("evaluation")
+    if ev and a.get("int8_map50_95") is not None:
+        ev["extra_rows"] = [{"label": "full INT8 before selection (torch fake-quant)",
+                             "map50_95": a["int8_map50_95"], "map50": a.get("int8_map50")}]
 
 
 def check_gates(recipe: Recipe, report: dict) -> list[str]:

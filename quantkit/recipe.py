@@ -126,13 +126,14 @@ class GateSpec:
 
 @dataclass(frozen=True)
 class SensitivitySpec:
-    """Per-layer sensitivity analysis. ``enabled``: run it inside export. ``num_images``: images of the
-    sensitivity subset. ``auto``: choose FP16 layers automatically under ``gates.max_drop``
-    (or ``sqnr_floor`` dB without labels)."""
+    """Per-layer sensitivity analysis. ``enabled``: run it inside export and add it to the report.
+    ``num_images``: calibration images for the SQNR sensitivities. ``auto`` (default true): when a budget is
+    set — ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
+    the measured result meets it, at the lowest estimated T4 latency; false: the budget only gates."""
 
     enabled: bool = False
     num_images: int = 16
-    auto: bool = False
+    auto: bool = True
     sqnr_floor: float | None = None
 
 

@@ -267,3 +267,67 @@ def evaluate(recipe: Recipe, eval_path: str | None, pp: Preprocess, model: Prepa
     res["drop_map50_95_points"] = round(100.0 * (base - res["int8_onnx"]["map50_95"]), 4)
     res["drop_map50_points"] = round(100.0 * (res["fp32_onnx"]["map50"] - res["int8_onnx"]["map50"]), 4)
     return res
+
+
+def example_batch(state) -> torch.Tensor:
+    """One input at the recipe's optimal batch size (for shape-based cost estimates)."""
+    from quantkit.recipe import parse_batch
+
+    x = next(state.data.batches(limit=1))[:1]
+    return x.expand(parse_batch(state.recipe.input.batch)[1], *x.shape[1:]).contiguous()
+
+
+def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
+    """Per-layer sensitivity (when asked) and automatic FP16 selection under the recipe's budget.
+
+    Runs when ``sensitivity.enabled`` or, with ``sensitivity.auto``, when a budget is set (``gates.max_drop``
+    with evaluation data, or ``sensitivity.sqnr_floor``). The chosen INT8 set replaces the recipe's selection
+    on ``state.model`` (quantizers toggled, layout updated). Returns the report section, or None.
+    """
+    from quantkit.eval.coco import CocoDataset
+    from quantkit.quant.insert import set_precision
+    from quantkit.sensitivity.analysis import Metric, analyze, make_measure
+    from quantkit.sensitivity.cost_model import layer_costs
+    from quantkit.sensitivity.select import choose_fp16_layers
+
+    recipe, s = state.recipe, state.recipe.sensitivity
+    drop, floor = recipe.gates.max_drop, s.sqnr_floor
+    auto = s.auto and ((drop is not None and state.eval_path) or floor is not None)
+    if not (s.enabled or auto):
+        return None
+    dataset = CocoDataset(state.eval_path) if state.eval_path else None
+    log.info("sensitivity analysis over %d layers", len(state.model.layout.layers))
+    result = analyze(state, num_images=s.num_images, dataset=dataset, progress=progress)
+    costs = layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
+    section = {"analysis": result.as_dict(), "selection": None,
+               "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
+    if auto:
+        fixed = [n for n in state.model.layout.layers if n not in state.model.layout.int8]
+        if drop is not None and dataset is not None:
+            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset)
+            sel = choose_fp16_layers(result, costs, max_drop_points=drop, measure=measure, fixed_fp16=fixed)
+        else:
+            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images)
+            sel = choose_fp16_layers(result, costs, sqnr_floor_db=floor, measure=measure, fixed_fp16=fixed)
+        set_precision(state.model.qmodel, set(sel.int8))
+        state.model.layout.int8 = [n for n in state.model.layout.layers if n in set(sel.int8)]
+        state.model.layout.reasons = dict(sel.reasons)
+        section["selection"] = sel.as_dict()
+        log.info("automatic selection: %d layer(s) kept FP16 (%s)", len(sel.fp16), ", ".join(sel.fp16) or "none")
+    state.sensitivity = result
+    return section
+
+
+def latency_estimate(state) -> dict:
+    """Estimated T4 latency (roofline model, not measured) of FP16, full INT8 and the exported selection."""
+    from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, estimate_latency_ms, layer_costs
+
+    costs = layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
+    layout = state.model.layout
+    ms = {"FP16 (no INT8)": estimate_latency_ms(costs, set()),
+          "full INT8": estimate_latency_ms(costs, set(layout.layers)),
+          "exported (hybrid)" if len(layout.int8) < len(layout.layers) else "exported": estimate_latency_ms(
+              costs, set(layout.int8))}
+    return {"ms": {k: round(v, 4) for k, v in ms.items()}, "batch": costs.batch, "label": ESTIMATE_LABEL,
+            "note": f"{ESTIMATE_LABEL}: per-layer FLOPs and bytes against T4 peaks (65 TFLOPS FP16, 130 TOPS INT8, "
+                    "320 GB/s); no fusion or kernel-efficiency modelling. Measure on a T4 with build_engine.sh."}

@@ -90,16 +90,36 @@ def intended_precisions(model: onnx.ModelProto, float_precision: str = "fp16") -
     return out
 
 
+def _weight_source(model: onnx.ModelProto, node: onnx.NodeProto) -> str | None:
+    """Initializer name behind a weighted node's weight input, looking through one DequantizeLinear."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    name = node.input[1] if len(node.input) > 1 else None
+    p = producers.get(name)
+    if p is not None and p.op_type == "DequantizeLinear":
+        name = p.input[0]
+    return name
+
+
 def onnx_nodes_for_modules(model: onnx.ModelProto, module_names: list[str]) -> dict[str, str]:
-    """Map torch module names ('backbone.stem.conv') to the ONNX node names torch's exporter gives their
-    weighted op ('/backbone/stem/conv/Conv'), e.g. for ``fp16_layers``. Raises UsageError for names that match
-    no node or several, so a typo never silently matches nothing.
+    """Map torch module names ('backbone.stem.conv') to the ONNX node names of their weighted op, e.g. for
+    ``fp16_layers``. The weight initializer is named after the parameter (``<module>.weight``, or
+    ``<module>.weight_int8`` once quantkit folds it to int8), which identifies the node whatever scope names
+    the exporter chose; the scope path ('/backbone/stem/conv/Conv') is the fallback. Raises UsageError for
+    names that match no node or several, so a typo never silently matches nothing.
     """
     nodes = [n for n in model.graph.node if n.op_type in WEIGHTED_OPS]
+    by_weight: dict[str, list[str]] = {}
+    for n in nodes:
+        src = _weight_source(model, n) or ""
+        src = src.removesuffix("_int8")
+        if src.endswith(".weight"):
+            by_weight.setdefault(src[: -len(".weight")], []).append(n.name)
     result, missing = {}, []
     for module in module_names:
-        prefix = "/" + module.replace(".", "/") + "/"
-        hits = [n.name for n in nodes if n.name.startswith(prefix) and "/" not in n.name[len(prefix):]]
+        hits = by_weight.get(module)
+        if not hits:
+            prefix = "/" + module.replace(".", "/") + "/"
+            hits = [n.name for n in nodes if n.name.startswith(prefix) and "/" not in n.name[len(prefix):]]
         if len(hits) != 1:
             missing.append(f"{module} ({len(hits)} matches)")
         else:

@@ -28,12 +28,14 @@ class QuantLayout:
     int8: module names whose quantizers are enabled.
     pattern_hits: pattern -> matched module names (for the report).
     notes: anything the insertion could not do (e.g. functional adds that could not be exposed).
+    reasons: module name -> why it has its precision (set by automatic selection).
     """
 
     layers: dict[str, str] = field(default_factory=dict)
     int8: list[str] = field(default_factory=list)
     pattern_hits: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def precision(self, name: str) -> str:
         return "int8" if name in self.int8 else "fp16"

@@ -27,6 +27,8 @@ def layer_table(model, chosen_amax: dict[str, float]) -> list[dict]:
         m = modules[name]
         row = {"name": name, "type": type_name, "precision": model.layout.precision(name),
                "input_amax": _r(chosen_amax.get(f"{name}._input_quantizer"))}
+        if name in model.layout.reasons:
+            row["why"] = model.layout.reasons[name]
         wq = getattr(m, "_weight_quantizer", None)
         if isinstance(wq, TensorQuantizer) and wq.amax is not None:
             row["weight_amax_min"] = _r(wq.amax.min().item())

@@ -38,10 +38,25 @@ def render_markdown(report: dict) -> str:
         lines += ["## Accuracy (held-out data)", "", f"Data: `{ev['data']}`", "",
                   "| model | mAP50:95 | mAP50 |", "|---|---|---|"]
         for key, label in (("fp32_torch", "FP32 torch"), ("fp32_onnx", "FP32 ONNX (onnxruntime)"),
-                           ("int8_onnx", "INT8 Q/DQ ONNX (onnxruntime)")):
+                           ("int8_onnx", "INT8 Q/DQ ONNX as exported (onnxruntime)")):
             lines.append(f"| {label} | {_fmt(ev[key]['map50_95'], 4)} | {_fmt(ev[key]['map50'], 4)} |")
+        for extra in ev.get("extra_rows", []):
+            lines.append(f"| {extra['label']} | {_fmt(extra['map50_95'], 4)} | {_fmt(extra['map50'], 4)} |")
         lines += ["", f"Drop FP32 -> INT8: **{_fmt(ev['drop_map50_95_points'], 2)} mAP50:95 points**, "
                       f"{_fmt(ev['drop_map50_points'], 2)} mAP50 points.", ""]
+    lat = report.get("latency_estimate")
+    if lat:
+        lines += ["## Estimated T4 latency (roofline estimate, NOT measured)", "", "| configuration | estimated ms |",
+                  "|---|---|"] + [f"| {k} | {_fmt(v, 3)} |" for k, v in lat["ms"].items()] + ["", f"_{lat['note']}_", ""]
+    sel = (report.get("sensitivity") or {}).get("selection")
+    if sel:
+        lines += ["## Automatic FP16 selection", "",
+                  f"Budget: {sel['budget']} ({sel['unit']}); measured: {sel['measured']} -> "
+                  f"{'met' if sel['met'] else 'NOT met'}. Kept FP16: "
+                  + (", ".join(f"`{n}`" for n in sel["fp16_layers"]) or "none") + ".", ""]
+        lines += [f"- `{n}`: {why}" for n, why in sel["reasons"].items() if n in sel["fp16_layers"]] + [""]
+    for plot in report.get("plots", []):
+        lines += [f"## {plot['title']}", "", f"![{plot['title']}]({plot['file']})", ""]
     sizes = report["onnx"]["sizes_bytes"]
     lines += ["## Artifacts", "", "| file | size |", "|---|---|"]
     lines += [f"| `{k}` | {_mib(v)} |" for k, v in sizes.items()]
@@ -49,11 +64,12 @@ def render_markdown(report: dict) -> str:
     gates = report.get("gates")
     if gates and (gates["max_drop"] is not None or gates["min_sqnr"] is not None):
         lines += ["## Gates", "", "PASSED" if gates["passed"] else "FAILED: " + "; ".join(gates["failures"]), ""]
-    lines += ["## Per-layer precision", "", "| layer | type | precision | input amax | weight amax (min..max) |",
-              "|---|---|---|---|---|"]
+    lines += ["## Per-layer precision", "", "| layer | type | precision | input amax | weight amax (min..max) | why |",
+              "|---|---|---|---|---|---|"]
     for r in report["layers"]:
         w = f"{_fmt(r.get('weight_amax_min'), 4)}..{_fmt(r.get('weight_amax_max'), 4)}" if "weight_amax_min" in r else ""
-        lines.append(f"| `{r['name']}` | {r['type']} | {r['precision']} | {_fmt(r['input_amax'], 4)} | {w} |")
+        lines.append(f"| `{r['name']}` | {r['type']} | {r['precision']} | {_fmt(r['input_amax'], 4)} | {w} | "
+                     f"{r.get('why', '')} |")
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lint = report.get("lint") or {}
