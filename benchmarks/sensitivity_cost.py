@@ -106,8 +106,9 @@ def sensitivity_cost(num_images: int, command: str) -> str:
         f"| naive analysis (2 full forwards per layer + 2), for comparison | {(2 * n + 2) / n:.2f} (derived) | |\n\n"
         f"All-INT8 worst-output SQNR on the subset: {result.int8_sqnr_db:.2f} dB; most damaging layer: "
         f"`{result.ranking()[0]}`.\n"
-        "The gap between the measured and ideal ratio is Python overhead of the call wrappers and the SQNR "
-        "accumulation on each configuration's outputs. The 2-core box is shared with other jobs, so wall seconds vary "
+        "The ideal ratio counts only conv/linear FLOPs; the measured one also holds what that count leaves out "
+        "(fake-quant ops and activations, skipped in a replayed prefix; call wrappers and SQNR accumulation, "
+        "added), so the two agree only roughly. The 2-core box is shared with other jobs, so wall seconds vary "
         "between runs; the CPU-time column is the steadier ratio.\n"
     )
     print(body)

@@ -14,7 +14,6 @@ from torch import nn
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
 from quantkit.eval.coco import CocoDataset
-from quantkit.eval.sqnr import sqnr_db
 from quantkit.models.ops import Add
 from quantkit.paths import BUNDLED_CALIBRATION, BUNDLED_EVAL
 from quantkit.pipeline import quantize_recipe
@@ -22,9 +21,9 @@ from quantkit.quant.insert import set_precision
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.recipe import load_recipe
 from quantkit.sensitivity import analysis
-from quantkit.sensitivity.analysis import Metric, Replayer, analyze, make_measure
+from quantkit.sensitivity.analysis import Metric, Replayer, analyze
 from quantkit.sensitivity.cost_model import layer_costs
-from quantkit.sensitivity.select import choose_fp16_layers
+from quantkit.sensitivity.select import choose_fp16_layers, make_measure
 from quantkit.utils.atomic import dumps_json
 
 
