@@ -57,9 +57,9 @@ def _sensitivity(a: dict) -> None:
     from quantkit.pipeline import quantize_recipe
     from quantkit.recipe import load_recipe, parse_batch
     from quantkit.report.plots import sensitivity_bar_chart_bytes
-    from quantkit.sensitivity.analysis import Metric, analyze
+    from quantkit.sensitivity.analysis import Metric, analyze, make_measure
     from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, layer_costs
-    from quantkit.sensitivity.select import choose_fp16_layers, make_measure
+    from quantkit.sensitivity.select import choose_fp16_layers
 
     if a["model_arg"] and a["model_opt"] and a["model_arg"] != a["model_opt"]:
         raise UsageError("give the model either as MODEL or as --model, not both")

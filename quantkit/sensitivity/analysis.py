@@ -21,6 +21,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Callable
 
 import numpy as np
 import torch
@@ -413,3 +414,49 @@ def _maps(dets: dict, dataset) -> dict:
     from quantkit.eval.detection import coco_map
 
     return {k: coco_map(dataset, v["dets"], num_classes=v["classes"]).map50_95 for k, v in dets.items()}
+
+
+# ---- measuring one configuration (the verification step) ----------------------------------------------
+
+
+def make_measure(state, metric: Metric, *, num_images: int = 16, dataset=None) -> Callable[[set[str]], float]:
+    """A callable ``measure(int8_layers) -> value`` for :func:`quantkit.sensitivity.select.choose_fp16_layers`.
+
+    Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.
+    Metric.MAP_DROP_POINTS: FP32 minus INT8 mAP50:95 on ``dataset``, in points (needs ``dataset``).
+    Each call sets the precision, measures, and restores the qmodel's previous precision.
+    """
+    from quantkit.eval.detection import evaluate_detection, torch_predictor
+
+    qmodel = state.model.qmodel
+    if metric is Metric.MAP_DROP_POINTS:
+        if dataset is None:
+            raise UsageError("an mAP budget needs evaluation data: pass --eval DATA (or use an SQNR floor)")
+        ev = state.recipe.evaluation
+        kw = dict(conf=ev.conf, iou=ev.iou, progress=False)
+        base = evaluate_detection(torch_predictor(state.model.fp32), dataset, state.pp, **kw).map50_95
+
+        def run(int8: set[str]) -> float:
+            return 100.0 * (base - evaluate_detection(torch_predictor(qmodel), dataset, state.pp, **kw).map50_95)
+    else:
+        batches = list(state.data.batches(limit=num_images))
+        with torch.no_grad():
+            refs = [state.model.fp32(b) for b in batches]
+
+        def run(int8: set[str]) -> float:
+            acc = SqnrAccumulator()
+            with torch.no_grad():
+                for b, r in zip(batches, refs):
+                    acc.update(r, qmodel(b))
+            return _worst_db(acc)
+
+    def measure(int8_layers) -> float:
+        saved = _quantizer_flags(qmodel)
+        try:
+            set_precision(qmodel, set(int8_layers))
+            return run(set(int8_layers))
+        finally:
+            for q, disabled in saved:
+                q._disabled = disabled
+
+    return measure

@@ -16,12 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from quantkit.errors import UsageError
-from quantkit.eval.sqnr import SqnrAccumulator
-from quantkit.quant.insert import set_precision
-from quantkit.sensitivity.analysis import Metric, SensitivityResult, _quantizer_flags, _r, _worst_db
+from quantkit.sensitivity.analysis import Metric, SensitivityResult, _r
 from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, CostTable, estimate_latency_ms
 
 _TINY_MS = 1e-9  # a layer with no estimated cost is free to keep in FP16
@@ -108,7 +104,7 @@ def choose_fp16_layers(result: SensitivityResult, costs: CostTable, *, max_drop_
 
     Give exactly one budget: ``max_drop_points`` (mAP50:95 points; needs a result with mAP) or
     ``sqnr_floor_db`` (output SQNR in dB). ``measure(int8_layers)`` returns the metric of a configuration
-    (see :func:`make_measure`); without it the selection is only predicted.
+    (see ``quantkit.sensitivity.analysis.make_measure``); without it the selection is only predicted.
     ``fixed_fp16``: layers that stay FP16 whatever the budget (e.g. the recipe's ``quantization.skip``).
     """
     if (max_drop_points is None) == (sqnr_floor_db is None):
@@ -178,49 +174,3 @@ def _reason(result: SensitivityResult, metric: Metric, name: str, gain: float, e
     else:
         what = f"recovers {s.recovery_sqnr_db:.2f} dB of output SQNR"
     return f"{what}, costs {extra_ms:.4f} ms (estimated)"
-
-
-# ---- measuring one configuration (the verification step) ----------------------------------------------
-
-
-def make_measure(state, metric: Metric, *, num_images: int = 16, dataset=None) -> Callable[[set[str]], float]:
-    """A callable ``measure(int8_layers) -> value`` for :func:`choose_fp16_layers`.
-
-    Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.
-    Metric.MAP_DROP_POINTS: FP32 minus INT8 mAP50:95 on ``dataset``, in points (needs ``dataset``).
-    Each call sets the precision, measures, and restores the qmodel's previous precision.
-    """
-    from quantkit.eval.detection import evaluate_detection, torch_predictor
-
-    qmodel = state.model.qmodel
-    if metric is Metric.MAP_DROP_POINTS:
-        if dataset is None:
-            raise UsageError("an mAP budget needs evaluation data: pass --eval DATA (or use an SQNR floor)")
-        ev = state.recipe.evaluation
-        kw = dict(conf=ev.conf, iou=ev.iou, progress=False)
-        base = evaluate_detection(torch_predictor(state.model.fp32), dataset, state.pp, **kw).map50_95
-
-        def run(int8: set[str]) -> float:
-            return 100.0 * (base - evaluate_detection(torch_predictor(qmodel), dataset, state.pp, **kw).map50_95)
-    else:
-        batches = list(state.data.batches(limit=num_images))
-        with torch.no_grad():
-            refs = [state.model.fp32(b) for b in batches]
-
-        def run(int8: set[str]) -> float:
-            acc = SqnrAccumulator()
-            with torch.no_grad():
-                for b, r in zip(batches, refs):
-                    acc.update(r, qmodel(b))
-            return _worst_db(acc)
-
-    def measure(int8_layers) -> float:
-        saved = _quantizer_flags(qmodel)
-        try:
-            set_precision(qmodel, set(int8_layers))
-            return run(set(int8_layers))
-        finally:
-            for q, disabled in saved:
-                q._disabled = disabled
-
-    return measure
