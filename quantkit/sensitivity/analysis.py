@@ -95,8 +95,12 @@ class Replayer:
         self._stack: list = []
         for name, m in model.named_modules():
             if name and not isinstance(m, TensorQuantizer):
-                self._patched.append((m, m.__dict__.get("forward")))
-                m.forward = self._wrap(id(m), m.forward)
+                old = m.__dict__.get("forward")
+                try:
+                    m.forward = self._wrap(id(m), m.forward)
+                except (AttributeError, RuntimeError, TypeError):  # e.g. TorchScript modules: they just run
+                    continue
+                self._patched.append((m, old))
 
     def close(self) -> None:
         for m, old in self._patched:
@@ -290,8 +294,9 @@ def analyze(state, *, num_images: int = 16, dataset=None, progress: bool = True,
     """Measure every quantizable layer's damage and recovery (see the module docstring).
 
     state: a ``QuantState`` from ``quantize_recipe`` (calibrated). num_images: calibration inputs for SQNR.
-    dataset: a small ``CocoDataset`` for mAP50:95 (None: SQNR only). chunk_size: images per replay chunk
-    (bounds the memory of the recorded activations). The qmodel's precision is restored in ``finally``.
+    dataset: a small ``CocoDataset`` for mAP50:95 (None: SQNR only). chunk_size: images per replay chunk;
+    memory ~ chunk_size x the activations a record keeps (YOLO-NAS S at 640x640: ~220 MB per image).
+    The qmodel's precision (every quantizer's enable flag) is restored in ``finally``.
     """
     import time
 
