@@ -129,7 +129,8 @@ def format_table(result, costs, top: int) -> str:
     lines = [head]
     for i, n in enumerate(result.ranking()[:top], 1):
         s = result.layers[n]
-        row = f"{i:>3}  {n[-48:]:<48} {s.type:<16} {_fmt(s.damage_sqnr_db):>8} {_fmt(s.recovery_sqnr_db):>7}"
+        label = n if len(n) <= 48 else "…" + n[-47:]
+        row = f"{i:>3}  {label:<48} {s.type:<16} {_fmt(s.damage_sqnr_db):>8} {_fmt(s.recovery_sqnr_db):>7}"
         if result.has_map:
             row += f" {_fmt(s.damage_map_points, 3):>8} {_fmt(s.recovery_map_points, 3):>8}"
         extra = costs.layers[n].fp16_extra_ms(costs.spec) if n in costs.layers else None
