@@ -234,6 +234,12 @@ def test_map_sensitivities_match_evaluate_detection(tmp_path):
         assert s.recovery_map_points == pytest.approx(res.int8_drop_points - measure(set(res.layers) - {n}),
                                                       abs=1e-6), n
     assert math.isfinite(res.as_dict()["int8_drop_points"])
+    costs = layer_costs(st.model.fp32, next(st.data.batches(limit=1))[:1], res.layers)
+    budget = res.int8_drop_points / 2
+    sel = choose_fp16_layers(res, costs, max_drop_points=budget, measure=measure)
+    assert sel.met and sel.measured <= budget and sel.fp16
+    assert sel.measured == pytest.approx(measure(set(sel.int8)), abs=1e-9)
+    assert "mAP points" in next(iter(sel.reasons.values()))
 
 
 def test_cli_writes_json_png_and_keeps_the_fragile_layer_fp16(tmp_path):
