@@ -44,6 +44,7 @@ def build_report(*, recipe, model_info, model, data, pp, settings, calib: Calibr
     sizes = {"model.onnx": len(fp32_bytes), "model.int8.onnx": len(int8_bytes)}
     if targets.get("strong"):
         sizes["model.int8.strong.onnx"] = targets["strong"]["size_bytes"]
+    model_info = {**model_info, "int8_layers": len(model.layout.int8), "quantizable_layers": len(model.layout.layers)}
     report = {
         "quantkit_version": __version__,
         "model": model_info,
