@@ -158,16 +158,20 @@ def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: o
         strong = to_strongly_typed(int8_onnx)
         strong_bytes = strong.SerializeToString()
         threads = 1 if recipe.calibration.deterministic else None
-        sp = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(parity.session(strong_bytes, threads)),
-                            batches, names)
-        # FP16 activations cost SQNR on their own (~60-70 dB on FP16-friendly nets); 30 dB still means
-        # "same model", while a broken conversion lands far below it.
-        if not sp.worst >= 30.0:
-            raise ExportError(f"model.int8.strong.onnx disagrees with the torch fake-quant model: worst SQNR "
-                              f"{sp.worst:.1f} dB < 30 dB. Nothing was written")
+        sess = parity.session(strong_bytes, threads)
+        sp = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(sess), batches, names)
+        s_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(sess), batches, names)
+        t_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.torch_fn(model.qmodel), batches, names)
+        # FP16 activations add their own rounding on top of INT8's: judge the strong graph by how far it is
+        # from FP32 compared with the fake-quant model, not by bit-level agreement with it.
+        worse = max(t_fp32.per_output[n] - s_fp32.per_output[n] for n in names)
+        if worse > 3.0:
+            raise ExportError(f"model.int8.strong.onnx is {worse:.1f} dB further from FP32 than the fake-quant model "
+                              f"({s_fp32.per_output} vs {t_fp32.per_output}). Nothing was written")
         stage.write_bytes("model.int8.strong.onnx", strong_bytes)
         out["lint"]["model.int8.strong.onnx"] = [f.as_dict() for f in lint(strong, strong=True)]
-        out["strong"] = {"parity_vs_fakequant": sp.as_dict(), "size_bytes": len(strong_bytes)}
+        out["strong"] = {"parity_vs_fakequant": sp.as_dict(), "vs_fp32": s_fp32.as_dict(),
+                         "size_bytes": len(strong_bytes)}
     errors = [f for v in out["lint"].values() for f in v if f["severity"] == "error"]
     if errors:
         raise ExportError("Q/DQ lint found errors in quantkit's own export (please report): "

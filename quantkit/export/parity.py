@@ -15,10 +15,18 @@ from torch import nn
 from quantkit.eval.sqnr import sqnr_db
 
 
-def session(model: onnx.ModelProto | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session with graph optimizations that keep Q/DQ semantics."""
+def session(model: onnx.ModelProto | bytes, threads: int | None = None, *, literal: bool = True
+            ) -> ort.InferenceSession:
+    """A CPU onnxruntime session.
+
+    ``literal`` (default): graph optimizations off, so the ops run as written (DequantizeLinear, then a float
+    Conv) — the graph's meaning, which is what parity checks. With optimizations on, onnxruntime fuses Q/DQ
+    into integer kernels that requantize with their own rounding (closer to a deployment runtime).
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if literal:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     data = model if isinstance(model, bytes) else model.SerializeToString()
