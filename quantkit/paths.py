@@ -19,3 +19,13 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "quantkit"
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` for reports: relative (POSIX) when inside the quantkit source tree, so the bundled data reads
+    ``calibration/trees`` wherever the repository is checked out; otherwise as given."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)

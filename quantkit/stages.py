@@ -262,7 +262,7 @@ def evaluate(recipe: Recipe, eval_path: str | None, pp: Preprocess, model: Prepa
     kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
     log.info("evaluating on %s", eval_path)
     res = {
-        "data": str(eval_path),
+        "data": paths.display_path(eval_path),
         "fp32_torch": evaluate_detection(torch_predictor(model.fp32), ds, pp, **kw).as_dict(),
         "fp32_onnx": evaluate_detection(onnx_predictor(fp32_bytes, intra_op_threads=threads), ds, pp, **kw).as_dict(),
         "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, pp, **kw).as_dict(),

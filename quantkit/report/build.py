@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from quantkit import __version__
+from quantkit.paths import display_path
 from quantkit.calibrate.driver import CalibrationResult, method_key
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 
@@ -51,7 +52,7 @@ def build_report(*, recipe, model_info, model, data, pp, settings, calib: Calibr
         "input": {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": pp.as_dict()},
         "calibration": {
             "method": method_key(settings),
-            "data": str(data.source),
+            "data": display_path(data.source),
             "kind": data.kind,
             "num_samples": calib.num_samples,
             "data_fingerprint": data.fingerprint(),
