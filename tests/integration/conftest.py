@@ -39,6 +39,24 @@ NET_PY = textwrap.dedent('''
 
     def build(num_classes=5):
         return Net(num_classes)
+
+    class Dead(Net):
+        """A layer whose input is always zero: its calibrated amax is 0."""
+
+        def forward(self, x):
+            return super().forward(x * 0.0)
+
+    class Blowup(Net):
+        """Activations overflow to inf."""
+
+        def forward(self, x):
+            return super().forward(x * 1e38 * 1e38)
+
+    def build_dead(num_classes=5):
+        return Dead(num_classes)
+
+    def build_blowup(num_classes=5):
+        return Blowup(num_classes)
 ''')
 
 

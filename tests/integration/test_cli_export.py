@@ -110,7 +110,8 @@ def test_non_empty_output_needs_force(user_model, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "bad_factory", "missing_calib", "weights_mismatch",
-                                  "pickle_weights", "unknown_recipe_key", "bad_skip", "engine_without_trt"])
+                                  "pickle_weights", "unknown_recipe_key", "bad_skip", "engine_without_trt",
+                                  "zero_amax", "inf_activations", "wrong_input_size"])
 def test_bad_inputs_exit_2_and_write_nothing(user_model, tmp_path, case):
     out = tmp_path / "out"
     m = dict(user_model)
@@ -118,7 +119,8 @@ def test_bad_inputs_exit_2_and_write_nothing(user_model, tmp_path, case):
     expect = {"unknown_model": "unknown model", "bad_factory": "nope", "missing_calib": "does not exist",
               "weights_mismatch": "missing", "pickle_weights": "refuses for safety",
               "unknown_recipe_key": "valid keys", "bad_skip": "matches no quantizable layer",
-              "engine_without_trt": "tensorrt"}[case]
+              "engine_without_trt": "tensorrt", "zero_amax": "calibrated amax is 0",
+              "inf_activations": "nan or inf", "wrong_input_size": "rejects"}[case]
     if case == "unknown_model":
         m["spec"] = "yolo_nas_xs"
     elif case == "bad_factory":
@@ -135,6 +137,15 @@ def test_bad_inputs_exit_2_and_write_nothing(user_model, tmp_path, case):
         extra = ["--set", "calibration.methd=max"]
     elif case == "bad_skip":
         extra = ["--skip", "stemm.*"]
+    elif case == "zero_amax":
+        m["spec"] = m["spec"].replace(":build", ":build_dead")
+    elif case == "inf_activations":
+        m["spec"] = m["spec"].replace(":build", ":build_blowup")
+    elif case == "wrong_input_size":
+        import numpy as np
+
+        np.save(tmp_path / "gray.npy", np.zeros((2, 1, 64, 64), np.float32))  # 1 channel for an RGB model
+        m["npy"] = str(tmp_path / "gray.npy")
     elif case == "engine_without_trt":
         pytest.importorskip("pytest")
         try:

@@ -1,0 +1,95 @@
+"""`quantkit export` with no arguments: the bundled tree detector on the bundled real images.
+
+Checks what `make demo` promises (artifacts, parity, lint, held-out mAP), determinism (second run from the
+cache is byte-identical), interruption (SIGINT leaves the previous output), and the --max-drop budget.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import main
+from quantkit.paths import BUNDLED_EVAL, ROOT
+
+pytestmark = pytest.mark.skipif(not (ROOT / "quantkit" / "assets" / "tree_detector.pt").is_file(),
+                                reason="bundled weights missing: run python benchmarks/train_trees.py")
+
+DETERMINISTIC = ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx", "calibration.json", "report.json",
+                 "report.md", "build_engine.sh", "recipe.resolved.yaml")
+
+
+def run(*args):
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundled") / "out"
+    code, text = run("export", "--out", str(out))
+    assert code == 0, text
+    return out, text
+
+
+def test_default_export_meets_issue_targets(demo):
+    out, text = demo
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["name"] == "trees" and report["calibration"]["data"] == "calibration/trees"
+    assert report["onnx"]["int8_size_ratio"] <= 0.30
+    assert report["onnx"]["qdq"]["int8_initializers"] >= report["model"]["quantizable_layers"] // 2
+    assert report["parity"]["int8_onnx_vs_torch_fakequant"]["per_output_db"]["boxes"] >= 40
+    assert all(not f for f in report["lint"].values()), report["lint"]
+    ev = report["evaluation"]
+    assert ev["data"] == "evaldata/trees_holdout" and ev["fp32_onnx"]["num_images"] == 16
+    assert abs(ev["fp32_torch"]["map50_95"] - ev["fp32_onnx"]["map50_95"]) < 1e-3  # same decode + NMS
+    assert "held-out mAP50:95" in text and "INT8 vs FP32 output SQNR" in text
+    assert run("verify", str(out))[0] == 0
+
+
+def test_second_run_is_a_cache_hit_and_byte_identical(demo, tmp_path):
+    out, _ = demo
+    code, text = run("export", "--out", str(tmp_path / "again"))
+    assert code == 0 and "cache hit" in text
+    for name in DETERMINISTIC:
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+def test_sigint_during_export_keeps_previous_output(demo, tmp_path):
+    out, _ = demo
+    target = tmp_path / "prev"
+    shutil.copytree(out, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    cmd = [sys.executable, "-m", "quantkit", "export", "--out", str(target), "--force", "--no-cache"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if not line or "exporting ONNX" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, seen + rest
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prev.")]
+
+
+def test_max_drop_budget_is_met_as_measured(tmp_path):
+    out = tmp_path / "budget"
+    code, text = run("export", "--max-drop", "0.3", "--eval", str(BUNDLED_EVAL), "--out", str(out))
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["drop_map50_95_points"] <= 0.3
+    assert report["gates"]["passed"] and report["sensitivity"]["selection"]["met"]
+    assert (out / "sensitivity.png").is_file()
+    fp16 = [r for r in report["layers"] if r["precision"] == "fp16"]
+    assert all(r.get("why") for r in fp16)
