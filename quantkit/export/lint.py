@@ -285,7 +285,8 @@ def _rule_weight_axis(index: GraphIndex, strong: bool) -> Iterator[Finding]:
         if index.producer.get(node.input[1]) is not dq:
             continue  # reshaped/transposed weight: axis mapping not checked
         want = _weight_out_axis(node, weight.ndim)
-        if scale.size == 1:
+        one_channel = scale.ndim == 1 and weight.shape[want] == 1  # per-channel with a single output channel
+        if scale.size == 1 and not one_channel:
             yield Finding("weight-per-channel", Severity.WARNING, node_label(dq),
                           f"weight of {node.op_type} '{node_label(node)}' is quantized per-tensor",
                           f"quantize weights per output channel (axis {want})")

@@ -253,3 +253,24 @@ def test_torch_legacy_export_of_fake_quant_modules():
     assert lint(clean) == []
     found = lint(bad)
     assert [f.rule for f in found] == ["float-head"] and "Sigmoid" in found[0].message
+
+
+def test_single_output_channel_per_channel_weight_is_not_flagged():
+    """A 1-class head conv has one output channel: a [1]-shaped scale on axis 0 is per-channel, not per-tensor."""
+    import torch
+    from torch import nn
+
+    from quantkit.calibrate.driver import apply_calibration, run_calibration
+    from quantkit.calibrate.methods import MethodSettings
+    from quantkit.export.lint import lint
+    from quantkit.export.onnx_export import export_onnx
+    from quantkit.export.passes import finalize_int8
+    from quantkit.quant.insert import insert_quantizers
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 1)).eval()
+    q, _ = insert_quantizers(model)
+    st = MethodSettings(method="max")
+    batches = [torch.rand(2, 3, 8, 8)]
+    apply_calibration(q, run_calibration(q, batches, st, progress=False), st)
+    findings = lint(finalize_int8(export_onnx(q, batches[0][:1])))
+    assert not [f for f in findings if f.rule == "weight-per-channel"], findings
