@@ -23,7 +23,7 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	touch $@
 
 demo: $(VENV)/.demo
-	$(VENV)/bin/quantkit export --out out/demo --force
+	$(VENV)/bin/quantkit export --recipe recipes/trees.yaml --out out/demo --force
 
 test: $(VENV)/.dev
 	$(VENV)/bin/pytest -q tests

@@ -334,4 +334,4 @@ def latency_estimate(state) -> dict:
               costs, set(layout.int8))}
     return {"ms": {k: round(v, 4) for k, v in ms.items()}, "batch": costs.batch, "label": ESTIMATE_LABEL,
             "note": f"{ESTIMATE_LABEL}: per-layer FLOPs and bytes against T4 peaks (65 TFLOPS FP16, 130 TOPS INT8, "
-                    "320 GB/s); no fusion or kernel-efficiency modelling. Measure on a T4 with build_engine.sh."}
+                    "320 GB/s) with one fitted efficiency factor; no fusion modelling. Measure on a T4 with build_engine.sh."}
