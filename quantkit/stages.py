@@ -95,11 +95,34 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def code_digest(model: nn.Module) -> str:
+    """sha256 over the module tree (repr) and the forward source of every module class in it.
+
+    Weights alone do not determine activations: two models with the same parameters but different forward
+    code (a user's edit to their model file) must not share a calibration.
+    """
+    import inspect
+
+    h = hashlib.sha256(repr(model).encode())
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        code = getattr(cls, "code", None) if isinstance(getattr(cls, "code", None), str) else None
+        try:
+            code = code or inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            code = ""
+        h.update(code.encode())
+    if hasattr(model, "code") and isinstance(model.code, str):  # torch.fx GraphModule: generated forward
+        h.update(model.code.encode())
+    return h.hexdigest()
+
+
 def calibration_key_components(model: PreparedModel, data: CalibrationData, settings: MethodSettings) -> dict:
     """Everything that determines the calibration histograms (and hence every method's amax)."""
     layout = [n for n, m in model.qmodel.named_modules() if isinstance(m, TensorQuantizer) and not m.is_per_channel]
     return {
         "weights": weights_digest(model.fp32),
+        "model_code": code_digest(model.fp32),
         "quantizer_layout": json.dumps(layout),
         "data": data.fingerprint(),
         "preprocess": json.dumps(data.preprocess.as_dict() if data.preprocess else None, sort_keys=True),
@@ -123,12 +146,10 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, settings: Meth
         cache = CalibrationCache(path)
         info["path"] = str(path)
         payload = cache.load(key, components)
-        if payload is not None:
+        if payload is not None:  # the cache logs the hit, or the reason for a miss
             info["hit"] = True
-            log.info("calibration cache hit (%s)", path)
             return CalibrationResult.from_dict(payload), info
         info["reason"] = getattr(cache, "last_reason", None)
-        log.info("calibration cache miss%s", f": {info['reason']}" if info["reason"] else "")
     log.info("calibrating on %d inputs from %s", data.num_samples, data.source)
     result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress,
                              threads=1 if recipe.calibration.deterministic else None)
