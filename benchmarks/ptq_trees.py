@@ -42,7 +42,7 @@ SECTION = "ptq-trees"
 COMMAND = "python benchmarks/ptq_trees.py"
 
 METHODS = ("max", "percentile", "entropy", "mse")
-HEAD_PREDS = ("heads.*.cls_pred", "heads.*.reg_pred")  # recipes/trees.yaml's skip list
+HEAD_PREDS = ("heads.*.cls_pred", "heads.*.reg_pred")  # the prediction convs (YOLO-NAS skip list)
 HYBRIDS = {  # label -> module globs kept out of INT8 (FP16 on the T4)
     "hybrid-preds": HEAD_PREDS,
     "hybrid-preds+stem": (*HEAD_PREDS, "backbone.stem.*"),
@@ -50,7 +50,7 @@ HYBRIDS = {  # label -> module globs kept out of INT8 (FP16 on the T4)
     "hybrid-heads": ("heads.*",),
 }
 ORT_BINS = 2048
-DEFAULT_PARITY_DB = 35.0  # quantkit's export.parity_min_sqnr default
+DEFAULT_PARITY_DB = 30.0  # quantkit's export.parity_min_sqnr default
 RELAXED_PARITY_DB = 15.0
 MODELOPT_TIMEOUT_S = 1200
 TARGET_DROP = 0.3  # issue target: quantkit hybrid loses <= 0.3 mAP50:95 points
@@ -147,7 +147,7 @@ def _export(ctx: Context, g: Graph, out: Path, method: str, skip: tuple[str, ...
     from quantkit.pipeline import export_state, quantize_recipe
 
     t = time.perf_counter()
-    # The export's own parity gate (torch fake-quant vs onnxruntime, 35 dB) is relaxed here so a graph that
+    # The export's own parity gate (torch fake-quant vs onnxruntime, 30 dB) is relaxed here so a graph that
     # misses it is still scored; the note says when that happened.
     recipe = ctx.recipe([f"calibration.method={method}", f"quantization.skip={json.dumps(list(skip))}",
                          f"export.parity_min_sqnr={RELAXED_PARITY_DB}"])
@@ -442,9 +442,9 @@ def verdict(graphs: list[Graph]) -> str:
     recipe_h = next((g for g in hybrids if g.label.startswith("quantkit hybrid-preds (")), None)
     if recipe_h is not None:
         lines.append(f"Selection caveat: the method and the hybrid variant are picked on these same held-out tiles "
-                     f"(best of {len(METHODS)} methods, then best of {len(hybrids)} skip lists). The recipe's own "
-                     f"hybrid (`recipes/trees.yaml`, prediction convs only) is the unselected number, "
-                     f"{drop[recipe_h.label]:+.2f} pt. " + _target("Recipe hybrid", drop[recipe_h.label], best_peer, pd))
+                     f"(best of {len(METHODS)} methods, then best of {len(hybrids)} skip lists; `recipes/trees.yaml` now "
+                     f"ships that selection). The unselected baseline hybrid (prediction convs only) loses "
+                     f"{drop[recipe_h.label]:+.2f} pt. " + _target("Unselected hybrid", drop[recipe_h.label], best_peer, pd))
     ort = {g.label: g for g in peers if g.family == "onnxruntime"}
     if "ORT pc-entropy" in ort and "ORT pc-entropy-headfp32" in ort:
         lines.append(f"onnxruntime with the detection head in INT8 loses {drop['ORT pc-entropy']:+.2f} pt (pc-entropy); "
