@@ -177,10 +177,16 @@ def models_cmd():
 
 
 def _models() -> None:
-    from quantkit.models.registry import list_models
+    from quantkit.models.loading import build_model
+    from quantkit.models.registry import count_parameters, list_models
 
+    click.echo(f"{'name':<12} {'parameters':>12}  {'input':>9}  description")
     for e in list_models():
-        click.echo(f"{e.name:<14} {e.description}")
+        try:  # exact counts, from the built module (raw, as super-gradients counts them)
+            count = f"{count_parameters(build_model(e.name)[0]):,}"
+        except Exception as exc:  # noqa: BLE001 - a missing asset must not hide the other models
+            count = f"n/a ({type(exc).__name__})"
+        click.echo(f"{e.name:<12} {count:>12}  {e.input_size[0]}x{e.input_size[1]:<5}  {e.description}")
 
 
 from quantkit import cli_more, cli_sensitivity  # noqa: E402,F401  (register the remaining sub-commands)

@@ -301,3 +301,11 @@ def test_auto_selection_under_sqnr_floor_is_verified_in_onnxruntime(user_model, 
     assert "Estimated T4 latency" in (out / "report.md").read_text()
     lat = report["latency_estimate"]["ms"]
     assert lat["full INT8"] <= lat["exported (hybrid)"] <= lat["FP16 (no INT8)"]
+
+
+def test_models_lists_exact_super_gradients_counts():
+    code, text = run("models")
+    assert code == 0
+    for name, count in (("yolo_nas_s", "19,053,888"), ("yolo_nas_m", "51,182,658"), ("yolo_nas_l", "66,976,392")):
+        line = next(ln for ln in text.splitlines() if ln.startswith(name))
+        assert count in line, line
