@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from quantkit.cli import EXIT_CHECK, _setup_logging, main, run_guarded
+from quantkit.cli import EXIT_CHECK, main, run_guarded
 
 
 @main.command("verify")
@@ -121,33 +121,18 @@ def build_cmd(onnx_path, target, batch, out_dir, timing_cache):
     def _run():
         from pathlib import Path
 
-        import onnx
-
-        from quantkit.engine.builder import build_engine, cuda_device, import_tensorrt
-        from quantkit.engine.config import check_target, plan_build
-        from quantkit.engine.dispatch import is_strong_graph
-        from quantkit.engine.inspect import compare_precisions, engine_layers, intended_precisions
+        from quantkit.engine.builder import cuda_device
+        from quantkit.engine.local import build_and_inspect, installed_trt_version
         from quantkit.errors import UsageError
-        from quantkit.utils.atomic import atomic_write_json
 
         p = Path(onnx_path)
         if not p.is_file():
             raise UsageError(f"{p} does not exist: pass an ONNX written by `quantkit export`")
-        trt = import_tensorrt()
-        name, cc = cuda_device()
-        check_target(target, cc, name)
-        model = onnx.load(p)
-        inp = model.graph.input[0]
-        strong = is_strong_graph(model)
-        chw = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim[1:])
-        plan = plan_build(trt.__version__.split("+")[0], onnx_is_strong=strong, target=target, batch=batch, chw=chw,
-                          input_name=inp.name)
-        folder = Path(out_dir) if out_dir else p.parent
-        engine = build_engine(p, plan, folder, timing_cache)
-        layers = engine_layers(engine.read_bytes())
-        atomic_write_json(folder / "engine.layers.json", layers)
-        problems = compare_precisions(layers, intended_precisions(model))
-        click.echo(f"engine: {engine} ({plan.typing.value} typing, TensorRT {trt.__version__}, GPU {name})")
-        for pr in problems:
+        installed_trt_version()  # fail with the install hint before anything else
+        name, _ = cuda_device()  # the build itself refuses a GPU that does not match --target
+        info = build_and_inspect(p, Path(out_dir) if out_dir else p.parent, target=target, batch=batch,
+                                 timing_cache=timing_cache)
+        click.echo(f"engine: {info['engine']} ({info['typing']} typing, TensorRT {info['tensorrt']}, GPU {name})")
+        for pr in info["precision_mismatches"]:
             click.secho(f"precision: {pr}", fg="yellow", err=True)
     run_guarded(_run)

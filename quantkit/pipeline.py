@@ -51,6 +51,7 @@ class QuantState:
     t0: float = field(default_factory=time.perf_counter)
     selection_report: dict | None = None  # sensitivity analysis / automatic FP16 selection, when run
     sensitivity: object = None  # SensitivityResult, when run
+    costs: object = None  # the T4 cost table (CostTable), once computed
 
 
 @dataclass
@@ -129,20 +130,16 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         names = [o.name for o in int8_onnx.graph.output]
         threads = 1 if recipe.calibration.deterministic else None  # measured figures independent of core count
         with fixed_threads(threads):
-            int8_sess = parity.session(int8_bytes, threads)
-            fq_parity = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(int8_sess), batches, names)
-            fp32_parity = parity.compare(parity.torch_fn(model.fp32),
-                                         parity.onnx_fn(parity.session(fp32_bytes, threads)), batches, names)
-            int8_vs_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(int8_sess), batches, names)
-            torch_q = parity.compare(parity.torch_fn(model.fp32), parity.torch_fn(model.qmodel), batches, names)
-        check_parity(fq_parity, int8_vs_fp32, torch_q, recipe.export.parity_min_sqnr)
+            refs = parity.References.of(model.fp32, model.qmodel, batches, names)
+            fq_parity, int8_vs_fp32 = refs.check(parity.session(int8_bytes, threads))
+            _, fp32_parity = refs.check(parity.session(fp32_bytes, threads))
+        check_parity(fq_parity, int8_vs_fp32, refs.quantization(), recipe.export.parity_min_sqnr)
         stage.write_bytes("model.onnx", fp32_bytes)
         stage.write_bytes("model.int8.onnx", int8_bytes)
         with fixed_threads(threads):
-            targets = write_target_files(stage, recipe, model, int8_onnx, batches, names, (bmin, bopt, bmax),
-                                         state.pp)
-            metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, targets, int8_bytes,
-                               progress=progress, threads=threads)
+            targets = write_target_files(stage, recipe, model, int8_onnx, refs, (bmin, bopt, bmax))
+            metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, int8_bytes, progress=progress,
+                               threads=threads)
 
         from quantkit.report.build import build_report, write_reports
 

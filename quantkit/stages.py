@@ -162,8 +162,7 @@ WEIGHTED_TYPES = ("Conv2d", "ConvTranspose2d", "Linear")
 
 
 def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: onnx.ModelProto,
-                       batches: list[torch.Tensor], names: list[str], batch: tuple[int, int, int],
-                       pp: Preprocess) -> dict:
+                       refs: parity.References, batch: tuple[int, int, int]) -> dict:
     """Strong (FP16) variant with its parity, lint of every graph, build_engine.sh and, when asked, the engine."""
     from quantkit.engine.config import plan_build
     from quantkit.engine.dispatch import write_dispatch_script
@@ -179,13 +178,11 @@ def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: o
         strong = to_strongly_typed(int8_onnx)
         strong_bytes = strong.SerializeToString()
         threads = 1 if recipe.calibration.deterministic else None
-        sess = parity.session(strong_bytes, threads)
-        sp = parity.compare(parity.torch_fn(model.qmodel), parity.onnx_fn(sess), batches, names)
-        s_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.onnx_fn(sess), batches, names)
-        t_fp32 = parity.compare(parity.torch_fn(model.fp32), parity.torch_fn(model.qmodel), batches, names)
+        sp, s_fp32 = refs.check(parity.session(strong_bytes, threads))
+        t_fp32 = refs.quantization()
         # FP16 activations add their own rounding on top of INT8's: judge the strong graph by how far it is
         # from FP32 compared with the fake-quant model, not by bit-level agreement with it.
-        worse = max(t_fp32.per_output[n] - s_fp32.per_output[n] for n in names)
+        worse = max(t_fp32.per_output[n] - s_fp32.per_output[n] for n in refs.names)
         if worse > 3.0:
             raise ExportError(f"model.int8.strong.onnx is {worse:.1f} dB further from FP32 than the fake-quant model "
                               f"({s_fp32.per_output} vs {t_fp32.per_output}). Nothing was written")
@@ -199,13 +196,13 @@ def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: o
                           + "; ".join(f"{f['node']}: {f['message']}" for f in errors[:5]))
     weak_name, strong_name = "model.int8.onnx", "model.int8.strong.onnx"
     if recipe.export.nms:
-        weak_name, strong_name = write_nms_graphs(stage, recipe, int8_onnx, strong, batches[:1])
+        weak_name, strong_name = write_nms_graphs(stage, recipe, int8_onnx, strong, refs.batches[:1])
         out["nms"] = {"weak": weak_name, "strong": strong_name if strong is not None else None,
                       "flavor": recipe.export.nms_flavor}
     fp16_modules = [n for n, t in model.layout.layers.items() if n not in model.layout.int8 and t in WEIGHTED_TYPES]
     fp16_nodes = sorted(onnx_nodes_for_modules(int8_onnx, fp16_modules).values())
     dyn = None if batch[0] == batch[2] else batch
-    chw = tuple(int(d) for d in batches[0].shape[1:])
+    chw = tuple(int(d) for d in refs.batches[0].shape[1:])
     weak_plan = plan_build("10.0", onnx_is_strong=False, target=recipe.export.target, batch=dyn,
                            fp16_layers=fp16_nodes, chw=chw)
     strong_plan = (plan_build("10.12", onnx_is_strong=True, target=recipe.export.target, batch=dyn, chw=chw)
@@ -215,7 +212,7 @@ def write_target_files(stage, recipe: Recipe, model: PreparedModel, int8_onnx: o
     stage.files["build_engine.sh"] = stage.path("build_engine.sh")
     out["fp16_onnx_nodes"] = fp16_nodes
     if recipe.export.engine:
-        out["engine"] = build_engine_here(stage, recipe, int8_onnx, strong, dyn, chw, fp16_nodes)
+        out["engine"] = build_engine_here(stage, recipe, strong, dyn, fp16_nodes)
     return out
 
 
@@ -249,37 +246,30 @@ def check_engine_possible(recipe: Recipe) -> None:
     check_target(recipe.export.target, cc, name)
 
 
-def build_engine_here(stage, recipe: Recipe, int8_onnx, strong, dyn, chw, fp16_nodes) -> dict:
+def build_engine_here(stage, recipe: Recipe, strong, dyn, fp16_nodes) -> dict:
     """Build the engine with the installed TensorRT (strongly typed from 10.12), inspect its layer precisions."""
-    from quantkit.engine.builder import build_engine, import_tensorrt
-    from quantkit.engine.config import parse_trt_version, plan_build
-    from quantkit.engine.inspect import compare_precisions, engine_layers, intended_precisions
+    from quantkit.engine.local import build_and_inspect, installed_trt_version, prefers_strong
 
-    trt = import_tensorrt()
-    version = trt.__version__.split("+")[0]
-    use_strong = strong is not None and parse_trt_version(version)[:2] >= (10, 12)
+    use_strong = strong is not None and prefers_strong(installed_trt_version())
     onnx_name = "model.int8.strong.onnx" if use_strong else "model.int8.onnx"
-    plan = plan_build(version, onnx_is_strong=use_strong, target=recipe.export.target, batch=dyn,
-                      fp16_layers=() if use_strong else fp16_nodes, chw=chw)
-    engine = build_engine(stage.path(onnx_name), plan, stage.staging, paths.cache_dir() / "trt-timing.cache",
-                          engine_name="model.engine")
-    stage.files["model.engine"] = engine
-    layers = engine_layers(engine.read_bytes())
-    stage.write_json("engine.layers.json", layers)
-    mismatches = compare_precisions(layers, intended_precisions(strong if use_strong else int8_onnx))
-    return {"tensorrt": version, "onnx": onnx_name, "typing": plan.typing.value, "precision_mismatches": mismatches}
+    info = build_and_inspect(stage.path(onnx_name), stage.staging, target=recipe.export.target, batch=dyn,
+                             fp16_nodes=fp16_nodes, timing_cache=paths.cache_dir() / "trt-timing.cache",
+                             engine_name="model.engine")
+    stage.files["model.engine"] = info.pop("engine")
+    stage.files["engine.layers.json"] = stage.path("engine.layers.json")
+    return info
 
 
 def evaluate(recipe: Recipe, eval_path: str | None, pp: Preprocess, model: PreparedModel, fp32_bytes: bytes,
-             targets: dict, int8_bytes: bytes, *, progress: bool = True, threads: int | None = None) -> dict | None:
+             int8_bytes: bytes, *, progress: bool = True, threads: int | None = None) -> dict | None:
     """mAP of FP32 torch, FP32 ONNX and INT8 ONNX (onnxruntime) with one decode + NMS, or None."""
     if not eval_path:
         return None
     from quantkit.eval.coco import CocoDataset
     from quantkit.eval.detection import evaluate_detection, onnx_predictor, torch_predictor
 
-    ds = CocoDataset(eval_path)
     ev = recipe.evaluation
+    ds = CocoDataset(eval_path, max_images=ev.max_images or None)
     kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
     log.info("evaluating on %s", eval_path)
     res = {
@@ -320,7 +310,7 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
     auto = s.auto and ((drop is not None and state.eval_path) or floor is not None)
     if not (s.enabled or auto):
         return None
-    dataset = CocoDataset(state.eval_path) if state.eval_path else None
+    dataset = CocoDataset(state.eval_path, max_images=recipe.evaluation.max_images or None) if state.eval_path else None
     log.info("sensitivity analysis over %d layers", len(state.model.layout.layers))
     result = analyze(state, num_images=s.num_images, dataset=dataset, progress=progress)
     costs = layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
@@ -339,7 +329,7 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
         state.model.layout.reasons = dict(sel.reasons)
         section["selection"] = sel.as_dict()
         log.info("automatic selection: %d layer(s) kept FP16 (%s)", len(sel.fp16), ", ".join(sel.fp16) or "none")
-    state.sensitivity = result
+    state.sensitivity, state.costs = result, costs
     return section
 
 
@@ -347,7 +337,7 @@ def latency_estimate(state) -> dict:
     """Estimated T4 latency (roofline model, not measured) of FP16, full INT8 and the exported selection."""
     from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, estimate_latency_ms, layer_costs
 
-    costs = layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
+    costs = state.costs or layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
     layout = state.model.layout
     ms = {"FP16 (no INT8)": estimate_latency_ms(costs, set()),
           "full INT8": estimate_latency_ms(costs, set(layout.layers)),

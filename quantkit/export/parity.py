@@ -70,17 +70,48 @@ class ParityResult:
                 "worst_db": r(self.worst)}
 
 
-def compare(reference_fn, test_fn, batches: Iterable[torch.Tensor], names: list[str]) -> ParityResult:
-    """Accumulate outputs of two callables (batch -> list of arrays) over ``batches`` and compare by SQNR."""
-    refs: list[list[np.ndarray]] = [[] for _ in names]
-    tests: list[list[np.ndarray]] = [[] for _ in names]
-    for b in batches:
-        for k, (r, t) in enumerate(zip(reference_fn(b), test_fn(b))):
-            refs[k].append(r)
-            tests[k].append(t)
-    per = {n: sqnr_db(refs[k], tests[k]) for k, n in enumerate(names)}
-    overall = sqnr_db([a for rs in refs for a in rs], [a for ts in tests for a in ts])
+Outputs = list[list[np.ndarray]]  # per batch, the list of output arrays
+
+
+def outputs(fn, batches: Iterable[torch.Tensor]) -> Outputs:
+    """Run ``fn`` (batch -> list of arrays) over ``batches`` once, so several comparisons can share the result."""
+    return [list(fn(b)) for b in batches]
+
+
+def compare_outputs(ref: Outputs, test: Outputs, names: list[str]) -> ParityResult:
+    """SQNR of ``test`` against ``ref`` per output name and over all outputs."""
+    per = {n: sqnr_db([r[k] for r in ref], [t[k] for t in test]) for k, n in enumerate(names)}
+    overall = sqnr_db([a for r in ref for a in r], [a for t in test for a in t])
     return ParityResult(per, overall)
+
+
+def compare(reference_fn, test_fn, batches: Iterable[torch.Tensor], names: list[str]) -> ParityResult:
+    """Run two callables (batch -> list of arrays) over ``batches`` and compare their outputs by SQNR."""
+    batches = list(batches)
+    return compare_outputs(outputs(reference_fn, batches), outputs(test_fn, batches), names)
+
+
+@dataclass
+class References:
+    """Torch outputs on the parity batches, computed once: the FP32 model's and the fake-quant model's."""
+
+    batches: list[torch.Tensor]
+    names: list[str]
+    fp32: Outputs
+    fakequant: Outputs
+
+    @classmethod
+    def of(cls, fp32_model: nn.Module, qmodel: nn.Module, batches: list[torch.Tensor], names: list[str]) -> "References":
+        return cls(batches, names, outputs(torch_fn(fp32_model), batches), outputs(torch_fn(qmodel), batches))
+
+    def check(self, sess: ort.InferenceSession) -> tuple[ParityResult, ParityResult]:
+        """(graph vs fake-quant, graph vs FP32) for an onnxruntime session."""
+        got = outputs(onnx_fn(sess), self.batches)
+        return compare_outputs(self.fakequant, got, self.names), compare_outputs(self.fp32, got, self.names)
+
+    def quantization(self) -> ParityResult:
+        """Fake-quant vs FP32 in torch: the quantization error the graphs should reproduce."""
+        return compare_outputs(self.fp32, self.fakequant, self.names)
 
 
 def torch_fn(model: nn.Module):
