@@ -385,7 +385,6 @@ def report(passes: list[dict], search: list[dict], search_model: str, memory: li
     diff = hi["peak_mib"] - lo["peak_mib"]
     kept_mib = extra * 3 * 320 * 320 * 4 / 2**20  # float32 inputs
     flat = diff <= 0.1 * kept_mib
-    pass_diff = hi["pass_peak_mib"] - lo["pass_peak_mib"]
     pinned = pinned_hi["peak_mib"] - pinned_lo["peak_mib"]
     pinned_pass = pinned_hi["pass_peak_mib"] - pinned_lo["pass_peak_mib"]
     steps = ", ".join(f"{r['peak_mib']:.0f} MiB at {r['images']}" for r in memory if r["config"] == mem_model)

@@ -26,9 +26,8 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, (Add, Concat)) or super().is_leaf_module(m, qualname)
 
 
-def _from_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _from_conv(modules: dict[str, nn.Module], node: fx.Node) -> bool:
     """True when ``node`` is a conv output, possibly through BN/activation modules or relu functions."""
-    modules = dict(gm.named_modules())
     while isinstance(node, fx.Node):
         if node.op == "call_module":
             m = modules[node.target]
@@ -58,15 +57,17 @@ def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
             "functional adds stay in float. Use quantkit.models.ops.Add in the model to quantize them"
         ]
     count = 0
+    modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (operator.add, torch.add, operator.iadd):
             continue
         if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
             continue
         a, b = node.args
-        if not (_from_conv(gm, a) or _from_conv(gm, b)):
+        a_conv = _from_conv(modules, a)
+        if not (a_conv or _from_conv(modules, b)):
             continue
-        main, skip = (a, b) if _from_conv(gm, a) else (b, a)
+        main, skip = (a, b) if a_conv else (b, a)
         name = f"qk_add_{count}"
         count += 1
         gm.add_submodule(name, Add())

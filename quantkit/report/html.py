@@ -7,6 +7,8 @@ import base64
 import html
 from pathlib import Path
 
+from quantkit.report.markdown import fmt_number
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:70rem;color:#1d232a;
 line-height:1.45;padding:0 1rem}
@@ -24,11 +26,7 @@ def _e(v) -> str:
 
 
 def _num(v, nd=3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return _e(v)
+    return _e(fmt_number(v, nd))
 
 
 def _table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:

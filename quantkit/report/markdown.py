@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def _fmt(v, nd=3) -> str:
+def fmt_number(v, nd=3) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -29,8 +29,8 @@ def render_markdown(report: dict) -> str:
         f"| input | {report['input']['shape']} (batch `{report['input']['batch']}`) |",
         f"| calibration | {c['method']} on {c['num_samples']} {c['kind']} from `{c['data']}` |",
         f"| INT8 layers | {m['int8_layers']} of {m['quantizable_layers']} quantizable (the rest run FP16 in TensorRT) |",
-        f"| INT8 vs FP32 output SQNR | {_fmt(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
-        f"| torch fake-quant vs onnxruntime | {_fmt(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
+        f"| INT8 vs FP32 output SQNR | {fmt_number(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
+        f"| torch fake-quant vs onnxruntime | {fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
         "",
     ]
     ev = report.get("evaluation")
@@ -39,15 +39,15 @@ def render_markdown(report: dict) -> str:
                   "| model | mAP50:95 | mAP50 |", "|---|---|---|"]
         for key, label in (("fp32_torch", "FP32 torch"), ("fp32_onnx", "FP32 ONNX (onnxruntime)"),
                            ("int8_onnx", "INT8 Q/DQ ONNX as exported (onnxruntime)")):
-            lines.append(f"| {label} | {_fmt(ev[key]['map50_95'], 4)} | {_fmt(ev[key]['map50'], 4)} |")
+            lines.append(f"| {label} | {fmt_number(ev[key]['map50_95'], 4)} | {fmt_number(ev[key]['map50'], 4)} |")
         for extra in ev.get("extra_rows", []):
-            lines.append(f"| {extra['label']} | {_fmt(extra['map50_95'], 4)} | {_fmt(extra['map50'], 4)} |")
-        lines += ["", f"Drop FP32 -> INT8: **{_fmt(ev['drop_map50_95_points'], 2)} mAP50:95 points**, "
-                      f"{_fmt(ev['drop_map50_points'], 2)} mAP50 points.", ""]
+            lines.append(f"| {extra['label']} | {fmt_number(extra['map50_95'], 4)} | {fmt_number(extra['map50'], 4)} |")
+        lines += ["", f"Drop FP32 -> INT8: **{fmt_number(ev['drop_map50_95_points'], 2)} mAP50:95 points**, "
+                      f"{fmt_number(ev['drop_map50_points'], 2)} mAP50 points.", ""]
     lat = report.get("latency_estimate")
     if lat:
         lines += ["## Estimated T4 latency (roofline estimate, NOT measured)", "", "| configuration | estimated ms |",
-                  "|---|---|"] + [f"| {k} | {_fmt(v, 3)} |" for k, v in lat["ms"].items()] + ["", f"_{lat['note']}_", ""]
+                  "|---|---|"] + [f"| {k} | {fmt_number(v, 3)} |" for k, v in lat["ms"].items()] + ["", f"_{lat['note']}_", ""]
     sel = (report.get("sensitivity") or {}).get("selection")
     if sel:
         lines += ["## Automatic FP16 selection", "",
@@ -67,8 +67,8 @@ def render_markdown(report: dict) -> str:
     lines += ["## Per-layer precision", "", "| layer | type | precision | input amax | weight amax (min..max) | why |",
               "|---|---|---|---|---|---|"]
     for r in report["layers"]:
-        w = f"{_fmt(r.get('weight_amax_min'), 4)}..{_fmt(r.get('weight_amax_max'), 4)}" if "weight_amax_min" in r else ""
-        lines.append(f"| `{r['name']}` | {r['type']} | {r['precision']} | {_fmt(r['input_amax'], 4)} | {w} | "
+        w = f"{fmt_number(r.get('weight_amax_min'), 4)}..{fmt_number(r.get('weight_amax_max'), 4)}" if "weight_amax_min" in r else ""
+        lines.append(f"| `{r['name']}` | {r['type']} | {r['precision']} | {fmt_number(r['input_amax'], 4)} | {w} | "
                      f"{r.get('why', '')} |")
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
