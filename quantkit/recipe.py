@@ -308,11 +308,7 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise UsageError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
-        if name not in data[section]:
-            allowed = list(data[section])
-            raise UsageError(f"--set: unknown key '{section}.{name}'{_suggest(name, allowed)}; "
-                             f"valid keys of '{section}': {', '.join(allowed)}")
-        data[section][name] = value
+        data[section][name] = value  # an unknown key is reported, with the valid ones, by recipe_from_dict
     return recipe_from_dict(data)
 
 
