@@ -1,0 +1,161 @@
+"""Prefix replay: re-run a forward from one module's first call on, reusing a recorded pass for the rest.
+
+``Replayer`` wraps every submodule's ``forward``; ``record`` keeps a full pass's reusable call outputs and
+``replay`` returns them for every call that ended before a given clock, so a sensitivity configuration that
+changes one layer costs only the part of the forward from that layer on. Used by
+``quantkit.sensitivity.analysis``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from quantkit.quant.tensor_quantizer import TensorQuantizer
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+@dataclass
+class _Node:
+    start: int
+    parent: int
+    end: int = -1
+    output: object = None
+    versions: list = field(default_factory=list)
+    usable: bool = False
+
+
+@dataclass
+class Record:
+    """One recorded forward: call tree keyed (parent node, module id, k-th call in parent), clock per call."""
+
+    tree: dict = field(default_factory=dict)
+    nodes: list = field(default_factory=list)
+    first_start: dict = field(default_factory=dict)  # module id -> clock of its first call
+    output: object = None
+
+
+class Replayer:
+    """Wraps the ``forward`` of every submodule of ``model`` (quantizers excluded) until ``close()``.
+
+    ``record(x)`` runs a full forward and keeps the outputs that a later ``replay`` could reuse (calls that
+    end before some cut module starts, inside a parent that is still running then). ``replay(x, rec, start)``
+    returns ``rec``'s output for every call that ended before clock ``start`` without computing it.
+    Outputs modified in place during the recorded pass are never reused (``tensor._version`` check); calls
+    the record does not know (data-dependent control flow) simply run. Works on any eager module, no tracing.
+    """
+
+    def __init__(self, model: nn.Module, cut_modules: list[nn.Module]):
+        self.model = model
+        self._cut_ids = [id(m) for m in cut_modules]
+        self._patched: list[tuple[nn.Module, object]] = []
+        self._mode: str | None = None
+        self._rec = Record()
+        self._limit = -1
+        self._clock = 0
+        self._stack: list = []
+        for name, m in model.named_modules():
+            if name and not isinstance(m, TensorQuantizer):
+                old = m.__dict__.get("forward")
+                try:
+                    m.forward = self._wrap(id(m), m.forward)
+                except (AttributeError, RuntimeError, TypeError):  # e.g. TorchScript modules: they just run
+                    continue
+                self._patched.append((m, old))
+
+    def close(self) -> None:
+        for m, old in self._patched:
+            if old is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = old
+        self._patched = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start_of(self, rec: Record, module: nn.Module) -> int | None:
+        """Clock of ``module``'s first call in ``rec`` (None: never called)."""
+        return rec.first_start.get(id(module))
+
+    def _run(self, mode: str, rec: Record, limit: int, x: torch.Tensor):
+        self._mode, self._rec, self._limit, self._clock = mode, rec, limit, 0
+        self._stack = [(-1, {})]
+        try:
+            with torch.no_grad():
+                return self.model(x)
+        finally:
+            self._mode = None
+
+    def record(self, x: torch.Tensor) -> Record:
+        rec = Record()
+        rec.output = self._run("record", rec, -1, x)
+        starts = sorted(rec.first_start[i] for i in self._cut_ids if i in rec.first_start)
+        for node in rec.nodes:
+            parent_end = rec.nodes[node.parent].end if node.parent >= 0 else math.inf
+            i = bisect.bisect_right(starts, node.end)
+            keep = i < len(starts) and starts[i] < parent_end
+            node.usable = keep and all(t._version == v for t, v in node.versions)
+            if not node.usable:
+                node.output, node.versions = None, []
+        return rec
+
+    def replay(self, x: torch.Tensor, rec: Record, start: int):
+        return self._run("replay", rec, start, x)
+
+    def _wrap(self, mid: int, forward):
+        def wrapped(*args, **kwargs):
+            if self._mode is None:
+                return forward(*args, **kwargs)
+            parent, counts = self._stack[-1]
+            k = counts.get(mid, 0)
+            counts[mid] = k + 1
+            rec = self._rec
+            if self._mode == "record":
+                nid = len(rec.nodes)
+                rec.tree[(parent, mid, k)] = nid
+                node = _Node(start=self._clock, parent=parent)
+                rec.nodes.append(node)
+                rec.first_start.setdefault(mid, self._clock)
+                self._clock += 1
+            else:
+                nid = rec.tree.get((parent, mid, k)) if parent is not None else None
+                node = rec.nodes[nid] if nid is not None else None
+                if node is not None and node.usable and node.end < self._limit:
+                    if any(t._version != v for t, v in node.versions):
+                        raise RuntimeError("a replayed output was modified in place; please report this model")
+                    return node.output
+            self._stack.append((nid, {}))
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                self._stack.pop()
+            if self._mode == "record":
+                node.end = self._clock
+                self._clock += 1
+                node.output = out
+                node.versions = [(t, t._version) for t in _tensors(out)]
+            return out
+
+        return wrapped
