@@ -15,6 +15,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.utils import interrupt
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_GATE, EXIT_CHECK = 0, 1, 2, 3, 4
 
@@ -49,6 +50,7 @@ def _fail(exc: BaseException) -> None:
 
 
 def run_guarded(fn, *args, **kwargs):
+    interrupt.install()
     try:
         return fn(*args, **kwargs)
     except SystemExit:

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from quantkit.errors import UsageError
+from quantkit.utils import interrupt
 from quantkit.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -62,7 +63,9 @@ class StagedOutput:
         return self.files[name]
 
     def commit(self) -> Path:
-        """Move the staging folder into place. Called on success only."""
+        """Move the staging folder into place. Called on success only; refused after a Ctrl-C (see utils.interrupt)."""
+        if interrupt.requested():
+            raise KeyboardInterrupt("interrupted before the output was committed")
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
@@ -75,7 +78,11 @@ class StagedOutput:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except KeyboardInterrupt:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                raise
         elif self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
         return False
