@@ -420,6 +420,16 @@ def _target(label: str, d: float, best_peer: Graph | None, pd: float | None) -> 
     return f"{label}: target (drop <= {TARGET_DROP} pt and below every peer) **not met**: " + "; ".join(miss) + "."
 
 
+
+def _recipe_vs(best: Graph) -> str:
+    """Whether ``recipes/trees.yaml`` (what `make demo` ships) is this run's best hybrid, in words."""
+    from quantkit.recipe import load_recipe
+
+    r = load_recipe(RECIPE)
+    shipped = f"{r.calibration.method}, FP16: {', '.join(r.quantization.skip)}"
+    same = best.label.endswith(f"({r.calibration.method})") and best.note.endswith(", ".join(r.quantization.skip))
+    return (f"`recipes/trees.yaml` ships {shipped}, " + ("the same selection" if same else "not this run's best; its comment says why"))
+
 def verdict(graphs: list[Graph]) -> str:
     """Whether the issue's target holds (quantkit hybrid drop <= 0.3 pt and below every peer), with caveats."""
     base = graphs[0].metrics["map50_95"]
@@ -442,8 +452,8 @@ def verdict(graphs: list[Graph]) -> str:
     recipe_h = next((g for g in hybrids if g.label.startswith("quantkit hybrid-preds (")), None)
     if recipe_h is not None:
         lines.append(f"Selection caveat: the method and the hybrid variant are picked on these same held-out tiles "
-                     f"(best of {len(METHODS)} methods, then best of {len(hybrids)} skip lists; `recipes/trees.yaml` now "
-                     f"ships that selection). The unselected baseline hybrid (prediction convs only) loses "
+                     f"(best of {len(METHODS)} methods, then best of {len(hybrids)} skip lists; {_recipe_vs(best)}). "
+                     f"The unselected baseline hybrid (prediction convs only) loses "
                      f"{drop[recipe_h.label]:+.2f} pt. " + _target("Unselected hybrid", drop[recipe_h.label], best_peer, pd))
     ort = {g.label: g for g in peers if g.family == "onnxruntime"}
     if "ORT pc-entropy" in ort and "ORT pc-entropy-headfp32" in ort:
