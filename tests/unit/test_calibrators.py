@@ -371,3 +371,27 @@ def test_report_search_time_on_a_feature_map():
     )
     ent = ours.compute_amax(MethodSettings(CalibMethod.ENTROPY))
     assert abs(ent - float(theirs.compute_amax("entropy"))) <= 1.001 * ours.histogram()[1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocked_searches_equal_one_block(monkeypatch, seed):
+    """The entropy and mse searches run over cache-sized blocks of candidates (the mse blocks also stop at
+    their largest candidate's edge). One block over everything is the plain vectorised formula: the KL
+    curve must be bit-identical and both amaxes equal."""
+    g = _gen(100 + seed)
+    n = 50_000
+    x = [torch.randn(n, generator=g), torch.relu(torch.randn(n, generator=g)),
+         torch.distributions.StudentT(3.0).sample((n,))][seed % 3]
+    col = HistogramCollector("blocks", num_bins=2048)
+    col.collect(x)
+    if seed >= 3:
+        col.collect(x * 2.3)  # grown histogram: more candidates than one default block
+    counts, width = col.histogram()
+    blocked_kl = search.kl_divergences(counts, 128, 128)[1]
+    blocked = (search.amax_entropy(counts, width, 128, 128), search.amax_mse(counts, width, 128, 127, col.zero_count))
+    monkeypatch.setattr(search, "_KL_BLOCK", 1 << 30)
+    monkeypatch.setattr(search, "_MSE_BLOCK_ROWS", 1 << 30)
+    monkeypatch.setattr(search, "_MSE_CHUNK_ELEMENTS", 1 << 40)
+    np.testing.assert_array_equal(blocked_kl, search.kl_divergences(counts, 128, 128)[1])
+    assert blocked == (search.amax_entropy(counts, width, 128, 128),
+                       search.amax_mse(counts, width, 128, 127, col.zero_count))
