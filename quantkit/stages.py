@@ -118,12 +118,19 @@ def code_digest(model: nn.Module) -> str:
 
 
 def calibration_key_components(model: PreparedModel, data: CalibrationData, settings: MethodSettings) -> dict:
-    """Everything that determines the calibration histograms (and hence every method's amax)."""
-    layout = [n for n, m in model.qmodel.named_modules() if isinstance(m, TensorQuantizer) and not m.is_per_channel]
+    """Everything that determines the calibration histograms (and hence every method's amax).
+
+    The pass runs with the INT8 layers' weights fake-quantized and the float layers' weights exact, so which
+    layers are INT8 changes the activations downstream: the enabled weight quantizers are part of the key.
+    """
+    quantizers = [(n, m) for n, m in model.qmodel.named_modules() if isinstance(m, TensorQuantizer)]
+    layout = [n for n, m in quantizers if not m.is_per_channel]
+    int8_weights = [n for n, m in quantizers if n.endswith("_weight_quantizer") and m.enabled]
     return {
         "weights": weights_digest(model.fp32),
         "model_code": code_digest(model.fp32),
         "quantizer_layout": json.dumps(layout),
+        "int8_weights": json.dumps(int8_weights),
         "data": data.fingerprint(),
         "preprocess": json.dumps(data.preprocess.as_dict() if data.preprocess else None, sort_keys=True),
         "settings": json.dumps({"num_bins": settings.num_bins, "percentile": settings.percentile,

@@ -309,3 +309,18 @@ def test_models_lists_exact_super_gradients_counts():
     for name, count in (("yolo_nas_s", "19,053,888"), ("yolo_nas_m", "51,182,658"), ("yolo_nas_l", "66,976,392")):
         line = next(ln for ln in text.splitlines() if ln.startswith(name))
         assert count in line, line
+
+
+def test_cached_calibration_equals_fresh_one_after_a_different_skip_list(user_model, exported, tmp_path):
+    """The pass sees INT8 layers' fake-quantized weights, so a different FP16 set must not reuse the cache:
+    the export after a run with another skip list is byte-identical to one from an empty cache."""
+    skip = ["--set", "quantization.skip=[fuse]"]
+    code, text = run(*export_args(user_model, tmp_path / "cached", *skip))  # cache holds the full-INT8 pass
+    assert code == 0 and "cache hit" not in text, text
+    code, text = run(*export_args(user_model, tmp_path / "fresh", *skip, "--no-cache"))
+    assert code == 0, text
+    for name in ("calibration.json", "model.int8.onnx"):
+        assert (tmp_path / "cached" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    full = json.loads((exported[0] / "calibration.json").read_text())["all_methods"]
+    part = json.loads((tmp_path / "fresh" / "calibration.json").read_text())["all_methods"]
+    assert full != part  # the skip list really changed the activations this checks
