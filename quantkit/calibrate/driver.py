@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quantkit.calibrate.histogram import HistogramCollector
+from quantkit.calibrate.histogram import HistogramCollector, SharedBatchStats
 from quantkit.calibrate.methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, ModelError
 from quantkit.quant.tensor_quantizer import TensorQuantizer
@@ -36,8 +36,9 @@ def calibration_mode(model: nn.Module, settings: MethodSettings):
     """
     qs = _activation_quantizers(model)
     saved = [(q._disabled, q._if_calib, q._if_quant) for _, q in qs]
+    shared = SharedBatchStats()
     for name, q in qs:
-        q.collector = HistogramCollector(num_bins=settings.num_bins, name=name)
+        q.collector = HistogramCollector(num_bins=settings.num_bins, name=name, shared=shared)
         q.enable()
         q.enable_calib()
     try:

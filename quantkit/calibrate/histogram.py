@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -48,6 +50,54 @@ def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return bufs[device]
 
 
+@dataclass
+class _SeenTensor:
+    ref: weakref.ref
+    version: int
+    minmax: tuple[float, float] | None = None
+    hists: dict[tuple[float, int], torch.Tensor] = field(default_factory=dict)  # (width, bins) -> counts
+
+
+class SharedBatchStats:
+    """Per-batch memo shared by the collectors of one calibration pass.
+
+    A tensor that feeds several quantizers (a CSP stage's input feeds two convs; concat inputs share their
+    consumer's scale) is the same tensor object at each of them: its min/max, and its histogram for a given
+    (bin width, bin count), are computed once and reused. Entries are keyed by object identity and checked
+    through a weak reference and the tensor's version counter, so a freed tensor whose memory is reused, or
+    a tensor modified in place, is never mistaken for a seen one; nothing here keeps an activation alive, and
+    an entry is dropped when its tensor is freed.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, _SeenTensor] = {}
+
+    def entry(self, x: torch.Tensor) -> _SeenTensor | None:
+        key = id(x)
+        e = self._seen.get(key)
+        try:
+            version = x._version
+            if e is not None and e.ref() is x and e.version == version:
+                return e
+            ref = weakref.ref(x, lambda r: self._forget(key, r))  # the entry goes when the tensor does
+        except (RuntimeError, TypeError):  # inference-mode tensors have no version counter
+            return None
+        e = self._seen[key] = _SeenTensor(ref, version)
+        return e
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        e = self._seen.get(key)
+        if e is not None and e.ref is ref:
+            del self._seen[key]
+
+    def __len__(self) -> int:
+        """Entries held (one per live tensor seen)."""
+        return len(self._seen)
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
 def _check_finite(value: float, name: str | None, what: str) -> None:
     if not math.isfinite(value):
         label = f"tensor {name!r}" if name else "an unnamed tensor"
@@ -64,10 +114,13 @@ class HistogramCollector:
         name: the tensor's name, used in error messages.
         num_bins: bins spanning the first non-zero batch's range (2048 like TensorRT).
         max_bins: cap on the bin count as the range grows; default ``8 * num_bins``.
+        shared: a per-batch memo shared with the other collectors of the same pass (see SharedBatchStats).
     """
 
-    def __init__(self, name: str | None = None, num_bins: int = 2048, max_bins: int | None = None) -> None:
+    def __init__(self, name: str | None = None, num_bins: int = 2048, max_bins: int | None = None,
+                 shared: SharedBatchStats | None = None) -> None:
         self.name = name
+        self.shared = shared
         self.num_bins = int(num_bins)
         self.max_bins = int(max_bins) if max_bins is not None else 8 * self.num_bins
         if self.num_bins < 16 or self.max_bins < self.num_bins:
@@ -92,8 +145,14 @@ class HistogramCollector:
         flat = x.detach().reshape(-1)
         if flat.numel() == 0:
             return
-        lo, hi = torch.aminmax(flat)  # one pass; NaN propagates into both, Inf into one
-        lo, hi = float(lo), float(hi)
+        seen = self.shared.entry(x) if self.shared is not None else None
+        if seen is not None and seen.minmax is not None:
+            lo, hi = seen.minmax
+        else:
+            lo, hi = torch.aminmax(flat)  # one pass; NaN propagates into both, Inf into one
+            lo, hi = float(lo), float(hi)
+            if seen is not None:
+                seen.minmax = (lo, hi)
         _check_finite(lo, self.name, "collected data")
         _check_finite(hi, self.name, "collected data")
         batch_max = max(-lo, hi)
@@ -110,6 +169,17 @@ class HistogramCollector:
         n = self._counts.numel()
         if self._counts.device != flat.device:
             self._counts = self._counts.to(flat.device)
+        key = (self._width, n)
+        hist = seen.hists.get(key) if seen is not None else None
+        if hist is None:
+            hist = self._bin(flat, n)
+            if seen is not None:
+                seen.hists[key] = hist
+        self._zero_count += int(hist[0])
+        self._counts += hist[1:]
+
+    def _bin(self, flat: torch.Tensor, n: int) -> torch.Tensor:
+        """Counts of one batch: slot 0 = exact zeros, slot j = bin j-1 of the current width (n + 1 slots)."""
         hist = torch.zeros(n + 1, dtype=torch.int64, device=flat.device)
         inv_width = 1.0 / self._width
         size = min(_CHUNK, flat.numel())
@@ -126,8 +196,7 @@ class HistogramCollector:
             # slot = ceil(|x| / width): 0 for exact zeros, 1..n for the bins; clamp absorbs roundoff
             s.copy_(f.mul_(inv_width).ceil_().clamp_(max=n))
             hist += torch.bincount(s, minlength=n + 1)
-        self._zero_count += int(hist[0])
-        self._counts += hist[1:]
+        return hist
 
     def _grow(self, batch_max: float) -> None:
         n = self._counts.numel()

@@ -86,7 +86,7 @@ class TensorQuantizer(nn.Module):
         if self._disabled:
             return x
         if self._if_calib and self.collector is not None:
-            self.collector.collect(x.detach())
+            self.collector.collect(x)  # the tensor itself: collectors detach, and key shared stats on it
         if not self._if_quant:
             return x
         if self._amax is None:

@@ -65,7 +65,7 @@ def test_the_count_sees_a_collector_that_keeps_activations(monkeypatch):
     original = histogram.HistogramCollector.collect
 
     def leaky(self, x):
-        kept.append(x)
+        kept.append(x.clone())  # a copy: the shared batch memo then drops its entry for x as usual
         original(self, x)
 
     monkeypatch.setattr(histogram.HistogramCollector, "collect", leaky)

@@ -395,3 +395,31 @@ def test_blocked_searches_equal_one_block(monkeypatch, seed):
     np.testing.assert_array_equal(blocked_kl, search.kl_divergences(counts, 128, 128)[1])
     assert blocked == (search.amax_entropy(counts, width, 128, 128),
                        search.amax_mse(counts, width, 128, 127, col.zero_count))
+
+
+def test_shared_batch_stats_reuse_only_the_same_unmodified_tensor():
+    """Collectors sharing a SharedBatchStats memo end with exactly the histograms of unshared ones, including when
+    a tensor is modified in place between two quantizers (version counter) or freed and its memory reused."""
+    from quantkit.calibrate.histogram import SharedBatchStats
+
+    shared = SharedBatchStats()
+    a, b = HistogramCollector("a", shared=shared), HistogramCollector("b", shared=shared)
+    ra, rb = HistogramCollector("ra"), HistogramCollector("rb")
+    g = _gen(7)
+    with torch.no_grad():
+        for scale in (1.0, 3.0, 0.5):
+            x = torch.randn(20_000, generator=g) * scale
+            a.collect(x)
+            ra.collect(x)
+            x.add_(0.0).mul_(2.0)  # in place: b must see the new values, not a's memo
+            b.collect(x)
+            rb.collect(x)
+            del x
+            y = torch.randn(20_000, generator=g)  # may land at the freed address: a fresh entry, not x's
+            b.collect(y)
+            rb.collect(y)
+    for got, want in ((a, ra), (b, rb)):
+        np.testing.assert_array_equal(got.histogram()[0], want.histogram()[0])
+        assert got.histogram()[1] == want.histogram()[1] and got.amax_max() == want.amax_max()
+    del y
+    assert len(shared) == 0  # entries go with their tensors
