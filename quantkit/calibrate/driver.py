@@ -123,8 +123,12 @@ def run_calibration(
             n += batch.shape[0]
         percentiles = tuple(sorted({*PERCENTILES, settings.percentile}))
         result = CalibrationResult(num_samples=n)
+        searched: dict[tuple, dict[str, float]] = {}  # quantizers fed the same tensor have equal histograms
         for name, q in qs:
-            result.tensors[name] = q.collector.all_amax(percentiles=percentiles, settings=settings)
+            key = q.collector.content_key()
+            if key not in searched:
+                searched[key] = q.collector.all_amax(percentiles=percentiles, settings=settings)
+            result.tensors[name] = dict(searched[key])
             q.collector = None
     return result
 

@@ -288,6 +288,11 @@ class HistogramCollector:
             )
 
     # ------------------------------------------------------------------ persistence
+    def content_key(self) -> tuple:
+        """Everything every method's amax depends on: collectors with equal keys give equal amaxes."""
+        counts = None if self._counts is None else self._counts.cpu().numpy().tobytes()
+        return (self.num_bins, self.max_bins, self._width, counts, self._zero_count, self._num_values, self._amax)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (plain ints, floats, lists) for the calibration cache."""
         return {
