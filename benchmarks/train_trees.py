@@ -35,7 +35,8 @@ Measured on the shared 2-core CPU box (held-out mAP with score > 0.001, NMS IoU 
   stage 1: 1600 steps, 41.4 min wall, mAP50 0.270 / mAP50:95 0.078;
   stage 2: 1000 steps, 31.1 min wall, mAP50 0.306 / mAP50:95 0.092;
   stage 3: 900 steps, 27.9 min wall (next to another training process), mAP50 0.441 / mAP50:95 0.132 (the
-  shipped weights; target mAP50 >= 0.40 met). Continuing stage 2 without the photometric augmentation
+  shipped weights; target mAP50 >= 0.40 met). Re-running stage 3 from the stage-2 weights (``git show
+  3f82909:quantkit/assets/tree_detector.pt``) gave byte-identical weights (sha256 29434c4aa88f...). Continuing stage 2 without the photometric augmentation
   (crops of 256 or 320 px) made the held-out mAP50 fall (0.27 after 500 steps) while the training loss fell:
   more steps alone overfit the training scenes.
 """
