@@ -94,9 +94,6 @@ class SharedBatchStats:
         """Entries held (one per live tensor seen)."""
         return len(self._seen)
 
-    def clear(self) -> None:
-        self._seen.clear()
-
 
 def _check_finite(value: float, name: str | None, what: str) -> None:
     if not math.isfinite(value):

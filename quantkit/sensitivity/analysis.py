@@ -226,32 +226,30 @@ def _configs(rp: Replayer, qmodel, modules, everything, x, order):
     set_precision(qmodel, set())
     rec = rp.record(x)
     yield "fp32", rec.output
-    for n, m in modules.items():
-        start = rp.start_of(rec, m)
-        if start is None:
-            continue
-        order.setdefault(n, start)
-        _set_layer(m, True)
-        try:
-            out = rp.replay(x, rec, start)
-        finally:
-            _set_layer(m, False)
-        yield ("d", n), out
+    yield from _flip_each(rp, modules, x, rec, "d", int8=True, order=order)
     rec.nodes.clear()
     set_precision(qmodel, everything)
     rec = rp.record(x)
     yield "int8", rec.output
+    yield from _flip_each(rp, modules, x, rec, "r", int8=False)
+    rec.nodes.clear()
+
+
+def _flip_each(rp: Replayer, modules, x, rec, tag: str, *, int8: bool, order: dict | None = None):
+    """Yield ((tag, L), outputs) with layer L alone switched to ``int8`` (INT8 or float) against record ``rec``,
+    replayed from L's first call; L is switched back after. ``order``, if given, records each layer's first call."""
     for n, m in modules.items():
         start = rp.start_of(rec, m)
         if start is None:
             continue
-        _set_layer(m, False)
+        if order is not None:
+            order.setdefault(n, start)
+        _set_layer(m, int8)
         try:
             out = rp.replay(x, rec, start)
         finally:
-            _set_layer(m, True)
-        yield ("r", n), out
-    rec.nodes.clear()
+            _set_layer(m, not int8)
+        yield (tag, n), out
 
 
 def _preprocess(img, pp) -> np.ndarray:
