@@ -35,7 +35,7 @@ from quantkit.calibrate.methods import CalibMethod, MethodSettings  # noqa: E402
 from quantkit.data.calib import open_calibration_data  # noqa: E402
 from quantkit.data.preprocess import Preprocess  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
-from quantkit.stages import prepare_module  # noqa: E402
+from quantkit.quant import prepare  # noqa: E402
 
 SECTION = "calibration-speed"
 COMMAND = "python benchmarks/calibration_speed.py"
@@ -70,7 +70,7 @@ def build(name: str):
 
         model, size = tree_detector(pretrained=TREE_WEIGHTS.exists()), (320, 320)
     recipe = load_recipe(ROOT / "recipes" / f"{'trees' if name == 'trees' else name}.yaml")
-    prepared, _ = prepare_module(model, recipe, size=size)
+    prepared = prepare(model, recipe.quantization, size=size)
     return prepared, recipe, size
 
 
@@ -292,7 +292,7 @@ def bench_cache(n_images: int) -> dict:
                 model = yolo_nas_s()  # built outside the timing: the same weights both times
                 t = _now()
                 state = quantize_recipe(recipe, model=model, calib=str(TILES), progress=False)
-                runs.append((_now() - t, state.cache_info["hit"], state.chosen_amax))
+                runs.append((_now() - t, state.calibration.cache["hit"], state.calibration.chosen_amax))
         finally:
             if old is None:
                 os.environ.pop("QUANTKIT_CACHE_DIR", None)

@@ -116,10 +116,11 @@ class Context:
     def calibration_array(self) -> np.ndarray:
         """The calibration tiles, letterboxed by quantkit once, as float32 NCHW (saved for ORT and modelopt)."""
         from quantkit import paths
-        from quantkit.pipeline import open_data
+        from quantkit.data import open_data
 
         recipe = self.recipe()
-        data, _ = open_data(recipe, str(paths.BUNDLED_CALIBRATION), tuple(recipe.input.size))
+        data, _ = open_data(str(paths.BUNDLED_CALIBRATION), recipe.calibration, recipe.preprocess,
+                            tuple(recipe.input.size))
         arr = np.concatenate([b.numpy() for b in data.batches()]).astype(np.float32)
         if not self.calib.is_file() or not np.array_equal(np.load(self.calib), arr):
             np.save(self.calib, arr)

@@ -122,10 +122,10 @@ def sensitivity_cost(num_images: int, command: str) -> str:
 def t4_cost_model(command: str) -> str:
     from quantkit.models.yolo_nas import yolo_nas_s
     from quantkit.recipe import Recipe
-    from quantkit.stages import prepare_module
+    from quantkit.quant import prepare
 
     torch.manual_seed(0)
-    prepared, _ = prepare_module(yolo_nas_s(), Recipe(), None, (640, 640))
+    prepared = prepare(yolo_nas_s(), Recipe().quantization, None, (640, 640))
     costs = layer_costs(prepared.fp32, torch.zeros(1, 3, 640, 640), prepared.layout.layers)
     fp16, int8 = estimate_latency_ms(costs, ()), estimate_latency_ms(costs, costs.layers)
     gflops = sum(c.flops for c in costs.layers.values()) / 1e9

@@ -1,67 +1,31 @@
-"""The export pipeline, stage by stage. Only strings the stages together; each stage lives in its package.
+"""What each command does, as a list of stage calls. Only strings the stages together: the logic lives in the
+stage packages, each behind one entry function; the state between them is the typed dataclasses of
+``quantkit.state``.
 
-quantize:  reparam -> quant -> calibrate (cached)                        -> QuantState (on the qmodel)
-export:    ONNX (FP32 + INT8 Q/DQ [+ strong FP16]) -> parity -> lint -> evaluation -> report/manifest
-           -> build_engine.sh [-> engine] -> gates
+export:       models.build -> quant.prepare -> data.open_data -> calibrate.calibrate
+              -> sensitivity.analyze_and_select -> export.write_graphs -> engine.write_build_script [-> engine.build_here] -> eval.evaluate_export
+              -> report.write -> commit
+sensitivity:  models.build -> quant.prepare -> data.open_data -> calibrate.calibrate
+              -> sensitivity.analyze_and_select
+eval:         models.build -> quant.prepare -> eval.evaluate_export (on an export folder's graphs)
+build / lint / verify / layers / models: one stage call each.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from quantkit import paths
-from quantkit.calibrate.driver import CalibrationResult, apply_calibration, fixed_threads
-from quantkit.calibrate.methods import MethodSettings
-from quantkit.data.calib import CalibrationData, open_calibration_data
-from quantkit.data.preprocess import Preprocess
-from quantkit.errors import ExportError, GateFailure, ModelError, UsageError
-from quantkit.export import parity
-from quantkit.export.artifacts import StagedOutput, check_output_dir
-from quantkit.export.onnx_export import export_onnx
-from quantkit.export.passes import finalize_fp32, finalize_int8, qdq_summary
-from quantkit.recipe import Recipe, parse_batch
-from quantkit.stages import (PreparedModel, calibrate_cached, check_engine_possible, evaluate, latency_estimate,
-                             prepare_model, prepare_module, sensitivity_and_selection, write_target_files)
+from quantkit.errors import GateFailure, ModelError, UsageError
+from quantkit.recipe import Recipe, load_recipe, parse_batch
+from quantkit.state import ExportResult, QuantState
 
 log = logging.getLogger("quantkit")
-
-PARITY_SAMPLES = 16  # calibration inputs used for the parity / SQNR checks
-
-
-@dataclass
-class QuantState:
-    """Everything ``quantize`` learned, kept on the returned module as ``qmodel.quantkit_state``."""
-
-    recipe: Recipe
-    model: PreparedModel
-    model_info: dict
-    data: CalibrationData
-    pp: Preprocess
-    settings: MethodSettings
-    calib: CalibrationResult
-    chosen_amax: dict[str, float]
-    cache_info: dict
-    eval_path: str | None
-    t0: float = field(default_factory=time.perf_counter)
-    selection_report: dict | None = None  # sensitivity analysis / automatic FP16 selection, when run
-    sensitivity: object = None  # SensitivityResult, when run
-    costs: object = None  # the T4 cost table (CostTable), once computed
-
-
-@dataclass
-class ExportResult:
-    """What an export produced. ``report`` is the content of report.json."""
-
-    out_dir: Path
-    report: dict
-    files: list[str] = field(default_factory=list)
-    gate_failures: list[str] = field(default_factory=list)
 
 
 def resolve_inputs(recipe: Recipe) -> tuple[str, str | None]:
@@ -78,25 +42,25 @@ def resolve_inputs(recipe: Recipe) -> tuple[str, str | None]:
     return calib, (ev or None)
 
 
-def open_data(recipe: Recipe, calib_path: str, model_size: tuple[int, int] | None) -> tuple[CalibrationData, Preprocess]:
-    """Open the calibration data with the recipe's preprocessing at the model's input size."""
-    size = recipe.input.size or model_size or (640, 640)
-    p = recipe.preprocess
-    pp = Preprocess(size=tuple(size), letterbox=p.letterbox, pad_value=p.pad_value, scale=p.scale,
-                    mean=tuple(p.mean), std=tuple(p.std))
-    data = open_calibration_data(calib_path, pp, recipe.calibration.batch_size, recipe.calibration.max_images)
-    if data.kind == "npy":
-        pp = Preprocess(size=data.input_shape[1:], letterbox=p.letterbox, pad_value=p.pad_value, scale=p.scale,
-                        mean=tuple(p.mean), std=tuple(p.std))
-    return data, pp
+def _prepared(recipe: Recipe, model: nn.Module | None):
+    from quantkit import models, quant
+
+    if model is None:
+        built, info, size = models.build(recipe.model)
+        return quant.prepare(built, recipe.quantization, info, size)
+    return quant.prepare(model, recipe.quantization)
 
 
 def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: str | None = None,
                     progress: bool = True) -> QuantState:
     """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax."""
+    from quantkit import calibrate
+    from quantkit.data import open_data
+
     calib_path, eval_path = resolve_inputs(recipe) if calib is None else (str(calib), recipe.evaluation.data)
-    prepared, info = prepare_model(recipe) if model is None else prepare_module(model, recipe)
-    data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
+    prepared = _prepared(recipe, model)
+    size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
+    data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
     example = next(data.batches(limit=1))[:1]
     try:
         with torch.no_grad():
@@ -104,62 +68,42 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: st
     except (RuntimeError, ValueError) as exc:
         raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
                          "Set input.size (or the .npy shape) to what the model expects") from exc
-    settings = MethodSettings(method=recipe.calibration.method, percentile=recipe.calibration.percentile,
-                              num_bins=recipe.calibration.num_bins)
-    calib_result, cache_info = calibrate_cached(prepared, data, settings, recipe, progress=progress)
-    chosen = apply_calibration(prepared.qmodel, calib_result, settings)
-    return QuantState(recipe, prepared, info, data, pp, settings, calib_result, chosen, cache_info, eval_path)
+    calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress)
+    return QuantState(recipe, prepared, data, pp, calibration, eval_path)
 
 
 def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
                  command_line: list[str] | None = None) -> ExportResult:
     """Export a quantized state to ``out_dir`` atomically; checks parity, lint, gates."""
-    recipe, model, data = state.recipe, state.model, state.data
-    out_dir = Path(out_dir)
-    bmin, bopt, bmax = parse_batch(recipe.input.batch)
-    dynamic = not (bmin == bopt == bmax)
-    example = next(data.batches(limit=1))[:1]
+    from quantkit import engine, export, report
+    from quantkit.calibrate.driver import fixed_threads
+    from quantkit.eval import evaluate_export
+    from quantkit.export.artifacts import StagedOutput
+
+    recipe, out_dir = state.recipe, Path(out_dir)
+    batch = parse_batch(recipe.input.batch)
+    threads = 1 if recipe.calibration.deterministic else None  # measured figures independent of core count
     with StagedOutput(out_dir, force) as stage:
-        log.info("exporting ONNX (FP32 and INT8 Q/DQ)")
-        fp32_onnx = finalize_fp32(export_onnx(model.fp32, example, opset=recipe.export.opset, dynamic_batch=dynamic))
-        int8_onnx = finalize_int8(export_onnx(model.qmodel, example, opset=recipe.export.opset, dynamic_batch=dynamic))
-        fp32_bytes, int8_bytes = fp32_onnx.SerializeToString(), int8_onnx.SerializeToString()
-
-        log.info("checking parity in onnxruntime")
-        batches = list(data.batches(limit=PARITY_SAMPLES))
-        names = [o.name for o in int8_onnx.graph.output]
-        threads = 1 if recipe.calibration.deterministic else None  # measured figures independent of core count
-        with fixed_threads(threads):
-            refs = parity.References.of(model.fp32, model.qmodel, batches, names)
-            fq_parity, int8_vs_fp32 = refs.check(parity.session(int8_bytes, threads))
-            _, fp32_parity = refs.check(parity.session(fp32_bytes, threads))
-        check_parity(fq_parity, int8_vs_fp32, refs.quantization(), recipe.export.parity_min_sqnr)
-        stage.write_bytes("model.onnx", fp32_bytes)
-        stage.write_bytes("model.int8.onnx", int8_bytes)
-        with fixed_threads(threads):
-            targets = write_target_files(stage, recipe, model, int8_onnx, refs, (bmin, bopt, bmax))
-            metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, int8_bytes, progress=progress,
-                               threads=threads)
-
-        from quantkit.report.build import build_report, write_reports
-
-        report = build_report(
-            recipe=recipe, model_info=state.model_info, model=model, data=data, pp=state.pp, settings=state.settings,
-            calib=state.calib, chosen_amax=state.chosen_amax, cache_info=state.cache_info, fp32_bytes=fp32_bytes,
-            int8_bytes=int8_bytes, qdq=qdq_summary(int8_onnx), fq_parity=fq_parity, fp32_parity=fp32_parity,
-            int8_vs_fp32=int8_vs_fp32, targets=targets, metrics=metrics, seconds=time.perf_counter() - state.t0,
-        )
-        add_selection_sections(stage, state, report)
-        gate_failures = check_gates(recipe, report)
-        report["gates"] = {"max_drop": recipe.gates.max_drop, "min_sqnr": recipe.gates.min_sqnr,
-                           "failures": gate_failures, "passed": not gate_failures}
-        write_reports(stage, recipe, report, state.calib, command_line or [], settings=state.settings, data=data,
-                      chosen_amax=state.chosen_amax)
+        graphs = export.write_graphs(stage, state)
+        engine.write_build_script(stage, recipe, graphs, state.model, batch)
+        built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
+        metrics = None
+        if state.eval_path:
+            with fixed_threads(threads):
+                metrics = evaluate_export(state.eval_path, recipe.evaluation, state.pp, state.model.fp32,
+                                          graphs.fp32_bytes, graphs.int8_bytes, progress=progress, threads=threads)
+        inputs = report.ReportInputs(state, graphs, metrics, built, command_line or [])
+        content, failures = report.write(stage, inputs)
         files = sorted(stage.files)
-    result = ExportResult(out_dir=out_dir, report=report, files=files, gate_failures=gate_failures)
-    if gate_failures:
-        raise GateFailure("; ".join(gate_failures) + f" (artifacts and report written to {out_dir})")
-    return result
+    if failures:
+        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")
+    return ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
+
+
+def _eval_dataset(state: QuantState, max_images: int):
+    from quantkit.eval.coco import CocoDataset
+
+    return CocoDataset(state.eval_path, max_images=max_images or None) if state.eval_path else None
 
 
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -169,54 +113,136 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
+    from quantkit import engine, sensitivity
+    from quantkit.export.artifacts import check_output_dir
+
     check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
-    check_engine_possible(recipe)
+    engine.check_possible(recipe)
     state = quantize_recipe(recipe, progress=progress)
-    state.selection_report = sensitivity_and_selection(state, progress=progress)
+    dataset = _eval_dataset(state, recipe.evaluation.max_images)
+    sensitivity.analyze_and_select(state, dataset=dataset, progress=progress)
     return export_state(state, out_dir, force=force, progress=progress, command_line=command_line)
 
 
-def check_parity(fq, ort_q, torch_q, floor: float) -> None:
-    """Fail the export (nothing written) when the INT8 graph does not do what the fake-quant model does."""
-    worse = {n: torch_q.per_output[n] - ort_q.per_output[n] for n in ort_q.per_output}
-    if not fq.worst >= floor or max(worse.values()) > 3.0:
-        raise ExportError(
-            f"model.int8.onnx disagrees with the torch fake-quant model: worst output SQNR {fq.worst:.1f} dB "
-            f"(floor {floor} dB); INT8-vs-FP32 SQNR onnxruntime {ort_q.per_output} vs torch {torch_q.per_output}. "
-            "Nothing was written; please report this with the recipe"
-        )
+@dataclass
+class SensitivityRun:
+    """What ``quantkit sensitivity`` produced: sensitivity.json's content, the ranked table (text) and the
+    verified FP16 choice (None without a budget)."""
+
+    out_dir: Path
+    doc: dict
+    table: str
+    summary: list[str]
+    met: bool | None
 
 
-def add_selection_sections(stage, state: QuantState, report: dict) -> None:
-    """Latency estimate, sensitivity/selection, the full-INT8 accuracy row and the sensitivity plot."""
-    report["latency_estimate"] = latency_estimate(state)
-    sel = state.selection_report
-    report["sensitivity"] = sel
-    if not sel:
-        return
+def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False, eval_images: int = 8,
+                    top: int = 15, progress: bool = True) -> SensitivityRun:
+    """Per-layer sensitivity of ``recipe``'s model, the T4 cost estimate and, with a budget, the FP16 choice;
+    writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. ``eval_images``: evaluation
+    images used for mAP sensitivities (0: all)."""
+    from quantkit import sensitivity
+    from quantkit.export.artifacts import StagedOutput, check_output_dir
     from quantkit.report.plots import sensitivity_bar_chart_bytes
+    from quantkit.sensitivity.table import format_summary, format_table
 
-    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.sensitivity))
-    report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
-    a = sel["analysis"]
-    ev = report.get("evaluation")
-    if ev and a.get("int8_map50_95") is not None:
-        ev["extra_rows"] = [{"label": "full INT8 before selection (torch fake-quant)",
-                             "map50_95": a["int8_map50_95"], "map50": a.get("int8_map50")}]
+    out = Path(out_dir)
+    check_output_dir(out, force)
+    state = quantize_recipe(recipe, progress=progress)
+    outcome = sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, eval_images),
+                                             analyze_always=True, progress=progress)
+    choice = outcome.choice
+    doc = {"model": state.model.info, "sensitivity": outcome.sensitivity.as_dict(),
+           "cost_model": outcome.costs.as_dict(), "selection": choice.as_dict() if choice else None}
+    png = sensitivity_bar_chart_bytes(outcome.sensitivity, top=top)
+    with StagedOutput(out, force) as stage:
+        stage.write_json("sensitivity.json", doc)
+        stage.write_bytes("sensitivity.png", png)
+    return SensitivityRun(out, doc, format_table(outcome.sensitivity, outcome.costs, top),
+                          format_summary(doc, choice), None if choice is None else choice.met)
 
 
-def check_gates(recipe: Recipe, report: dict) -> list[str]:
-    """Human-readable failures of the recipe's gates against the report's measurements."""
-    failures = []
-    g = recipe.gates
-    if g.min_sqnr is not None:
-        sqnr = report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
-        if sqnr is None or float(sqnr) < g.min_sqnr:
-            failures.append(f"INT8-vs-FP32 SQNR {sqnr} dB is below --min-sqnr {g.min_sqnr} dB")
-    if g.max_drop is not None:
-        ev = report.get("evaluation")
-        if not ev:
-            failures.append("--max-drop needs evaluation data (--eval DATA) and none was given")
-        elif ev["drop_map50_95_points"] > g.max_drop:
-            failures.append(f"INT8 mAP50:95 drop {ev['drop_map50_95_points']:.3f} points exceeds --max-drop {g.max_drop}")
-    return failures
+def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0) -> dict:
+    """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder (the recipe it was
+    made with rebuilds the torch model); ``data`` defaults to the recipe's (or the bundled) evaluation set."""
+    from quantkit.data import open_data
+    from quantkit.eval import evaluate_export
+
+    folder = Path(out_dir)
+    if not (folder / "recipe.resolved.yaml").is_file():
+        raise UsageError(f"{folder} is not a quantkit export folder (no recipe.resolved.yaml): pass --out of an export")
+    recipe = load_recipe(folder / "recipe.resolved.yaml")
+    calib_path, default_eval = resolve_inputs(recipe)
+    data_path = data or default_eval
+    if not data_path:
+        raise UsageError("no evaluation data: pass --data DIR (COCO: annotations.json + images/)")
+    prepared = _prepared(recipe, None)
+    size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
+    _, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
+    return evaluate_export(data_path, recipe.evaluation, pp, prepared.fp32, str(folder / "model.onnx"),
+                           str(folder / "model.int8.onnx"), max_images=max_images)
+
+
+def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = None,
+              out_dir: str | Path | None = None, timing_cache: str | None = None) -> dict:
+    """Build a TensorRT engine from a Q/DQ ONNX here (needs TensorRT and a GPU); see ``engine.build_and_inspect``."""
+    from quantkit.engine import build_and_inspect
+    from quantkit.engine.builder import cuda_device
+    from quantkit.engine.local import installed_trt_version
+
+    p = Path(onnx_path)
+    if not p.is_file():
+        raise UsageError(f"{p} does not exist: pass an ONNX written by `quantkit export`")
+    installed_trt_version()  # fail with the install hint before anything else
+    name, _ = cuda_device()  # the build itself refuses a GPU that does not match --target
+    info = build_and_inspect(p, Path(out_dir) if out_dir else p.parent, target=target, batch=batch,
+                             timing_cache=timing_cache)
+    info["gpu"] = name
+    return info
+
+
+def run_lint(onnx_path: str | Path, *, strong: bool = False) -> tuple[bool, str]:
+    """Lint any Q/DQ ONNX against TensorRT's placement rules. Returns (has errors, printable findings)."""
+    import onnx
+
+    from quantkit.export.lint import Severity, format_findings, lint
+
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for unreadable files
+        raise UsageError(f"cannot read {onnx_path} as ONNX: {exc}") from exc
+    findings = lint(model, strong=strong)
+    text = format_findings(findings) if findings else f"{onnx_path}: no findings"
+    return any(f.severity is Severity.ERROR for f in findings), text
+
+
+def run_verify(out_dir: str | Path) -> list[str]:
+    """Problems found re-checking ``out_dir``'s files against its manifest.json (empty: all match)."""
+    from quantkit.report.manifest import verify
+
+    return verify(out_dir)
+
+
+def list_layers(model: str, num_classes: int | None = None) -> dict[str, str]:
+    """Quantizable layer name -> type of a registered model or ``file.py:factory`` (for skip patterns)."""
+    from quantkit import models, reparam
+    from quantkit.quant.insert import quantizable_layers
+
+    m, _ = models.build_model(model, num_classes=num_classes)
+    return quantizable_layers(reparam.reparameterize(m.eval()))
+
+
+def list_models() -> list[dict]:
+    """Registered models: name, exact parameter count (None with the reason when it cannot be built), input
+    size (height, width) and description."""
+    from quantkit import models
+
+    rows = []
+    for e in models.list_models():
+        try:  # exact counts, from the built module (raw, as super-gradients counts them)
+            count, why = models.count_parameters(models.build_model(e.name)[0]), None
+        except Exception as exc:  # noqa: BLE001 - a missing asset must not hide the other models
+            count, why = None, type(exc).__name__
+        rows.append({"name": e.name, "parameters": count, "error": why, "input_size": e.input_size,
+                     "description": e.description})
+    return rows

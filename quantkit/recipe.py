@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -17,10 +18,22 @@ from typing import Any, Mapping
 
 import yaml
 
+from quantkit.calibrate.methods import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibMethod, MethodSettings
 from quantkit.errors import UsageError
 
-CALIB_METHODS = ("max", "percentile", "entropy", "mse")
-EXPORT_TARGETS = ("weak", "strong")
+
+class ExportTarget(str, enum.Enum):
+    """Which Q/DQ graphs an export writes."""
+
+    WEAK = "weak"  # FP32 tensors + Q/DQ, opset 17: TensorRT --int8 --fp16 (8.6 .. 10.x)
+    STRONG = "strong"  # FP16 tensors + Q/DQ, opset 19: strongly typed builds (TensorRT >= 10.12, 11)
+
+
+class NmsFlavor(str, enum.Enum):
+    """How post-processing is appended to the ``*.nms.onnx`` graphs."""
+
+    ONNX = "onnx"  # ONNX NonMaxSuppression (TensorRT >= 10 builds it as INMSLayer)
+    EFFICIENT_NMS_TRT = "efficient_nms_trt"  # the TensorRT 8.6 plugin (deprecated since 10.12)
 
 
 @dataclass(frozen=True)
@@ -61,14 +74,19 @@ class CalibrationSpec:
     so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores)."""
 
     data: str | None = None
-    method: str = "entropy"
-    percentile: float = 99.99
-    num_bins: int = 2048
+    method: CalibMethod = CalibMethod.ENTROPY
+    percentile: float = DEFAULT_PERCENTILE
+    num_bins: int = DEFAULT_NUM_BINS
     batch_size: int = 8
     max_images: int = 0
     cache: str | None = None
     use_cache: bool = True
     deterministic: bool = True
+
+    @property
+    def settings(self) -> MethodSettings:
+        """The amax rule this section selects (validated when the recipe is built)."""
+        return MethodSettings(method=self.method, percentile=self.percentile, num_bins=self.num_bins)
 
 
 @dataclass(frozen=True)
@@ -95,12 +113,12 @@ class ExportSpec:
     build_engine.sh then builds."""
 
     opset: int = 17
-    targets: tuple[str, ...] = ("weak", "strong")
+    targets: tuple[ExportTarget, ...] = (ExportTarget.WEAK, ExportTarget.STRONG)
     parity_min_sqnr: float = 30.0
     engine: bool = False
     target: str = "t4"
     nms: bool = False
-    nms_flavor: str = "onnx"
+    nms_flavor: NmsFlavor = NmsFlavor.ONNX
     nms_score_threshold: float = 0.25
     nms_iou_threshold: float = 0.7
     nms_top_k: int = 1000
@@ -163,6 +181,8 @@ class Recipe:
 
 
 def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, enum.Enum):
+        return obj.value
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -194,6 +214,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if len(value) != len(args):
             raise UsageError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [m.value for m in hint]
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, str) and value in allowed:
+            return hint(value)
+        raise UsageError(f"{where} {value!r} is not one of: {', '.join(allowed)}")
     if hint is bool:
         if not isinstance(value, bool):
             raise UsageError(f"{where}: expected true or false, got {value!r}")
@@ -250,21 +277,14 @@ def recipe_from_dict(data: Mapping[str, Any] | None) -> Recipe:
 def validate(recipe: Recipe) -> Recipe:
     """Check value ranges and cross-field rules. Raises UsageError naming the field and the allowed values."""
     c = recipe.calibration
-    if c.method not in CALIB_METHODS:
-        raise UsageError(f"calibration.method '{c.method}' is not one of: {', '.join(CALIB_METHODS)}")
-    if not 0.0 < c.percentile <= 100.0:
-        raise UsageError(f"calibration.percentile must be in (0, 100], got {c.percentile}")
-    if c.num_bins < 128:
-        raise UsageError(f"calibration.num_bins must be >= 128, got {c.num_bins}")
+    try:
+        c.settings  # the calibrator's own bounds, checked once here at the edge
+    except UsageError as exc:
+        raise UsageError(f"calibration: {exc}") from None
     if c.batch_size < 1 or c.max_images < 0:
         raise UsageError("calibration.batch_size must be >= 1 and calibration.max_images >= 0")
-    for t in recipe.export.targets:
-        if t not in EXPORT_TARGETS:
-            raise UsageError(f"export.targets entry '{t}' is not one of: {', '.join(EXPORT_TARGETS)}")
-    if "weak" not in recipe.export.targets:
+    if ExportTarget.WEAK not in recipe.export.targets:
         raise UsageError("export.targets must include 'weak' (the strong variant is derived from it)")
-    if recipe.export.nms_flavor not in ("onnx", "efficient_nms_trt"):
-        raise UsageError(f"export.nms_flavor must be onnx or efficient_nms_trt, got {recipe.export.nms_flavor!r}")
     if recipe.export.opset not in (17, 18, 19, 20, 21):
         raise UsageError(f"export.opset must be 17..21, got {recipe.export.opset}")
     if recipe.input.size is not None and any(s < 32 or s % 32 for s in recipe.input.size):
@@ -330,4 +350,5 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
-__all__ = ["Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace"]
+__all__ = ["Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
+           "ExportTarget", "NmsFlavor"]

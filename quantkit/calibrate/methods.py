@@ -10,6 +10,10 @@ from enum import Enum
 
 from quantkit.errors import UsageError
 
+DEFAULT_PERCENTILE = 99.99  # percent of |x| kept unclipped by CalibMethod.PERCENTILE
+DEFAULT_NUM_BINS = 2048  # histogram bins spanning the first batch's range
+MIN_NUM_BINS = 128  # the entropy/mse search starts at bin 128 (pytorch-quantization's start_bin)
+
 
 class CalibMethod(str, Enum):
     """How an activation's amax is chosen from its collected histogram."""
@@ -21,16 +25,14 @@ class CalibMethod(str, Enum):
 
     @classmethod
     def parse(cls, value: "str | CalibMethod") -> "CalibMethod":
-        """Return the method named by ``value`` (case-insensitive); UsageError lists the allowed names."""
+        """Return the method named exactly by ``value`` (as recipes spell it); UsageError lists the names."""
         if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            try:
-                return cls(value.strip().lower())
-            except ValueError:
-                pass
-        allowed = ", ".join(m.value for m in cls)
-        raise UsageError(f"unknown calibration method {value!r}: use one of {allowed}")
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise UsageError(f"unknown calibration method {value!r}: use one of {allowed}") from None
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ class MethodSettings:
     """
 
     method: CalibMethod
-    percentile: float = 99.99
-    num_bins: int = 2048
-    start_bin: int = 128
+    percentile: float = DEFAULT_PERCENTILE
+    num_bins: int = DEFAULT_NUM_BINS
+    start_bin: int = MIN_NUM_BINS
     num_bits: int = 8
     unsigned: bool = False
 
@@ -58,8 +60,8 @@ class MethodSettings:
         object.__setattr__(self, "method", CalibMethod.parse(self.method))
         if not 0.0 < float(self.percentile) <= 100.0:
             raise UsageError(f"percentile must be in (0, 100], got {self.percentile}: e.g. 99.99")
-        if int(self.num_bins) < 16:
-            raise UsageError(f"num_bins must be >= 16, got {self.num_bins}: 2048 is the usual value")
+        if int(self.num_bins) < MIN_NUM_BINS:
+            raise UsageError(f"num_bins must be >= {MIN_NUM_BINS}, got {self.num_bins}: 2048 is the usual value")
         if not 1 <= int(self.start_bin) < int(self.num_bins):
             raise UsageError(
                 f"start_bin must be in [1, num_bins={self.num_bins}), got {self.start_bin}: 128 is the usual value"

@@ -19,6 +19,7 @@ import torch
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
 from quantkit.errors import DataError
+from quantkit.recipe import CalibrationSpec, PreprocessSpec  # noqa: F401 (annotations)
 
 
 @dataclass
@@ -108,3 +109,15 @@ def open_calibration_data(
     for f in files:  # fail before a long pass, not in the middle of it
         load_image(f)
     return CalibrationData(p, "images", preprocess, batch_size, files, None, (3, *preprocess.size))
+
+
+def open_data(path: str | Path, spec: "CalibrationSpec", preprocess: "PreprocessSpec",
+              size: tuple[int, int]) -> tuple[CalibrationData, Preprocess]:
+    """Open calibration data as a recipe describes it. Image folders are preprocessed at ``size`` (height,
+    width, pixels); a ``.npy`` is already preprocessed and its own spatial shape wins. Returns the data and the
+    preprocessing that evaluation must use to match it."""
+    pp = Preprocess.at_size(preprocess, size)
+    data = open_calibration_data(path, pp, spec.batch_size, spec.max_images)
+    if data.kind == "npy":
+        pp = Preprocess.at_size(preprocess, data.input_shape[1:])
+    return data, pp

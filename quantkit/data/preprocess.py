@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
 
+from quantkit.recipe import PreprocessSpec
+
 
 @dataclass(frozen=True)
-class Preprocess:
-    """How an RGB uint8 image becomes a float32 CHW model input.
+class Preprocess(PreprocessSpec):
+    """How an RGB uint8 image becomes a float32 CHW model input: the recipe's ``PreprocessSpec`` (letterbox,
+    pad_value, scale, mean, std: see there) at a resolved model input size.
 
     size: (height, width) of the model input in pixels.
-    letterbox: keep aspect ratio, pad to ``size`` with ``pad_value`` (centred); else plain resize.
-    scale: multiplier applied to uint8 values (1/255 by default).
-    mean, std: per-channel normalisation applied after ``scale``: ``(x*scale - mean) / std``.
     """
 
     size: tuple[int, int] = (640, 640)
-    letterbox: bool = True
-    pad_value: int = 114
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def at_size(cls, spec: PreprocessSpec, size: tuple[int, int]) -> "Preprocess":
+        """``spec`` applied at ``size`` (height, width) in pixels."""
+        return cls(size=tuple(size), **{f.name: getattr(spec, f.name) for f in fields(PreprocessSpec)})
 
     def as_dict(self) -> dict:
         return {

@@ -1,4 +1,6 @@
-"""ONNX export: torch -> ModelProto, Q/DQ passes, lint, strong (FP16) variant, NMS, parity.
+"""Export stage: torch -> ONNX, Q/DQ passes, lint, strongly typed (FP16) variant, NMS, parity.
+
+Entry: :func:`write_graphs` (calibrated ``QuantState`` -> checked ``Graphs`` written into the staging folder).
 
 ``quantkit.export`` is both this package and the public function ``quantkit.export(qmodel, out_dir)``: once the
 package is imported, the attribute ``quantkit.export`` is this module, so the module itself is made callable
@@ -7,6 +9,10 @@ and forwards to :func:`quantkit.api.export`.
 
 import sys
 import types
+
+from quantkit.export.graphs import write_graphs
+
+__all__ = ["write_graphs"]
 
 
 class _CallableModule(types.ModuleType):

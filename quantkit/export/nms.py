@@ -17,21 +17,16 @@ Boxes are corners (x1, y1, x2, y2) in pixels; scores are already activated (Sigm
 from __future__ import annotations
 
 import copy
-import enum
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.errors import ExportError, UsageError
+from quantkit.recipe import NmsFlavor
 
 OUTPUT_NAMES = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
 PREFIX = "nms/"
-
-
-class NmsFlavor(str, enum.Enum):
-    ONNX = "onnx"
-    EFFICIENT_NMS_TRT = "efficient_nms_trt"
 
 
 def append_nms(model: onnx.ModelProto, *, score_threshold: float, iou_threshold: float, top_k: int,

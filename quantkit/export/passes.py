@@ -4,9 +4,14 @@
 * :func:`fold_weight_quantize` — Q(float weight) -> int8 initializer feeding the DequantizeLinear, which stores
   weights at 1 byte each (the INT8 file is ~1/4 of FP32) and is the form TensorRT expects.
 * :func:`normalize` — strip doc strings, deterministic metadata, so the same inputs give identical bytes.
+
+Every pass returns a new ModelProto and leaves its input untouched (``@graph_pass`` copies it first), so a
+caller may keep the graph it passed in.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import onnx
@@ -15,6 +20,18 @@ from onnx import numpy_helper
 from quantkit.errors import ExportError
 
 
+def graph_pass(fn):
+    """Make ``fn`` (which edits the ModelProto it is given) a ModelProto -> new ModelProto pass."""
+    @functools.wraps(fn)
+    def run(model: onnx.ModelProto, *args, **kwargs) -> onnx.ModelProto:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return fn(copy, *args, **kwargs)
+    run.edits_in_place = fn
+    return run
+
+
+@graph_pass
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Move tensor-valued Constant nodes into graph initializers (names kept)."""
     g = model.graph
@@ -32,6 +49,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+@graph_pass
 def inline_initializer_identities(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewire ``Identity(initializer)`` nodes (the exporter's de-duplicated constants) to the initializer."""
     g = model.graph
@@ -72,6 +90,7 @@ def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np
     return np.clip(q, -128, 127).astype(np.int8)
 
 
+@graph_pass
 def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every QuantizeLinear whose input is an initializer by an int8 initializer.
 
@@ -101,9 +120,10 @@ def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = [n for n in g.node if id(n) not in removed_nodes]
     del g.node[:]
     g.node.extend(keep)
-    return remove_unused_initializers(model)
+    return remove_unused_initializers.edits_in_place(model)
 
 
+@graph_pass
 def remove_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
@@ -113,6 +133,7 @@ def remove_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+@graph_pass
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Deterministic bytes: strip doc strings, fixed producer fields, sorted initializers."""
     model.doc_string = ""
@@ -140,7 +161,7 @@ def qdq_summary(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def finalize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The INT8 export passes in order; checks the result with onnx.checker."""
+    """The INT8 export passes in order (on a copy); checks the result with onnx.checker."""
     model = normalize(fold_weight_quantize(inline_initializer_identities(constants_to_initializers(model))))
     onnx.checker.check_model(model)
     return model

@@ -7,11 +7,26 @@ to run (wall time, timestamps, cache hit or miss, host) lives in manifest.json's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from quantkit import __version__
-from quantkit.paths import display_path
 from quantkit.calibrate.driver import CalibrationResult, method_key
+from quantkit.export.passes import qdq_summary
+from quantkit.paths import display_path
 from quantkit.quant.tensor_quantizer import TensorQuantizer
+from quantkit.state import Graphs, QuantState
+
+
+@dataclass
+class ReportInputs:
+    """What one export's report is made of: the calibrated state, the checked graphs, the held-out evaluation
+    (None without data), the engine build (None unless ``--engine``) and the command line (for the manifest)."""
+
+    state: QuantState
+    graphs: Graphs
+    metrics: dict | None = None
+    engine: dict | None = None
+    command_line: list[str] = field(default_factory=list)
 
 
 def _r(v: float, nd: int = 6):
@@ -38,40 +53,41 @@ def layer_table(model, chosen_amax: dict[str, float]) -> list[dict]:
     return rows
 
 
-def build_report(*, recipe, model_info, model, data, pp, settings, calib: CalibrationResult, chosen_amax,
-                 cache_info, fp32_bytes, int8_bytes, qdq, fq_parity, fp32_parity, int8_vs_fp32, targets, metrics,
-                 seconds) -> dict:
-    """Assemble report.json's content (deterministic: no timings, no cache hit flag)."""
-    sizes = {"model.onnx": len(fp32_bytes), "model.int8.onnx": len(int8_bytes)}
-    if targets.get("strong"):
-        sizes["model.int8.strong.onnx"] = targets["strong"]["size_bytes"]
-    model_info = {**model_info, "int8_layers": len(model.layout.int8), "quantizable_layers": len(model.layout.layers)}
+def build_report(inputs: ReportInputs, seconds: float) -> dict:
+    """Assemble report.json's content (deterministic: no timings, no cache hit flag; those go to ``_run``)."""
+    state, graphs = inputs.state, inputs.graphs
+    recipe, model, data, cal = state.recipe, state.model, state.data, state.calibration
+    sizes = {"model.onnx": len(graphs.fp32_bytes), "model.int8.onnx": len(graphs.int8_bytes)}
+    if graphs.strong_report:
+        sizes["model.int8.strong.onnx"] = graphs.strong_report["size_bytes"]
+    model_info = {**model.info, "int8_layers": len(model.layout.int8), "quantizable_layers": len(model.layout.layers)}
     report = {
         "quantkit_version": __version__,
         "model": model_info,
-        "input": {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": pp.as_dict()},
+        "input": {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()},
         "calibration": {
-            "method": method_key(settings),
+            "method": method_key(recipe.calibration.settings),
             "data": display_path(data.source),
             "kind": data.kind,
-            "num_samples": calib.num_samples,
+            "num_samples": cal.result.num_samples,
             "data_fingerprint": data.fingerprint(),
-            "cache_key": cache_info["key"],
+            "cache_key": cal.cache["key"],
         },
-        "layers": layer_table(model, chosen_amax),
+        "layers": layer_table(model, cal.chosen_amax),
         "notes": list(model.layout.notes),
-        "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(int8_bytes) / len(fp32_bytes), 4), "qdq": qdq},
+        "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(graphs.int8_bytes) / len(graphs.fp32_bytes), 4),
+                 "qdq": qdq_summary(graphs.int8)},
         "parity": {
-            "int8_onnx_vs_torch_fakequant": fq_parity.as_dict(),
-            "fp32_onnx_vs_torch": fp32_parity.as_dict(),
-            "strong_onnx_vs_torch_fakequant": (targets.get("strong") or {}).get("parity_vs_fakequant"),
+            "int8_onnx_vs_torch_fakequant": graphs.fq_parity.as_dict(),
+            "fp32_onnx_vs_torch": graphs.fp32_parity.as_dict(),
+            "strong_onnx_vs_torch_fakequant": (graphs.strong_report or {}).get("parity_vs_fakequant"),
         },
-        "accuracy": {"int8_vs_fp32_sqnr_db": int8_vs_fp32.as_dict(), "sqnr_data": "calibration inputs"},
-        "lint": targets.get("lint", {}),
-        "evaluation": metrics,
-        "engine": targets.get("engine"),
+        "accuracy": {"int8_vs_fp32_sqnr_db": graphs.int8_vs_fp32.as_dict(), "sqnr_data": "calibration inputs"},
+        "lint": {name: [f.as_dict() for f in findings] for name, findings in graphs.lint.items()},
+        "evaluation": inputs.metrics,
+        "engine": inputs.engine,
     }
-    report["_run"] = {"seconds": round(seconds, 2), "cache_hit": cache_info["hit"], "cache_path": cache_info["path"]}
+    report["_run"] = {"seconds": round(seconds, 2), "cache_hit": cal.cache["hit"], "cache_path": cal.cache["path"]}
     return report
 
 
@@ -87,18 +103,57 @@ def calibration_json(calib: CalibrationResult, chosen_amax: dict[str, float], se
     }
 
 
-def write_reports(stage, recipe, report: dict, calib: CalibrationResult, command_line: list[str], *,
-                  settings=None, data=None, chosen_amax=None) -> None:
-    """Write every report file into the staging folder, manifest last (it hashes the others)."""
+def write_reports(stage, recipe, report: dict, command_line: list[str], *, calib: CalibrationResult | None = None,
+                  chosen_amax: dict[str, float] | None = None, data=None) -> None:
+    """Write every report file into the staging folder, manifest last (it hashes the others).
+    ``calibration.json`` is written when ``calib`` is given."""
     from quantkit.report.html import render_html
     from quantkit.report.manifest import build_manifest
     from quantkit.report.markdown import render_markdown
 
     run = report.pop("_run", {})
-    if settings is not None:
-        stage.write_json("calibration.json", calibration_json(calib, chosen_amax, settings, data))
+    if calib is not None:
+        stage.write_json("calibration.json", calibration_json(calib, chosen_amax, recipe.calibration.settings, data))
     stage.write_text("recipe.resolved.yaml", recipe.to_yaml())
     stage.write_json("report.json", report)
     stage.write_text("report.md", render_markdown(report))
     stage.write_text("report.html", render_html(report, stage.staging))
     stage.write_json("manifest.json", build_manifest(stage.staging, recipe, report, command_line, run))
+
+
+def add_selection_sections(stage, state: QuantState, report: dict) -> None:
+    """Latency estimate, sensitivity/selection, the full-INT8 accuracy row and the sensitivity plot."""
+    from quantkit.sensitivity import latency_estimate
+
+    report["latency_estimate"] = latency_estimate(state)
+    sel = state.selection.section if state.selection else None
+    report["sensitivity"] = sel
+    if not sel:
+        return
+    from quantkit.report.plots import sensitivity_bar_chart_bytes
+
+    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.selection.sensitivity))
+    report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
+    a = sel["analysis"]
+    ev = report.get("evaluation")
+    if ev and a.get("int8_map50_95") is not None:
+        ev["extra_rows"] = [{"label": "full INT8 before selection (torch fake-quant)",
+                             "map50_95": a["int8_map50_95"], "map50": a.get("int8_map50")}]
+
+
+def write(stage, inputs: ReportInputs) -> tuple[dict, list[str]]:
+    """The report stage's entry: build report.json's content, judge the recipe's gates, write every report
+    file (calibration.json, recipe.resolved.yaml, report.json/.md/.html, plots, manifest.json) into ``stage``.
+    Returns (report, gate failures)."""
+    import time
+
+    from quantkit.report.gates import check_gates, gates_section
+
+    state = inputs.state
+    report = build_report(inputs, seconds=time.perf_counter() - state.t0)
+    add_selection_sections(stage, state, report)
+    failures = check_gates(state.recipe, report)
+    report["gates"] = gates_section(state.recipe, failures)
+    write_reports(stage, state.recipe, report, inputs.command_line, calib=state.calibration.result,
+                  chosen_amax=state.calibration.chosen_amax, data=state.data)
+    return report, failures

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from quantkit.eval.sqnr import SqnrAccumulator
 from quantkit.quant.insert import set_precision
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.sensitivity.replay import Replayer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from quantkit.eval.coco import CocoDataset
+    from quantkit.state import QuantState
 
 
 class Metric(Enum):
@@ -148,7 +153,8 @@ def _set_layer(module: nn.Module, int8: bool) -> None:
             q.enable() if int8 else q.disable()
 
 
-def analyze(state, *, num_images: int = 16, dataset=None, progress: bool = True, chunk_size: int = 4) -> SensitivityResult:
+def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | None = None, progress: bool = True,
+            chunk_size: int = 4) -> SensitivityResult:
     """Measure every quantizable layer's damage and recovery (see the module docstring).
 
     state: a ``QuantState`` from ``quantize_recipe`` (calibrated). num_images: calibration inputs for SQNR.
@@ -258,7 +264,7 @@ def _preprocess(img, pp) -> np.ndarray:
     return preprocess_image(img, pp)[0]
 
 
-def _collect_dets(dets: dict, config, out, chunk, state) -> None:
+def _collect_dets(dets: dict, config, out, chunk, state: QuantState) -> None:
     """NMS the detector outputs of one eval chunk and file them under ``config``."""
     from quantkit.eval.detection import _unpack_outputs, predict_dataset
 
@@ -280,7 +286,8 @@ def _maps(dets: dict, dataset) -> dict:
 # ---- measuring one configuration (the verification step) ----------------------------------------------
 
 
-def make_measure(state, metric: Metric, *, num_images: int = 16, dataset=None) -> Callable[[set[str]], float]:
+def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16,
+                 dataset: CocoDataset | None = None) -> Callable[[set[str]], float]:
     """A callable ``measure(int8_layers) -> value`` for :func:`quantkit.sensitivity.select.choose_fp16_layers`.
 
     Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.

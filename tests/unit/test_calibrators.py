@@ -324,7 +324,9 @@ def test_max_collector_matches_pytorch_quantization():
 
 
 def test_method_parsing_and_settings_validation():
-    assert CalibMethod.parse("Entropy") is CalibMethod.ENTROPY
+    assert CalibMethod.parse("entropy") is CalibMethod.ENTROPY
+    with pytest.raises(UsageError):  # parsed as recipes spell it: one spelling everywhere
+        CalibMethod.parse("Entropy")
     assert CalibMethod.parse(CalibMethod.MSE) is CalibMethod.MSE
     with pytest.raises(UsageError, match="max, percentile, entropy, mse"):
         CalibMethod.parse("kl")

@@ -166,3 +166,21 @@ def _calibrated_input(model, c):
     st = MethodSettings(method="max")
     apply_calibration(q, run_calibration(q, batches, st, progress=False), st)
     return q, layout, batches
+
+
+def test_passes_return_new_graphs_and_leave_their_input_untouched():
+    from quantkit.export import passes
+
+    torch.manual_seed(0)
+    q, _, batches = _calibrated(Block().eval())
+    raw = export_onnx(q, batches[0][:1])
+    before = raw.SerializeToString()
+    for p in (passes.constants_to_initializers, passes.inline_initializer_identities, passes.fold_weight_quantize,
+              passes.remove_unused_initializers, passes.normalize, finalize_int8):
+        out = p(raw)
+        assert out is not raw and raw.SerializeToString() == before, p.__name__
+    # the passes did something: the input still has float weights feeding QuantizeLinear, the output int8 ones
+    def int8_weights(m):
+        return sum(t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1 for t in m.graph.initializer)
+
+    assert int8_weights(raw) == 0 and int8_weights(finalize_int8(raw)) == 6

@@ -248,7 +248,6 @@ def test_cli_writes_json_png_and_keeps_the_fragile_layer_fp16(tmp_path):
 
     from click.testing import CliRunner
 
-    import quantkit.cli_sensitivity  # noqa: F401  (registers the sub-command)
     from quantkit.cli import main
 
     (tmp_path / "net.py").write_text("import torch\nfrom torch import nn\nfrom quantkit.models.ops import Add\n\n"

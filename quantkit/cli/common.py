@@ -1,0 +1,78 @@
+"""What every sub-command shares: exit codes, logging, the error boundary, recipe overrides from options."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from quantkit.errors import QuantkitError, UsageError
+from quantkit.utils import interrupt
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_GATE, EXIT_CHECK = 0, 1, 2, 3, 4
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  internal error (a bug in quantkit: please report it with the command)
+  2  bad input or environment: the message names the fix; nothing was written
+  3  a gate failed (--max-drop, --min-sqnr): artifacts and report were written
+  4  verify/lint found problems"""
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log lines ``quantkit: ...`` to stderr; DEBUG with ``-v``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("quantkit: %(message)s"))
+    logger = logging.getLogger("quantkit")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def _fail(exc: BaseException) -> None:
+    if isinstance(exc, QuantkitError):
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        click.secho("interrupted: no partial output was left behind", fg="red", err=True)
+        sys.exit(130)
+    traceback.print_exc()
+    click.secho(f"internal error: {type(exc).__name__}: {exc} (a bug in quantkit; please report it)", fg="red", err=True)
+    sys.exit(EXIT_INTERNAL)
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Run a command's body, mapping every error to its exit code and one red line."""
+    interrupt.install()
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary maps every error to an exit code
+        _fail(exc)
+
+
+def yaml_str(s: str) -> str:
+    """``s`` as a single-quoted YAML scalar (so ``--set key=VALUE`` keeps it a string)."""
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def overrides(pairs) -> list[str]:
+    """``section.key=value`` strings for the options that were given (None = not given)."""
+    out = []
+    for key, value in pairs:
+        if value is not None:
+            out.append(f"{key}={yaml_str(value) if isinstance(value, str) else value}")
+    return out
+
+
+def one_model(model_arg: str | None, model_opt: str | None) -> str | None:
+    """The model given as MODEL or as --model (not two different ones)."""
+    if model_arg and model_opt and model_arg != model_opt:
+        raise UsageError("give the model either as MODEL or as --model, not both")
+    return model_arg or model_opt

@@ -1,0 +1,50 @@
+"""Sub-commands on an export folder's graphs: eval (held-out mAP) and build (TensorRT engine)."""
+
+from __future__ import annotations
+
+import click
+
+from quantkit.cli.common import run_guarded
+
+
+@click.command("eval", epilog="""\b
+Examples:
+  quantkit eval out/                                # bundled model: uses the bundled held-out set
+  quantkit eval out/ --data my_coco/ --json out_eval.json""")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(), help="COCO folder (annotations.json + images/); default: the recipe's.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
+@click.option("--max-images", type=int, default=0, show_default=True, help="Evaluate only the first N images (0 = all).")
+def eval_cmd(out_dir, data, json_path, max_images):
+    """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder, with one decode + NMS."""
+    def _run():
+        from quantkit.pipeline import run_eval
+        from quantkit.utils.atomic import atomic_write_json
+
+        results = run_eval(out_dir, data, max_images)
+        for key in ("fp32_torch", "fp32_onnx", "int8_onnx"):
+            click.echo(f"{key:<11} mAP50:95 {results[key]['map50_95']:.4f}  mAP50 {results[key]['map50']:.4f}")
+        click.echo(f"INT8 drop: {results['drop_map50_95_points']:.2f} mAP50:95 points")
+        if json_path:
+            atomic_write_json(json_path, results)
+    run_guarded(_run)
+
+
+@click.command("build", epilog="""\b
+Needs TensorRT (pip install 'quantkit[trt]') and an NVIDIA GPU. Without them it exits 2 and says so;
+every export folder also holds build_engine.sh, the equivalent trtexec command for the target GPU.""")
+@click.argument("onnx_path", type=click.Path(dir_okay=False))
+@click.option("--target", default="t4", show_default=True, help="GPU target: t4 (compute capability 7.5) or any.")
+@click.option("--batch", help="Dynamic batch min:opt:max, e.g. 1:8:32 (the ONNX must have a dynamic batch axis).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the engine (default: beside the ONNX).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file, reused and updated.")
+def build_cmd(onnx_path, target, batch, out_dir, timing_cache):
+    """Build a TensorRT engine from a Q/DQ ONNX (strongly typed for an FP16 graph on TensorRT >= 10.12)."""
+    def _run():
+        from quantkit.pipeline import run_build
+
+        info = run_build(onnx_path, target=target, batch=batch, out_dir=out_dir, timing_cache=timing_cache)
+        click.echo(f"engine: {info['engine']} ({info['typing']} typing, TensorRT {info['tensorrt']}, GPU {info['gpu']})")
+        for pr in info["precision_mismatches"]:
+            click.secho(f"precision: {pr}", fg="yellow", err=True)
+    run_guarded(_run)

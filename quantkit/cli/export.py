@@ -1,0 +1,107 @@
+"""``quantkit export``: options -> Recipe -> ``pipeline.run_export``; prints where the artifacts are."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from quantkit.cli.common import EXIT_CODES_HELP, one_model, overrides, run_guarded, setup_logging, yaml_str
+from quantkit.errors import UsageError
+from quantkit.recipe import CalibMethod
+
+EXPORT_EPILOG = """\b
+Examples:
+  quantkit export                                   # bundled tree detector + bundled calibration tiles
+  quantkit export yolo_nas_s --weights ckpt.pth --calib images/ --out out/
+  quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
+  quantkit export --recipe recipes/yolo_nas_s.yaml --set calibration.method=mse --out out/
+  quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
+
+\b
+Security: --model FILE.py:FACTORY imports and runs FILE.py (your code, with your permissions).
+Weights are loaded with torch.load(weights_only=True): files that need pickle code execution are refused.
+
+""" + EXIT_CODES_HELP
+
+METHODS = " | ".join(m.value for m in CalibMethod)
+
+
+@click.command("export", epilog=EXPORT_EPILOG)
+@click.argument("model_arg", metavar="[MODEL]", required=False)
+@click.option("--model", "model_opt", help="Registered model name (see `quantkit models`) or path/to/file.py:factory.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
+@click.option("--num-classes", type=int, help="Number of classes of the detection head.")
+@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
+@click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (must be empty unless --force).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field; repeatable.")
+@click.option("--method", help=f"Calibration method: {METHODS} [recipe default: entropy].")
+@click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640.")
+@click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32.")
+@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for mAP.")
+@click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
+@click.option("--max-drop", type=float, help="Budget in mAP50:95 points: with --eval, layers are kept FP16 "
+              "automatically to stay within it (sensitivity.auto); exit 3 if the exported model still exceeds it.")
+@click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and plot.")
+@click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
+@click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs.")
+@click.option("--no-cache", is_flag=True, help="Always recalibrate.")
+@click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
+@click.option("--target", help="Engine target GPU: t4 (default; compute capability 7.5) or any.")
+@click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("-v", "--verbose", is_flag=True)
+def export_cmd(**a):
+    """Quantize MODEL to INT8 and write FP32 / INT8 Q/DQ ONNX, report and manifest into --out."""
+    setup_logging(a["verbose"])
+    run_guarded(_export, a)
+
+
+def recipe_overrides(a: dict) -> list[str]:
+    """The ``--set`` strings equivalent to the export options that were given."""
+    sets = overrides((
+        ("model.name", one_model(a["model_arg"], a["model_opt"])), ("model.weights", a["weights"]),
+        ("model.num_classes", a["num_classes"]), ("calibration.data", a["calib"]),
+        ("calibration.method", a["method"]), ("input.batch", a["batch"]), ("evaluation.data", a["eval_data"]),
+        ("gates.max_drop", a["max_drop"]), ("gates.min_sqnr", a["min_sqnr"]), ("calibration.cache", a["calib_cache"]),
+        ("export.target", a["target"]),
+    ))
+    if a["input_size"]:
+        try:
+            h, w = (int(v) for v in a["input_size"].lower().split("x"))
+        except ValueError:
+            raise UsageError(f"--input-size {a['input_size']!r} must look like 640x640") from None
+        sets.append(f"input.size=[{h}, {w}]")
+    if a["skip"]:
+        sets.append("quantization.skip=[" + ", ".join(yaml_str(s) for s in a["skip"]) + "]")
+    for flag, setting in (("no_cache", "calibration.use_cache=false"), ("engine", "export.engine=true"),
+                          ("nms", "export.nms=true"), ("sensitivity_flag", "sensitivity.enabled=true")):
+        if a[flag]:
+            sets.append(setting)
+    return sets
+
+
+def _export(a: dict) -> None:
+    from quantkit.pipeline import run_export
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
+    result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv))
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    r = result.report
+    acc = r["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
+    par = r["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"]
+    click.echo(f"artifacts: {result.out_dir}/ ({', '.join(result.files)})")
+    click.echo(f"INT8 vs FP32 output SQNR: {acc} dB (calibration inputs); onnxruntime vs torch fake-quant: {par} dB")
+    click.echo(f"sizes: model.onnx {r['onnx']['sizes_bytes']['model.onnx']:,} B, model.int8.onnx "
+               f"{r['onnx']['sizes_bytes']['model.int8.onnx']:,} B (ratio {r['onnx']['int8_size_ratio']})")
+    ev = r.get("evaluation")
+    if ev:
+        click.echo(f"held-out mAP50:95 / mAP50: FP32 {ev['fp32_onnx']['map50_95']:.4f} / {ev['fp32_onnx']['map50']:.4f}"
+                   f"  INT8 {ev['int8_onnx']['map50_95']:.4f} / {ev['int8_onnx']['map50']:.4f}"
+                   f"  (drop {ev['drop_map50_95_points']:.2f} mAP50:95 points)")

@@ -1,0 +1,67 @@
+"""``quantkit sensitivity``: options -> Recipe -> ``pipeline.run_sensitivity``; prints the ranked table."""
+
+from __future__ import annotations
+
+import click
+
+from quantkit.cli.common import one_model, overrides, run_guarded, setup_logging
+from quantkit.errors import GateFailure, UsageError
+
+SENSITIVITY_EPILOG = """\b
+Examples:
+  quantkit sensitivity --out sens/                                # bundled detector, SQNR + held-out mAP
+  quantkit sensitivity yolo_nas_s --weights ckpt.pth --calib images/ --out sens/ --num-images 8
+  quantkit sensitivity --eval evaldata/trees_holdout --max-drop 0.5 --out sens/   # also pick FP16 layers
+  quantkit sensitivity --model net.py:build --calib data.npy --sqnr-floor 30 --out sens/
+
+\b
+Writes sensitivity.json (analysis, cost estimate, selection) and sensitivity.png into --out.
+Latencies are ESTIMATES from a T4 roofline model, not measurements."""
+
+
+@click.command("sensitivity", epilog=SENSITIVITY_EPILOG)
+@click.argument("model_arg", metavar="[MODEL]", required=False)
+@click.option("--model", "model_opt", help="Registered model name or path/to/file.py:factory.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
+@click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
+@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder for mAP sensitivities.")
+@click.option("--eval-images", type=int, default=8, show_default=True, help="Images of --eval used (0: all).")
+@click.option("--out", "out_dir", default="sensitivity", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (must be empty unless --force).")
+@click.option("--num-images", type=int, help="Calibration images for the SQNR sensitivities [recipe: 16].")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field.")
+@click.option("--max-drop", type=float, help="Choose FP16 layers so the measured mAP50:95 drop stays <= this (points).")
+@click.option("--sqnr-floor", type=float, help="Choose FP16 layers so the measured output SQNR stays >= this (dB).")
+@click.option("--top", type=int, default=15, show_default=True, help="Rows of the printed table and bars of the plot.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("-v", "--verbose", is_flag=True)
+def sensitivity_cmd(**a):
+    """Rank MODEL's layers by INT8 damage and recovery; estimate T4 latency; optionally choose FP16 layers."""
+    setup_logging(a["verbose"])
+    run_guarded(_sensitivity, a)
+
+
+def _sensitivity(a: dict) -> None:
+    from quantkit.pipeline import run_sensitivity
+    from quantkit.recipe import load_recipe
+
+    for opt, low in (("num_images", 1), ("eval_images", 0), ("top", 1)):
+        if a[opt] is not None and a[opt] < low:
+            raise UsageError(f"--{opt.replace('_', '-')} must be >= {low}")
+    sets = overrides((
+        ("model.name", one_model(a["model_arg"], a["model_opt"])), ("model.weights", a["weights"]),
+        ("calibration.data", a["calib"]), ("evaluation.data", a["eval_data"]),
+        ("sensitivity.num_images", a["num_images"]), ("gates.max_drop", a["max_drop"]),
+        ("sensitivity.sqnr_floor", a["sqnr_floor"]),
+    ))
+    recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
+    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], eval_images=a["eval_images"], top=a["top"])
+    click.echo(run.table)
+    for line in run.summary:
+        click.echo(line)
+    click.echo(f"written: {run.out_dir}/sensitivity.json, {run.out_dir}/sensitivity.png")
+    if run.met is False:
+        sel = run.doc["selection"]
+        raise GateFailure(f"no FP16 set found within {len(sel['measurements'])} measurements meets the budget "
+                          f"(last: {sel['measured']}); results written to {run.out_dir}")

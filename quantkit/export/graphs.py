@@ -1,0 +1,119 @@
+"""The export stage's entry: the FP32 and INT8 Q/DQ graphs (and the strongly typed and NMS variants) of a
+calibrated model, checked against the torch model in onnxruntime and linted, written into the staging folder.
+
+Nothing is written when a check fails: the graph does not mean what the fake-quant model computes (parity), or
+quantkit's own graph breaks a TensorRT placement rule (lint).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from quantkit.calibrate.driver import fixed_threads
+from quantkit.errors import ExportError
+from quantkit.export import parity
+from quantkit.export.lint import Severity, lint
+from quantkit.export.onnx_export import export_onnx
+from quantkit.export.passes import finalize_fp32, finalize_int8
+from quantkit.recipe import ExportTarget, NmsFlavor, parse_batch
+from quantkit.state import Graphs, QuantState
+
+log = logging.getLogger("quantkit")
+
+PARITY_SAMPLES = 16  # calibration inputs used for the parity / SQNR checks
+WORSE_THAN_TORCH_DB = 3.0  # how much further from FP32 than the fake-quant model a graph may be
+
+
+def write_graphs(stage, state: QuantState) -> Graphs:
+    """Export, check and write model.onnx, model.int8.onnx and (per the recipe) model.int8.strong.onnx and the
+    ``*.nms.onnx`` graphs into ``stage`` (a ``StagedOutput``). Raises ExportError, writing nothing, when a
+    check fails. Parity and SQNR figures are in dB on the first ``PARITY_SAMPLES`` calibration inputs."""
+    recipe, model, data = state.recipe, state.model, state.data
+    bmin, _, bmax = parse_batch(recipe.input.batch)
+    dynamic = bmin != bmax
+    example = next(data.batches(limit=1))[:1]
+    log.info("exporting ONNX (FP32 and INT8 Q/DQ)")
+    opset = recipe.export.opset
+    fp32_onnx = finalize_fp32(export_onnx(model.fp32, example, opset=opset, dynamic_batch=dynamic))
+    int8_onnx = finalize_int8(export_onnx(model.qmodel, example, opset=opset, dynamic_batch=dynamic))
+    fp32_bytes, int8_bytes = fp32_onnx.SerializeToString(), int8_onnx.SerializeToString()
+
+    log.info("checking parity in onnxruntime")
+    batches = list(data.batches(limit=PARITY_SAMPLES))
+    names = [o.name for o in int8_onnx.graph.output]
+    threads = 1 if recipe.calibration.deterministic else None  # measured figures independent of core count
+    with fixed_threads(threads):
+        refs = parity.References.of(model.fp32, model.qmodel, batches, names)
+        fq_parity, int8_vs_fp32 = refs.check(parity.session(int8_bytes, threads))
+        _, fp32_parity = refs.check(parity.session(fp32_bytes, threads))
+    check_parity(fq_parity, int8_vs_fp32, refs.quantization(), recipe.export.parity_min_sqnr)
+    stage.write_bytes("model.onnx", fp32_bytes)
+    stage.write_bytes("model.int8.onnx", int8_bytes)
+    graphs = Graphs(fp32_bytes=fp32_bytes, int8=int8_onnx, int8_bytes=int8_bytes, refs=refs, fq_parity=fq_parity,
+                    fp32_parity=fp32_parity, int8_vs_fp32=int8_vs_fp32)
+    graphs.lint["model.int8.onnx"] = lint(int8_onnx, strong=False)
+    with fixed_threads(threads):
+        if ExportTarget.STRONG in recipe.export.targets:
+            _write_strong(stage, graphs, threads)
+    errors = [f for findings in graphs.lint.values() for f in findings if f.severity is Severity.ERROR]
+    if errors:
+        raise ExportError("Q/DQ lint found errors in quantkit's own export (please report): "
+                          + "; ".join(f"{f.node}: {f.message}" for f in errors[:5]))
+    if recipe.export.nms:
+        graphs.nms = _write_nms(stage, recipe.export, graphs, batches[:1])
+    return graphs
+
+
+def check_parity(fq: parity.ParityResult, ort_q: parity.ParityResult, torch_q: parity.ParityResult,
+                 floor: float) -> None:
+    """Fail the export (nothing written) when the INT8 graph does not do what the fake-quant model does:
+    worst-output SQNR against it below ``floor`` dB, or further from FP32 than torch by more than 3 dB."""
+    worse = {n: torch_q.per_output[n] - ort_q.per_output[n] for n in ort_q.per_output}
+    if not fq.worst >= floor or max(worse.values()) > WORSE_THAN_TORCH_DB:
+        raise ExportError(
+            f"model.int8.onnx disagrees with the torch fake-quant model: worst output SQNR {fq.worst:.1f} dB "
+            f"(floor {floor} dB); INT8-vs-FP32 SQNR onnxruntime {ort_q.per_output} vs torch {torch_q.per_output}. "
+            "Nothing was written; please report this with the recipe"
+        )
+
+
+def _write_strong(stage, graphs: Graphs, threads: int | None) -> None:
+    """The strongly typed (FP16) variant, judged by its distance to FP32 against the fake-quant model's."""
+    from quantkit.export.strong import to_strongly_typed
+
+    strong = to_strongly_typed(graphs.int8)
+    strong_bytes = strong.SerializeToString()
+    sp, s_fp32 = graphs.refs.check(parity.session(strong_bytes, threads))
+    t_fp32 = graphs.refs.quantization()
+    # FP16 activations add their own rounding on top of INT8's: judge the strong graph by how far it is
+    # from FP32 compared with the fake-quant model, not by bit-level agreement with it.
+    worse = max(t_fp32.per_output[n] - s_fp32.per_output[n] for n in graphs.refs.names)
+    if worse > WORSE_THAN_TORCH_DB:
+        raise ExportError(f"model.int8.strong.onnx is {worse:.1f} dB further from FP32 than the fake-quant model "
+                          f"({s_fp32.per_output} vs {t_fp32.per_output}). Nothing was written")
+    stage.write_bytes("model.int8.strong.onnx", strong_bytes)
+    graphs.strong = strong
+    graphs.lint["model.int8.strong.onnx"] = lint(strong, strong=True)
+    graphs.strong_report = {"parity_vs_fakequant": sp.as_dict(), "vs_fp32": s_fp32.as_dict(),
+                            "size_bytes": len(strong_bytes)}
+
+
+def _write_nms(stage, spec, graphs: Graphs, sample: list[torch.Tensor]) -> dict:
+    """Write model.int8.nms.onnx (the recipe's flavor) and model.int8.strong.nms.onnx (ONNX NMS); check they run."""
+    from quantkit.export.nms import append_nms
+
+    kw = dict(score_threshold=spec.nms_score_threshold, iou_threshold=spec.nms_iou_threshold, top_k=spec.nms_top_k,
+              max_detections=spec.nms_max_detections)
+    weak = append_nms(graphs.int8, flavor=spec.nms_flavor, **kw)
+    if spec.nms_flavor is NmsFlavor.ONNX:  # onnxruntime has no EfficientNMS_TRT kernel: only ONNX NMS runs here
+        parity.run_session(parity.session(weak), sample[0].numpy())
+    stage.write_bytes("model.int8.nms.onnx", weak.SerializeToString())
+    out = {"weak": "model.int8.nms.onnx", "strong": None, "flavor": spec.nms_flavor.value}
+    if graphs.strong is not None:
+        strong_nms = append_nms(graphs.strong, flavor=NmsFlavor.ONNX, **kw)
+        parity.run_session(parity.session(strong_nms), sample[0].numpy())
+        stage.write_bytes("model.int8.strong.nms.onnx", strong_nms.SerializeToString())
+        out["strong"] = "model.int8.strong.nms.onnx"
+    return out

@@ -1,0 +1,96 @@
+"""The sensitivity stage's entry: per-layer analysis and, under a budget, the automatic FP16 choice.
+
+One implementation serves ``quantkit export`` (inside the pipeline) and ``quantkit sensitivity`` (the
+stand-alone command): the budget rule, the fixed FP16 layers and the verification are the same for both.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from quantkit.errors import UsageError
+from quantkit.recipe import Recipe, parse_batch
+from quantkit.state import QuantState, SensitivityOutcome
+
+log = logging.getLogger("quantkit")
+
+
+def example_batch(state: QuantState) -> torch.Tensor:
+    """One input repeated to the recipe's optimal batch size (for shape-based cost estimates)."""
+    x = next(state.data.batches(limit=1))[:1]
+    return x.expand(parse_batch(state.recipe.input.batch)[1], *x.shape[1:]).contiguous()
+
+
+def budget_of(recipe: Recipe, has_eval: bool) -> tuple[str, float] | None:
+    """The budget automatic selection works to: ("max_drop", mAP50:95 points) when ``gates.max_drop`` is set
+    and evaluation data exists, else ("sqnr_floor", dB) when ``sensitivity.sqnr_floor`` is set, else None."""
+    drop, floor = recipe.gates.max_drop, recipe.sensitivity.sqnr_floor
+    if drop is not None and has_eval:
+        return "max_drop", drop
+    if floor is not None:
+        return "sqnr_floor", floor
+    return None
+
+
+def analyze_and_select(state: QuantState, *, dataset=None, analyze_always: bool = False, progress: bool = True
+           ) -> SensitivityOutcome | None:
+    """Analyse per-layer sensitivity and, with a budget and ``sensitivity.auto``, keep layers FP16 so that the
+    measured result meets it. The chosen INT8 set replaces the recipe's selection on ``state.model``
+    (quantizers toggled, layout updated, a reason per FP16 layer).
+
+    dataset: a ``CocoDataset`` for mAP sensitivities and an mAP budget (None: SQNR only).
+    analyze_always: analyse even without a budget (``sensitivity.enabled``, or the ``sensitivity`` command).
+    Returns None when neither analysis nor selection was asked for; also sets ``state.selection``.
+    """
+    from quantkit.quant.insert import set_precision
+    from quantkit.sensitivity.analysis import Metric, analyze, make_measure
+    from quantkit.sensitivity.cost_model import layer_costs
+    from quantkit.sensitivity.select import choose_fp16_layers
+
+    recipe, s = state.recipe, state.recipe.sensitivity
+    budget = budget_of(recipe, dataset is not None) if s.auto else None
+    if recipe.gates.max_drop is not None and dataset is None and s.sqnr_floor is None and analyze_always:
+        raise UsageError("--max-drop needs evaluation data to measure mAP: pass --eval DATA (COCO folder), "
+                         "or give an SQNR floor (--sqnr-floor dB) instead")
+    if not (analyze_always or s.enabled or budget):
+        return None
+    layout = state.model.layout
+    log.info("sensitivity analysis over %d layers", len(layout.layers))
+    result = analyze(state, num_images=s.num_images, dataset=dataset, progress=progress)
+    costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
+    section = {"analysis": result.as_dict(), "selection": None,
+               "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
+    if budget:
+        fixed = [n for n in layout.layers if n not in layout.int8]
+        kind, value = budget
+        if kind == "max_drop":
+            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset)
+            sel = choose_fp16_layers(result, costs, max_drop_points=value, measure=measure, fixed_fp16=fixed)
+        else:
+            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images)
+            sel = choose_fp16_layers(result, costs, sqnr_floor_db=value, measure=measure, fixed_fp16=fixed)
+        set_precision(state.model.qmodel, set(sel.int8))
+        layout.int8 = [n for n in layout.layers if n in set(sel.int8)]
+        layout.reasons = dict(sel.reasons)
+        section["selection"] = sel.as_dict()
+        log.info("automatic selection: %d layer(s) kept FP16 (%s)", len(sel.fp16), ", ".join(sel.fp16) or "none")
+    state.selection = SensitivityOutcome(section=section, sensitivity=result, costs=costs, choice=sel if budget else None)
+    return state.selection
+
+
+def latency_estimate(state: QuantState) -> dict:
+    """Estimated T4 latency (roofline model, not measured), in ms, of FP16, full INT8 and the exported choice."""
+    from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, estimate_latency_ms, layer_costs
+
+    costs = state.selection.costs if state.selection else None
+    costs = costs or layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
+    layout = state.model.layout
+    ms = {"FP16 (no INT8)": estimate_latency_ms(costs, set()),
+          "full INT8": estimate_latency_ms(costs, set(layout.layers)),
+          "exported (hybrid)" if len(layout.int8) < len(layout.layers) else "exported": estimate_latency_ms(
+              costs, set(layout.int8))}
+    return {"ms": {k: round(v, 4) for k, v in ms.items()}, "batch": costs.batch, "label": ESTIMATE_LABEL,
+            "note": f"{ESTIMATE_LABEL}: per-layer FLOPs and bytes against T4 peaks (65 TFLOPS FP16, 130 TOPS INT8, "
+                    "320 GB/s) with one fitted efficiency factor; no fusion modelling. Measure on a T4 with build_engine.sh."}
