@@ -19,7 +19,8 @@ import onnx
 
 from quantkit.engine.builder import import_tensorrt
 from quantkit.errors import EngineError, UsageError
-from quantkit.export.lint import WEIGHTED_OPS, GraphIndex, _dq_of
+from quantkit.export.graph import GraphIndex, dq_of
+from quantkit.export.lint import WEIGHTED_OPS
 
 PRECISIONS = ("int8", "fp16", "fp32")
 _META = re.compile(r"\[ONNX Layer: (.*?)\]")
@@ -85,7 +86,7 @@ def intended_precisions(model: onnx.ModelProto, float_precision: str = "fp16") -
     out = {}
     for node in index.nodes:
         if node.op_type in WEIGHTED_OPS and node.name and len(node.input) > 1:
-            quantized = _dq_of(index, node.input[0]) is not None and _dq_of(index, node.input[1]) is not None
+            quantized = dq_of(index, node.input[0]) is not None and dq_of(index, node.input[1]) is not None
             out[node.name] = "int8" if quantized else float_precision
     return out
 

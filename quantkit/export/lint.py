@@ -37,7 +37,6 @@ from quantkit.export.lint_core import (
     node_label,
     rule,
 )
-from quantkit.export.lint_rules import _dq_of  # noqa: F401  (quantkit.engine.inspect imports it from here)
 
 
 def lint(model: onnx.ModelProto, *, strong: bool = False) -> list[Finding]:

@@ -1,22 +1,21 @@
 """The pieces shared by the lint driver (``lint``) and its rules (``lint_rules``).
 
-Op-type sets and FP16 limits, ``Severity``/``Finding``, ``GraphIndex`` (producer/consumer maps and constant
-lookup over one graph), small node helpers, and the ``rule`` decorator that registers a rule in ``RULES``.
+Op-type sets and FP16 limits, ``Severity``/``Finding``, small node helpers, and the ``rule`` decorator that
+registers a rule in ``RULES``. ``GraphIndex`` lives in ``quantkit.export.graph`` (shared with the strong
+conversion and engine inspection) and is re-exported here.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-Q_OP = "QuantizeLinear"
-DQ_OP = "DequantizeLinear"
+from quantkit.export.graph import DQ_OP, Q_OP, GraphIndex  # noqa: F401  (re-exported for the rules)
+
 # Layers whose inputs TensorRT wants quantized (data and weight); the value is the input index of the weight.
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 # Ops that need float resolution at the end of a detector; Q/DQ must not sit in front of them.
@@ -51,64 +50,6 @@ class Finding:
         """Plain JSON-ready dict (severity as its string value)."""
         return {"rule": self.rule, "severity": self.severity.value, "node": self.node, "message": self.message,
                 "fix": self.fix}
-
-
-class GraphIndex:
-    """Producer/consumer maps and constant lookup over one ONNX graph (read-only)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.graph = model.graph
-        self.nodes = list(self.graph.node)
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.nodes:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            for inp in node.input:
-                if inp:
-                    self.consumers[inp].append(node)
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.graph_outputs = {o.name for o in self.graph.output}
-        self._const_cache: dict[str, np.ndarray | None] = {}
-
-    def const(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or Constant-node output, else None."""
-        if name in self._const_cache:
-            return self._const_cache[name]
-        value = None
-        if name in self.initializers:
-            value = numpy_helper.to_array(self.initializers[name])
-        else:
-            node = self.producer.get(name)
-            if node is not None and node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        value = numpy_helper.to_array(attr.t)
-        self._const_cache[name] = value
-        return value
-
-    def const_dtype(self, name: str) -> int | None:
-        """ONNX elem type of a constant tensor, else None."""
-        if name in self.initializers:
-            return self.initializers[name].data_type
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return attr.t.data_type
-        return None
-
-    def producer_op(self, name: str) -> str | None:
-        node = self.producer.get(name)
-        return node.op_type if node is not None else None
-
-    def opset(self, domain: str = "") -> int:
-        for imp in self.model.opset_import:
-            if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
-                return imp.version
-        return 0
 
 
 def node_label(node: onnx.NodeProto) -> str:

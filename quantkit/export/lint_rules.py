@@ -27,6 +27,7 @@ from quantkit.export.lint_core import (
     node_label,
     rule,
 )
+from quantkit.export.graph import dq_of
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -35,12 +36,7 @@ def _qdq_nodes(index: GraphIndex) -> Iterator[onnx.NodeProto]:
     return (n for n in index.nodes if n.op_type in (Q_OP, DQ_OP))
 
 
-def _dq_of(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
-    """The DequantizeLinear producing ``tensor``, looking through Transpose/Reshape/Identity (weights)."""
-    node = index.producer.get(tensor)
-    while node is not None and node.op_type in ("Transpose", "Reshape", "Identity", "Unsqueeze", "Flatten"):
-        node = index.producer.get(node.input[0])
-    return node if node is not None and node.op_type == DQ_OP else None
+_dq_of = dq_of  # the rules' historical name
 
 
 def _is_weight_dq(index: GraphIndex, node: onnx.NodeProto) -> bool:
