@@ -41,9 +41,9 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, QuantkitError):
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(exc.exit_code)
-    if isinstance(exc, KeyboardInterrupt):
-        click.secho("interrupted: no partial output was left behind", fg="red", err=True)
-        sys.exit(130)
+    if isinstance(exc, KeyboardInterrupt):  # SIGINT or SIGTERM (utils.interrupt): 130 or 143
+        click.secho(f"interrupted ({interrupt.signal_name()}): no partial output was left behind", fg="red", err=True)
+        sys.exit(interrupt.exit_code())
     traceback.print_exc()
     click.secho(f"internal error: {type(exc).__name__}: {exc} (a bug in quantkit; please report it)", fg="red", err=True)
     sys.exit(EXIT_INTERNAL)
@@ -149,7 +149,8 @@ def _export(a: dict) -> None:
     if a["target"]:
         sets.append(f"export.target={_yaml_str(a['target'])}")
     recipe = load_recipe(a["recipe_path"], [*a["overrides"], *sets])
-    result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv))
+    result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
+                        recipe_path=a["recipe_path"])
     _print_summary(result)
 
 

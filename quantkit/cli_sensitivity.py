@@ -75,7 +75,10 @@ def _sensitivity(a: dict) -> None:
             sets.append(f"{key}={_yaml_str(value) if isinstance(value, str) else value}")
     recipe = load_recipe(a["recipe_path"], [*a["overrides"], *sets])
     out = Path(a["out_dir"])
-    check_output_dir(out, a["force"])
+    from quantkit.utils.preflight import run_inputs  # issue 17: never replace inputs or foreign files
+
+    inputs, own = run_inputs(recipe, recipe_path=a["recipe_path"]), ("sensitivity.json", "sensitivity.png")
+    check_output_dir(out, a["force"], inputs, own_files=own)
     state = quantize_recipe(recipe, progress=True)
     dataset = CocoDataset(state.eval_path, max_images=a["eval_images"] or None) if state.eval_path else None
     result = analyze(state, num_images=recipe.sensitivity.num_images, dataset=dataset, progress=True)
@@ -94,7 +97,7 @@ def _sensitivity(a: dict) -> None:
     doc = {"model": state.model_info, "sensitivity": result.as_dict(), "cost_model": costs.as_dict(),
            "selection": selection.as_dict() if selection else None}
     png = sensitivity_bar_chart_bytes(result, top=a["top"])
-    with StagedOutput(out, a["force"]) as stage:
+    with StagedOutput(out, a["force"], inputs, own_files=own) as stage:
         stage.write_json("sensitivity.json", doc)
         stage.write_bytes("sensitivity.png", png)
     click.echo(format_table(result, costs, a["top"]))

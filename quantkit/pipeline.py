@@ -22,10 +22,12 @@ from quantkit.data.calib import CalibrationData, open_calibration_data
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import ExportError, GateFailure, ModelError, UsageError
 from quantkit.export import parity
-from quantkit.export.artifacts import StagedOutput, check_output_dir
+from quantkit.export.artifacts import StagedOutput, resolve_target
 from quantkit.export.onnx_export import export_onnx
 from quantkit.export.passes import finalize_fp32, finalize_int8, qdq_summary
 from quantkit.recipe import Recipe, parse_batch
+from quantkit.utils.outlock import OutputLock
+from quantkit.utils.preflight import preflight, run_inputs
 from quantkit.stages import (PreparedModel, calibrate_cached, check_engine_possible, evaluate, latency_estimate,
                              prepare_model, prepare_module, sensitivity_and_selection, write_target_files)
 
@@ -112,14 +114,16 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: st
 
 
 def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
-                 command_line: list[str] | None = None) -> ExportResult:
+                 command_line: list[str] | None = None, inputs: list[str] | None = None) -> ExportResult:
     """Export a quantized state to ``out_dir`` atomically; checks parity, lint, gates."""
     recipe, model, data = state.recipe, state.model, state.data
     out_dir = Path(out_dir)
     bmin, bopt, bmax = parse_batch(recipe.input.batch)
     dynamic = not (bmin == bopt == bmax)
     example = next(data.batches(limit=1))[:1]
-    with StagedOutput(out_dir, force) as stage:
+    if inputs is None:  # issue 17: --out must never be, hold or sit inside an input of the run
+        inputs = run_inputs(recipe, calib=str(data.source), eval_path=state.eval_path)
+    with StagedOutput(out_dir, force, inputs) as stage:
         log.info("exporting ONNX (FP32 and INT8 Q/DQ)")
         fp32_onnx = finalize_fp32(export_onnx(model.fp32, example, opset=recipe.export.opset, dynamic_batch=dynamic))
         int8_onnx = finalize_int8(export_onnx(model.qmodel, example, opset=recipe.export.opset, dynamic_batch=dynamic))
@@ -163,17 +167,21 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
 
 
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
-               command_line: list[str] | None = None) -> ExportResult:
+               command_line: list[str] | None = None, recipe_path: str | None = None) -> ExportResult:
     """Run the whole pipeline for ``recipe`` and write the artifacts into ``out_dir`` atomically.
 
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
-    check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
+    calib, ev = resolve_inputs(recipe)
+    # issue 17: every path the run writes is checked before a long calibration, and --out is locked throughout
+    inputs = preflight(recipe, out_dir, force=force, recipe_path=recipe_path, calib=calib, eval_path=ev)
     check_engine_possible(recipe)
-    state = quantize_recipe(recipe, progress=progress)
-    state.selection_report = sensitivity_and_selection(state, progress=progress)
-    return export_state(state, out_dir, force=force, progress=progress, command_line=command_line)
+    with OutputLock(resolve_target(out_dir)):
+        state = quantize_recipe(recipe, progress=progress)
+        state.selection_report = sensitivity_and_selection(state, progress=progress)
+        return export_state(state, out_dir, force=force, progress=progress, command_line=command_line,
+                            inputs=inputs)
 
 
 def check_parity(fq, ort_q, torch_q, floor: float) -> None:

@@ -108,7 +108,7 @@ def _factory_from_file(path: Path, attr: str) -> Callable[..., nn.Module]:
     sys.modules[name] = module  # dataclasses and pickling inside the file need their module registered
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # user code: any exception is possible
+    except (Exception, SystemExit) as exc:  # user code: any exception is possible, sys.exit() included
         sys.modules.pop(name, None)
         raise ModelError(f"importing {path} failed with {type(exc).__name__}: {exc}; fix the file and retry") from exc
     factory = getattr(module, attr, None)
@@ -133,8 +133,8 @@ def _call_factory(factory: Callable[..., Any], spec: str, num_classes: int | Non
         model = factory(**kwargs)
     except QuantkitError:  # already names the fix (e.g. missing bundled weights)
         raise
-    except Exception as exc:  # user code
-        raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # user code; a sys.exit() there must not end quantkit silently
+        raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {exc}; fix the factory") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory for '{spec}' returned {type(model).__name__}, not a torch.nn.Module: return the model")
     return model

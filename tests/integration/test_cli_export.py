@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import onnx
@@ -161,29 +159,68 @@ def test_bad_inputs_exit_2_and_write_nothing(user_model, tmp_path, case):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left behind
 
 
-def test_interrupt_leaves_previous_output_intact(user_model, exported, tmp_path):
-    out, _ = exported
+def _previous_output(target):
+    import hashlib
+
+    target.mkdir()
+    (target / "old.txt").write_bytes(b"previous")
+    files = {"old.txt": {"sha256": hashlib.sha256(b"previous").hexdigest(), "size": 8}}
+    (target / "manifest.json").write_text(json.dumps({"schema": 1, "files": files}))
+    return {p.name: p.read_bytes() for p in target.iterdir()}
+
+
+@pytest.mark.parametrize("point, sig, code", [("calibration", "INT", 130), ("commit", "TERM", 143),
+                                              ("after_commit", "INT", 0)])  # "rename": tests/unit
+def test_interrupt_leaves_previous_output_or_finishes(user_model, tmp_path, point, sig, code):
+    """A signal at a known point (QUANTKIT_TEST_INTERRUPT: the process signals itself there): before the commit
+    the previous output stays and the exit is 128+signal; inside or after the commit the run finishes, exit 0."""
+    target = tmp_path / "prev"
+    before = _previous_output(target)
+    env = dict(os.environ, QUANTKIT_TEST_INTERRUPT=f"{point}:{sig}")
+    cmd = [sys.executable, "-m", "quantkit", *export_args(user_model, target, "--force", "--no-cache")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == code, res.stderr
+    if code:
+        assert "interrupted (SIG" + sig + ")" in res.stderr
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    else:
+        assert not (target / "old.txt").exists() and run("verify", str(target))[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]  # no staging, no .old, no lock file
+
+
+def test_force_never_deletes_inputs_and_refuses_before_calibrating(user_model, tmp_path):
     import shutil
 
-    target = tmp_path / "prev"
-    shutil.copytree(out, target)
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
-    env = dict(os.environ, QK_TEST_DELAY="0.4", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "quantkit", *export_args(user_model, target, "--force", "--no-cache")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    seen = ""
-    while time.time() < deadline:  # wait until it is calibrating, then interrupt
-        line = proc.stdout.readline()
-        seen += line
-        if "calibrating" in line or not line:
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode != 0, seen + rest
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prev.")]
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(user_model["npy"], data / "calib.npy")
+    m = dict(user_model, npy=str(data / "calib.npy"))
+    for out in (data, tmp_path):  # the data folder itself, and its parent
+        code, text = run(*export_args(m, out, "--force"))
+        assert code == 2 and "an input of this run" in text and "calibrating" not in text, text
+        assert (data / "calib.npy").read_bytes() == open(user_model["npy"], "rb").read()
+    code, text = run(*export_args(m, tmp_path / "x", "--recipe", str(data / "calib.npy")))
+    assert code == 2  # (not a YAML mapping) — and nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_second_concurrent_run_on_one_out_exits_2(user_model, tmp_path):
+    from quantkit.export.artifacts import resolve_target
+    from quantkit.utils.outlock import OutputLock
+
+    out = tmp_path / "new"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from quantkit.utils.outlock import "
+                               "OutputLock; OutputLock(sys.argv[1]).acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(resolve_target(out))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, text = run(*export_args(user_model, out))
+        assert code == 2 and "another quantkit run" in text and not out.exists(), text
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputLock(resolve_target(out)):  # the kernel dropped the killed holder's lock
+        pass
 
 
 def test_exception_mid_export_leaves_nothing(user_model, tmp_path, monkeypatch):

@@ -21,8 +21,13 @@ def latch():
 
 
 def _previous(out):
+    import hashlib
+    import json
+
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"previous")
+    (out / "model.onnx").write_bytes(b"previous")  # a previous quantkit output: its manifest lists every file
+    files = {"model.onnx": {"sha256": hashlib.sha256(b"previous").hexdigest(), "size": 8}}
+    (out / "manifest.json").write_text(json.dumps({"schema": 1, "files": files}))
 
 
 def test_swallowed_sigint_blocks_the_commit(tmp_path, latch):
