@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -162,6 +164,33 @@ class Recipe:
         return yaml.safe_dump(self.as_dict(), sort_keys=True, default_flow_style=False)
 
 
+MAX_RECIPE_NODES = 10_000  # a real recipe has ~100 values; YAML aliases can expand to billions
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 6, 6, 80, 80
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` bounded in depth and length, for messages about values that may be huge (YAML alias bombs)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_size(data: Any, where: str, limit: int = MAX_RECIPE_NODES) -> None:
+    """UsageError when ``data`` holds more than ``limit`` values counting repeats (aliases) — before any walk."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise UsageError(f"{where} holds more than {limit:,} values (YAML aliases expanding, or recursive): "
+                             "write the recipe out plainly, without repeated & / * references")
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 def _to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
@@ -188,36 +217,42 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UsageError(f"{where}: expected a list, got {value!r}")
+            raise UsageError(f"{where}: expected a list, got {short_repr(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], where) for v in value)
         if len(value) != len(args):
-            raise UsageError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+            raise UsageError(f"{where}: expected {len(args)} values, got {len(value)} ({short_repr(value)})")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if hint is bool:
         if not isinstance(value, bool):
-            raise UsageError(f"{where}: expected true or false, got {value!r}")
+            raise UsageError(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"{where}: expected an integer, got {value!r}")
+            raise UsageError(f"{where}: expected an integer, got {short_repr(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise UsageError(f"{where}: expected a number, got {short_repr(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise UsageError(f"{where}: expected a finite number, got {short_repr(value)}")
+        return number
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise UsageError(f"{where}: expected a string, got {value!r}")
+            raise UsageError(f"{where}: expected a string, got {short_repr(value)}")
         return value
     return value
 
 
 def _build_section(cls: type, data: Mapping[str, Any], section: str) -> Any:
     if not isinstance(data, Mapping):
-        raise UsageError(f"recipe section '{section}' must be a mapping, got {data!r}")
+        raise UsageError(f"recipe section '{section}' must be a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in fields(cls)]
     kwargs = {}
@@ -233,6 +268,7 @@ def _build_section(cls: type, data: Mapping[str, Any], section: str) -> Any:
 
 def recipe_from_dict(data: Mapping[str, Any] | None) -> Recipe:
     """Build and validate a Recipe from plain data (as loaded from YAML)."""
+    check_size(data, "recipe")
     data = dict(data or {})
     sections = {f.name: f for f in fields(Recipe)}
     hints = typing.get_type_hints(Recipe)
@@ -264,7 +300,7 @@ def validate(recipe: Recipe) -> Recipe:
     if "weak" not in recipe.export.targets:
         raise UsageError("export.targets must include 'weak' (the strong variant is derived from it)")
     if recipe.export.nms_flavor not in ("onnx", "efficient_nms_trt"):
-        raise UsageError(f"export.nms_flavor must be onnx or efficient_nms_trt, got {recipe.export.nms_flavor!r}")
+        raise UsageError(f"export.nms_flavor must be onnx or efficient_nms_trt, got {short_repr(recipe.export.nms_flavor)}")
     if recipe.export.opset not in (17, 18, 19, 20, 21):
         raise UsageError(f"export.opset must be 17..21, got {recipe.export.opset}")
     if recipe.input.size is not None and any(s < 32 or s % 32 for s in recipe.input.size):
@@ -272,7 +308,42 @@ def validate(recipe: Recipe) -> Recipe:
     parse_batch(recipe.input.batch)
     if recipe.gates.max_drop is not None and recipe.gates.max_drop < 0:
         raise UsageError("gates.max_drop must be >= 0 (mAP50:95 points)")
+    check_ranges(recipe)
     return recipe
+
+
+# (section, field): (lowest, highest, what the unit/range means). Integers and finite floats only reach here.
+RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
+    ("model", "num_classes"): (1, 100_000, "classes"),
+    ("preprocess", "pad_value"): (0, 255, "an 8-bit pixel value"),
+    ("calibration", "num_bins"): (128, 65_536, "histogram bins"),
+    ("calibration", "batch_size"): (1, 1024, "images per calibration batch"),
+    ("export", "parity_min_sqnr"): (0.0, 200.0, "dB"),
+    ("export", "nms_score_threshold"): (0.0, 1.0, "a score"),
+    ("export", "nms_iou_threshold"): (0.0, 1.0, "an IoU"),
+    ("export", "nms_top_k"): (1, 1_000_000, "boxes"),
+    ("export", "nms_max_detections"): (1, 1_000_000, "boxes"),
+    ("evaluation", "conf"): (0.0, 1.0, "a score"),
+    ("evaluation", "iou"): (0.0, 1.0, "an IoU"),
+    ("evaluation", "max_images"): (0, 10**9, "images, 0 = all"),
+    ("gates", "max_drop"): (0.0, 100.0, "mAP50:95 points"),
+    ("gates", "min_sqnr"): (-200.0, 200.0, "dB"),
+    ("sensitivity", "num_images"): (1, 100_000, "images"),
+    ("sensitivity", "sqnr_floor"): (-200.0, 200.0, "dB"),
+}
+
+
+def check_ranges(recipe: Recipe) -> None:
+    """Value ranges of numeric fields (``RANGES``, scale/std positive). UsageError naming the field and range."""
+    for (section, name), (lo, hi, unit) in RANGES.items():
+        value = getattr(getattr(recipe, section), name)
+        if value is not None and not lo <= value <= hi:
+            raise UsageError(f"{section}.{name} must be in [{lo}, {hi}] ({unit}), got {short_repr(value)}")
+    p = recipe.preprocess
+    if not p.scale > 0:
+        raise UsageError(f"preprocess.scale must be > 0 (pixel multiplier, e.g. 0.00392 = 1/255), got {p.scale}")
+    if not all(s > 0 for s in p.std):
+        raise UsageError(f"preprocess.std must be > 0 per channel (it divides), got {list(p.std)}")
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -306,8 +377,9 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
                              f"valid sections: {', '.join(data)}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise UsageError(f"--set {key}: cannot parse value {short_repr(raw)}: {short_repr(str(exc))}") from None
+        check_size(value, f"--set {key}")
         data[section][name] = value  # an unknown key is reported, with the valid ones, by recipe_from_dict
     return recipe_from_dict(data)
 
@@ -321,9 +393,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise UsageError(f"recipe file {p} does not exist: pass an existing YAML file (see recipes/)")
         try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise UsageError(f"recipe {p} is not valid YAML: {exc}") from None
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"recipe {p} is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML") from None
+        try:
+            data = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise UsageError(f"recipe {p} is not valid YAML: {short_repr(str(exc))}") from None
+        check_size(data, f"recipe {p}")
         if data is not None and not isinstance(data, Mapping):
             raise UsageError(f"recipe {p} must be a YAML mapping of sections")
         recipe = recipe_from_dict(data)
