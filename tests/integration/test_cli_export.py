@@ -204,6 +204,21 @@ def test_force_never_deletes_inputs_and_refuses_before_calibrating(user_model, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+@pytest.mark.parametrize("case", ["cache_dir_file", "out_under_file", "huge_input"])
+def test_environment_errors_exit_2_before_calibration(user_model, tmp_path, case):
+    (tmp_path / "afile").write_text("x")
+    env, out, extra = None, tmp_path / "out", []
+    if case == "cache_dir_file":
+        env, match = {"QUANTKIT_CACHE_DIR": str(tmp_path / "afile")}, "QUANTKIT_CACHE_DIR"
+    elif case == "out_under_file":
+        out, match = tmp_path / "afile" / "sub", "is a file, not a folder"
+    else:
+        extra, match = ["--input-size", "32000x32000"], "GiB of memory"
+    code, text = run(*export_args(user_model, out, *extra), env=env)
+    assert code == 2 and match in text and "calibrating" not in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_second_concurrent_run_on_one_out_exits_2(user_model, tmp_path):
     from quantkit.export.artifacts import resolve_target
     from quantkit.utils.outlock import OutputLock
