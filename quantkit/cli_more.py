@@ -29,15 +29,9 @@ def verify_cmd(out_dir):
 def lint_cmd(onnx_path, strong):
     """Check a Q/DQ ONNX graph against TensorRT's placement rules (exit 4 on errors)."""
     def _run():
-        import onnx
+        from quantkit.export.lint import format_findings, lint, load_for_lint
 
-        from quantkit.errors import UsageError
-        from quantkit.export.lint import format_findings, lint
-
-        try:
-            model = onnx.load(onnx_path)
-        except Exception as exc:  # noqa: BLE001 - onnx raises several types for unreadable files
-            raise UsageError(f"cannot read {onnx_path} as ONNX: {exc}") from exc
+        model = load_for_lint(onnx_path)  # issue 17: an empty or non-ONNX file is exit 2, not "no findings"
         findings = lint(model, strong=strong)
         click.echo(format_findings(findings) if findings else f"{onnx_path}: no findings")
         if any(f.severity == "error" for f in findings):
