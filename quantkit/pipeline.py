@@ -24,6 +24,7 @@ from quantkit.errors import ExportError, GateFailure, ModelError, UsageError
 from quantkit.export import parity
 from quantkit.export.artifacts import StagedOutput, resolve_target
 from quantkit.export.onnx_export import export_onnx
+from quantkit.models.checks import check_float32, check_outputs
 from quantkit.export.passes import finalize_fp32, finalize_int8, qdq_summary
 from quantkit.recipe import Recipe, parse_batch
 from quantkit.utils.outlock import OutputLock
@@ -100,12 +101,14 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: st
     prepared, info = prepare_model(recipe) if model is None else prepare_module(model, recipe)
     data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
     example = next(data.batches(limit=1))[:1]
+    check_float32(prepared.fp32)  # issue 17: a half/double model is told so, not to fix input.size
     try:
         with torch.no_grad():
-            prepared.fp32(example)
+            outputs = prepared.fp32(example)
     except (RuntimeError, ValueError) as exc:
         raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
                          "Set input.size (or the .npy shape) to what the model expects") from exc
+    check_outputs(outputs)  # issue 17: outputs need a batch axis
     settings = MethodSettings(method=recipe.calibration.method, percentile=recipe.calibration.percentile,
                               num_bins=recipe.calibration.num_bins)
     calib_result, cache_info = calibrate_cached(prepared, data, settings, recipe, progress=progress)
@@ -186,13 +189,10 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
 
 def check_parity(fq, ort_q, torch_q, floor: float) -> None:
     """Fail the export (nothing written) when the INT8 graph does not do what the fake-quant model does."""
-    worse = {n: torch_q.per_output[n] - ort_q.per_output[n] for n in ort_q.per_output}
-    if not fq.worst >= floor or max(worse.values()) > 3.0:
-        raise ExportError(
-            f"model.int8.onnx disagrees with the torch fake-quant model: worst output SQNR {fq.worst:.1f} dB "
-            f"(floor {floor} dB); INT8-vs-FP32 SQNR onnxruntime {ort_q.per_output} vs torch {torch_q.per_output}. "
-            "Nothing was written; please report this with the recipe"
-        )
+    problem = parity.parity_problem(fq, ort_q, torch_q, floor)  # issue 17: handles infinite SQNR (nothing INT8)
+    if problem:
+        raise ExportError(f"model.int8.onnx disagrees with the torch fake-quant model: {problem}. "
+                          "Nothing was written; please report this with the recipe")
 
 
 def add_selection_sections(stage, state: QuantState, report: dict) -> None:

@@ -162,7 +162,19 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     except Exception as exc:  # corrupt or non-torch file
         raise WeightsError(f"{path} is not a readable torch weights file ({type(exc).__name__}: {exc})") from exc
     state, section = _extract(obj, path)
+    _check_entries(state, path, section)
     return {_strip_module(k): v for k, v in state.items()}, section
+
+
+def _check_entries(state: Mapping[Any, torch.Tensor], path: Path, section: str) -> None:
+    """Names must be strings and tensors dense: anything else did not come from ``model.state_dict()``."""
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise WeightsError(f"{path} ({section}) has a key {k!r} of type {type(k).__name__}: a state_dict maps "
+                               "parameter names (strings) to tensors; save model.state_dict()")
+        if v.layout != torch.strided:
+            raise WeightsError(f"{path} ({section}): '{k}' is a {str(v.layout).replace('torch.', '')} tensor; "
+                               "quantkit loads dense weights: save {name: t.to_dense()} instead")
 
 
 def _is_tensor_map(obj: Any) -> bool:
