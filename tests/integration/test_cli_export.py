@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -376,3 +377,84 @@ def test_cached_calibration_equals_fresh_one_after_a_different_skip_list(user_mo
     full = json.loads((exported[0] / "calibration.json").read_text())["all_methods"]
     part = json.loads((tmp_path / "fresh" / "calibration.json").read_text())["all_methods"]
     assert full != part  # the skip list really changed the activations this checks
+
+
+ODD_NETS = '''
+import sys
+import torch
+from torch import nn
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, 1, 1)
+        self.c2 = nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.c2(y) + y  # the last op is a residual add
+
+
+class Scalar(Base):
+    def forward(self, x):
+        return super().forward(x).mean()
+
+
+def build():
+    torch.manual_seed(0)
+    return Base()
+
+def build_scalar():
+    return Scalar()
+
+def build_half():
+    return Base().half()
+
+def build_exit():
+    sys.exit(5)
+'''
+
+
+@pytest.mark.parametrize("case, code, expect", [
+    ("residual_last", 0, "INT8 vs FP32"), ("skip_all", 0, "INT8 vs FP32"), ("sqnr_floor_200", 0, "INT8 vs FP32"),
+    ("scalar_output", 2, "scalar"), ("half_model", 2, "model.float()"), ("sys_exit", 2, "SystemExit: 5")])
+def test_odd_models_export_or_exit_2(user_model, tmp_path, case, code, expect):
+    (tmp_path / "odd.py").write_text(ODD_NETS)
+    factory = {"scalar_output": "build_scalar", "half_model": "build_half", "sys_exit": "build_exit"}.get(case, "build")
+    extra = {"skip_all": ["--skip", "*"], "sqnr_floor_200": ["--set", "sensitivity.sqnr_floor=200"]}.get(case, [])
+    out = tmp_path / "out"
+    got, text = run("export", "--model", f"{tmp_path / 'odd.py'}:{factory}", "--calib", user_model["npy"],
+                    "--out", str(out), "--no-cache", *extra)
+    assert got == code and expect in text, text
+    if code == 0:
+        report = json.loads((out / "report.json").read_text())
+        assert all(not f for f in report["lint"].values()), report["lint"]
+        if case != "residual_last":  # nothing left INT8: the graph is the FP32 one, within float noise
+            assert report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"] in ("inf",) or \
+                float(report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]) > 100
+    else:
+        assert not out.exists()
+
+
+def test_16bit_png_calibration_matches_8bit(user_model, tmp_path):
+    """A folder of 16-bit PNGs calibrates exactly like the same pictures in 8 bits (it used to read as white)."""
+    from PIL import Image
+
+    from quantkit.data.images import list_images, load_image
+    from quantkit.paths import BUNDLED_CALIBRATION
+
+    for bits in (8, 16):
+        (tmp_path / f"c{bits}").mkdir()
+    for f in list_images(BUNDLED_CALIBRATION)[:8]:
+        gray = np.asarray(Image.fromarray(load_image(f)).convert("L").resize((64, 64)))
+        Image.fromarray(gray).save(tmp_path / "c8" / f"{f.stem}.png")
+        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "c16" / f"{f.stem}.png")
+    sqnr = {}
+    for bits in (8, 16):
+        code, text = run("export", "--model", user_model["spec"], "--weights", user_model["weights"], "--calib",
+                         str(tmp_path / f"c{bits}"), "--input-size", "64x64", "--out", str(tmp_path / f"o{bits}"),
+                         "--no-cache")
+        assert code == 0, text
+        sqnr[bits] = json.loads((tmp_path / f"o{bits}" / "report.json").read_text())["accuracy"]
+    assert sqnr[16] == sqnr[8] and float(sqnr[16]["int8_vs_fp32_sqnr_db"]["worst_db"]) > 15
