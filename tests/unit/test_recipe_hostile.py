@@ -9,7 +9,8 @@ import tracemalloc
 import pytest
 
 from quantkit.errors import UsageError
-from quantkit.recipe import RANGES, Recipe, apply_overrides, load_recipe, short_repr
+from quantkit.recipe import Recipe, apply_overrides, load_recipe
+from quantkit.recipe_limits import RANGES, short_repr
 
 BOMB = "\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
                  + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)])
