@@ -13,11 +13,12 @@ from quantkit.utils import interrupt
 
 @pytest.fixture
 def latch():
-    old = signal.getsignal(signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
     interrupt.install()
     yield
     interrupt.install()  # clears the request so later tests start clean
-    signal.signal(signal.SIGINT, old)
+    for s, h in old.items():
+        signal.signal(s, h)
 
 
 def _previous(out):
