@@ -22,8 +22,10 @@ from torch import nn
 
 from quantkit import paths
 from quantkit.errors import GateFailure, ModelError, UsageError
+from quantkit.models.checks import check_float32, check_outputs
 from quantkit.recipe import Recipe, load_recipe, parse_batch
 from quantkit.state import ExportResult, QuantState
+from quantkit.utils.preflight import preflight, run_inputs
 
 log = logging.getLogger("quantkit")
 
@@ -62,28 +64,35 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: st
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
     data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
     example = next(data.batches(limit=1))[:1]
+    check_float32(prepared.fp32)  # a half/double model is told so, not to fix input.size
     try:
         with torch.no_grad():
-            prepared.fp32(example)
+            outputs = prepared.fp32(example)
     except (RuntimeError, ValueError) as exc:
         raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
                          "Set input.size (or the .npy shape) to what the model expects") from exc
+    check_outputs(outputs)  # outputs need a batch axis
     calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress)
     return QuantState(recipe, prepared, data, pp, calibration, eval_path)
 
 
 def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
-                 command_line: list[str] | None = None) -> ExportResult:
-    """Export a quantized state to ``out_dir`` atomically; checks parity, lint, gates."""
+                 command_line: list[str] | None = None, inputs: list[str] | None = None) -> ExportResult:
+    """Export a quantized state to ``out_dir`` atomically; checks parity, lint, gates.
+
+    inputs: every path the run read (``--force`` never replaces a folder that is, holds or sits inside one);
+    None: the state's calibration and evaluation data and the recipe's files."""
     from quantkit import engine, export, report
     from quantkit.calibrate.driver import fixed_threads
     from quantkit.eval import evaluate_export
-    from quantkit.export.artifacts import StagedOutput
+    from quantkit.output import StagedOutput
 
     recipe, out_dir = state.recipe, Path(out_dir)
     batch = parse_batch(recipe.input.batch)
     threads = 1 if recipe.calibration.deterministic else None  # measured figures independent of core count
-    with StagedOutput(out_dir, force) as stage:
+    if inputs is None:
+        inputs = run_inputs(recipe, calib=str(state.data.source), eval_path=state.eval_path)
+    with StagedOutput(out_dir, force, inputs) as stage:
         graphs = export.write_graphs(stage, state)
         engine.write_build_script(stage, recipe, graphs, state.model, batch)
         built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
@@ -107,21 +116,26 @@ def _eval_dataset(state: QuantState, max_images: int):
 
 
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
-               command_line: list[str] | None = None) -> ExportResult:
+               command_line: list[str] | None = None, recipe_path: str | None = None) -> ExportResult:
     """Run the whole pipeline for ``recipe`` and write the artifacts into ``out_dir`` atomically.
 
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     from quantkit import engine, sensitivity
-    from quantkit.export.artifacts import check_output_dir
+    from quantkit.output import resolve_target
+    from quantkit.utils.outlock import OutputLock
 
-    check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
+    calib, ev = resolve_inputs(recipe)
+    # every path the run writes is checked before a long calibration, and --out is locked throughout
+    inputs = preflight(recipe, out_dir, force=force, recipe_path=recipe_path, calib=calib, eval_path=ev)
     engine.check_possible(recipe)
-    state = quantize_recipe(recipe, progress=progress)
-    dataset = _eval_dataset(state, recipe.evaluation.max_images)
-    sensitivity.analyze_and_select(state, dataset=dataset, progress=progress)
-    return export_state(state, out_dir, force=force, progress=progress, command_line=command_line)
+    with OutputLock(resolve_target(out_dir)):
+        state = quantize_recipe(recipe, progress=progress)
+        dataset = _eval_dataset(state, recipe.evaluation.max_images)
+        sensitivity.analyze_and_select(state, dataset=dataset, progress=progress)
+        return export_state(state, out_dir, force=force, progress=progress, command_line=command_line,
+                            inputs=inputs)
 
 
 @dataclass
@@ -137,17 +151,18 @@ class SensitivityRun:
 
 
 def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False, eval_images: int = 8,
-                    top: int = 15, progress: bool = True) -> SensitivityRun:
+                    top: int = 15, progress: bool = True, recipe_path: str | None = None) -> SensitivityRun:
     """Per-layer sensitivity of ``recipe``'s model, the T4 cost estimate and, with a budget, the FP16 choice;
     writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. ``eval_images``: evaluation
     images used for mAP sensitivities (0: all)."""
     from quantkit import sensitivity
-    from quantkit.export.artifacts import StagedOutput, check_output_dir
+    from quantkit.output import StagedOutput, check_output_dir
     from quantkit.report.plots import sensitivity_bar_chart_bytes
     from quantkit.sensitivity.table import format_summary, format_table
 
     out = Path(out_dir)
-    check_output_dir(out, force)
+    inputs, own = run_inputs(recipe, recipe_path=recipe_path), ("sensitivity.json", "sensitivity.png")
+    check_output_dir(out, force, inputs, own_files=own)  # never replace inputs or foreign files
     state = quantize_recipe(recipe, progress=progress)
     outcome = sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, eval_images),
                                              analyze_always=True, progress=progress)
@@ -155,7 +170,7 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     doc = {"model": state.model.info, "sensitivity": outcome.sensitivity.as_dict(),
            "cost_model": outcome.costs.as_dict(), "selection": choice.as_dict() if choice else None}
     png = sensitivity_bar_chart_bytes(outcome.sensitivity, top=top)
-    with StagedOutput(out, force) as stage:
+    with StagedOutput(out, force, inputs, own_files=own) as stage:
         stage.write_json("sensitivity.json", doc)
         stage.write_bytes("sensitivity.png", png)
     return SensitivityRun(out, doc, format_table(outcome.sensitivity, outcome.costs, top),
@@ -203,14 +218,9 @@ def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = 
 
 def run_lint(onnx_path: str | Path, *, strong: bool = False) -> tuple[bool, str]:
     """Lint any Q/DQ ONNX against TensorRT's placement rules. Returns (has errors, printable findings)."""
-    import onnx
+    from quantkit.export.lint import Severity, format_findings, lint, load_for_lint
 
-    from quantkit.export.lint import Severity, format_findings, lint
-
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types for unreadable files
-        raise UsageError(f"cannot read {onnx_path} as ONNX: {exc}") from exc
+    model = load_for_lint(onnx_path)  # an empty or non-ONNX file is exit 2, not "no findings"
     findings = lint(model, strong=strong)
     text = format_findings(findings) if findings else f"{onnx_path}: no findings"
     return any(f.severity is Severity.ERROR for f in findings), text

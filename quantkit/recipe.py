@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 
 from quantkit.calibrate.methods import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibMethod, MethodSettings
 from quantkit.errors import UsageError
+from quantkit.recipe_limits import check_ranges, check_size, short_repr
 
 
 class ExportTarget(str, enum.Enum):
@@ -208,11 +210,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UsageError(f"{where}: expected a list, got {value!r}")
+            raise UsageError(f"{where}: expected a list, got {short_repr(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], where) for v in value)
         if len(value) != len(args):
-            raise UsageError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+            raise UsageError(f"{where}: expected {len(args)} values, got {len(value)} ({short_repr(value)})")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         allowed = [m.value for m in hint]
@@ -220,31 +222,37 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value in allowed:
             return hint(value)
-        raise UsageError(f"{where} {value!r} is not one of: {', '.join(allowed)}")
+        raise UsageError(f"{where} {short_repr(value)} is not one of: {', '.join(allowed)}")
     if hint is bool:
         if not isinstance(value, bool):
-            raise UsageError(f"{where}: expected true or false, got {value!r}")
+            raise UsageError(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"{where}: expected an integer, got {value!r}")
+            raise UsageError(f"{where}: expected an integer, got {short_repr(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise UsageError(f"{where}: expected a number, got {short_repr(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise UsageError(f"{where}: expected a finite number, got {short_repr(value)}")
+        return number
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise UsageError(f"{where}: expected a string, got {value!r}")
+            raise UsageError(f"{where}: expected a string, got {short_repr(value)}")
         return value
     return value
 
 
 def _build_section(cls: type, data: Mapping[str, Any], section: str) -> Any:
     if not isinstance(data, Mapping):
-        raise UsageError(f"recipe section '{section}' must be a mapping, got {data!r}")
+        raise UsageError(f"recipe section '{section}' must be a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in fields(cls)]
     kwargs = {}
@@ -260,6 +268,7 @@ def _build_section(cls: type, data: Mapping[str, Any], section: str) -> Any:
 
 def recipe_from_dict(data: Mapping[str, Any] | None) -> Recipe:
     """Build and validate a Recipe from plain data (as loaded from YAML)."""
+    check_size(data, "recipe")
     data = dict(data or {})
     sections = {f.name: f for f in fields(Recipe)}
     hints = typing.get_type_hints(Recipe)
@@ -292,6 +301,7 @@ def validate(recipe: Recipe) -> Recipe:
     parse_batch(recipe.input.batch)
     if recipe.gates.max_drop is not None and recipe.gates.max_drop < 0:
         raise UsageError("gates.max_drop must be >= 0 (mAP50:95 points)")
+    check_ranges(recipe)
     return recipe
 
 
@@ -326,8 +336,9 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
                              f"valid sections: {', '.join(data)}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise UsageError(f"--set {key}: cannot parse value {short_repr(raw)}: {short_repr(str(exc))}") from None
+        check_size(value, f"--set {key}")
         data[section][name] = value  # an unknown key is reported, with the valid ones, by recipe_from_dict
     return recipe_from_dict(data)
 
@@ -341,9 +352,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise UsageError(f"recipe file {p} does not exist: pass an existing YAML file (see recipes/)")
         try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise UsageError(f"recipe {p} is not valid YAML: {exc}") from None
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"recipe {p} is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML") from None
+        try:
+            data = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise UsageError(f"recipe {p} is not valid YAML: {short_repr(str(exc))}") from None
+        check_size(data, f"recipe {p}")
         if data is not None and not isinstance(data, Mapping):
             raise UsageError(f"recipe {p} must be a YAML mapping of sections")
         recipe = recipe_from_dict(data)

@@ -20,6 +20,7 @@ from quantkit.calibrate.histogram import HistogramCollector, SharedBatchStats
 from quantkit.calibrate.methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, ModelError
 from quantkit.quant.tensor_quantizer import TensorQuantizer
+from quantkit.utils import interrupt
 
 PERCENTILES = (99.9, 99.99, 99.999)
 
@@ -121,6 +122,7 @@ def run_calibration(
                     "Pass data of the model's input size (input.size in the recipe) and channel count"
                 ) from exc
             n += batch.shape[0]
+            interrupt.test_point("calibration")
         percentiles = tuple(sorted({*PERCENTILES, settings.percentile}))
         result = CalibrationResult(num_samples=n)
         searched: dict[tuple, dict[str, float]] = {}  # quantizers fed the same tensor have equal histograms

@@ -38,9 +38,9 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, QuantkitError):
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(exc.exit_code)
-    if isinstance(exc, KeyboardInterrupt):
-        click.secho("interrupted: no partial output was left behind", fg="red", err=True)
-        sys.exit(130)
+    if isinstance(exc, KeyboardInterrupt):  # SIGINT or SIGTERM (utils.interrupt): 130 or 143
+        click.secho(f"interrupted ({interrupt.signal_name()}): no partial output was left behind", fg="red", err=True)
+        sys.exit(interrupt.exit_code())
     traceback.print_exc()
     click.secho(f"internal error: {type(exc).__name__}: {exc} (a bug in quantkit; please report it)", fg="red", err=True)
     sys.exit(EXIT_INTERNAL)

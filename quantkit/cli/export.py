@@ -88,7 +88,8 @@ def _export(a: dict) -> None:
     from quantkit.recipe import load_recipe
 
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
-    result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv))
+    result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
+                        recipe_path=a["recipe_path"])
     _print_summary(result)
 
 

@@ -56,7 +56,8 @@ def _sensitivity(a: dict) -> None:
         ("sensitivity.sqnr_floor", a["sqnr_floor"]),
     ))
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
-    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], eval_images=a["eval_images"], top=a["top"])
+    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], eval_images=a["eval_images"], top=a["top"],
+                          recipe_path=a["recipe_path"])
     click.echo(run.table)
     for line in run.summary:
         click.echo(line)

@@ -26,10 +26,30 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Decode ``path`` to an HWC uint8 RGB array."""
+    """Decode ``path`` to an HWC uint8 RGB array.
+
+    16-bit images (PNG ``I;16``, ``I``) are scaled to 8 bits (``v / 257``, rounded) instead of being clipped
+    at 255 — which turned them all white. Images beyond Pillow's decompression-bomb limit (~179 Mpx) and
+    float images are refused with a DataError naming the fix.
+    """
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                return _gray16_to_rgb8(np.asarray(im), path)
+            if im.mode == "F":
+                raise DataError(f"image {path} holds 32-bit floats: save it as an 8- or 16-bit PNG/JPEG")
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {path} is too large to decode safely ({exc}); downscale it (calibration resizes "
+                        "to the model's input size anyway)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {exc}. Remove or replace the corrupt file") from exc
+
+
+def _gray16_to_rgb8(arr: np.ndarray, path) -> np.ndarray:
+    wide = arr.astype(np.int64)
+    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+        raise DataError(f"image {path} holds 32-bit integers outside 0..65535: save it as an 8- or 16-bit image")
+    gray = ((wide * 2 + 257) // 514).astype(np.uint8)  # round(v / 257): 65535 -> 255, 257*k -> k exactly
+    return np.repeat(gray[..., None], 3, axis=-1)

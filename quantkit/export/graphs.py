@@ -23,7 +23,6 @@ from quantkit.state import Graphs, QuantState
 log = logging.getLogger("quantkit")
 
 PARITY_SAMPLES = 16  # calibration inputs used for the parity / SQNR checks
-WORSE_THAN_TORCH_DB = 3.0  # how much further from FP32 than the fake-quant model a graph may be
 
 
 def write_graphs(stage, state: QuantState) -> Graphs:
@@ -70,13 +69,10 @@ def check_parity(fq: parity.ParityResult, ort_q: parity.ParityResult, torch_q: p
                  floor: float) -> None:
     """Fail the export (nothing written) when the INT8 graph does not do what the fake-quant model does:
     worst-output SQNR against it below ``floor`` dB, or further from FP32 than torch by more than 3 dB."""
-    worse = {n: torch_q.per_output[n] - ort_q.per_output[n] for n in ort_q.per_output}
-    if not fq.worst >= floor or max(worse.values()) > WORSE_THAN_TORCH_DB:
-        raise ExportError(
-            f"model.int8.onnx disagrees with the torch fake-quant model: worst output SQNR {fq.worst:.1f} dB "
-            f"(floor {floor} dB); INT8-vs-FP32 SQNR onnxruntime {ort_q.per_output} vs torch {torch_q.per_output}. "
-            "Nothing was written; please report this with the recipe"
-        )
+    problem = parity.parity_problem(fq, ort_q, torch_q, floor)  # handles infinite SQNR (nothing INT8)
+    if problem:
+        raise ExportError(f"model.int8.onnx disagrees with the torch fake-quant model: {problem}. "
+                          "Nothing was written; please report this with the recipe")
 
 
 def _write_strong(stage, graphs: Graphs, threads: int | None) -> None:
@@ -89,8 +85,9 @@ def _write_strong(stage, graphs: Graphs, threads: int | None) -> None:
     t_fp32 = graphs.refs.quantization()
     # FP16 activations add their own rounding on top of INT8's: judge the strong graph by how far it is
     # from FP32 compared with the fake-quant model, not by bit-level agreement with it.
-    worse = max(t_fp32.per_output[n] - s_fp32.per_output[n] for n in graphs.refs.names)
-    if worse > WORSE_THAN_TORCH_DB:
+    # capped at FP16's own noise, so an infinite torch SQNR (nothing INT8) is not "inf dB worse"
+    worse = parity.sqnr_shortfall(t_fp32.per_output, s_fp32.per_output, parity.FP16_NOISE_DB)
+    if worse > parity.MAX_ORT_LOSS_DB:
         raise ExportError(f"model.int8.strong.onnx is {worse:.1f} dB further from FP32 than the fake-quant model "
                           f"({s_fp32.per_output} vs {t_fp32.per_output}). Nothing was written")
     stage.write_bytes("model.int8.strong.onnx", strong_bytes)

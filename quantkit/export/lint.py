@@ -39,6 +39,30 @@ from quantkit.export.lint_core import (
 )
 
 
+def load_for_lint(path) -> onnx.ModelProto:
+    """Read ``path`` as an ONNX model for ``quantkit lint``; UsageError when it is not one.
+
+    ``onnx.load`` parses an empty or unrelated file as an empty ModelProto without complaint (protobuf accepts
+    zero bytes), which would lint as "no findings": a model needs an opset import and at least one node.
+    """
+    from pathlib import Path
+
+    from quantkit.errors import UsageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p} does not exist or is not a file: pass an .onnx file")
+    if p.stat().st_size == 0:
+        raise UsageError(f"{p} is empty: pass an ONNX model written by `quantkit export`")
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # noqa: BLE001 - onnx/protobuf raise several types for unreadable files
+        raise UsageError(f"cannot read {p} as ONNX ({type(exc).__name__}): pass an .onnx file") from None
+    if not model.opset_import or not model.graph.node:
+        raise UsageError(f"{p} is not an ONNX model (no opset or no nodes): pass an .onnx file")
+    return model
+
+
 def lint(model: onnx.ModelProto, *, strong: bool = False) -> list[Finding]:
     """Check a Q/DQ graph against TensorRT's placement rules.
 
@@ -66,4 +90,4 @@ def format_findings(findings: list[Finding]) -> str:
 
 __all__ = ["DATA_MOVEMENT_OPS", "DQ_OP", "FP16_MAX", "FP16_MIN_NORMAL", "FP16_MIN_SUBNORMAL", "HEAD_OPS", "Q_OP", "RULES",
            "STRONG_MIN_OPSET", "WEIGHTED_OPS", "Finding", "GraphIndex", "RuleFn", "Severity", "format_findings",
-           "get_attr", "lint", "node_label", "rule"]
+           "get_attr", "lint", "load_for_lint", "node_label", "rule"]

@@ -32,8 +32,9 @@ from quantkit.export.graph import DQ_OP, Q_OP, GraphIndex
 from quantkit.export.lint import FP16_MAX, FP16_MIN_NORMAL, STRONG_MIN_OPSET, get_attr
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
-# Ops that must see float32 (ONNX NonMaxSuppression takes float only; the TRT plugin too).
-FP32_OPS = frozenset({"NonMaxSuppression", "EfficientNMS_TRT", "RoiAlign"})
+# Ops that must see float32 (ONNX NonMaxSuppression takes float only; the TRT plugin too; Range has no float16
+# type at any opset: a dynamic-batch detector decode builds its anchor grid with Range over float shapes).
+FP32_OPS = frozenset({"NonMaxSuppression", "EfficientNMS_TRT", "RoiAlign", "Range"})
 # (op, input index) slots typed tensor(float) even at opset 19.
 FLOAT32_SLOTS = frozenset({("Resize", 2)})
 
@@ -86,7 +87,7 @@ def convert_strongly_typed(model: onnx.ModelProto, *, keep_io_types: bool = True
     graph_outputs = {o.name for o in graph.output}
     direct32_outputs: set[str] = set()
     for node in graph.node:
-        if node.op_type in fp32_ops:
+        if node.op_type in fp32_ops and any(elem.get(i) == FLOAT for i in node.input if i):
             new_nodes.extend(_wrap_fp32(node, elem, keep32, graph_outputs if keep_io_types else set(),
                                         direct32_outputs))
             result.fp32_nodes.append(node.name)
@@ -148,9 +149,11 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _fp32_tensors(index: GraphIndex, fp32_ops: frozenset[str]) -> set[str]:
-    """Constants read only by FP32-only ops or float32-only slots: they stay float32."""
+    """Constants, and Casts to float32, read only by FP32-only ops or float32-only slots: they stay float32
+    (a shape cast to float for Range stays exact instead of a round trip through FP16)."""
     keep = set()
     names = set(index.initializers) | {n.output[0] for n in index.nodes if n.op_type == "Constant"}
+    names |= {n.output[0] for n in index.nodes if n.op_type == "Cast" and get_attr(n, "to") == FLOAT}
     for name in names:
         uses = [(c, k) for c in index.consumers.get(name, []) for k, i in enumerate(c.input) if i == name]
         if uses and all(c.op_type in fp32_ops or (c.op_type, k) in FLOAT32_SLOTS for c, k in uses):

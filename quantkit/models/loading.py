@@ -108,7 +108,7 @@ def _factory_from_file(path: Path, attr: str) -> Callable[..., nn.Module]:
     sys.modules[name] = module  # dataclasses and pickling inside the file need their module registered
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # user code: any exception is possible
+    except (Exception, SystemExit) as exc:  # user code: any exception is possible, sys.exit() included
         sys.modules.pop(name, None)
         raise ModelError(f"importing {path} failed with {type(exc).__name__}: {exc}; fix the file and retry") from exc
     factory = getattr(module, attr, None)
@@ -133,8 +133,8 @@ def _call_factory(factory: Callable[..., Any], spec: str, num_classes: int | Non
         model = factory(**kwargs)
     except QuantkitError:  # already names the fix (e.g. missing bundled weights)
         raise
-    except Exception as exc:  # user code
-        raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # user code; a sys.exit() there must not end quantkit silently
+        raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {exc}; fix the factory") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory for '{spec}' returned {type(model).__name__}, not a torch.nn.Module: return the model")
     return model
@@ -162,7 +162,19 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     except Exception as exc:  # corrupt or non-torch file
         raise WeightsError(f"{path} is not a readable torch weights file ({type(exc).__name__}: {exc})") from exc
     state, section = _extract(obj, path)
+    _check_entries(state, path, section)
     return {_strip_module(k): v for k, v in state.items()}, section
+
+
+def _check_entries(state: Mapping[Any, torch.Tensor], path: Path, section: str) -> None:
+    """Names must be strings and tensors dense: anything else did not come from ``model.state_dict()``."""
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise WeightsError(f"{path} ({section}) has a key {k!r} of type {type(k).__name__}: a state_dict maps "
+                               "parameter names (strings) to tensors; save model.state_dict()")
+        if v.layout != torch.strided:
+            raise WeightsError(f"{path} ({section}): '{k}' is a {str(v.layout).replace('torch.', '')} tensor; "
+                               "quantkit loads dense weights: save {name: t.to_dense()} instead")
 
 
 def _is_tensor_map(obj: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -78,28 +79,75 @@ def build_manifest(folder: Path, recipe, report: dict, command_line: list[str], 
     }
 
 
-def verify(folder: str | Path) -> list[str]:
-    """Re-check an output folder against its manifest. Returns a list of problems (empty when intact)."""
-    folder = Path(folder)
+def _load(folder: Path) -> dict:
+    """manifest.json of ``folder`` as a dict whose ``files`` maps plain names to {sha256, size}; UsageError else."""
     mpath = folder / MANIFEST
     if not mpath.is_file():
         raise UsageError(f"{folder} has no {MANIFEST}: pass a folder written by `quantkit export`")
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        return [f"{MANIFEST} is unreadable or malformed ({exc})"]
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{mpath} is not valid UTF-8 JSON ({type(exc).__name__}): re-export the folder") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise UsageError(f"{mpath} is malformed: 'files' must map file names to their sha256 and size; "
+                         "re-export the folder")
+    for name, meta in files.items():
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+                or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool)):
+            raise UsageError(f"{mpath} is malformed: entry {name[:80]!r} needs a sha256 string and an integer size; "
+                             "re-export the folder")
+    return manifest
+
+
+def _plain_name(name: str) -> bool:
+    """A file directly inside the folder: no separators, no '..', nothing hidden (exports write none)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name \
+        and not name.startswith(".")
+
+
+def listed_files(folder: str | Path) -> list[str]:
+    """The file names manifest.json of ``folder`` lists (UsageError when it is missing or malformed)."""
+    return list(_load(Path(folder))["files"])
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Re-check an output folder against its manifest. Returns a list of problems (empty when intact).
+
+    Judges only what is inside ``folder``: a listed name that is not a plain file name (``../x``, ``a/b``,
+    hidden) is a problem, never followed; anything present but not listed — subfolders, hidden files,
+    symlinks included — is a problem too. A malformed manifest is one problem; raises UsageError when there is none.
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise UsageError(f"{folder} has no {MANIFEST}: pass a folder written by `quantkit export`")
+    try:
+        files = _load(folder)["files"]
+    except UsageError as exc:
+        return [str(exc)]
     problems = []
     for name, meta in sorted(files.items()):
-        p = folder / name
-        if not p.is_file():
-            problems.append(f"{name}: listed in the manifest but missing")
+        if not _plain_name(name):
+            problems.append(f"{name[:200]!r}: not a plain file name inside the folder (not followed)")
             continue
-        if p.stat().st_size != meta.get("size"):
-            problems.append(f"{name}: size {p.stat().st_size} != manifest {meta.get('size')}")
-        elif sha256_file(p) != meta.get("sha256"):
+        p = folder / name
+        if p.is_symlink() or not p.is_file():
+            problems.append(f"{name}: listed in the manifest but missing" if not p.exists() and not p.is_symlink()
+                            else f"{name}: listed in the manifest but not a regular file")
+            continue
+        if p.stat().st_size != meta["size"]:
+            problems.append(f"{name}: size {p.stat().st_size} != manifest {meta['size']}")
+        elif sha256_file(p) != meta["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (modified after export)")
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".") and p.name not in files:
-            problems.append(f"{p.name}: present but not listed in the manifest")
+    for root, dirs, names in os.walk(folder):  # does not follow symlinked folders (reported as entries)
+        base = Path(root)
+        for n in sorted(dirs):
+            p = base / n
+            if p.is_symlink() or not any(p.iterdir()):
+                problems.append(f"{p.relative_to(folder).as_posix()}{'' if p.is_symlink() else '/'}: "
+                                "present but not listed in the manifest")
+        for n in sorted(names):
+            rel = (base / n).relative_to(folder).as_posix()
+            if rel != MANIFEST and not (rel in files and _plain_name(rel)):
+                problems.append(f"{rel}: present but not listed in the manifest")
     return problems

@@ -2,12 +2,11 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -161,29 +160,83 @@ def test_bad_inputs_exit_2_and_write_nothing(user_model, tmp_path, case):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left behind
 
 
-def test_interrupt_leaves_previous_output_intact(user_model, exported, tmp_path):
-    out, _ = exported
+def _previous_output(target):
+    import hashlib
+
+    target.mkdir()
+    (target / "old.txt").write_bytes(b"previous")
+    files = {"old.txt": {"sha256": hashlib.sha256(b"previous").hexdigest(), "size": 8}}
+    (target / "manifest.json").write_text(json.dumps({"schema": 1, "files": files}))
+    return {p.name: p.read_bytes() for p in target.iterdir()}
+
+
+@pytest.mark.parametrize("point, sig, code", [("calibration", "INT", 130), ("commit", "TERM", 143),
+                                              ("after_commit", "INT", 0)])  # "rename": tests/unit
+def test_interrupt_leaves_previous_output_or_finishes(user_model, tmp_path, point, sig, code):
+    """A signal at a known point (QUANTKIT_TEST_INTERRUPT: the process signals itself there): before the commit
+    the previous output stays and the exit is 128+signal; inside or after the commit the run finishes, exit 0."""
+    target = tmp_path / "prev"
+    before = _previous_output(target)
+    env = dict(os.environ, QUANTKIT_TEST_INTERRUPT=f"{point}:{sig}")
+    cmd = [sys.executable, "-m", "quantkit", *export_args(user_model, target, "--force", "--no-cache")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == code, res.stderr
+    if code:
+        assert "interrupted (SIG" + sig + ")" in res.stderr
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    else:
+        assert not (target / "old.txt").exists() and run("verify", str(target))[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]  # no staging, no .old, no lock file
+
+
+def test_force_never_deletes_inputs_and_refuses_before_calibrating(user_model, tmp_path):
     import shutil
 
-    target = tmp_path / "prev"
-    shutil.copytree(out, target)
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
-    env = dict(os.environ, QK_TEST_DELAY="0.4", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "quantkit", *export_args(user_model, target, "--force", "--no-cache")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    seen = ""
-    while time.time() < deadline:  # wait until it is calibrating, then interrupt
-        line = proc.stdout.readline()
-        seen += line
-        if "calibrating" in line or not line:
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode != 0, seen + rest
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prev.")]
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(user_model["npy"], data / "calib.npy")
+    m = dict(user_model, npy=str(data / "calib.npy"))
+    for out in (data, tmp_path):  # the data folder itself, and its parent
+        code, text = run(*export_args(m, out, "--force"))
+        assert code == 2 and "an input of this run" in text and "calibrating" not in text, text
+        assert (data / "calib.npy").read_bytes() == open(user_model["npy"], "rb").read()
+    code, text = run(*export_args(m, tmp_path / "x", "--recipe", str(data / "calib.npy")))
+    assert code == 2  # (not a YAML mapping) — and nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("case", ["cache_dir_file", "out_under_file", "huge_input"])
+def test_environment_errors_exit_2_before_calibration(user_model, tmp_path, case):
+    (tmp_path / "afile").write_text("x")
+    env, out, extra = None, tmp_path / "out", []
+    if case == "cache_dir_file":
+        env, match = {"QUANTKIT_CACHE_DIR": str(tmp_path / "afile")}, "QUANTKIT_CACHE_DIR"
+    elif case == "out_under_file":
+        out, match = tmp_path / "afile" / "sub", "is a file, not a folder"
+    else:
+        extra, match = ["--input-size", "32000x32000"], "GiB of memory"
+    code, text = run(*export_args(user_model, out, *extra), env=env)
+    assert code == 2 and match in text and "calibrating" not in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_second_concurrent_run_on_one_out_exits_2(user_model, tmp_path):
+    from quantkit.output import resolve_target
+    from quantkit.utils.outlock import OutputLock
+
+    out = tmp_path / "new"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from quantkit.utils.outlock import "
+                               "OutputLock; OutputLock(sys.argv[1]).acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(resolve_target(out))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, text = run(*export_args(user_model, out))
+        assert code == 2 and "another quantkit run" in text and not out.exists(), text
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputLock(resolve_target(out)):  # the kernel dropped the killed holder's lock
+        pass
 
 
 def test_exception_mid_export_leaves_nothing(user_model, tmp_path, monkeypatch):
@@ -324,3 +377,84 @@ def test_cached_calibration_equals_fresh_one_after_a_different_skip_list(user_mo
     full = json.loads((exported[0] / "calibration.json").read_text())["all_methods"]
     part = json.loads((tmp_path / "fresh" / "calibration.json").read_text())["all_methods"]
     assert full != part  # the skip list really changed the activations this checks
+
+
+ODD_NETS = '''
+import sys
+import torch
+from torch import nn
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, 1, 1)
+        self.c2 = nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.c2(y) + y  # the last op is a residual add
+
+
+class Scalar(Base):
+    def forward(self, x):
+        return super().forward(x).mean()
+
+
+def build():
+    torch.manual_seed(0)
+    return Base()
+
+def build_scalar():
+    return Scalar()
+
+def build_half():
+    return Base().half()
+
+def build_exit():
+    sys.exit(5)
+'''
+
+
+@pytest.mark.parametrize("case, code, expect", [
+    ("residual_last", 0, "INT8 vs FP32"), ("skip_all", 0, "INT8 vs FP32"), ("sqnr_floor_200", 0, "INT8 vs FP32"),
+    ("scalar_output", 2, "scalar"), ("half_model", 2, "model.float()"), ("sys_exit", 2, "SystemExit: 5")])
+def test_odd_models_export_or_exit_2(user_model, tmp_path, case, code, expect):
+    (tmp_path / "odd.py").write_text(ODD_NETS)
+    factory = {"scalar_output": "build_scalar", "half_model": "build_half", "sys_exit": "build_exit"}.get(case, "build")
+    extra = {"skip_all": ["--skip", "*"], "sqnr_floor_200": ["--set", "sensitivity.sqnr_floor=200"]}.get(case, [])
+    out = tmp_path / "out"
+    got, text = run("export", "--model", f"{tmp_path / 'odd.py'}:{factory}", "--calib", user_model["npy"],
+                    "--out", str(out), "--no-cache", *extra)
+    assert got == code and expect in text, text
+    if code == 0:
+        report = json.loads((out / "report.json").read_text())
+        assert all(not f for f in report["lint"].values()), report["lint"]
+        if case != "residual_last":  # nothing left INT8: the graph is the FP32 one, within float noise
+            assert report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"] in ("inf",) or \
+                float(report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]) > 100
+    else:
+        assert not out.exists()
+
+
+def test_16bit_png_calibration_matches_8bit(user_model, tmp_path):
+    """A folder of 16-bit PNGs calibrates exactly like the same pictures in 8 bits (it used to read as white)."""
+    from PIL import Image
+
+    from quantkit.data.images import list_images, load_image
+    from quantkit.paths import BUNDLED_CALIBRATION
+
+    for bits in (8, 16):
+        (tmp_path / f"c{bits}").mkdir()
+    for f in list_images(BUNDLED_CALIBRATION)[:8]:
+        gray = np.asarray(Image.fromarray(load_image(f)).convert("L").resize((64, 64)))
+        Image.fromarray(gray).save(tmp_path / "c8" / f"{f.stem}.png")
+        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "c16" / f"{f.stem}.png")
+    sqnr = {}
+    for bits in (8, 16):
+        code, text = run("export", "--model", user_model["spec"], "--weights", user_model["weights"], "--calib",
+                         str(tmp_path / f"c{bits}"), "--input-size", "64x64", "--out", str(tmp_path / f"o{bits}"),
+                         "--no-cache")
+        assert code == 0, text
+        sqnr[bits] = json.loads((tmp_path / f"o{bits}" / "report.json").read_text())["accuracy"]
+    assert sqnr[16] == sqnr[8] and float(sqnr[16]["int8_vs_fp32_sqnr_db"]["worst_db"]) > 15

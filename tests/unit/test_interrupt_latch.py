@@ -7,22 +7,28 @@ import signal
 
 import pytest
 
-from quantkit.export.artifacts import StagedOutput
+from quantkit.output import StagedOutput
 from quantkit.utils import interrupt
 
 
 @pytest.fixture
 def latch():
-    old = signal.getsignal(signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
     interrupt.install()
     yield
     interrupt.install()  # clears the request so later tests start clean
-    signal.signal(signal.SIGINT, old)
+    for s, h in old.items():
+        signal.signal(s, h)
 
 
 def _previous(out):
+    import hashlib
+    import json
+
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"previous")
+    (out / "model.onnx").write_bytes(b"previous")  # a previous quantkit output: its manifest lists every file
+    files = {"model.onnx": {"sha256": hashlib.sha256(b"previous").hexdigest(), "size": 8}}
+    (out / "manifest.json").write_text(json.dumps({"schema": 1, "files": files}))
 
 
 def test_swallowed_sigint_blocks_the_commit(tmp_path, latch):

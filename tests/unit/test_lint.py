@@ -274,3 +274,22 @@ def test_single_output_channel_per_channel_weight_is_not_flagged():
     apply_calibration(q, run_calibration(q, batches, st, progress=False), st)
     findings = lint(finalize_int8(export_onnx(q, batches[0][:1])))
     assert not [f for f in findings if f.rule == "weight-per-channel"], findings
+
+
+def test_residual_add_as_the_last_op_is_not_a_head_output():
+    """A model ending in conv(x) + x: the skip input's Q/DQ fuses into the conv epilogue (issue 17: quantkit's
+    own export of such a model failed its own lint). A Q/DQ straight on an output is still an error."""
+    g = GraphBuilder()
+    x = g.input("x", [1, 4, 6, 6])
+    (h,) = g.node("Relu", [g.conv(x, 4, 4)])
+    skip = g.qdq(h, 0.02)
+    w = (g.rng.standard_normal((4, 4, 3, 3)) / 6).astype(np.float32)
+    (y,) = g.node("Conv", [skip, g.qweight(w), g.init("b", np.zeros(4, np.float32))], "conv", pads=[1] * 4)
+    (a,) = g.node("Add", [y, skip], "add")
+    g.output("y", a, [1, 4, 6, 6])
+    assert findings_for(g.model(), "float-head") == []
+    g2 = GraphBuilder()
+    x = g2.input("x", [1, 4, 6, 6])
+    (a,) = g2.node("Add", [g2.qdq(g2.conv(x, 4, 4), 0.1), x], "add")  # Q/DQ on the conv output itself
+    g2.output("y", a, [1, 4, 6, 6])
+    assert [f.severity for f in findings_for(g2.model(), "float-head")] == [Severity.ERROR]

@@ -184,3 +184,27 @@ def test_float_only_slots_and_float_constant_forms():
     assert {t.name: t.data_type for t in strong.graph.initializer}[scales] == TensorProto.FLOAT
     x = {"x": np.random.default_rng(0).standard_normal((1, 2, 3, 3)).astype(np.float32)}
     np.testing.assert_allclose(run(strong, x)[0], run(model, x)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_range_over_a_float_shape_stays_float32():
+    """A dynamic-batch decode: grid = Range(0, float(W), 1) * stride + x. Range has no float16 type at any opset;
+    the conversion keeps it (and the Cast feeding it) float32 and the graph still matches FP32 in onnxruntime."""
+    g = GraphBuilder()
+    x = g.input("x", ["batch", 2, 3, 40])
+    (shape,) = g.node("Shape", [x], "shape")
+    (w,) = g.node("Gather", [shape, g.init("three", np.array(3, np.int64))], "w", axis=0)
+    (wf,) = g.node("Cast", [w], "wf", to=TensorProto.FLOAT)
+    (start,) = g.node("Constant", [], "start", value=numpy_helper.from_array(np.array(0.5, np.float32)))
+    (grid,) = g.node("Range", [start, wf, g.init("one", np.array(1.0, np.float32))], "range")
+    (scaled,) = g.node("Mul", [grid, g.init("stride", np.array(8.0, np.float32))], "mul")
+    (y,) = g.node("Add", [x, scaled], "add")
+    g.output("y", y, ["batch", 2, 3, 40])
+    model = g.model()
+    result = convert_strongly_typed(model)  # ran the full ONNX checker (it refused float16 Range before)
+    assert any("range" in n for n in result.fp32_nodes)
+    nodes = {n.name: n for n in result.model.graph.node}
+    assert next(a.i for a in nodes[[k for k in nodes if k.startswith("wf")][0]].attribute if a.name == "to") \
+        == TensorProto.FLOAT
+    for batch in (1, 3):
+        feed = {"x": np.random.default_rng(batch).standard_normal((batch, 2, 3, 40)).astype(np.float32)}
+        np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-3, atol=0.05)

@@ -1,0 +1,277 @@
+"""An output folder that appears whole or not at all, and never at the cost of the user's files.
+
+Artifacts are written into a hidden staging folder ``.NAME.partial-PID`` beside the target; only when every
+file is written is the staging folder renamed into place (the previous output is moved aside to
+``.NAME.old-PID`` first and deleted after). An exception, Ctrl-C or SIGTERM removes the staging folder, so the
+target holds either the previous complete output or the new one. Staging folders of runs that died (SIGKILL,
+power loss) are removed, or restored when they hold the only copy of the previous output, by the next run on
+the same target.
+
+What ``--force`` may replace (``check_output_dir``): only a previous quantkit output — a folder whose
+manifest.json lists every file in it — and never a folder that is, contains or lies inside one of the run's
+inputs (calibration/evaluation data, weights, recipe, model file, calibration cache). A symlinked ``--out`` is
+followed: the link's target is checked and replaced, the link itself stays. One run at a time writes a
+target (``quantkit.utils.outlock``): a second one fails with exit 2 instead of silently replacing the first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from quantkit.errors import UsageError
+from quantkit.utils import interrupt
+from quantkit.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from quantkit.utils.outlock import OutputLock
+
+PathLike = str | os.PathLike
+
+
+def resolve_target(out: PathLike) -> Path:
+    """The folder really written: ``out`` made absolute with every symlink followed (a link's target)."""
+    return Path(os.path.realpath(os.path.abspath(out)))
+
+
+def check_output_dir(out: PathLike, force: bool, inputs: Iterable[PathLike | None] = (),
+                     own_files: Iterable[str] | None = None) -> None:
+    """Refuse an output folder the run must not write or replace. Raises UsageError naming the fix.
+
+    ``inputs``: every path the run reads (calibration/evaluation data, weights, recipe, model .py file,
+    calibration cache file); ``--out`` must not be one, contain one, or lie inside an input folder — with or
+    without ``force``. A non-empty ``out`` needs ``force``, and then must be a previous output of ours: by
+    default a folder whose manifest.json lists every other file in it; ``own_files`` instead names the only
+    files a command writes (for commands without a manifest). The nearest existing parent must be a writable
+    folder (probed by creating a temporary folder there, which also catches read-only mounts and /sys).
+    """
+    target = resolve_target(out)
+    if target.parent == target:
+        raise UsageError(f"--out {out} is the file system root: pass a new folder such as ./out")
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if cwd == target or cwd.is_relative_to(target):
+        raise UsageError(f"--out {out} is the current folder or one of its parents: an export replaces --out as a "
+                         "whole, so pass a new folder such as ./out")
+    check_not_an_input(out, inputs)
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if probe == target and not target.is_dir():
+        raise UsageError(f"output path {out} is a file: pass a folder to --out")
+    if probe != target and not probe.is_dir():
+        raise UsageError(f"cannot create --out {out}: {probe} is a file, not a folder; choose another --out")
+    if probe == target:
+        _check_existing(target, out, force, own_files)
+        probe = target.parent
+    _probe_writable(probe, f"--out {out}")
+
+
+def check_not_an_input(out: PathLike, inputs: Iterable[PathLike | None]) -> None:
+    """UsageError when ``out`` is, contains, or lies inside a folder of, one of the run's ``inputs``."""
+    target = resolve_target(out)
+    for raw in inputs:
+        if raw is None or str(raw) == "":
+            continue
+        p = resolve_target(raw)
+        if p == target:
+            why = "is"
+        elif p.is_relative_to(target):
+            why = "contains"
+        elif p.is_dir() and target.is_relative_to(p):
+            why = "is inside"
+        else:
+            continue
+        raise UsageError(f"--out {out} {why} an input of this run ({raw}): quantkit would overwrite or delete it; "
+                         "choose an --out folder apart from the calibration/evaluation data, weights, recipe, "
+                         "model file and calibration cache")
+
+
+def _check_existing(target: Path, out: PathLike, force: bool, own_files: Iterable[str] | None) -> None:
+    try:
+        entries = sorted(target.iterdir())
+    except OSError as exc:
+        raise UsageError(f"cannot read output folder {out}: {exc.strerror}; choose another --out") from None
+    if not entries:
+        return
+    if not force:
+        raise UsageError(f"output folder {out} is not empty: pass --force to replace it, or choose another --out")
+    why = foreign_content(target, entries, own_files)
+    if why:
+        raise UsageError(f"--force replaces only a previous quantkit output, and {out} {why}; "
+                         "move those files away or choose another --out")
+
+
+def foreign_content(target: Path, entries: list[Path], own_files: Iterable[str] | None) -> str | None:
+    """Why ``target`` is not (only) a previous output of ours, or None when it is."""
+    from quantkit.report.manifest import MANIFEST, listed_files
+
+    if own_files is not None:
+        ours = set(own_files)
+    else:
+        if not (target / MANIFEST).is_file():
+            return f"has no {MANIFEST} (it was not written by `quantkit export`)"
+        try:
+            ours = set(listed_files(target)) | {MANIFEST}
+        except UsageError as exc:
+            return f"has an unreadable {MANIFEST} ({exc})"
+    extra = [e.name + ("/" if e.is_dir() else "") for e in entries
+             if e.name not in ours or e.is_symlink() or not e.is_file()]
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        return f"holds files quantkit did not write: {shown}"
+    return None
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".quantkit-probe-", dir=folder))
+    except OSError as exc:
+        raise UsageError(f"cannot write {what}: {folder} is not writable ({exc.strerror}); "
+                         "choose a writable folder") from None
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` beside ``target`` left by dead processes.
+
+    A stale ``.old`` while ``target`` is missing is the previous output of a run killed mid-commit: it is moved
+    back into place rather than deleted. Call with the target's lock held. Returns what was removed/restored.
+    """
+    done = []
+    prefix = f".{target.name}."
+    for p in sorted(target.parent.glob(f".{_glob_escape(target.name)}.*-*")):
+        kind, _, pid = p.name[len(prefix):].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists() and not target.is_symlink():
+            os.replace(p, target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        done.append(p)
+    return done
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from an earlier StagedOutput of this process that ended: safe to reuse
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StagedOutput:
+    """Context manager: ``with StagedOutput(out, force, inputs) as stage: stage.write_bytes("model.onnx", b)``.
+
+    Holds the target's lock from ``__enter__`` to the end of ``__exit__``; the new folder is committed on a
+    clean exit. See the module docstring for ``inputs`` and ``own_files``.
+    """
+
+    def __init__(self, out: PathLike, force: bool = False, inputs: Iterable[PathLike | None] = (),
+                 own_files: Iterable[str] | None = None):
+        self.out = Path(out)
+        self.force = force
+        self.inputs = list(inputs)
+        self.own_files = None if own_files is None else frozenset(own_files)
+        self.files: dict[str, Path] = {}
+        self.staging: Path | None = None
+        self.target: Path | None = None
+        self._lock: OutputLock | None = None
+
+    def __enter__(self) -> "StagedOutput":
+        check_output_dir(self.out, self.force, self.inputs, self.own_files)
+        self.target = resolve_target(self.out)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the parent folder of --out {self.out}: {exc.strerror}") from None
+        self._lock = OutputLock(self.target)
+        self._lock.acquire()
+        try:
+            check_output_dir(self.out, self.force, self.inputs, self.own_files)  # again, under the lock
+            remove_stale_staging(self.target)
+            interrupt.begin_output()
+            staging = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            self.staging = staging
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        self.files[name] = atomic_write_bytes(self.staging / name, data)
+        return self.files[name]
+
+    def write_text(self, name: str, text: str) -> Path:
+        self.files[name] = atomic_write_text(self.staging / name, text)
+        return self.files[name]
+
+    def write_json(self, name: str, obj) -> Path:
+        self.files[name] = atomic_write_json(self.staging / name, obj)
+        return self.files[name]
+
+    def commit(self) -> Path:
+        """Move the staging folder into place. Called on success only; refused after a Ctrl-C/SIGTERM.
+
+        The swap runs with SIGINT/SIGTERM deferred: a signal during or after it lets the run finish with the
+        new output in place (see utils.interrupt). A failed rename puts the previous output back.
+        """
+        interrupt.test_point("commit")
+        target, old = self.target, None
+        with interrupt.deferred():
+            if interrupt.requested():
+                raise KeyboardInterrupt("interrupted before the output was committed")
+            if target.exists():
+                _check_existing(target, self.out, self.force, self.own_files)  # changed while we worked?
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                shutil.rmtree(old, ignore_errors=True)
+                _rename(target, old, self.out)
+            try:
+                interrupt.test_point("rename")
+                os.replace(self.staging, target)
+            except OSError as exc:
+                if old is not None:
+                    os.replace(old, target)
+                raise UsageError(f"cannot move the new output into place at {self.out}: {exc.strerror}; "
+                                 "nothing was changed. Choose another --out") from None
+            self.staging = None
+            interrupt.mark_committed()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        interrupt.test_point("after_commit")
+        return self.out
+
+    def _release(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self._release()
+        return False
+
+
+def _rename(src: Path, dst: Path, out: PathLike) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        raise UsageError(f"cannot move the previous output {out} aside: {exc.strerror}; nothing was changed") from None
