@@ -120,3 +120,60 @@ def torch_fn(model: nn.Module):
 
 def onnx_fn(sess: ort.InferenceSession):
     return lambda b: run_session(sess, b.numpy())
+
+
+# ------------------------------------------------------------------------------------------- judging
+
+MAX_WORSE_DB = 3.0  # onnxruntime's INT8-vs-FP32 SQNR may be at most this much below torch's
+# Two float32 computations of one network agree to ~120-150 dB; above this, SQNR measures float rounding, not
+# quantization, so differences up there (including +inf against a large finite value) mean nothing.
+FLOAT_AGREEMENT_DB = 120.0
+# FP16 activations alone (no INT8) keep a network's outputs this close to FP32 or closer; a strong graph
+# that far from FP32 or closer is accepted whatever the fake-quant model's own (possibly tiny) error.
+FP16_NOISE_DB = 60.0
+
+
+def _capped(v: float) -> float:
+    return min(v, FLOAT_AGREEMENT_DB)
+
+
+def sqnr_shortfall(reference: ParityResult, test: ParityResult) -> dict[str, float]:
+    """Per output, how many dB ``test`` is below ``reference`` (both against FP32), capped at float agreement."""
+    return {n: _capped(reference.per_output[n]) - _capped(test.per_output[n]) for n in reference.per_output}
+
+
+def judge(layers, ort_vs_fp32: ParityResult, torch_vs_fp32: ParityResult, *,
+          max_worse_db: float = MAX_WORSE_DB) -> list[str]:
+    """Why model.int8.onnx does not mean what the fake-quant model means (empty list: it does).
+
+    ``layers`` is a :class:`quantkit.export.layer_parity.LayerParity` (or None when it could not run): every
+    structural disagreement and every layer off by more than rounding on the same input is a failure, the
+    first one in execution order first. Independently, onnxruntime's INT8-vs-FP32 SQNR must be within
+    ``max_worse_db`` of torch's at every output — rounding flips that cascade cost far less than that.
+    """
+    failures = list(layers.failures()) if layers is not None else []
+    worse = sqnr_shortfall(torch_vs_fp32, ort_vs_fp32)
+    bad = {n: w for n, w in worse.items() if not w <= max_worse_db}
+    if bad:
+        failures.append("INT8-vs-FP32 SQNR in onnxruntime is more than "
+                        f"{max_worse_db:g} dB below torch's: " + ", ".join(
+                            f"{n} {ort_vs_fp32.per_output[n]:.1f} vs {torch_vs_fp32.per_output[n]:.1f} dB" for n in bad))
+    return failures
+
+
+def strong_failure(torch_vs_fp32: ParityResult, strong_vs_fp32: ParityResult, *, max_worse_db: float = MAX_WORSE_DB,
+                   fp16_noise_db: float = FP16_NOISE_DB) -> str | None:
+    """Why the strong (FP16 + Q/DQ) graph is unacceptable, or None.
+
+    FP16 activations add their own rounding to INT8's, so the strong graph is judged by its distance from FP32
+    relative to noise: refused only when it is more than ``max_worse_db`` further from FP32 than the fake-quant
+    model AND further from FP32 than FP16 rounding alone would take a network (``fp16_noise_db``). A graph
+    83.7 dB from FP32 is accepted even when the fake-quant model is at 107.8 dB (random weights).
+    """
+    worse = sqnr_shortfall(torch_vs_fp32, strong_vs_fp32)
+    bad = [n for n, w in worse.items() if not (w <= max_worse_db or strong_vs_fp32.per_output[n] >= fp16_noise_db)]
+    if not bad:
+        return None
+    return ("model.int8.strong.onnx is further from FP32 than the fake-quant model by more than FP16 rounding "
+            "explains: " + ", ".join(f"{n} {strong_vs_fp32.per_output[n]:.1f} vs {torch_vs_fp32.per_output[n]:.1f} dB"
+                                     for n in bad))

@@ -16,6 +16,7 @@ from torch import fx, nn
 from quantkit.models.ops import Add, Concat
 
 _PASS_THROUGH = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.Identity, nn.GELU)
+_LINEAR_PASS = (nn.BatchNorm2d, nn.Identity)  # folded into the conv: the add can still fuse
 _CONV = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
@@ -26,21 +27,27 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, (Add, Concat)) or super().is_leaf_module(m, qualname)
 
 
-def _from_conv(modules: dict[str, nn.Module], node: fx.Node) -> bool:
-    """True when ``node`` is a conv output, possibly through BN/activation modules or relu functions."""
+def _conv_distance(modules: dict[str, nn.Module], node: fx.Node) -> int | None:
+    """0 when ``node`` is a conv output (through BN/Identity only), 1 when through activations too, else None.
+
+    TensorRT fuses an Add into the epilogue of the conv that feeds it directly, so that input is the "main" one.
+    """
+    through_act = 0
     while isinstance(node, fx.Node):
         if node.op == "call_module":
             m = modules[node.target]
             if isinstance(m, _CONV):
-                return True
+                return through_act
             if not isinstance(m, _PASS_THROUGH):
-                return False
+                return None
+            if not isinstance(m, _LINEAR_PASS):
+                through_act = 1
         elif node.op == "call_function" and node.target in (torch.relu, nn.functional.relu, nn.functional.silu):
-            pass
+            through_act = 1
         else:
-            return False
+            return None
         node = node.args[0] if node.args else None
-    return False
+    return None
 
 
 def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -64,13 +71,15 @@ def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
         if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
             continue
         a, b = node.args
-        a_conv = _from_conv(modules, a)
-        if not (a_conv or _from_conv(modules, b)):
+        da, db = _conv_distance(modules, a), _conv_distance(modules, b)
+        if da is None and db is None:
             continue
-        main, skip = (a, b) if a_conv else (b, a)
+        main, skip = (a, b) if db is None or (da is not None and da <= db) else (b, a)
         name = f"qk_add_{count}"
         count += 1
-        gm.add_submodule(name, Add())
+        add = Add()
+        gm.add_submodule(name, add)
+        modules[name] = add  # later adds look back through this one (chained residuals)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (main, skip))
         node.replace_all_uses_with(new)
