@@ -51,6 +51,11 @@ def prepare_model(recipe: Recipe) -> tuple[PreparedModel, dict]:
         "weights": os.path.basename(m.weights) if m.weights else None,
         "parameters": info.num_parameters,
     }
+    if info.random_init:  # issue 13: say loudly that a registered architecture runs on random weights
+        from quantkit.models.loading import RANDOM_INIT_NOTE
+
+        info_dict["random_init"] = True
+        info_dict["note"] = RANDOM_INIT_NOTE.format(name=info.name)
     size = getattr(model, "default_input_size", None) or info.input_size
     return prepare_module(model, recipe, info_dict, size)
 

@@ -266,3 +266,15 @@ def test_planted_fault_is_caught_and_named_by_layer(fault, expect, exported, cal
     assert expect in first.reason(), first.reason()
     assert [r.layer for r in lp.rows if r.disagrees] == [TARGET]  # named once, downstream layers not blamed
     assert any(TARGET in f for f in parity.judge(lp, _pr(out=30.0), _pr(out=30.0)))
+
+
+def test_registered_model_without_weights_is_loudly_random(caplog):
+    from quantkit.models.loading import build_model
+
+    with caplog.at_level("WARNING", logger="quantkit"):
+        _, info = build_model("yolo_nas_s")
+    assert info.random_init and "RANDOM initial weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantkit"):
+        _, info = build_model("trees")  # ships its trained weights
+    assert not info.random_init and "RANDOM" not in caplog.text
