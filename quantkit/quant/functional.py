@@ -50,19 +50,9 @@ def _conv_distance(modules: dict[str, nn.Module], node: fx.Node) -> int | None:
     return None
 
 
-def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Return (model, notes). Adds between two tensors become ``Add`` modules named ``qk_add_<i>``."""
-    if not any(isinstance(m, _CONV) for m in model.modules()):
-        return model, []
-    if any(isinstance(m, Add) for m in model.modules()):
-        return model, []  # the model marks its residual adds itself (our blocks do); keep its names
-    try:
-        gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
-    except Exception as exc:  # fx raises many types for untraceable code
-        return model, [
-            f"residual adds not exposed: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}); "
-            "functional adds stay in float. Use quantkit.models.ops.Add in the model to quantize them"
-        ]
+def _rewrite(model: nn.Module) -> tuple[nn.Module, int]:
+    """Trace ``model`` with torch.fx and turn its residual adds into ``Add`` modules. Raises when fx cannot trace."""
+    gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
     count = 0
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
@@ -84,11 +74,70 @@ def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
             new = gm.graph.call_module(name, (main, skip))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return gm, count
+
+
+def _rewrite_children(parent: nn.Module, prefix: str, stats: dict) -> None:
+    """Per-submodule fallback: rewrite every child fx can trace in place, recurse into those it cannot."""
+    for name, child in list(parent.named_children()):
+        qual = f"{prefix}{name}"
+        if isinstance(child, (Add, Concat)) or not any(isinstance(m, _CONV) for m in child.modules()):
+            continue
+        try:
+            gm, count = _rewrite(child)
+        except Exception:  # fx raises many types for untraceable code
+            stats["untraceable"].append(qual)
+            _rewrite_children(child, qual + ".", stats)
+            continue
+        if count:
+            setattr(parent, name, gm)
+            stats["adds"] += count
+            stats["traced"] += 1
+
+
+def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Return (model, notes). Adds between two tensors become ``Add`` modules named ``qk_add_<i>``.
+
+    Paths, recorded in the note: torch.fx over the whole model; when that fails (data-dependent control flow,
+    a detector's post-processing), torch.fx over each submodule it can trace, recursing into those it cannot,
+    so the residual blocks are still rewritten; adds in code fx cannot trace at any level stay float, named.
+    """
+    if not any(isinstance(m, _CONV) for m in model.modules()):
+        return model, []
+    if any(isinstance(m, Add) for m in model.modules()):
+        return model, []  # the model marks its residual adds itself (our blocks do); keep its names
+    try:
+        gm, count = _rewrite(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        stats = {"adds": 0, "traced": 0, "untraceable": []}
+        _rewrite_children(model, "", stats)
+        why = f"torch.fx cannot trace {type(model).__name__} as a whole ({type(exc).__name__})"
+        if not stats["adds"]:
+            return model, [f"residual adds not exposed: {why}, nor any submodule with adds; functional adds stay "
+                           "in float. Use quantkit.models.ops.Add in the model to quantize them"]
+        left = stats["untraceable"]
+        return model, [f"exposed {stats['adds']} functional residual add(s) as Add modules (qk_add_*) via torch.fx "
+                       f"per submodule ({stats['traced']} submodule(s) traced; {why})"
+                       + (f"; adds directly inside {', '.join(left[:5])}{' ...' if len(left) > 5 else ''} stay "
+                          "float (untraceable)" if left else "")]
     if count == 0:
         return model, []
-    gm.graph.lint()
-    gm.recompile()
     for attr in ("default_input_size",):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
-    return gm, [f"exposed {count} functional residual add(s) as Add modules (qk_add_*) via torch.fx"]
+    return gm, [f"exposed {count} functional residual add(s) as Add modules (qk_add_*) via torch.fx (whole model)"]
+
+
+def adds_path(notes: list[str]) -> str:
+    """Which path exposed the residual adds, from ``expose_residual_adds``'s notes (for reports and the zoo)."""
+    for n in notes:
+        if "via torch.fx per submodule" in n:
+            return "fx per submodule"
+        if "via torch.fx (whole model)" in n:
+            return "fx"
+        if n.startswith("residual adds not exposed"):
+            return "none (untraceable)"
+    return "not needed"

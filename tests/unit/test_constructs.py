@@ -278,3 +278,24 @@ def test_registered_model_without_weights_is_loudly_random(caplog):
     with caplog.at_level("WARNING", logger="quantkit"):
         _, info = build_model("trees")  # ships its trained weights
     assert not info.random_init and "RANDOM" not in caplog.text
+
+
+def test_untraceable_model_falls_back_to_tracing_its_blocks():
+    from quantkit.models.ops import Add
+    from quantkit.quant.functional import adds_path, expose_residual_adds
+
+    class Routed(nn.Module):  # data-dependent branch at the top, as detectors' post-processing has
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.Sequential(*[seeded(TinyMobileNetV2).features[1] for _ in range(2)])
+
+        def forward(self, x):
+            y = self.blocks(self.stem(x))
+            return y if bool(y.mean() > -1e9) else -y
+
+    model, notes = expose_residual_adds(seeded(Routed))
+    assert adds_path(notes) == "fx per submodule", notes
+    assert sum(isinstance(m, Add) for m in model.modules()) == 2
+    x = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(model(x), seeded(Routed)(x))  # same function after the rewrite
