@@ -154,7 +154,8 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
             int8_bytes=int8_bytes, qdq=qdq_summary(int8_onnx), fq_parity=fq_parity, fp32_parity=fp32_parity,
             int8_vs_fp32=int8_vs_fp32, targets=targets, metrics=metrics, seconds=time.perf_counter() - state.t0,
         )
-        report["parity_layers"] = layers.as_dict()  # issue 13: per-layer table (lead: move into build_report)
+        # issue 13: per-layer table and torch's INT8-vs-FP32 beside onnxruntime's (lead: move into build_report)
+        report["parity_layers"] = {**layers.as_dict(), "torch_int8_vs_fp32_sqnr_db": refs.quantization().as_dict()}
         add_selection_sections(stage, state, report)
         gate_failures = check_gates(recipe, report)
         report["gates"] = {"max_drop": recipe.gates.max_drop, "min_sqnr": recipe.gates.min_sqnr,
