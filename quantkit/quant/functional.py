@@ -93,6 +93,12 @@ def _rewrite_children(parent: nn.Module, prefix: str, stats: dict) -> None:
             _rewrite_children(child, qual + ".", stats)
             continue
         if count:
+            # plain attributes the parent's forward may read from its children (Ultralytics routes its layers by
+            # ``m.f`` / ``m.i``) survive the swap
+            for key, value in vars(child).items():
+                if not key.startswith("_") and not hasattr(gm, key) and isinstance(
+                        value, (bool, int, float, str, list, tuple, type(None))):
+                    setattr(gm, key, value)
             setattr(parent, name, gm)
             stats["adds"] += count
             stats["traced"] += 1
@@ -121,8 +127,8 @@ def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
         left = stats["untraceable"]
         return model, [f"exposed {stats['adds']} functional residual add(s) as Add modules (qk_add_*) via torch.fx "
                        f"per submodule ({stats['traced']} submodule(s) traced; {why})"
-                       + (f"; adds directly inside {', '.join(left[:5])}{' ...' if len(left) > 5 else ''} stay "
-                          "float (untraceable)" if left else "")]
+                       + (f"; not traceable, so any add written directly in their forward stays float: "
+                          f"{', '.join(left[:5])}{f' (+{len(left) - 5} more)' if len(left) > 5 else ''}" if left else "")]
     if count == 0:
         return model, []
     for attr in ("default_input_size",):
