@@ -299,3 +299,22 @@ def test_untraceable_model_falls_back_to_tracing_its_blocks():
     assert sum(isinstance(m, Add) for m in model.modules()) == 2
     x = torch.rand(1, 3, 16, 16)
     torch.testing.assert_close(model(x), seeded(Routed)(x))  # same function after the rewrite
+
+
+def test_residual_add_at_the_very_end_is_not_a_quantized_head(calib, tmp_path):
+    class EndsInResidual(nn.Module):  # a backbone exported on its own: its last op is a residual Add
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return x + self.conv(torch.relu(x))
+
+    torch.manual_seed(0)
+    _, m, _ = export(EndsInResidual().eval(), calib, tmp_path)  # export refuses on lint errors
+    assert not [f for f in lint(m) if f.severity == Severity.ERROR]
+    add = next(n for n in m.graph.node if n.op_type == "Add")
+    prod = {o: n for n in m.graph.node for o in n.output}
+    assert sorted(prod[i].op_type for i in add.input) == ["Conv", "DequantizeLinear"]
