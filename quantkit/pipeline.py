@@ -142,7 +142,8 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         stage.write_bytes("model.onnx", fp32_bytes)
         stage.write_bytes("model.int8.onnx", int8_bytes)
         with fixed_threads(threads):
-            targets = write_target_files(stage, recipe, model, int8_onnx, refs, (bmin, bopt, bmax))
+            targets = write_target_files(stage, recipe, model, int8_onnx, refs, (bmin, bopt, bmax),
+                                         fp32_onnx=fp32_onnx)  # issue 13: FP16 noise reference for the strong check
             metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, int8_bytes, progress=progress,
                                threads=threads)
 
