@@ -114,7 +114,7 @@ def measure(out_dir: Path, report: dict, state) -> dict:
         "gmacs": macs_all / 1e9, "int8_macs_share": macs_int8 / max(macs_all, 1),
         "lint_errors": sum(f.severity == Severity.ERROR for f in findings),
         "lint_warnings": sum(f.severity == Severity.WARNING for f in findings),
-        "parity_ok": layers.get("first_disagreement") is None and not layers.get("unmatched"),
+        "parity_ok": layers.get("first_disagreement") is None and not (layers.get("unmatched") and layers.get("unclaimed")),
         "first_disagreement": layers.get("first_disagreement") or (layers.get("unmatched") or [None])[0],
         "layer_rows": len(layers.get("layers", [])),
         "worst_replay_db": min(replay) if replay else None,

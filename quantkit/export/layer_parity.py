@@ -94,6 +94,7 @@ class LayerParity:
 
     rows: list[LayerRow]
     unmatched: list[str]
+    unclaimed: list[str] = field(default_factory=list)  # graph Conv/Gemm/MatMul/ConvTranspose nodes no call matched
 
     def first_disagreement(self) -> LayerRow | None:
         return next((r for r in self.rows if r.disagrees), None)
@@ -101,8 +102,9 @@ class LayerParity:
     def failures(self) -> list[str]:
         """Human-readable refusals: every disagreeing layer (first one first) and every unmatched call."""
         out = [f"layer {r.layer} ({r.node}): {r.reason()}" for r in self.rows if r.disagrees]
-        out += [f"layer {n}: no matching node in the graph (the layer is missing or was renamed)"
-                for n in self.unmatched]
+        if self.unclaimed:  # a call without a node is harmless when its output was unused (exporter removed it)
+            out += [f"layer {n}: no matching node in the graph (the layer is missing or was renamed; unclaimed "
+                    f"graph nodes: {', '.join(self.unclaimed[:3])})" for n in self.unmatched]
         return out
 
     def table(self) -> list[dict]:
@@ -125,7 +127,7 @@ class LayerParity:
 
     def as_dict(self) -> dict:
         first = self.first_disagreement()
-        return {"layers": self.table(), "unmatched": list(self.unmatched),
+        return {"layers": self.table(), "unmatched": list(self.unmatched), "unclaimed": list(self.unclaimed),
                 "first_disagreement": first.layer if first else None,
                 "criterion": f"structure (Q/DQ presence, scales, weight axis) and, on the same input, no more than "
                              f"{100 * MAX_FRACTION_OVER_STEP:g} % of outputs off by more than one step"}
@@ -402,4 +404,7 @@ def layer_parity(qmodel: nn.Module, int8_onnx: onnx.ModelProto, x: torch.Tensor,
         row.run_db = _sqnr(call.out_q, y_ort)
         row.int8_vs_fp32_db = _sqnr(call.out_fp32, y_ort)
         rows.append(row)
-    return LayerParity(rows=rows, unmatched=unmatched)
+    claimed = {id(node) for _, node in pairs}
+    unclaimed = [n.name for n in graph.nodes if id(n) not in claimed and n.op_type in ("Conv", "ConvTranspose", "Gemm")
+                 or (n.op_type == "MatMul" and id(n) not in claimed and graph.qdq(n.input[1])[0] is not None)]
+    return LayerParity(rows=rows, unmatched=unmatched, unclaimed=unclaimed)
