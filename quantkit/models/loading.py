@@ -81,7 +81,14 @@ def build_model(spec: str, *, weights: str | None = None, num_classes: int | Non
     else:
         entry = get_entry(spec)
         factory, source, description = entry.resolve_factory(), ModelSource.REGISTRY, entry.description
-    model = _call_factory(factory, spec, num_classes)
+    if entry is not None and weights is None:
+        # A registered architecture without a weights file initializes randomly: seed that (without touching the
+        # caller's RNG) so the same command gives the same model, calibration and bytes every time.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = _call_factory(factory, spec, num_classes)
+    else:
+        model = _call_factory(factory, spec, num_classes)
     if weights is not None:
         load_weights(model, weights)
     model.eval()

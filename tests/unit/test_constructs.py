@@ -277,8 +277,11 @@ def test_registered_model_without_weights_is_loudly_random(caplog):
     from quantkit.models.loading import build_model
 
     with caplog.at_level("WARNING", logger="quantkit"):
-        _, info = build_model("yolo_nas_s")
+        a, info = build_model("yolo_nas_s")
     assert info.random_init and "RANDOM initial weights" in caplog.text
+    torch.rand(3)  # the caller's RNG state does not matter: random init is seeded (same command, same bytes)
+    b, _ = build_model("yolo_nas_s")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     caplog.clear()
     with caplog.at_level("WARNING", logger="quantkit"):
         _, info = build_model("trees")  # ships its trained weights
