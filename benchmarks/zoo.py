@@ -160,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=Path, default=None,
                     help="folder keeping one JSON row per architecture: runs add to it, and the RESULTS.md table "
                          "is written from it once it holds every architecture (lets a long zoo run in parts)")
+    ap.add_argument("--table-only", action="store_true", help="run nothing; write the table from --rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    chosen = [a for a in ARCHS if not args.names or a.name in args.names]
+    chosen = [] if args.table_only else [a for a in ARCHS if not args.names or a.name in args.names]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in chosen:
