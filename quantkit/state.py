@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from quantkit.calibrate.driver import CalibrationResult
     from quantkit.data.calib import CalibrationData
     from quantkit.data.preprocess import Preprocess
+    from quantkit.export.layer_parity import LayerParity
     from quantkit.export.parity import ParityResult, References
     from quantkit.quant.insert import QuantLayout
     from quantkit.recipe import Recipe
@@ -91,6 +92,7 @@ class Graphs:
 
     refs: torch FP32 and fake-quant outputs on the parity inputs. fq_parity / fp32_parity: onnxruntime
     against torch (INT8 graph vs fake-quant, FP32 graph vs FP32). int8_vs_fp32: onnxruntime INT8 vs torch FP32.
+    layers: onnxruntime vs torch fake-quant layer by layer (the per-layer table and the first disagreement).
     strong: the strongly typed graph (None when not a target) and its checks. lint: file name -> findings.
     nms: names of the ``*.nms.onnx`` graphs when written. fp16_nodes: ONNX nodes of layers kept out of INT8.
     """
@@ -107,6 +109,7 @@ class Graphs:
     lint: dict = field(default_factory=dict)
     nms: dict | None = None
     fp16_nodes: list[str] = field(default_factory=list)
+    layers: LayerParity | None = None
 
     @property
     def weak_name(self) -> str:

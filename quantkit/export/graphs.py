@@ -14,6 +14,7 @@ import torch
 from quantkit.calibrate.driver import fixed_threads
 from quantkit.errors import ExportError
 from quantkit.export import parity
+from quantkit.export.layer_parity import LayerParity, layer_parity
 from quantkit.export.lint import Severity, lint
 from quantkit.export.onnx_export import export_onnx
 from quantkit.export.passes import finalize_fp32, finalize_int8
@@ -23,6 +24,7 @@ from quantkit.state import Graphs, QuantState
 log = logging.getLogger("quantkit")
 
 PARITY_SAMPLES = 16  # calibration inputs used for the parity / SQNR checks
+LAYER_PARITY_IMAGES = 1  # images for the layer-by-layer check (it holds every layer's input and output)
 
 
 def write_graphs(stage, state: QuantState) -> Graphs:
@@ -47,15 +49,17 @@ def write_graphs(stage, state: QuantState) -> Graphs:
         refs = parity.References.of(model.fp32, model.qmodel, batches, names)
         fq_parity, int8_vs_fp32 = refs.check(parity.session(int8_bytes, threads))
         _, fp32_parity = refs.check(parity.session(fp32_bytes, threads))
-    check_parity(fq_parity, int8_vs_fp32, refs.quantization(), recipe.export.parity_min_sqnr)
+        # the INT8 graph judged layer by layer (structure + replay on the same input), see check_parity
+        layers = layer_parity(model.qmodel, int8_onnx, batches[0][:LAYER_PARITY_IMAGES], model.fp32, threads=threads)
+    check_parity(fq_parity, int8_vs_fp32, refs.quantization(), recipe.export.parity_min_sqnr, layers)
     stage.write_bytes("model.onnx", fp32_bytes)
     stage.write_bytes("model.int8.onnx", int8_bytes)
     graphs = Graphs(fp32_bytes=fp32_bytes, int8=int8_onnx, int8_bytes=int8_bytes, refs=refs, fq_parity=fq_parity,
-                    fp32_parity=fp32_parity, int8_vs_fp32=int8_vs_fp32)
+                    fp32_parity=fp32_parity, int8_vs_fp32=int8_vs_fp32, layers=layers)
     graphs.lint["model.int8.onnx"] = lint(int8_onnx, strong=False)
     with fixed_threads(threads):
         if ExportTarget.STRONG in recipe.export.targets:
-            _write_strong(stage, graphs, threads)
+            _write_strong(stage, graphs, fp32_onnx, threads)
     errors = [f for findings in graphs.lint.values() for f in findings if f.severity is Severity.ERROR]
     if errors:
         raise ExportError("Q/DQ lint found errors in quantkit's own export (please report): "
@@ -66,30 +70,36 @@ def write_graphs(stage, state: QuantState) -> Graphs:
 
 
 def check_parity(fq: parity.ParityResult, ort_q: parity.ParityResult, torch_q: parity.ParityResult,
-                 floor: float) -> None:
-    """Fail the export (nothing written) when the INT8 graph does not do what the fake-quant model does:
-    worst-output SQNR against it below ``floor`` dB, or further from FP32 than torch by more than 3 dB."""
-    problem = parity.parity_problem(fq, ort_q, torch_q, floor)  # handles infinite SQNR (nothing INT8)
-    if problem:
-        raise ExportError(f"model.int8.onnx disagrees with the torch fake-quant model: {problem}. "
-                          "Nothing was written; please report this with the recipe")
+                 floor: float, layers: LayerParity | None = None) -> None:
+    """Fail the export (nothing written) when the INT8 graph does not do what the fake-quant model does.
+
+    With a layer-by-layer comparison (``layers``) the graph is judged by meaning: structure and replay per
+    layer, plus onnxruntime's INT8-vs-FP32 SQNR within 3 dB of torch's (infinite SQNRs, when nothing is INT8,
+    compare as float agreement). The output-level floor ``floor`` (dB, recipe export.parity_min_sqnr) applies
+    only when no quantized layer could be located in the graph: rounding flips that cascade to the outputs of
+    a deep network are not refused.
+    """
+    failures = parity.judge(layers, ort_q, torch_q)
+    if (layers is None or not layers.rows) and not fq.worst >= floor:
+        failures.append(f"worst output SQNR {fq.worst:.1f} dB (floor {floor} dB)")
+    if failures:
+        raise ExportError("model.int8.onnx disagrees with the torch fake-quant model: " + "; ".join(failures[:5])
+                          + (f" (+{len(failures) - 5} more)" if len(failures) > 5 else "")
+                          + ". Nothing was written; please report this with the recipe")
 
 
-def _write_strong(stage, graphs: Graphs, threads: int | None) -> None:
-    """The strongly typed (FP16) variant, judged by its distance to FP32 against the fake-quant model's."""
+def _write_strong(stage, graphs: Graphs, fp32_onnx, threads: int | None) -> None:
+    """The strongly typed (FP16) variant, judged relative to noise: INT8's (fake-quant vs FP32) plus FP16's
+    own (the FP32 graph through the same converter), not by bit-level agreement with the fake-quant model."""
     from quantkit.export.strong import to_strongly_typed
 
     strong = to_strongly_typed(graphs.int8)
     strong_bytes = strong.SerializeToString()
     sp, s_fp32 = graphs.refs.check(parity.session(strong_bytes, threads))
-    t_fp32 = graphs.refs.quantization()
-    # FP16 activations add their own rounding on top of INT8's: judge the strong graph by how far it is
-    # from FP32 compared with the fake-quant model, not by bit-level agreement with it.
-    # capped at FP16's own noise, so an infinite torch SQNR (nothing INT8) is not "inf dB worse"
-    worse = parity.sqnr_shortfall(t_fp32.per_output, s_fp32.per_output, parity.FP16_NOISE_DB)
-    if worse > parity.MAX_ORT_LOSS_DB:
-        raise ExportError(f"model.int8.strong.onnx is {worse:.1f} dB further from FP32 than the fake-quant model "
-                          f"({s_fp32.per_output} vs {t_fp32.per_output}). Nothing was written")
+    f16 = graphs.refs.check(parity.session(to_strongly_typed(fp32_onnx).SerializeToString(), threads))[1]
+    failure = parity.strong_failure(graphs.refs.quantization(), s_fp32, f16)
+    if failure:
+        raise ExportError(f"{failure}. Nothing was written")
     stage.write_bytes("model.int8.strong.onnx", strong_bytes)
     graphs.strong = strong
     graphs.lint["model.int8.strong.onnx"] = lint(strong, strong=True)

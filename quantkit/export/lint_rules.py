@@ -297,12 +297,21 @@ def _rule_float_head(index: GraphIndex, strong: bool) -> Iterator[Finding]:
         if node.op_type == Q_OP and id(node) in head and id(node) not in flagged:
             consumers = [c for out in node.output for c in index.consumers.get(out, [])]
             dq_outs = [o for c in consumers if c.op_type == DQ_OP for o in c.output]
-            feeds_weighted = any(c.op_type in WEIGHTED_OPS or c.op_type == "Concat"
+            feeds_weighted = any(c.op_type in WEIGHTED_OPS or c.op_type == "Concat" or _residual_skip(index, c, o)
                                  for o in dq_outs for c in index.consumers.get(o, []))
             if not feeds_weighted and not _feeds_residual_add(index, dq_outs):
                 yield Finding("float-head", Severity.ERROR, node_label(node),
                               "Q/DQ after the last weighted layer quantizes a head output",
                               "remove Q/DQ between the last conv and the outputs")
+
+
+def _residual_skip(index: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
+    """``tensor`` is the quantized skip input of a residual Add whose other input comes straight from a weighted
+    layer: TensorRT fuses that Add into the layer's INT8 epilogue, so the Q/DQ belongs there even at the end."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return False
+    other = node.input[1] if node.input[0] == tensor else node.input[0]
+    return index.producer_op(other) in WEIGHTED_OPS
 
 
 @rule("dangling-qdq")

@@ -90,6 +90,25 @@ def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np
     return np.clip(q, -128, 127).astype(np.int8)
 
 
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    k = 1
+    while f"{name}_{k}" in taken:
+        k += 1
+    return f"{name}_{k}"
+
+
+def _int8_name(q: onnx.NodeProto) -> str:
+    """``<weight>_int8``; a weight the exporter computed (``onnx::...``, e.g. the transposed weight of a Linear on
+    N-D input) is named after the Q node's module scope instead (``fc.weight_t_int8``)."""
+    src = q.input[0]
+    scope = [p for p in q.name.strip("/").split("/")[:-1] if p != "_weight_quantizer"]
+    if src.startswith("onnx::") and scope:
+        return ".".join(scope) + ".weight_t_int8"
+    return src + "_int8"
+
+
 @graph_pass
 def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every QuantizeLinear whose input is an initializer by an int8 initializer.
@@ -100,6 +119,11 @@ def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = {t.name: t for t in g.initializer}
     consumers = _consumers(g)
     removed_nodes = set()
+    # A module called more than once (a head shared across pyramid levels), or two modules whose equal weights
+    # the exporter merged into one initializer, gives several weight Q nodes over one initializer: they share
+    # one int8 initializer. Only a genuinely different quantization of the same float weight gets a new name.
+    folded: dict[tuple, str] = {}
+    taken = {t.name for t in g.initializer}
     for node in g.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
             continue
@@ -110,8 +134,13 @@ def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
         if zp.dtype != np.int8:
             raise ExportError(f"weight quantizer {node.name} has zero point dtype {zp.dtype}; expected int8")
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        qname = node.input[0] + "_int8"
-        g.initializer.append(numpy_helper.from_array(_quantize(w, scale, zp, axis), qname))
+        key = (node.input[0], scale.dtype.str, scale.shape, scale.tobytes(), zp.tobytes(), axis)
+        qname = folded.get(key)
+        if qname is None:
+            qname = _unique(_int8_name(node), taken)
+            folded[key] = qname
+            taken.add(qname)
+            g.initializer.append(numpy_helper.from_array(_quantize(w, scale, zp, axis), qname))
         for c in consumers.get(node.output[0], []):
             for i, name in enumerate(c.input):
                 if name == node.output[0]:

@@ -25,5 +25,10 @@ def build(spec: ModelSpec) -> tuple[nn.Module, dict, tuple[int, int] | None]:
         "weights": os.path.basename(spec.weights) if spec.weights else None,
         "parameters": info.num_parameters,
     }
+    if info.random_init:  # say loudly that a registered architecture runs on random weights
+        from quantkit.models.loading import RANDOM_INIT_NOTE
+
+        info_dict["random_init"] = True
+        info_dict["note"] = RANDOM_INIT_NOTE.format(name=info.name)
     size = getattr(model, "default_input_size", None) or info.input_size
     return model, info_dict, size

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import logging
 import pickle
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from quantkit.models.registry import count_parameters, get_entry, import_factory
 #: Where a super-gradients trainer checkpoint keeps the weights, most preferred first.
 CHECKPOINT_SECTIONS = ("ema_net", "net", "state_dict", "model")
 _LIST_LIMIT = 20
+log = logging.getLogger("quantkit")
+RANDOM_INIT_NOTE = ("{name} was built without --weights and runs on its RANDOM initial weights: calibration, "
+                    "parity and accuracy figures say nothing about a trained model. Pass --weights FILE")
 
 
 class ModelSource(str, Enum):
@@ -45,7 +49,8 @@ class ModelInfo:
     """What was built: registry-entry fields plus provenance.
 
     ``input_size`` is (H, W) in pixels or None when the model does not declare one (a user model without a
-    ``default_input_size`` attribute); ``num_classes`` likewise.
+    ``default_input_size`` attribute); ``num_classes`` likewise. ``random_init``: a registered architecture
+    built without a weights file (it runs on random weights; the report should say so).
     """
 
     name: str
@@ -56,6 +61,7 @@ class ModelInfo:
     source: ModelSource
     weights: str | None
     num_parameters: int
+    random_init: bool = False
 
 
 def build_model(spec: str, *, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, ModelInfo]:
@@ -75,10 +81,20 @@ def build_model(spec: str, *, weights: str | None = None, num_classes: int | Non
     else:
         entry = get_entry(spec)
         factory, source, description = entry.resolve_factory(), ModelSource.REGISTRY, entry.description
-    model = _call_factory(factory, spec, num_classes)
+    if entry is not None and weights is None:
+        # A registered architecture without a weights file initializes randomly: seed that (without touching the
+        # caller's RNG) so the same command gives the same model, calibration and bytes every time.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = _call_factory(factory, spec, num_classes)
+    else:
+        model = _call_factory(factory, spec, num_classes)
     if weights is not None:
         load_weights(model, weights)
     model.eval()
+    random_init = entry is not None and not entry.ships_weights and weights is None
+    if random_init:
+        log.warning(RANDOM_INIT_NOTE.format(name=entry.name))
     input_size = getattr(model, "default_input_size", None) or (entry.input_size if entry else None)
     classes = num_classes or getattr(model, "num_classes", None) or (entry.num_classes if entry else None)
     info = ModelInfo(
@@ -90,6 +106,7 @@ def build_model(spec: str, *, weights: str | None = None, num_classes: int | Non
         source=source,
         weights=str(weights) if weights is not None else None,
         num_parameters=count_parameters(model),
+        random_init=random_init,
     )
     return model, info
 

@@ -27,6 +27,8 @@ class ModelEntry:
         description: one line for ``quantkit models``.
         input_size: default (H, W) in pixels; both multiples of 32 for YOLO-NAS.
         num_classes: default number of classes.
+        ships_weights: the factory loads trained weights itself; without it, a model built with no weights
+            file runs on its random initial weights (``quantkit.models.loading`` warns loudly).
     """
 
     name: str
@@ -34,6 +36,7 @@ class ModelEntry:
     description: str
     input_size: tuple[int, int]
     num_classes: int
+    ships_weights: bool = False
 
     def resolve_factory(self) -> Callable[..., nn.Module]:
         """Import and return the factory function (ModelError if it cannot be imported)."""
@@ -68,6 +71,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         "bundled YOLO-NAS-style tree detector trained on DeepForest aerial images",
         (320, 320),
         1,
+        ships_weights=True,
     ),
 )
 

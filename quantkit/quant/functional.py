@@ -16,6 +16,7 @@ from torch import fx, nn
 from quantkit.models.ops import Add, Concat
 
 _PASS_THROUGH = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.Identity, nn.GELU)
+_LINEAR_PASS = (nn.BatchNorm2d, nn.Identity)  # folded into the conv: the add can still fuse
 _CONV = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
@@ -26,36 +27,32 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, (Add, Concat)) or super().is_leaf_module(m, qualname)
 
 
-def _from_conv(modules: dict[str, nn.Module], node: fx.Node) -> bool:
-    """True when ``node`` is a conv output, possibly through BN/activation modules or relu functions."""
+def _conv_distance(modules: dict[str, nn.Module], node: fx.Node) -> int | None:
+    """0 when ``node`` is a conv output (through BN/Identity only), 1 when through activations too, else None.
+
+    TensorRT fuses an Add into the epilogue of the conv that feeds it directly, so that input is the "main" one.
+    """
+    through_act = 0
     while isinstance(node, fx.Node):
         if node.op == "call_module":
             m = modules[node.target]
             if isinstance(m, _CONV):
-                return True
+                return through_act
             if not isinstance(m, _PASS_THROUGH):
-                return False
+                return None
+            if not isinstance(m, _LINEAR_PASS):
+                through_act = 1
         elif node.op == "call_function" and node.target in (torch.relu, nn.functional.relu, nn.functional.silu):
-            pass
+            through_act = 1
         else:
-            return False
+            return None
         node = node.args[0] if node.args else None
-    return False
+    return None
 
 
-def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Return (model, notes). Adds between two tensors become ``Add`` modules named ``qk_add_<i>``."""
-    if not any(isinstance(m, _CONV) for m in model.modules()):
-        return model, []
-    if any(isinstance(m, Add) for m in model.modules()):
-        return model, []  # the model marks its residual adds itself (our blocks do); keep its names
-    try:
-        gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
-    except Exception as exc:  # fx raises many types for untraceable code
-        return model, [
-            f"residual adds not exposed: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}); "
-            "functional adds stay in float. Use quantkit.models.ops.Add in the model to quantize them"
-        ]
+def _rewrite(model: nn.Module) -> tuple[nn.Module, int]:
+    """Trace ``model`` with torch.fx and turn its residual adds into ``Add`` modules. Raises when fx cannot trace."""
+    gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
     count = 0
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
@@ -64,22 +61,89 @@ def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
         if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
             continue
         a, b = node.args
-        a_conv = _from_conv(modules, a)
-        if not (a_conv or _from_conv(modules, b)):
+        da, db = _conv_distance(modules, a), _conv_distance(modules, b)
+        if da is None and db is None:
             continue
-        main, skip = (a, b) if a_conv else (b, a)
+        main, skip = (a, b) if db is None or (da is not None and da <= db) else (b, a)
         name = f"qk_add_{count}"
         count += 1
-        gm.add_submodule(name, Add())
+        add = Add()
+        gm.add_submodule(name, add)
+        modules[name] = add  # later adds look back through this one (chained residuals)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (main, skip))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return gm, count
+
+
+def _rewrite_children(parent: nn.Module, prefix: str, stats: dict) -> None:
+    """Per-submodule fallback: rewrite every child fx can trace in place, recurse into those it cannot."""
+    for name, child in list(parent.named_children()):
+        qual = f"{prefix}{name}"
+        if isinstance(child, (Add, Concat)) or not any(isinstance(m, _CONV) for m in child.modules()):
+            continue
+        try:
+            gm, count = _rewrite(child)
+        except Exception:  # fx raises many types for untraceable code
+            stats["untraceable"].append(qual)
+            _rewrite_children(child, qual + ".", stats)
+            continue
+        if count:
+            # plain attributes the parent's forward may read from its children (Ultralytics routes its layers by
+            # ``m.f`` / ``m.i``) survive the swap
+            for key, value in vars(child).items():
+                if not key.startswith("_") and not hasattr(gm, key) and isinstance(
+                        value, (bool, int, float, str, list, tuple, type(None))):
+                    setattr(gm, key, value)
+            setattr(parent, name, gm)
+            stats["adds"] += count
+            stats["traced"] += 1
+
+
+def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Return (model, notes). Adds between two tensors become ``Add`` modules named ``qk_add_<i>``.
+
+    Paths, recorded in the note: torch.fx over the whole model; when that fails (data-dependent control flow,
+    a detector's post-processing), torch.fx over each submodule it can trace, recursing into those it cannot,
+    so the residual blocks are still rewritten; adds in code fx cannot trace at any level stay float, named.
+    """
+    if not any(isinstance(m, _CONV) for m in model.modules()):
+        return model, []
+    if any(isinstance(m, Add) for m in model.modules()):
+        return model, []  # the model marks its residual adds itself (our blocks do); keep its names
+    try:
+        gm, count = _rewrite(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        stats = {"adds": 0, "traced": 0, "untraceable": []}
+        _rewrite_children(model, "", stats)
+        why = f"torch.fx cannot trace {type(model).__name__} as a whole ({type(exc).__name__})"
+        if not stats["adds"]:
+            return model, [f"residual adds not exposed: {why}, nor any submodule with adds; functional adds stay "
+                           "in float. Use quantkit.models.ops.Add in the model to quantize them"]
+        left = stats["untraceable"]
+        return model, [f"exposed {stats['adds']} functional residual add(s) as Add modules (qk_add_*) via torch.fx "
+                       f"per submodule ({stats['traced']} submodule(s) traced; {why})"
+                       + (f"; not traceable, so any add written directly in their forward stays float: "
+                          f"{', '.join(left[:5])}{f' (+{len(left) - 5} more)' if len(left) > 5 else ''}" if left else "")]
     if count == 0:
         return model, []
-    gm.graph.lint()
-    gm.recompile()
     for attr in ("default_input_size",):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
-    return gm, [f"exposed {count} functional residual add(s) as Add modules (qk_add_*) via torch.fx"]
+    return gm, [f"exposed {count} functional residual add(s) as Add modules (qk_add_*) via torch.fx (whole model)"]
+
+
+def adds_path(notes: list[str]) -> str:
+    """Which path exposed the residual adds, from ``expose_residual_adds``'s notes (for reports and the zoo)."""
+    for n in notes:
+        if "via torch.fx per submodule" in n:
+            return "fx per submodule"
+        if "via torch.fx (whole model)" in n:
+            return "fx"
+        if n.startswith("residual adds not exposed"):
+            return "none (untraceable)"
+    return "not needed"

@@ -63,10 +63,20 @@ class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
-    """Linear with quantized input and per-output-feature weights (axis 0; exported as Gemm transB=1)."""
+    """Linear with quantized input and per-output-feature weights.
+
+    On 2-D input it exports as Gemm(transB=1) with the weight quantized on axis 0. On N-D input (a
+    channels-last MLP, a transformer block) the exporter writes ``MatMul(x, W^T) + b``: there the transposed
+    weight is quantized on its output axis 1, so the int8 weight feeds the MatMul through its DequantizeLinear
+    directly (a Q/DQ in front of a Transpose would be folded into a float constant by the exporter).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
+        xq = self._input_quantizer(x)
+        if x.dim() <= 2:
+            return F.linear(xq, self._weight_quantizer(self.weight), self.bias)
+        y = torch.matmul(xq, self._weight_quantizer.forward_along(self.weight.t(), axis=1))
+        return y if self.bias is None else y + self.bias
 
 
 class QuantAdd(_QuantMixin, Add):

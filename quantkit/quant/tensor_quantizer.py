@@ -98,6 +98,21 @@ class TensorQuantizer(nn.Module):
         zp = torch.zeros((), dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, QMIN, QMAX)
 
+    def forward_along(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """Fake-quantize ``x`` with this per-channel quantizer's scales laid along ``axis`` of ``x``.
+
+        For a weight used transposed (``nn.Linear`` on N-D input exports as ``MatMul(x, W^T)``): quantizing
+        ``W^T`` on axis 1 gives the same values as quantizing ``W`` on axis 0, and puts the DequantizeLinear
+        right in front of the MatMul, where TensorRT looks for it.
+        """
+        if self._disabled or not self._if_quant or not self.is_per_channel:
+            return self(x)
+        if self._amax is None:
+            raise CalibrationError(f"quantizer {self.name} has no amax: run calibration before quantizing")
+        scale = self.scale().to(x.dtype)
+        zp = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, QMIN, QMAX)
+
     def extra_repr(self) -> str:
         kind = f"per-channel axis={self.axis}" if self.is_per_channel else "per-tensor"
         state = "disabled" if self._disabled else ("calib" if self._if_calib else "quant")

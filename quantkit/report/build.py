@@ -87,6 +87,9 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
         "evaluation": inputs.metrics,
         "engine": inputs.engine,
     }
+    if graphs.layers is not None:  # per-layer table, with torch's INT8-vs-FP32 beside onnxruntime's
+        report["parity_layers"] = {**graphs.layers.as_dict(),
+                                   "torch_int8_vs_fp32_sqnr_db": graphs.refs.quantization().as_dict()}
     report["_run"] = {"seconds": round(seconds, 2), "cache_hit": cal.cache["hit"], "cache_path": cal.cache["path"]}
     return report
 

@@ -14,8 +14,8 @@ from PIL import Image
 from torch import nn
 
 from quantkit.data.images import load_image
-from quantkit.errors import DataError, ModelError, WeightsError
-from quantkit.export.parity import ParityResult, parity_problem, sqnr_shortfall
+from quantkit.errors import DataError, ExportError, ModelError, WeightsError
+from quantkit.export.parity import ParityResult, judge, strong_failure
 from quantkit.models.checks import check_float32, check_outputs
 from quantkit.models.loading import build_model, read_state_dict
 
@@ -87,11 +87,15 @@ def _pr(**v):
 
 def test_parity_rule_with_nothing_quantized():
     """--skip '*': torch's INT8-vs-FP32 SQNR is inf, onnxruntime's ~130 dB of float noise: not a failure."""
-    assert parity_problem(_pr(y=130.0), _pr(y=130.0), _pr(y=math.inf), floor=30) is None
-    assert parity_problem(_pr(y=math.inf), _pr(y=math.inf), _pr(y=math.inf), floor=30) is None
-    assert sqnr_shortfall({"y": math.inf}, {"y": 71.0}, 40.0) == 0.0  # the strong graph: FP16 noise only
-    assert sqnr_shortfall({"y": 30.0}, {"y": 20.0}, 40.0) == 10.0
-    # what the rule is for still fails: onnxruntime clearly less accurate than torch, or NaN
-    assert parity_problem(_pr(y=45.0), _pr(y=20.0), _pr(y=30.0), floor=30)
-    assert parity_problem(_pr(y=45.0), _pr(y=math.nan), _pr(y=30.0), floor=30)
-    assert parity_problem(_pr(y=10.0), _pr(y=30.0), _pr(y=30.0), floor=30)
+    from quantkit.export.graphs import check_parity
+
+    check_parity(_pr(y=130.0), _pr(y=130.0), _pr(y=math.inf), floor=30)  # no exception
+    check_parity(_pr(y=math.inf), _pr(y=math.inf), _pr(y=math.inf), floor=30)
+    assert judge(None, _pr(y=130.0), _pr(y=math.inf)) == []
+    assert strong_failure(_pr(y=math.inf), _pr(y=71.0)) is None  # the strong graph: FP16 noise only
+    assert strong_failure(_pr(y=30.0), _pr(y=20.0))  # 10 dB further from FP32 than INT8 noise explains
+    # what the rule is for still fails: onnxruntime clearly less accurate than torch, or NaN, or below the floor
+    assert judge(None, _pr(y=20.0), _pr(y=30.0))
+    assert judge(None, _pr(y=math.nan), _pr(y=30.0))
+    with pytest.raises(ExportError):
+        check_parity(_pr(y=10.0), _pr(y=30.0), _pr(y=30.0), floor=30)
