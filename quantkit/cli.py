@@ -71,7 +71,7 @@ Examples:
   quantkit export                                   # bundled tree detector + bundled calibration tiles
   quantkit export yolo_nas_s --weights ckpt.pth --calib images/ --out out/
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
-  quantkit export --recipe recipes/yolo_nas_s.yaml --set calibration.method=mse --out out/
+  quantkit export --recipe yolo_nas_s --set calibration.method=mse --out out/   # a shipped recipe, by name
   quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
 
 \b
@@ -89,32 +89,61 @@ Weights are loaded with torch.load(weights_only=True): files that need pickle co
 @click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="YAML recipe file, or a shipped recipe's name (trees, yolo_nas_s, ...: `quantkit recipes`).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field; repeatable.")
-@click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="Calibration method.")
-@click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640.")
-@click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32.")
-@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for mAP.")
+@click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]),
+              help="Calibration method. [default: the recipe's, entropy]")
+@click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
+              "detector: 320x320]")
+@click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")
+@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for "
+              "mAP. [default: the bundled held-out set for the bundled model, else none]")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
-@click.option("--max-drop", type=float, help="Budget in mAP50:95 points: with --eval, layers are kept FP16 "
-              "automatically to stay within it (sensitivity.auto); exit 3 if the exported model still exceeds it.")
-@click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and plot.")
+@click.option("--max-drop", type=float, help="Budget in mAP50:95 points (0.3 = 0.3 points of mAP, not 30%): with "
+              "--eval, layers are kept FP16 automatically to stay within it (sensitivity.auto); exit 3 if the "
+              "exported model still exceeds it.")
+@click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and "
+              "plot (mAP on sensitivity.eval_images = 8 held-out images; needs matplotlib).")
 @click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
-@click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs.")
+@click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs. "
+              "[default: $QUANTKIT_CACHE_DIR or ~/.cache/quantkit/calibration/<key>.json]")
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
 @click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
-@click.option("--target", help="Engine target GPU: t4 (default; compute capability 7.5) or any.")
+@click.option("--target", help="Engine target GPU: t4 (compute capability 7.5) or any. [default: t4]")
 @click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no info logs on stderr (warnings and errors only).")
+@click.option("--json", "json_out", is_flag=True, help="Print one JSON summary line on stdout instead of the human "
+              "summary (also on failure: ok=false, exit_code, error).")
+@click.option("-v", "--verbose", is_flag=True, help="Verbose: also log debug messages (e.g. how many blocks were fused) to stderr.")
 def export_cmd(model_arg, model_opt, weights, num_classes, calib, out_dir, recipe_path, overrides, method,
-               input_size, batch, eval_data, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, target, nms, sensitivity_flag, force, verbose):
+               input_size, batch, eval_data, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, target, nms, sensitivity_flag, force, quiet, json_out, verbose):
     """Quantize MODEL to INT8 and write FP32 / INT8 Q/DQ ONNX, report and manifest into --out."""
+    from quantkit.report.summary import configure_output
+
     _setup_logging(verbose)
+    configure_output(quiet=quiet, json_summary=json_out, verbose=verbose)  # issue 15: --quiet / --json
     run_guarded(_export, locals())
 
 
 def _export(a: dict) -> None:
+    """issue 15: with --json, one summary line on stdout, also for a failed run (then the error propagates)."""
+    from quantkit.report.summary import error_summary, export_summary, summary_line
+
+    try:
+        result = _export_run(a)
+    except QuantkitError as exc:
+        if a["json_out"]:
+            click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))
+        raise
+    if a["json_out"]:
+        click.echo(summary_line(export_summary(result)))
+    else:
+        _print_summary(result)
+
+
+def _export_run(a: dict):
     from quantkit.errors import UsageError
     from quantkit.pipeline import run_export
     from quantkit.recipe import load_recipe
@@ -149,8 +178,7 @@ def _export(a: dict) -> None:
     if a["target"]:
         sets.append(f"export.target={_yaml_str(a['target'])}")
     recipe = load_recipe(a["recipe_path"], [*a["overrides"], *sets])
-    result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv))
-    _print_summary(result)
+    return run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv))
 
 
 def _yaml_str(s: str) -> str:
@@ -189,6 +217,14 @@ def _models() -> None:
         except Exception as exc:  # noqa: BLE001 - a missing asset must not hide the other models
             count = f"n/a ({type(exc).__name__})"
         click.echo(f"{e.name:<12} {count:>12}  {e.input_size[0]}x{e.input_size[1]:<5}  {e.description}")
+
+
+@main.command("recipes")
+def recipes_cmd():
+    """List the shipped recipes (use one with --recipe NAME)."""
+    from quantkit.recipe_library import format_recipe_list
+
+    run_guarded(lambda: click.echo(format_recipe_list()))
 
 
 from quantkit import cli_more, cli_sensitivity  # noqa: E402,F401  (register the remaining sub-commands)

@@ -30,17 +30,19 @@ Latencies are ESTIMATES from a T4 roofline model, not measurements."""
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
 @click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder for mAP sensitivities.")
-@click.option("--eval-images", type=int, default=8, show_default=True, help="Images of --eval used (0: all).")
+@click.option("--eval-images", type=int, help="Images of --eval scored per layer (0: all). [default: recipe's "
+              "sensitivity.eval_images, 8]")
 @click.option("--out", "out_dir", default="sensitivity", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--num-images", type=int, help="Calibration images for the SQNR sensitivities [recipe: 16].")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="YAML recipe file, or a shipped recipe's name (`quantkit recipes`).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field.")
 @click.option("--max-drop", type=float, help="Choose FP16 layers so the measured mAP50:95 drop stays <= this (points).")
 @click.option("--sqnr-floor", type=float, help="Choose FP16 layers so the measured output SQNR stays >= this (dB).")
 @click.option("--top", type=int, default=15, show_default=True, help="Rows of the printed table and bars of the plot.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="Verbose: also log debug messages to stderr.")
 def sensitivity_cmd(model_arg, model_opt, weights, calib, eval_data, eval_images, out_dir, num_images, recipe_path,
                     overrides, max_drop, sqnr_floor, top, force, verbose):
     """Rank MODEL's layers by INT8 damage and recovery; estimate T4 latency; optionally choose FP16 layers."""
@@ -52,13 +54,14 @@ def _sensitivity(a: dict) -> None:
     from pathlib import Path
 
     from quantkit.errors import UsageError
-    from quantkit.eval.coco import CocoDataset
     from quantkit.export.artifacts import StagedOutput, check_output_dir
     from quantkit.pipeline import quantize_recipe
     from quantkit.recipe import load_recipe, parse_batch
     from quantkit.report.plots import sensitivity_bar_chart_bytes
     from quantkit.sensitivity.analysis import Metric, analyze, make_measure
     from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, layer_costs
+    from quantkit.sensitivity.plan import analysis_dataset
+    from quantkit.utils.optional_deps import check_optional_deps
     from quantkit.sensitivity.select import choose_fp16_layers
 
     if a["model_arg"] and a["model_opt"] and a["model_arg"] != a["model_opt"]:
@@ -69,15 +72,17 @@ def _sensitivity(a: dict) -> None:
     sets = []
     for key, value in (("model.name", a["model_arg"] or a["model_opt"]), ("model.weights", a["weights"]),
                        ("calibration.data", a["calib"]), ("evaluation.data", a["eval_data"]),
-                       ("sensitivity.num_images", a["num_images"]), ("gates.max_drop", a["max_drop"]),
+                       ("sensitivity.num_images", a["num_images"]), ("sensitivity.eval_images", a["eval_images"]),
+                       ("gates.max_drop", a["max_drop"]),
                        ("sensitivity.sqnr_floor", a["sqnr_floor"])):
         if value is not None:
             sets.append(f"{key}={_yaml_str(value) if isinstance(value, str) else value}")
     recipe = load_recipe(a["recipe_path"], [*a["overrides"], *sets])
     out = Path(a["out_dir"])
     check_output_dir(out, a["force"])
+    check_optional_deps(recipe, evaluation=False, plot=True)  # issue 15: sensitivity.png needs matplotlib
     state = quantize_recipe(recipe, progress=True)
-    dataset = CocoDataset(state.eval_path, max_images=a["eval_images"] or None) if state.eval_path else None
+    dataset = analysis_dataset(state.eval_path, recipe.sensitivity.eval_images)  # issue 15: shared default
     result = analyze(state, num_images=recipe.sensitivity.num_images, dataset=dataset, progress=True)
     example = next(state.data.batches(limit=1))[:1]
     batch = parse_batch(recipe.input.batch)[1]

@@ -21,6 +21,7 @@ from quantkit.calibrate.methods import MethodSettings
 from quantkit.data.calib import CalibrationData, open_calibration_data
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import ExportError, GateFailure, ModelError, UsageError
+from quantkit.eval.plan import EvalPlan, plan_evaluation
 from quantkit.export import parity
 from quantkit.export.artifacts import StagedOutput, check_output_dir
 from quantkit.export.onnx_export import export_onnx
@@ -28,6 +29,7 @@ from quantkit.export.passes import finalize_fp32, finalize_int8, qdq_summary
 from quantkit.recipe import Recipe, parse_batch
 from quantkit.stages import (PreparedModel, calibrate_cached, check_engine_possible, evaluate, latency_estimate,
                              prepare_model, prepare_module, sensitivity_and_selection, write_target_files)
+from quantkit.utils.optional_deps import check_optional_deps
 
 log = logging.getLogger("quantkit")
 
@@ -64,14 +66,12 @@ class ExportResult:
     gate_failures: list[str] = field(default_factory=list)
 
 
-def resolve_inputs(recipe: Recipe) -> tuple[str, str | None]:
+def resolve_inputs(recipe: Recipe, plan: EvalPlan | None = None) -> tuple[str, str | None]:
     """(calibration data path, evaluation data path) with the bundled defaults for the bundled model."""
     calib = recipe.calibration.data
-    ev = recipe.evaluation.data
+    ev = (plan or plan_evaluation(recipe)).path  # issue 15: a dropped bundled default is logged, not silent
     if recipe.model.name == paths.BUNDLED_MODEL:
         calib = calib or str(paths.BUNDLED_CALIBRATION)
-        if ev is None and paths.BUNDLED_EVAL.exists():
-            ev = str(paths.BUNDLED_EVAL)
     if calib is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy; "
                          "quantkit never calibrates on random data")
@@ -94,8 +94,12 @@ def open_data(recipe: Recipe, calib_path: str, model_size: tuple[int, int] | Non
 def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: str | None = None,
                     progress: bool = True) -> QuantState:
     """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax."""
-    calib_path, eval_path = resolve_inputs(recipe) if calib is None else (str(calib), recipe.evaluation.data)
+    plan = plan_evaluation(recipe) if calib is None else EvalPlan(recipe.evaluation.data, explicit=True)
+    calib_path, eval_path = resolve_inputs(recipe, plan) if calib is None else (str(calib), recipe.evaluation.data)
+    check_optional_deps(recipe, evaluation=bool(eval_path))  # issue 15: fail before any work, with the hint
     prepared, info = prepare_model(recipe) if model is None else prepare_module(model, recipe)
+    if plan.note:  # issue 15: report.json's notes say why there is no held-out evaluation
+        prepared.layout.notes.append(plan.note)
     data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
     example = next(data.batches(limit=1))[:1]
     try:

@@ -310,6 +310,7 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
     from quantkit.quant.insert import set_precision
     from quantkit.sensitivity.analysis import Metric, analyze, make_measure
     from quantkit.sensitivity.cost_model import layer_costs
+    from quantkit.sensitivity.plan import analysis_dataset
     from quantkit.sensitivity.select import choose_fp16_layers
 
     recipe, s = state.recipe, state.recipe.sensitivity
@@ -319,7 +320,8 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
         return None
     dataset = CocoDataset(state.eval_path, max_images=recipe.evaluation.max_images or None) if state.eval_path else None
     log.info("sensitivity analysis over %d layers", len(state.model.layout.layers))
-    result = analyze(state, num_images=s.num_images, dataset=dataset, progress=progress)
+    subset = analysis_dataset(state.eval_path, s.eval_images)  # issue 15: same default subset as `quantkit sensitivity`
+    result = analyze(state, num_images=s.num_images, dataset=subset, progress=progress)
     costs = layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
     section = {"analysis": result.as_dict(), "selection": None,
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
