@@ -121,7 +121,7 @@ class LineProgress(Progress):
                  stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(total, desc, unit)
         self.interval_s = interval_s or line_interval_s()
-        self._stream = stream
+        self._stream = stream or sys.stderr  # the stderr of the loop's start (the CLI runner may swap it later)
         self._clock = clock
         self._t0 = clock()
         self._stop = threading.Event()
@@ -130,7 +130,7 @@ class LineProgress(Progress):
         self._thread.start()
 
     def _write(self, final: bool = False) -> None:
-        stream = self._stream or sys.stderr  # looked up late: tests and the CLI may swap sys.stderr
+        stream = self._stream
         line = format_line(self.desc, self.done, self.total, self.unit, self._clock() - self._t0, final=final)
         with self._lock:
             try:
