@@ -61,8 +61,8 @@ def _sensitivity(a: dict) -> None:
     from quantkit.sensitivity.analysis import Metric, analyze, make_measure
     from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, layer_costs
     from quantkit.sensitivity.plan import analysis_dataset
-    from quantkit.utils.optional_deps import check_optional_deps
     from quantkit.sensitivity.select import choose_fp16_layers
+    from quantkit.utils.optional_deps import check_optional_deps
 
     if a["model_arg"] and a["model_opt"] and a["model_arg"] != a["model_opt"]:
         raise UsageError("give the model either as MODEL or as --model, not both")
