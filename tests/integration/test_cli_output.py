@@ -8,6 +8,14 @@ from click.testing import CliRunner
 from quantkit.cli import main
 
 
+def runner() -> CliRunner:
+    """stdout and stderr apart: click < 8.2 needs mix_stderr=False, click >= 8.2 removed the argument."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
 def export_args(m, out, *extra):
     return ["export", "--model", m["spec"], "--weights", m["weights"], "--calib", m["npy"], "--out", str(out),
             "--no-cache", *extra]
@@ -18,7 +26,7 @@ def test_non_terminal_run_prints_progress_lines_estimate_and_one_json_line(user_
     # this checks the wiring of a real run whose stderr is not a terminal and whose stdout is read by a machine
     monkeypatch.setenv("QUANTKIT_PROGRESS_INTERVAL", "0.5")
     out = tmp_path / "o"
-    run = CliRunner().invoke(main, export_args(user_model, out, "--sensitivity", "--json",
+    run = runner().invoke(main, export_args(user_model, out, "--sensitivity", "--json",
                                                "--set", "sensitivity.num_images=4"))
     assert run.exit_code == 0, run.output
     for stage, unit in (("calibrating", "batch"), ("sensitivity", "layer")):
@@ -35,7 +43,7 @@ def test_non_terminal_run_prints_progress_lines_estimate_and_one_json_line(user_
     assert summary["sizes_bytes"] == report["onnx"]["sizes_bytes"]
     assert set(summary["files"]) == {p.name for p in out.iterdir()} and "sensitivity.png" in summary["files"]
     # a failure still gives one JSON line, with the exit code; --quiet leaves only the error on stderr
-    res = CliRunner().invoke(main, export_args(user_model, out, "--json", "--quiet"))
+    res = runner().invoke(main, export_args(user_model, out, "--json", "--quiet"))
     assert res.exit_code == 2
     err = json.loads(res.stdout.strip())
     assert err["ok"] is False and err["exit_code"] == 2 and "not empty" in err["error"]
@@ -54,7 +62,7 @@ def test_missing_matplotlib_fails_before_calibration(user_model, tmp_path, monke
     monkeypatch.setattr(driver, "run_calibration", no_calibration)
     monkeypatch.setattr("quantkit.stages.run_calibration", no_calibration)
     out = tmp_path / "o"
-    res = CliRunner().invoke(main, export_args(user_model, out, "--sensitivity"))
-    assert res.exit_code == 2, res.output
-    assert "pip install 'quantkit[plot]'" in res.output and "matplotlib" in res.output
+    res = runner().invoke(main, export_args(user_model, out, "--sensitivity"))
+    assert res.exit_code == 2, res.stderr
+    assert "pip install 'quantkit[plot]'" in res.stderr and "matplotlib" in res.stderr
     assert not out.exists()
