@@ -1,15 +1,17 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Each creates .venv on its own.
+# Entry points for a fresh machine: `make demo` and `make test` (each creates .venv on its own), and
+# `make wheel-smoke` (builds the wheel and sdist, installs the wheel into a fresh venv under .smoke/ and runs
+# quantkit from an empty folder there: what a user of `pip install quantkit` gets).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-gpu clean
+.PHONY: demo test test-gpu wheel-smoke clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build (see ../shared/FACTS.md).
+# torch first, pinned: an unpinned torch from PyPI is the multi-GB CUDA build; 2.13.0 is the version tested.
 $(VENV)/.torch: | $(VENV)/bin/python
 	$(PIP) torch==2.13.0
 	touch $@
@@ -23,7 +25,7 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	touch $@
 
 demo: $(VENV)/.demo
-	$(VENV)/bin/quantkit export --recipe recipes/trees.yaml --out out/demo --force
+	$(VENV)/bin/quantkit export --recipe trees --out out/demo --force
 
 test: $(VENV)/.dev
 	$(VENV)/bin/pytest -q tests
@@ -31,5 +33,8 @@ test: $(VENV)/.dev
 test-gpu: $(VENV)/.dev
 	$(VENV)/bin/pytest -q tests/gpu -rs
 
+wheel-smoke:
+	.ci/wheel_smoke.sh $(PYTHON)
+
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache .smoke dist build

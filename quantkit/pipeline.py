@@ -22,22 +22,22 @@ from torch import nn
 
 from quantkit import paths
 from quantkit.errors import GateFailure, ModelError, UsageError
+from quantkit.eval.plan import EvalPlan, plan_evaluation
 from quantkit.models.checks import check_float32, check_outputs
 from quantkit.recipe import Recipe, load_recipe, parse_batch
 from quantkit.state import ExportResult, QuantState
+from quantkit.utils.optional_deps import check_optional_deps
 from quantkit.utils.preflight import preflight, run_inputs
 
 log = logging.getLogger("quantkit")
 
 
-def resolve_inputs(recipe: Recipe) -> tuple[str, str | None]:
+def resolve_inputs(recipe: Recipe, plan: EvalPlan | None = None) -> tuple[str, str | None]:
     """(calibration data path, evaluation data path) with the bundled defaults for the bundled model."""
     calib = recipe.calibration.data
-    ev = recipe.evaluation.data
+    ev = (plan or plan_evaluation(recipe)).path  # a dropped bundled default is logged, not silent
     if recipe.model.name == paths.BUNDLED_MODEL:
         calib = calib or str(paths.BUNDLED_CALIBRATION)
-        if ev is None and paths.BUNDLED_EVAL.exists():
-            ev = str(paths.BUNDLED_EVAL)
     if calib is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy; "
                          "quantkit never calibrates on random data")
@@ -59,8 +59,12 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: st
     from quantkit import calibrate
     from quantkit.data import open_data
 
-    calib_path, eval_path = resolve_inputs(recipe) if calib is None else (str(calib), recipe.evaluation.data)
+    plan = plan_evaluation(recipe) if calib is None else EvalPlan(recipe.evaluation.data, explicit=True)
+    calib_path, eval_path = resolve_inputs(recipe, plan) if calib is None else (str(calib), recipe.evaluation.data)
+    check_optional_deps(recipe, evaluation=bool(eval_path))  # fail before any work, with the install hint
     prepared = _prepared(recipe, model)
+    if plan.note:  # report.json's notes say why there is no held-out evaluation
+        prepared.layout.notes.append(plan.note)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
     data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
     example = next(data.batches(limit=1))[:1]
@@ -133,7 +137,8 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     with OutputLock(resolve_target(out_dir)):
         state = quantize_recipe(recipe, progress=progress)
         dataset = _eval_dataset(state, recipe.evaluation.max_images)
-        sensitivity.analyze_and_select(state, dataset=dataset, progress=progress)
+        sensitivity.analyze_and_select(state, dataset=dataset, analysis_dataset=_eval_dataset(
+            state, recipe.sensitivity.eval_images), progress=progress)
         return export_state(state, out_dir, force=force, progress=progress, command_line=command_line,
                             inputs=inputs)
 
@@ -150,11 +155,11 @@ class SensitivityRun:
     met: bool | None
 
 
-def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False, eval_images: int = 8,
-                    top: int = 15, progress: bool = True, recipe_path: str | None = None) -> SensitivityRun:
+def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False, top: int = 15,
+                    progress: bool = True, recipe_path: str | None = None) -> SensitivityRun:
     """Per-layer sensitivity of ``recipe``'s model, the T4 cost estimate and, with a budget, the FP16 choice;
-    writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. ``eval_images``: evaluation
-    images used for mAP sensitivities (0: all)."""
+    writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. mAP sensitivities and an mAP
+    budget use ``sensitivity.eval_images`` evaluation images (0: all)."""
     from quantkit import sensitivity
     from quantkit.output import StagedOutput, check_output_dir
     from quantkit.report.plots import sensitivity_bar_chart_bytes
@@ -163,9 +168,11 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     out = Path(out_dir)
     inputs, own = run_inputs(recipe, recipe_path=recipe_path), ("sensitivity.json", "sensitivity.png")
     check_output_dir(out, force, inputs, own_files=own)  # never replace inputs or foreign files
+    check_optional_deps(recipe, evaluation=False, plot=True)  # sensitivity.png needs matplotlib
     state = quantize_recipe(recipe, progress=progress)
-    outcome = sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, eval_images),
-                                             analyze_always=True, progress=progress)
+    subset = _eval_dataset(state, recipe.sensitivity.eval_images)
+    outcome = sensitivity.analyze_and_select(state, dataset=subset, analysis_dataset=subset, analyze_always=True,
+                                             progress=progress)
     choice = outcome.choice
     doc = {"model": state.model.info, "sensitivity": outcome.sensitivity.as_dict(),
            "cost_model": outcome.costs.as_dict(), "selection": choice.as_dict() if choice else None}

@@ -151,12 +151,15 @@ class GateSpec:
 @dataclass(frozen=True)
 class SensitivitySpec:
     """Per-layer sensitivity analysis. ``enabled``: run it inside export and add it to the report.
-    ``num_images``: calibration images for the SQNR sensitivities. ``auto`` (default true): when a budget is
+    ``num_images``: calibration images for the SQNR sensitivities. ``eval_images``: evaluation images for the
+    per-layer mAP sensitivities (0: all; the selection's check and the final mAP always use the whole evaluation
+    set). ``auto`` (default true): when a budget is
     set — ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
     the measured result meets it, at the lowest estimated T4 latency; false: the budget only gates."""
 
     enabled: bool = False
     num_images: int = 16
+    eval_images: int = 8
     auto: bool = True
     sqnr_floor: float | None = None
 
@@ -300,6 +303,8 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.input.size is not None and any(s < 32 or s % 32 for s in recipe.input.size):
         raise UsageError(f"input.size must be multiples of 32 (>= 32), got {list(recipe.input.size)}")
     parse_batch(recipe.input.batch)
+    if recipe.sensitivity.num_images < 1 or recipe.sensitivity.eval_images < 0:
+        raise UsageError("sensitivity.num_images must be >= 1 and sensitivity.eval_images >= 0 (0: all)")
     if recipe.gates.max_drop is not None and recipe.gates.max_drop < 0:
         raise UsageError("gates.max_drop must be >= 0 (mAP50:95 points)")
     check_ranges(recipe)
@@ -345,13 +350,16 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load a YAML recipe (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    """Load a YAML recipe (or the defaults when ``path`` is None), apply ``--set`` overrides, validate.
+
+    ``path``: a YAML file, or the name of a shipped recipe (``trees``, ``yolo_nas_s``; ``quantkit recipes``
+    lists them). An existing file wins over a shipped name."""
     if path is None:
         recipe = Recipe()
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise UsageError(f"recipe file {p} does not exist: pass an existing YAML file (see recipes/)")
+        from quantkit.recipe_library import resolve_recipe
+
+        p = resolve_recipe(path)
         try:
             text = p.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -367,5 +375,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
-__all__ = ["Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
+def recipe_list() -> str:
+    """The shipped recipes, one per line with their description (``quantkit recipes``)."""
+    from quantkit.recipe_library import format_recipe_list
+
+    return format_recipe_list()
+
+
+__all__ = ["recipe_list", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
            "ExportTarget", "NmsFlavor"]

@@ -7,20 +7,19 @@ without another pass (and is what the calibration cache stores).
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from quantkit.calibrate.histogram import HistogramCollector, SharedBatchStats
 from quantkit.calibrate.methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, ModelError
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.utils import interrupt
+from quantkit.utils.progress import progress_bar
 
 PERCENTILES = (99.9, 99.99, 99.999)
 
@@ -109,20 +108,20 @@ def run_calibration(
     model.eval()
     n = 0
     with torch.no_grad(), fixed_threads(threads), calibration_mode(model, settings) as qs:
-        bar = tqdm(batches, total=total, desc="calibrating", unit="batch",
-                   disable=not (progress and sys.stderr.isatty()))
-        for batch in bar:
-            try:
-                model(batch)
-            except CalibrationError:
-                raise
-            except (RuntimeError, ValueError) as exc:
-                raise ModelError(
-                    f"the model rejects calibration input of shape {tuple(batch.shape)}: {exc}. "
-                    "Pass data of the model's input size (input.size in the recipe) and channel count"
-                ) from exc
-            n += batch.shape[0]
-            interrupt.test_point("calibration")
+        with progress_bar(total, "calibrating", "batch", enabled=progress) as bar:
+            for batch in batches:
+                try:
+                    model(batch)
+                except CalibrationError:
+                    raise
+                except (RuntimeError, ValueError) as exc:
+                    raise ModelError(
+                        f"the model rejects calibration input of shape {tuple(batch.shape)}: {exc}. "
+                        "Pass data of the model's input size (input.size in the recipe) and channel count"
+                    ) from exc
+                n += batch.shape[0]
+                bar.update(1)
+                interrupt.test_point("calibration")
         percentiles = tuple(sorted({*PERCENTILES, settings.percentile}))
         result = CalibrationResult(num_samples=n)
         searched: dict[tuple, dict[str, float]] = {}  # quantizers fed the same tensor have equal histograms

@@ -14,7 +14,7 @@ from quantkit import __version__
 from quantkit.cli.common import CONTEXT, EXIT_CODES_HELP
 from quantkit.cli.engine import build_cmd, eval_cmd
 from quantkit.cli.export import export_cmd
-from quantkit.cli.inspect import layers_cmd, lint_cmd, models_cmd, verify_cmd
+from quantkit.cli.inspect import layers_cmd, lint_cmd, models_cmd, recipes_cmd, verify_cmd
 from quantkit.cli.sensitivity import sensitivity_cmd
 
 
@@ -24,7 +24,8 @@ def main() -> None:
     """quantkit: INT8 post-training quantization of QA-RepVGG / YOLO-NAS detectors to TensorRT-ready Q/DQ ONNX."""
 
 
-for _command in (export_cmd, sensitivity_cmd, eval_cmd, build_cmd, lint_cmd, verify_cmd, layers_cmd, models_cmd):
+for _command in (export_cmd, sensitivity_cmd, eval_cmd, build_cmd, lint_cmd, verify_cmd, layers_cmd, models_cmd,
+                 recipes_cmd):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -15,7 +15,7 @@ Examples:
   quantkit export                                   # bundled tree detector + bundled calibration tiles
   quantkit export yolo_nas_s --weights ckpt.pth --calib images/ --out out/
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
-  quantkit export --recipe recipes/yolo_nas_s.yaml --set calibration.method=mse --out out/
+  quantkit export --recipe yolo_nas_s --set calibration.method=mse --out out/   # a shipped recipe, by name
   quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
 
 \b
@@ -35,27 +35,40 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="YAML recipe file, or a shipped recipe's name (trees, yolo_nas_s, ...: `quantkit recipes`).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field; repeatable.")
-@click.option("--method", help=f"Calibration method: {METHODS} [recipe default: entropy].")
-@click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640.")
-@click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32.")
-@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for mAP.")
+@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, entropy]")
+@click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
+              "detector: 320x320]")
+@click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")
+@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for "
+              "mAP. [default: the bundled held-out set for the bundled model, else none]")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
-@click.option("--max-drop", type=float, help="Budget in mAP50:95 points: with --eval, layers are kept FP16 "
-              "automatically to stay within it (sensitivity.auto); exit 3 if the exported model still exceeds it.")
-@click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and plot.")
+@click.option("--max-drop", type=float, help="Budget in mAP50:95 points (0.3 = 0.3 points of mAP, not 30%): with "
+              "--eval, layers are kept FP16 automatically to stay within it (sensitivity.auto); exit 3 if the "
+              "exported model still exceeds it.")
+@click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and "
+              "plot (mAP on sensitivity.eval_images = 8 held-out images; needs matplotlib).")
 @click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
-@click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs.")
+@click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs. "
+              "[default: $QUANTKIT_CACHE_DIR or ~/.cache/quantkit/calibration/<key>.json]")
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
 @click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
-@click.option("--target", help="Engine target GPU: t4 (default; compute capability 7.5) or any.")
+@click.option("--target", help="Engine target GPU: t4 (compute capability 7.5) or any. [default: t4]")
 @click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no info logs on stderr (warnings and errors only).")
+@click.option("--json", "json_out", is_flag=True, help="Print one JSON summary line on stdout instead of the human "
+              "summary (also on failure: ok=false, exit_code, error).")
+@click.option("-v", "--verbose", is_flag=True, help="Verbose: also log debug messages (e.g. how many blocks were "
+              "fused) to stderr.")
 def export_cmd(**a):
     """Quantize MODEL to INT8 and write FP32 / INT8 Q/DQ ONNX, report and manifest into --out."""
+    from quantkit.cli.summary import configure_output
+
     setup_logging(a["verbose"])
+    configure_output(quiet=a["quiet"], json_summary=a["json_out"], verbose=a["verbose"])
     run_guarded(_export, a)
 
 
@@ -84,13 +97,24 @@ def recipe_overrides(a: dict) -> list[str]:
 
 
 def _export(a: dict) -> None:
+    """With --json, one summary line on stdout, also for a failed run (then the error propagates)."""
+    from quantkit.cli.summary import error_summary, export_summary, summary_line
+    from quantkit.errors import QuantkitError
     from quantkit.pipeline import run_export
     from quantkit.recipe import load_recipe
 
-    recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
-    result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
-                        recipe_path=a["recipe_path"])
-    _print_summary(result)
+    try:
+        recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
+        result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
+                            recipe_path=a["recipe_path"])
+    except QuantkitError as exc:
+        if a["json_out"]:
+            click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))
+        raise
+    if a["json_out"]:
+        click.echo(summary_line(export_summary(result)))
+    else:
+        _print_summary(result)
 
 
 def _print_summary(result) -> None:

@@ -51,6 +51,16 @@ def layers_cmd(model, num_classes):
     run_guarded(_run)
 
 
+@click.command("recipes")
+def recipes_cmd():
+    """List the shipped recipes (use one with --recipe NAME)."""
+    def _run():
+        from quantkit.recipe import recipe_list
+
+        click.echo(recipe_list())
+    run_guarded(_run)
+
+
 @click.command("models")
 def models_cmd():
     """List registered models with their parameter counts."""

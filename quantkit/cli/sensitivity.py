@@ -25,17 +25,19 @@ Latencies are ESTIMATES from a T4 roofline model, not measurements."""
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
 @click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder for mAP sensitivities.")
-@click.option("--eval-images", type=int, default=8, show_default=True, help="Images of --eval used (0: all).")
+@click.option("--eval-images", type=int, help="Images of --eval scored per layer (0: all). [default: recipe's "
+              "sensitivity.eval_images, 8]")
 @click.option("--out", "out_dir", default="sensitivity", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--num-images", type=int, help="Calibration images for the SQNR sensitivities [recipe: 16].")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="YAML recipe file, or a shipped recipe's name (`quantkit recipes`).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field.")
 @click.option("--max-drop", type=float, help="Choose FP16 layers so the measured mAP50:95 drop stays <= this (points).")
 @click.option("--sqnr-floor", type=float, help="Choose FP16 layers so the measured output SQNR stays >= this (dB).")
 @click.option("--top", type=int, default=15, show_default=True, help="Rows of the printed table and bars of the plot.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="Verbose: also log debug messages to stderr.")
 def sensitivity_cmd(**a):
     """Rank MODEL's layers by INT8 damage and recovery; estimate T4 latency; optionally choose FP16 layers."""
     setup_logging(a["verbose"])
@@ -52,12 +54,12 @@ def _sensitivity(a: dict) -> None:
     sets = overrides((
         ("model.name", one_model(a["model_arg"], a["model_opt"])), ("model.weights", a["weights"]),
         ("calibration.data", a["calib"]), ("evaluation.data", a["eval_data"]),
-        ("sensitivity.num_images", a["num_images"]), ("gates.max_drop", a["max_drop"]),
+        ("sensitivity.num_images", a["num_images"]), ("sensitivity.eval_images", a["eval_images"]),
+        ("gates.max_drop", a["max_drop"]),
         ("sensitivity.sqnr_floor", a["sqnr_floor"]),
     ))
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
-    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], eval_images=a["eval_images"], top=a["top"],
-                          recipe_path=a["recipe_path"])
+    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"])
     click.echo(run.table)
     for line in run.summary:
         click.echo(line)

@@ -7,7 +7,6 @@ faster-coco-eval (same numbers as pycocotools).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,7 +188,7 @@ def predict_dataset(
 ) -> dict[int, np.ndarray]:
     """Run ``predict`` over the data set. Returns image id -> float64 [N,6] rows (x1,y1,x2,y2,score,class)
     in original-image pixels, clipped to the image, best score first."""
-    from tqdm import tqdm
+    from quantkit.utils.progress import progress_bar
 
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
@@ -207,7 +206,7 @@ def predict_dataset(
             results[image_id] = out
         pending.clear()
 
-    bar = tqdm(total=len(dataset), desc="eval", unit="img", disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar(len(dataset), "evaluating", "img", enabled=progress)
     try:
         for image_id, img, _ in dataset:
             x, info = preprocess_image(img, pp)

@@ -17,7 +17,6 @@ the calls that finished before L are taken from one recorded all-float pass (dam
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -164,7 +163,7 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     """
     import time
 
-    from tqdm import tqdm
+    from quantkit.utils.progress import progress_bar
 
     if num_images < 1 or chunk_size < 1:
         raise UsageError(f"num_images and chunk_size must be >= 1, got {num_images} and {chunk_size}")
@@ -179,14 +178,17 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     n_images = sum(int(b.shape[0]) for b in batches)
     items = [] if dataset is None else list(dataset)
     eval_chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    if progress and batches:  # say up front how long this will take (one measured forward x replays)
+        from quantkit.sensitivity.plan import estimate_analysis
+
+        estimate_analysis(qmodel, batches[0], len(names), len(batches) + len(eval_chunks))
     saved = _quantizer_flags(qmodel)
     full = SqnrAccumulator()
     dmg = {n: SqnrAccumulator() for n in names}
     rec_ = {n: SqnrAccumulator() for n in names}
     dets: dict[str, dict] = {}
     order: dict[str, int] = {}
-    bar = tqdm(total=(len(batches) + len(eval_chunks)) * len(names), desc="sensitivity", unit="layer",
-               disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar((len(batches) + len(eval_chunks)) * len(names), "sensitivity", "layer", enabled=progress)
     try:
         with Replayer(qmodel, list(modules.values())) as rp:
             for x in batches:

@@ -34,13 +34,15 @@ def budget_of(recipe: Recipe, has_eval: bool) -> tuple[str, float] | None:
     return None
 
 
-def analyze_and_select(state: QuantState, *, dataset=None, analyze_always: bool = False, progress: bool = True
-           ) -> SensitivityOutcome | None:
+def analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=None, analyze_always: bool = False,
+                       progress: bool = True) -> SensitivityOutcome | None:
     """Analyse per-layer sensitivity and, with a budget and ``sensitivity.auto``, keep layers FP16 so that the
     measured result meets it. The chosen INT8 set replaces the recipe's selection on ``state.model``
     (quantizers toggled, layout updated, a reason per FP16 layer).
 
-    dataset: a ``CocoDataset`` for mAP sensitivities and an mAP budget (None: SQNR only).
+    dataset: a ``CocoDataset`` the chosen set is verified on under an mAP budget (None: SQNR only).
+    analysis_dataset: the (smaller) ``CocoDataset`` the per-layer mAP sensitivities are measured on
+    (``sensitivity.eval_images``; None: SQNR sensitivities only).
     analyze_always: analyse even without a budget (``sensitivity.enabled``, or the ``sensitivity`` command).
     Returns None when neither analysis nor selection was asked for; also sets ``state.selection``.
     """
@@ -58,7 +60,7 @@ def analyze_and_select(state: QuantState, *, dataset=None, analyze_always: bool 
         return None
     layout = state.model.layout
     log.info("sensitivity analysis over %d layers", len(layout.layers))
-    result = analyze(state, num_images=s.num_images, dataset=dataset, progress=progress)
+    result = analyze(state, num_images=s.num_images, dataset=analysis_dataset, progress=progress)
     costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
     section = {"analysis": result.as_dict(), "selection": None,
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}

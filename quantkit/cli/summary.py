@@ -1,0 +1,80 @@
+"""The one-line machine-readable summary of a command (``--json``) and the output-mode switches behind
+``--quiet`` / ``--json``.
+
+``--json`` prints exactly one line of JSON on stdout (logs and progress stay on stderr), built here from the
+export's report, so CI can read the outcome without parsing report.json's path or the human summary:
+
+    {"command": "export", "ok": true, "exit_code": 0, "out_dir": "out", "files": [...], "sqnr_db": 31.2, ...}
+
+A failing command prints the same shape with ``ok: false``, its exit code and the error message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from quantkit.utils.progress import ProgressMode, set_progress_mode
+
+SUMMARY_VERSION = 1
+
+
+def configure_output(*, quiet: bool = False, json_summary: bool = False, verbose: bool = False) -> None:
+    """Apply ``--quiet`` (no progress, warnings and errors only on stderr) and ``--json``; ``-v`` wins over
+    ``--quiet`` for the log level. Call after the CLI's logging setup."""
+    if quiet:
+        set_progress_mode(ProgressMode.QUIET)
+        if not verbose:
+            logging.getLogger("quantkit").setLevel(logging.WARNING)
+    else:
+        set_progress_mode(ProgressMode.AUTO)
+
+
+def export_summary(result) -> dict:
+    """The ``--json`` summary of a finished export (an ``ExportResult``): where the files are, the measured
+    SQNR (dB), parity (dB), sizes (bytes), held-out mAP50:95 (fractions) and drop (points), gates, notes."""
+    r = result.report
+    ev = r.get("evaluation")
+    evaluation = None
+    if ev:
+        evaluation = {"data": ev.get("data"), "fp32_map50_95": ev["fp32_onnx"]["map50_95"],
+                      "int8_map50_95": ev["int8_onnx"]["map50_95"], "fp32_map50": ev["fp32_onnx"]["map50"],
+                      "int8_map50": ev["int8_onnx"]["map50"], "drop_map50_95_points": ev["drop_map50_95_points"]}
+    gates = r.get("gates") or {}
+    return {
+        "summary_version": SUMMARY_VERSION,
+        "command": "export",
+        "ok": not result.gate_failures,
+        "exit_code": 3 if result.gate_failures else 0,
+        "out_dir": str(result.out_dir),
+        "files": list(result.files),
+        "int8_vs_fp32_sqnr_db": r["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"],
+        "parity_int8_onnx_vs_fakequant_db": r["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"],
+        "sizes_bytes": r["onnx"]["sizes_bytes"],
+        "int8_size_ratio": r["onnx"]["int8_size_ratio"],
+        "evaluation": evaluation,
+        "gates": {"passed": gates.get("passed", True), "failures": gates.get("failures", [])},
+        "notes": list(r.get("notes", [])),
+    }
+
+
+def error_summary(command: str, exit_code: int, message: str) -> dict:
+    """The ``--json`` summary of a command that failed with ``exit_code`` (the message names the fix)."""
+    return {"summary_version": SUMMARY_VERSION, "command": command, "ok": False, "exit_code": exit_code,
+            "error": message}
+
+
+def summary_line(summary: dict) -> str:
+    """``summary`` as one line of JSON (sorted keys, no newlines inside), for stdout."""
+    return json.dumps(_finite(summary), sort_keys=True, separators=(", ", ": "), allow_nan=False, default=str)
+
+
+def _finite(obj):
+    """Non-finite floats (an SQNR of identical outputs is inf) as strings: strict JSON has no inf/NaN."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
