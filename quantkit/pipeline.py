@@ -18,7 +18,7 @@ from torch import nn
 from quantkit import paths
 from quantkit.calibrate.driver import CalibrationResult, apply_calibration, fixed_threads
 from quantkit.calibrate.methods import MethodSettings
-from quantkit.data.calib import CalibrationData, open_calibration_data
+from quantkit.data.calib import CalibrationData
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import ExportError, GateFailure, ModelError, UsageError
 from quantkit.export import parity
@@ -84,17 +84,25 @@ def open_data(recipe: Recipe, calib_path: str, model_size: tuple[int, int] | Non
     p = recipe.preprocess
     pp = Preprocess(size=tuple(size), letterbox=p.letterbox, pad_value=p.pad_value, scale=p.scale,
                     mean=tuple(p.mean), std=tuple(p.std))
-    data = open_calibration_data(calib_path, pp, recipe.calibration.batch_size, recipe.calibration.max_images)
-    if data.kind == "npy":
+    from quantkit.data.sources import open_calibration_source  # issue 15: YAML / arrays / iterables too
+
+    data = open_calibration_source(calib_path, pp, recipe.calibration.batch_size, recipe.calibration.max_images,
+                                   split=recipe.calibration.split)
+    if data.preprocessed:  # issue 15: was data.kind == "npy"; arrays and iterables are preprocessed too
         pp = Preprocess(size=data.input_shape[1:], letterbox=p.letterbox, pad_value=p.pad_value, scale=p.scale,
                         mean=tuple(p.mean), std=tuple(p.std))
     return data, pp
 
 
-def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: str | None = None,
+def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=None,
                     progress: bool = True) -> QuantState:
-    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax."""
-    calib_path, eval_path = resolve_inputs(recipe) if calib is None else (str(calib), recipe.evaluation.data)
+    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax.
+
+    ``calib``: a path, a float32 NCHW array/tensor or an iterable of batches (None: the recipe's)."""
+    from quantkit.utils.device import resolve_device
+
+    resolve_device(recipe.runtime.device)  # issue 15: --device cuda without CUDA fails before any work
+    calib_path, eval_path = resolve_inputs(recipe) if calib is None else (calib, recipe.evaluation.data)
     prepared, info = prepare_model(recipe) if model is None else prepare_module(model, recipe)
     data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
     example = next(data.batches(limit=1))[:1]
@@ -150,6 +158,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
             int8_vs_fp32=int8_vs_fp32, targets=targets, metrics=metrics, seconds=time.perf_counter() - state.t0,
         )
         add_selection_sections(stage, state, report)
+        add_visual_sections(stage, state, report, batches)  # issue 15 item 5
         gate_failures = check_gates(recipe, report)
         report["gates"] = {"max_drop": recipe.gates.max_drop, "min_sqnr": recipe.gates.min_sqnr,
                            "failures": gate_failures, "passed": not gate_failures}
@@ -196,13 +205,30 @@ def add_selection_sections(stage, state: QuantState, report: dict) -> None:
         return
     from quantkit.report.plots import sensitivity_bar_chart_bytes
 
-    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.sensitivity))
+    fp16 = [n for n in state.model.layout.layers if n not in set(state.model.layout.int8)]  # issue 15: marked
+    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.sensitivity, fp16=fp16))
     report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
     a = sel["analysis"]
     ev = report.get("evaluation")
     if ev and a.get("int8_map50_95") is not None:
         ev["extra_rows"] = [{"label": "full INT8 before selection (torch fake-quant)",
                              "map50_95": a["int8_map50_95"], "map50": a.get("int8_map50")}]
+
+
+def add_visual_sections(stage, state: QuantState, report: dict, batches) -> None:
+    """Issue 15: per-layer error and calibration charts, FP16 reasons, INT8 MAC share, device (report.sections)."""
+    from quantkit.calibrate.driver import method_key
+    from quantkit.report.sections import VisualInputs, add_to_report, build_visual_sections
+
+    r = state.recipe
+    vis = build_visual_sections(VisualInputs(
+        fp32=state.model.fp32, qmodel=state.model.qmodel, layout=state.model.layout, calib=state.calib,
+        chosen_amax=state.chosen_amax, method=method_key(state.settings), batches=batches,
+        quantize=tuple(r.quantization.quantize), skip=tuple(r.quantization.skip), costs=state.costs,
+        device=r.runtime.device, threads=1 if r.calibration.deterministic else None))
+    for name, data in vis.files.items():
+        stage.write_bytes(name, data)
+    add_to_report(report, vis)
 
 
 def check_gates(recipe: Recipe, report: dict) -> list[str]:

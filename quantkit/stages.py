@@ -117,7 +117,8 @@ def code_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def calibration_key_components(model: PreparedModel, data: CalibrationData, settings: MethodSettings) -> dict:
+def calibration_key_components(model: PreparedModel, data: CalibrationData, settings: MethodSettings,
+                               device: str = "cpu") -> dict:
     """Everything that determines the calibration histograms (and hence every method's amax).
 
     The pass runs with the INT8 layers' weights fake-quantized and the float layers' weights exact, so which
@@ -136,6 +137,8 @@ def calibration_key_components(model: PreparedModel, data: CalibrationData, sett
         "settings": json.dumps({"num_bins": settings.num_bins, "percentile": settings.percentile,
                                 "start_bin": settings.start_bin, "num_bits": settings.num_bits}, sort_keys=True),
         "quantkit_version": __version__,
+        # issue 15: GPU kernels sum differently; the CPU key is unchanged so existing caches stay valid
+        **({"device": device} if device != "cpu" else {}),
     }
 
 
@@ -144,7 +147,7 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, settings: Meth
     """Calibrate, reusing a cached result with the same content key. Returns (result, cache info for the report)."""
     from quantkit.calibrate.cache import CalibrationCache, cache_key
 
-    components = calibration_key_components(model, data, settings)
+    components = calibration_key_components(model, data, settings, device=recipe.runtime.device)  # issue 15
     key = cache_key(components)
     info = {"key": key, "hit": False, "path": None, "reason": None}
     cache = None
@@ -159,7 +162,8 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, settings: Meth
         info["reason"] = getattr(cache, "last_reason", None)
     log.info("calibrating on %d inputs from %s", data.num_samples, data.source)
     result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress,
-                             threads=1 if recipe.calibration.deterministic else None)
+                             threads=1 if recipe.calibration.deterministic else None,
+                             device=recipe.runtime.device)  # issue 15
     if cache is not None:
         cache.save(key, result.as_dict(), components)
     return result, info
@@ -272,16 +276,20 @@ def evaluate(recipe: Recipe, eval_path: str | None, pp: Preprocess, model: Prepa
     """mAP of FP32 torch, FP32 ONNX and INT8 ONNX (onnxruntime) with one decode + NMS, or None."""
     if not eval_path:
         return None
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.sources import open_eval_dataset
     from quantkit.eval.detection import evaluate_detection, onnx_predictor, torch_predictor
+    from quantkit.utils.device import on_device
 
     ev = recipe.evaluation
-    ds = CocoDataset(eval_path, max_images=ev.max_images or None)
+    ds = open_eval_dataset(eval_path, annotations=ev.annotations, split=ev.split,  # issue 15: YAML / COCO JSON
+                           max_images=ev.max_images or None)
     kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
     log.info("evaluating on %s", eval_path)
+    with on_device(recipe.runtime.device, model.fp32) as dev:  # issue 15: --device
+        fp32_torch = evaluate_detection(torch_predictor(model.fp32, dev), ds, pp, **kw).as_dict()
     res = {
         "data": paths.display_path(eval_path),
-        "fp32_torch": evaluate_detection(torch_predictor(model.fp32), ds, pp, **kw).as_dict(),
+        "fp32_torch": fp32_torch,
         "fp32_onnx": evaluate_detection(onnx_predictor(fp32_bytes, intra_op_threads=threads), ds, pp, **kw).as_dict(),
         "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, pp, **kw).as_dict(),
     }
@@ -306,7 +314,7 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
     with evaluation data, or ``sensitivity.sqnr_floor``). The chosen INT8 set replaces the recipe's selection
     on ``state.model`` (quantizers toggled, layout updated). Returns the report section, or None.
     """
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.sources import open_eval_dataset
     from quantkit.quant.insert import set_precision
     from quantkit.sensitivity.analysis import Metric, analyze, make_measure
     from quantkit.sensitivity.cost_model import layer_costs
@@ -317,19 +325,21 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
     auto = s.auto and ((drop is not None and state.eval_path) or floor is not None)
     if not (s.enabled or auto):
         return None
-    dataset = CocoDataset(state.eval_path, max_images=recipe.evaluation.max_images or None) if state.eval_path else None
+    ev, dev = recipe.evaluation, recipe.runtime.device  # issue 15: YAML / COCO JSON eval data; --device
+    dataset = (open_eval_dataset(state.eval_path, annotations=ev.annotations, split=ev.split,
+                                 max_images=ev.max_images or None) if state.eval_path else None)
     log.info("sensitivity analysis over %d layers", len(state.model.layout.layers))
-    result = analyze(state, num_images=s.num_images, dataset=dataset, progress=progress)
+    result = analyze(state, num_images=s.num_images, dataset=dataset, progress=progress, device=dev)
     costs = layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
     section = {"analysis": result.as_dict(), "selection": None,
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
     if auto:
         fixed = [n for n in state.model.layout.layers if n not in state.model.layout.int8]
         if drop is not None and dataset is not None:
-            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset)
+            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev)
             sel = choose_fp16_layers(result, costs, max_drop_points=drop, measure=measure, fixed_fp16=fixed)
         else:
-            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images)
+            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev)
             sel = choose_fp16_layers(result, costs, sqnr_floor_db=floor, measure=measure, fixed_fp16=fixed)
         set_precision(state.model.qmodel, set(sel.int8))
         state.model.layout.int8 = [n for n in state.model.layout.layers if n in set(sel.int8)]
