@@ -95,6 +95,12 @@ Weights are loaded with torch.load(weights_only=True): files that need pickle co
 @click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640.")
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32.")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for mAP.")
+@click.option("--eval-annotations", type=click.Path(dir_okay=False),
+              help="COCO annotations JSON for --eval IMAGES_DIR (when it is not IMAGES_DIR/annotations.json).")
+@click.option("--data", "data_yaml", type=click.Path(dir_okay=False),
+              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where calibration, sensitivity and torch evaluation run  [default: cpu].")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
 @click.option("--max-drop", type=float, help="Budget in mAP50:95 points: with --eval, layers are kept FP16 "
               "automatically to stay within it (sensitivity.auto); exit 3 if the exported model still exceeds it.")
@@ -108,7 +114,7 @@ Weights are loaded with torch.load(weights_only=True): files that need pickle co
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("-v", "--verbose", is_flag=True)
 def export_cmd(model_arg, model_opt, weights, num_classes, calib, out_dir, recipe_path, overrides, method,
-               input_size, batch, eval_data, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, target, nms, sensitivity_flag, force, verbose):
+               input_size, batch, eval_data, eval_annotations, data_yaml, device, skip, max_drop, min_sqnr, calib_cache, no_cache, engine, target, nms, sensitivity_flag, force, verbose):
     """Quantize MODEL to INT8 and write FP32 / INT8 Q/DQ ONNX, report and manifest into --out."""
     _setup_logging(verbose)
     run_guarded(_export, locals())
@@ -130,6 +136,16 @@ def _export(a: dict) -> None:
                        ("calibration.cache", a["calib_cache"])):
         if value is not None:
             sets.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_yaml_str(value)}")
+    # issue 15: --data sets calibration and evaluation data unless --calib / --eval say otherwise
+    if a["data_yaml"]:
+        if a["calib"] is None:
+            sets.append(f"calibration.data={_yaml_str(a['data_yaml'])}")
+        if a["eval_data"] is None:
+            sets.append(f"evaluation.data={_yaml_str(a['data_yaml'])}")
+    if a["eval_annotations"]:
+        sets.append(f"evaluation.annotations={_yaml_str(a['eval_annotations'])}")
+    if a["device"]:
+        sets.append(f"runtime.device={a['device']}")
     if a["input_size"]:
         try:
             h, w = (int(v) for v in a["input_size"].lower().split("x"))

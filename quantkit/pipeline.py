@@ -103,6 +103,11 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
 
     resolve_device(recipe.runtime.device)  # issue 15: --device cuda without CUDA fails before any work
     calib_path, eval_path = resolve_inputs(recipe) if calib is None else (calib, recipe.evaluation.data)
+    if eval_path:  # issue 15: bad labels / a YAML without the split fail now, not after calibrating
+        from quantkit.data.sources import open_eval_dataset
+
+        ev = recipe.evaluation
+        open_eval_dataset(eval_path, annotations=ev.annotations, split=ev.split, max_images=ev.max_images or None)
     prepared, info = prepare_model(recipe) if model is None else prepare_module(model, recipe)
     data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
     example = next(data.batches(limit=1))[:1]

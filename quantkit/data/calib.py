@@ -84,7 +84,8 @@ class CalibrationData:
 
     def _compute_fingerprint(self) -> str:
         h = hashlib.sha256()
-        h.update(self.kind.encode())
+        # the same array gives the same key however it arrived (.npy, in memory, from a DataLoader)
+        h.update(b"npy" if self.array is not None else self.kind.encode())
         if self.array is not None:
             h.update(json.dumps([list(self.array.shape), str(self.array.dtype)]).encode())
             for start in range(0, self.array.shape[0], 64):

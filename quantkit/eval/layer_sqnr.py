@@ -31,9 +31,11 @@ class _Energy:
     noise: float = 0.0
 
     def add(self, ref: torch.Tensor, test: torch.Tensor) -> None:
-        r, t = ref.detach().double(), test.detach().double()
-        self.signal += float((r * r).sum())
-        self.noise += float(((r - t) ** 2).sum()) if torch.isfinite(t).all() else math.inf
+        r, t = ref.detach().float(), test.detach().float()
+        d = r - t  # float32 elementwise, float64 accumulation: no float64 copies of the activations
+        self.signal += float(torch.sum(r * r, dtype=torch.float64))
+        noise = float(torch.sum(d * d, dtype=torch.float64))
+        self.noise += noise if math.isfinite(noise) else math.inf
 
     def db(self) -> float:
         if not math.isfinite(self.noise):
@@ -130,8 +132,9 @@ def measure_layer_errors(fp32: nn.Module, qmodel: nn.Module, layers: dict[str, s
             if qname in amax and amax[qname] > 0:
                 in_energy[layer].add(x, _fake_quant(x, amax[qname]))
             upper = hist_upper.get(qname)
-            if upper and upper > 0:
-                h = torch.histc(x.float().abs().clamp(max=upper), bins=bins, min=0.0, max=upper).double().cpu()
+            if upper and upper > 0:  # bin j holds [j, j+1) * upper/bins; bincount is ~2.5x faster than histc
+                idx = (x.float().abs() * (bins / upper)).clamp_(max=bins - 1).to(torch.int32).flatten()
+                h = torch.bincount(idx, minlength=bins).cpu()
                 hists[qname] = hists[qname] + h if qname in hists else h
         return hook
 
@@ -160,6 +163,6 @@ def measure_layer_errors(fp32: nn.Module, qmodel: nn.Module, layers: dict[str, s
     rows = [LayerError(name, t, "int8" if name in int8 else "fp16", out_energy[name].db(),
                        in_energy[name].db() if in_energy[name].signal or in_energy[name].noise else None)
             for name, t in layers.items()]
-    histograms = {k: TensorHistogram(k, float(hist_upper[k]), [int(round(c)) for c in v.tolist()])
+    histograms = {k: TensorHistogram(k, float(hist_upper[k]), [int(c) for c in v.tolist()])
                   for k, v in hists.items()}
     return LayerErrorResult(rows, histograms, n)

@@ -30,7 +30,7 @@ class VisualInputs:
     batches: a few calibration batches (float32 NCHW) to measure on. quantize / skip: the recipe's patterns
     (to say why a layer is FP16). costs: the T4 cost table if already computed (None: computed here).
     device: where the torch passes run (``cpu`` / ``cuda``); threads: torch threads pinned (1: deterministic).
-    worst: how many tensors the calibration chart shows.
+    worst: how many tensors the calibration chart shows; max_samples: inputs measured (from ``batches``).
     """
 
     fp32: nn.Module
@@ -46,6 +46,7 @@ class VisualInputs:
     device: str = "cpu"
     threads: int | None = 1
     worst: int = 4
+    max_samples: int = 8
 
 
 @dataclass
@@ -139,10 +140,16 @@ def build_visual_sections(inp: VisualInputs) -> VisualSections:
     dev = resolve_device(inp.device)
     layout = inp.layout
     upper = {q: max(v.values()) for q, v in inp.calib.tensors.items() if v}
+    batches, left = [], inp.max_samples
+    for b in inp.batches:
+        if left <= 0:
+            break
+        batches.append(b[:left])
+        left -= int(batches[-1].shape[0])
     with fixed_threads(inp.threads if dev.type == "cpu" else None):
-        res = measure_layer_errors(inp.fp32, inp.qmodel, layout.layers, layout.int8, inp.batches, inp.chosen_amax,
+        res = measure_layer_errors(inp.fp32, inp.qmodel, layout.layers, layout.int8, batches, inp.chosen_amax,
                                    hist_upper=upper, device=dev)
-        costs = inp.costs or layer_costs(inp.fp32, inp.batches[0][:1], layout.layers)
+        costs = inp.costs or layer_costs(inp.fp32, batches[0][:1], layout.layers)
     rows = [{"name": e.name, "type": e.type, "precision": e.precision, "output_sqnr_db": _r(e.output_sqnr_db, 2),
              "input_quant_sqnr_db": _r(e.input_quant_sqnr_db, 2)} for e in res.layers]
     worst = _worst_tensors(rows, res.histograms, inp.calib, inp.worst)
