@@ -21,7 +21,6 @@ from quantkit.data.preprocess import Preprocess
 from quantkit.data.yolo import is_dataset_yaml, load_dataset_yaml, to_coco
 from quantkit.errors import DataError
 
-CalibrationSource = "str | Path | np.ndarray | torch.Tensor | Iterable"  # documentation alias
 
 
 def _as_array(x, where: str) -> np.ndarray:

@@ -71,5 +71,5 @@ def on_device(device: torch.device | str | None, *modules: nn.Module) -> Iterato
         yield dev
     finally:
         for m, home in zip(modules, homes):
-            if m in moved:
+            if any(m is x for x in moved):
                 m.to(home)
