@@ -16,7 +16,9 @@ def quantize(model: nn.Module | str, calib: str | Path | None = None, recipe: Re
 
     Args:
         model: an ``nn.Module`` (any model of standard layers) or a registered model name / ``file.py:factory``.
-        calib: folder of images or float32 NCHW ``.npy`` (None: the recipe's, or the bundled set for ``trees``).
+        calib: a folder of images (recursive), a float32 NCHW ``.npy``, a dataset YAML, a float32 NCHW numpy array
+            or torch tensor, or any iterable of such batches, e.g. a DataLoader (read once, up front) (None: the
+            recipe's, or the bundled set for ``trees``).
         recipe: configuration (None: defaults).
     Returns:
         The fake-quantized torch module (eval mode). ``qmodel.quantkit_state`` keeps what ``export`` needs.
@@ -28,11 +30,12 @@ def quantize(model: nn.Module | str, calib: str | Path | None = None, recipe: Re
     recipe = recipe or Recipe()
     if isinstance(model, str):
         recipe = replace(recipe, model=replace(recipe.model, name=model))
-        state = quantize_recipe(recipe, calib=None if calib is None else str(calib), progress=progress)
+        state = quantize_recipe(recipe, calib=calib, progress=progress)  # issue 15: not str(): arrays, loaders
     else:
         if calib is None and recipe.calibration.data is None:
             raise UsageError("quantize(model, calib): pass calibration data (a folder of images or a .npy)")
-        state = quantize_recipe(recipe, model=model, calib=str(calib or recipe.calibration.data), progress=progress)
+        state = quantize_recipe(recipe, model=model, progress=progress,  # issue 15: arrays and loaders pass as is
+                                calib=calib if calib is not None else recipe.calibration.data)
     qmodel = state.model.qmodel
     qmodel.quantkit_state = state
     return qmodel

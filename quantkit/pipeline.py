@@ -53,15 +53,21 @@ def _prepared(recipe: Recipe, model: nn.Module | None):
     return quant.prepare(model, recipe.quantization)
 
 
-def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: str | None = None,
+def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=None,
                     progress: bool = True) -> QuantState:
-    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax."""
+    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax.
+
+    ``calib``: a path, a float32 NCHW array/tensor or an iterable of batches (None: the recipe's)."""
     from quantkit import calibrate
     from quantkit.data import open_data
+    from quantkit.utils.device import resolve_device
 
+    resolve_device(recipe.runtime.device)  # --device cuda without CUDA fails before any work
     plan = plan_evaluation(recipe) if calib is None else EvalPlan(recipe.evaluation.data, explicit=True)
-    calib_path, eval_path = resolve_inputs(recipe, plan) if calib is None else (str(calib), recipe.evaluation.data)
+    calib_path, eval_path = resolve_inputs(recipe, plan) if calib is None else (calib, recipe.evaluation.data)
     check_optional_deps(recipe, evaluation=bool(eval_path))  # fail before any work, with the install hint
+    if eval_path:  # bad labels / a YAML without the split fail now, not after calibrating
+        _open_eval(recipe, eval_path, recipe.evaluation.max_images)
     prepared = _prepared(recipe, model)
     if plan.note:  # report.json's notes say why there is no held-out evaluation
         prepared.layout.notes.append(plan.note)
@@ -76,7 +82,8 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: st
         raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
                          "Set input.size (or the .npy shape) to what the model expects") from exc
     check_outputs(outputs)  # outputs need a batch axis
-    calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress)
+    calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress,
+                                      device=recipe.runtime.device)
     return QuantState(recipe, prepared, data, pp, calibration, eval_path)
 
 
@@ -103,8 +110,9 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         metrics = None
         if state.eval_path:
             with fixed_threads(threads):
-                metrics = evaluate_export(state.eval_path, recipe.evaluation, state.pp, state.model.fp32,
-                                          graphs.fp32_bytes, graphs.int8_bytes, progress=progress, threads=threads)
+                metrics = evaluate_export(_eval_dataset(state, recipe.evaluation.max_images), recipe, state.pp,
+                                          state.model.fp32, graphs.fp32_bytes, graphs.int8_bytes,
+                                          source=state.eval_path, progress=progress, threads=threads)
         inputs = report.ReportInputs(state, graphs, metrics, built, command_line or [])
         content, failures = report.write(stage, inputs)
         files = sorted(stage.files)
@@ -113,10 +121,16 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
     return ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
 
 
-def _eval_dataset(state: QuantState, max_images: int):
-    from quantkit.eval.coco import CocoDataset
+def _open_eval(recipe: Recipe, path, max_images: int):
+    from quantkit.data.sources import open_eval_dataset
 
-    return CocoDataset(state.eval_path, max_images=max_images or None) if state.eval_path else None
+    ev = recipe.evaluation
+    return open_eval_dataset(path, annotations=ev.annotations, split=ev.split, max_images=max_images or None)
+
+
+def _eval_dataset(state: QuantState, max_images: int):
+    """The evaluation data set (COCO folder, images + COCO JSON, or dataset YAML), or None without one."""
+    return _open_eval(state.recipe, state.eval_path, max_images) if state.eval_path else None
 
 
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -201,8 +215,9 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0) 
     prepared = _prepared(recipe, None)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
     _, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
-    return evaluate_export(data_path, recipe.evaluation, pp, prepared.fp32, str(folder / "model.onnx"),
-                           str(folder / "model.int8.onnx"), max_images=max_images)
+    dataset = _open_eval(recipe, data_path, max_images)
+    return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
+                           str(folder / "model.int8.onnx"), source=data_path)
 
 
 def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = None,

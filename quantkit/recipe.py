@@ -69,8 +69,9 @@ class PreprocessSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Post-training calibration. ``data``: a folder of images or a float32 NCHW ``.npy`` (null: the bundled
-    calibration set of the bundled model). ``method``: max | percentile | entropy | mse. ``max_images``: how many
+    """Post-training calibration. ``data``: a folder of images (sub-folders included), a float32 NCHW ``.npy``, or
+    an Ultralytics dataset YAML (its ``split`` images, ``train`` by default) (null: the bundled calibration set of
+    the bundled model). ``method``: max | percentile | entropy | mse. ``max_images``: how many
     images/rows to use (0: all). ``cache``: calibration cache file (null: ``$QUANTKIT_CACHE_DIR`` or
     ``~/.cache/quantkit/calibration/<key>.json``). ``deterministic``: run the calibration pass on one CPU thread
     so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores)."""
@@ -84,6 +85,7 @@ class CalibrationSpec:
     cache: str | None = None
     use_cache: bool = True
     deterministic: bool = True
+    split: str = "train"
 
     @property
     def settings(self) -> MethodSettings:
@@ -130,10 +132,14 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """Task evaluation. ``data``: a COCO-format folder (``annotations.json`` + ``images/``); null: none, or the
-    bundled held-out set when the bundled model is used. ``conf``/``iou``: NMS thresholds for mAP."""
+    """Task evaluation. ``data``: a COCO-format folder (``annotations.json`` + ``images/``), an images folder with
+    ``annotations`` (a COCO JSON file anywhere), or an Ultralytics dataset YAML with YOLO txt labels (its ``split``
+    split, ``val`` by default); null: none, or the bundled held-out set when the bundled model is used.
+    ``conf``/``iou``: NMS thresholds for mAP."""
 
     data: str | None = None
+    annotations: str | None = None
+    split: str = "val"
     conf: float = 0.001
     iou: float = 0.7
     max_images: int = 0
@@ -165,6 +171,15 @@ class SensitivitySpec:
 
 
 @dataclass(frozen=True)
+class RuntimeSpec:
+    """Where the torch passes run. ``device``: ``cpu`` (default) or ``cuda`` / ``cuda:N`` for calibration,
+    sensitivity analysis and the FP32 torch evaluation; ONNX export, parity and onnxruntime evaluation always run
+    on the CPU. ``cuda`` where CUDA is not available is an error before any work starts."""
+
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
 class Recipe:
     """One export's configuration. Build with :func:`load_recipe`; never mutate (use :func:`apply_overrides`)."""
 
@@ -177,6 +192,7 @@ class Recipe:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     gates: GateSpec = field(default_factory=GateSpec)
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     def as_dict(self) -> dict:
         """Plain-data form (lists instead of tuples), as written to ``recipe.resolved.yaml``."""
@@ -305,6 +321,15 @@ def validate(recipe: Recipe) -> Recipe:
     parse_batch(recipe.input.batch)
     if recipe.sensitivity.num_images < 1 or recipe.sensitivity.eval_images < 0:
         raise UsageError("sensitivity.num_images must be >= 1 and sensitivity.eval_images >= 0 (0: all)")
+    dev = recipe.runtime.device.strip().lower()
+    if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UsageError(f"runtime.device must be cpu, cuda or cuda:N, got {recipe.runtime.device!r}")
+    for where, split in (("calibration.split", c.split), ("evaluation.split", recipe.evaluation.split)):
+        if split not in ("train", "val", "test"):
+            raise UsageError(f"{where} must be train, val or test (a split of the dataset YAML), got {split!r}")
+    if recipe.evaluation.annotations is not None and recipe.evaluation.data is None:
+        raise UsageError("evaluation.annotations needs evaluation.data (the images folder): pass --eval IMAGES "
+                         "with --eval-annotations FILE.json")
     if recipe.gates.max_drop is not None and recipe.gates.max_drop < 0:
         raise UsageError("gates.max_drop must be >= 0 (mAP50:95 points)")
     check_ranges(recipe)

@@ -99,19 +99,24 @@ def fixed_threads(n: int | None):
 
 def run_calibration(
     model: nn.Module, batches: Iterable[torch.Tensor], settings: MethodSettings, *, total: int | None = None,
-    progress: bool = True, threads: int | None = None,
+    progress: bool = True, threads: int | None = None, device: str | torch.device | None = None,
 ) -> CalibrationResult:
     """Run the calibration pass and compute every method's amax per activation tensor.
 
     ``threads``: pin torch's intra-op threads during the pass (1 gives results independent of the machine).
+    ``device``: run the forward passes there (``"cuda"``); the model is moved back to its device afterwards.
+    None or ``"cpu"`` is the CPU path, unchanged. The histograms then live on that device too.
     """
+    from quantkit.utils.device import module_device, on_device, resolve_device
+
+    dev = module_device(model) if device is None else resolve_device(device)
     model.eval()
     n = 0
-    with torch.no_grad(), fixed_threads(threads), calibration_mode(model, settings) as qs:
+    with torch.no_grad(), fixed_threads(threads), on_device(dev, model), calibration_mode(model, settings) as qs:
         with progress_bar(total, "calibrating", "batch", enabled=progress) as bar:
             for batch in batches:
                 try:
-                    model(batch)
+                    model(batch.to(dev) if batch.device != dev else batch)
                 except CalibrationError:
                     raise
                 except (RuntimeError, ValueError) as exc:

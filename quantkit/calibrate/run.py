@@ -61,7 +61,8 @@ def code_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def calibration_key_components(model: PreparedModel, data: CalibrationData, settings: MethodSettings) -> dict:
+def calibration_key_components(model: PreparedModel, data: CalibrationData, settings: MethodSettings,
+                               device: str = "cpu") -> dict:
     """Everything that determines the calibration histograms (and hence every method's amax).
 
     The pass runs with the INT8 layers' weights fake-quantized and the float layers' weights exact, so which
@@ -80,16 +81,19 @@ def calibration_key_components(model: PreparedModel, data: CalibrationData, sett
         "settings": json.dumps({"num_bins": settings.num_bins, "percentile": settings.percentile,
                                 "start_bin": settings.start_bin, "num_bits": settings.num_bits}, sort_keys=True),
         "quantkit_version": __version__,
+        # GPU kernels sum differently; the CPU key is unchanged so existing caches stay valid
+        **({"device": device} if device != "cpu" else {}),
     }
 
 
 def calibrate_cached(model: PreparedModel, data: CalibrationData, spec: CalibrationSpec, *,
-                     progress: bool = True) -> tuple[CalibrationResult, dict]:
-    """Calibrate, reusing a cached result with the same content key. Returns (result, cache info for the report)."""
+                     progress: bool = True, device: str = "cpu") -> tuple[CalibrationResult, dict]:
+    """Calibrate on ``device`` ("cpu", "cuda"), reusing a cached result with the same content key.
+    Returns (result, cache info for the report)."""
     from quantkit.calibrate.cache import CalibrationCache, cache_key
 
     settings = spec.settings
-    components = calibration_key_components(model, data, settings)
+    components = calibration_key_components(model, data, settings, device=device)
     key = cache_key(components)
     info = {"key": key, "hit": False, "path": None, "reason": None}
     cache = None
@@ -104,16 +108,16 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, spec: Calibrat
         info["reason"] = getattr(cache, "last_reason", None)
     log.info("calibrating on %d inputs from %s", data.num_samples, data.source)
     result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress,
-                             threads=1 if spec.deterministic else None)
+                             threads=1 if spec.deterministic else None, device=device)
     if cache is not None:
         cache.save(key, result.as_dict(), components)
     return result, info
 
 
-def calibrate(model: PreparedModel, data: CalibrationData, spec: CalibrationSpec, *,
-              progress: bool = True) -> Calibration:
-    """Calibrate ``model.qmodel`` on ``data`` (or reuse the cache) and set every activation amax by ``spec``'s
-    method. Raises CalibrationError naming the layer when an amax is 0, NaN or Inf."""
-    result, cache = calibrate_cached(model, data, spec, progress=progress)
+def calibrate(model: PreparedModel, data: CalibrationData, spec: CalibrationSpec, *, progress: bool = True,
+              device: str = "cpu") -> Calibration:
+    """Calibrate ``model.qmodel`` on ``data`` (or reuse the cache) on ``device`` and set every activation amax by
+    ``spec``'s method. Raises CalibrationError naming the layer when an amax is 0, NaN or Inf."""
+    result, cache = calibrate_cached(model, data, spec, progress=progress, device=device)
     chosen = apply_calibration(model.qmodel, result, spec.settings)
     return Calibration(result=result, chosen_amax=chosen, cache=cache)

@@ -44,6 +44,12 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for "
               "mAP. [default: the bundled held-out set for the bundled model, else none]")
+@click.option("--eval-annotations", type=click.Path(dir_okay=False),
+              help="COCO annotations JSON for --eval IMAGES_DIR (when it is not IMAGES_DIR/annotations.json).")
+@click.option("--data", "data_yaml", type=click.Path(dir_okay=False),
+              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val.")
+@click.option("--device", help="Where calibration, sensitivity and torch evaluation run: cpu or cuda[:N]. "
+              "[default: cpu]")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
 @click.option("--max-drop", type=float, help="Budget in mAP50:95 points (0.3 = 0.3 points of mAP, not 30%): with "
               "--eval, layers are kept FP16 automatically to stay within it (sensitivity.auto); exit 3 if the "
@@ -81,6 +87,10 @@ def recipe_overrides(a: dict) -> list[str]:
         ("gates.max_drop", a["max_drop"]), ("gates.min_sqnr", a["min_sqnr"]), ("calibration.cache", a["calib_cache"]),
         ("export.target", a["target"]),
     ))
+    if a["data_yaml"]:  # --data sets calibration and evaluation data unless --calib / --eval say otherwise
+        sets += overrides((("calibration.data", a["data_yaml"] if a["calib"] is None else None),
+                           ("evaluation.data", a["data_yaml"] if a["eval_data"] is None else None)))
+    sets += overrides((("evaluation.annotations", a["eval_annotations"]), ("runtime.device", a["device"])))
     if a["input_size"]:
         try:
             h, w = (int(v) for v in a["input_size"].lower().split("x"))

@@ -1,4 +1,6 @@
-"""Calibration data: a folder of images or a preprocessed float32 NCHW ``.npy``, streamed in batches.
+"""Calibration data: a folder of images (recursive) or a preprocessed float32 NCHW ``.npy``, streamed in batches.
+
+(``quantkit.data.sources.open_calibration_source`` adds dataset YAMLs, in-memory arrays and iterables.)
 
 Only real data: there is no code path that invents inputs. Images are decoded one batch at a time, so memory
 stays bounded by one batch whatever the number of images. ``fingerprint`` hashes the raw bytes of every file
@@ -24,9 +26,12 @@ from quantkit.recipe import CalibrationSpec, PreprocessSpec  # noqa: F401 (annot
 
 @dataclass
 class CalibrationData:
-    """A calibration source. ``kind`` is "images" or "npy"; ``input_shape`` is (C, H, W) in pixels."""
+    """A calibration source. ``kind``: "images" (files decoded per batch) or an already preprocessed float32 NCHW
+    array: "npy" (a file, memory-mapped), "array" (numpy/torch in memory), "batches" (read from an iterable).
+    ``input_shape`` is (C, H, W) in pixels. ``names``: the files' names as hashed into the fingerprint (paths
+    relative to the folder or dataset root); ``split``: the dataset YAML split the files come from."""
 
-    source: Path
+    source: Path | str
     kind: str
     preprocess: Preprocess | None
     batch_size: int
@@ -34,10 +39,26 @@ class CalibrationData:
     array: np.ndarray | None
     input_shape: tuple[int, int, int]
     _fingerprint: str | None = field(default=None, repr=False)
+    names: list[str] | None = None
+    split: str | None = None
+
+    @classmethod
+    def from_files(cls, source: Path, files: list[Path], preprocess: Preprocess, batch_size: int, *,
+                   names: list[str], split: str | None = None) -> "CalibrationData":
+        """Image files (checked readable now, not in the middle of a pass)."""
+        for f in files:
+            load_image(f)
+        return cls(source, "images", preprocess, batch_size, list(files), None, (3, *preprocess.size),
+                   names=list(names), split=split)
+
+    @property
+    def preprocessed(self) -> bool:
+        """True when the data is already a model-ready array (its shape sets the input size)."""
+        return self.array is not None
 
     @property
     def num_samples(self) -> int:
-        return len(self.files) if self.kind == "images" else int(self.array.shape[0])
+        return len(self.files) if self.array is None else int(self.array.shape[0])
 
     def __len__(self) -> int:
         """Number of batches."""
@@ -48,7 +69,7 @@ class CalibrationData:
         n = self.num_samples if limit is None else min(limit, self.num_samples)
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
-            if self.kind == "npy":
+            if self.array is not None:
                 batch = np.array(self.array[start:stop], dtype=np.float32)  # copy: the memmap is read-only
                 if not np.isfinite(batch).all():
                     raise DataError(f"{self.source} rows {start}..{stop - 1} contain NaN or Inf: fix the array")
@@ -64,15 +85,17 @@ class CalibrationData:
 
     def _compute_fingerprint(self) -> str:
         h = hashlib.sha256()
-        h.update(self.kind.encode())
-        if self.kind == "npy":
+        # the same array gives the same key however it arrived (.npy, in memory, from a DataLoader)
+        h.update(b"npy" if self.array is not None else self.kind.encode())
+        if self.array is not None:
             h.update(json.dumps([list(self.array.shape), str(self.array.dtype)]).encode())
             for start in range(0, self.array.shape[0], 64):
                 h.update(np.ascontiguousarray(self.array[start : start + 64]).tobytes())
         else:
             h.update(json.dumps(self.preprocess.as_dict(), sort_keys=True).encode())
-            for f in self.files:
-                h.update(f.name.encode())
+            names = self.names or [f.name for f in self.files]
+            for name, f in zip(names, self.files):
+                h.update(name.encode())
                 h.update(hashlib.sha256(f.read_bytes()).digest())
         return h.hexdigest()
 
@@ -82,7 +105,7 @@ def open_calibration_data(
 ) -> CalibrationData:
     """Open ``path`` (image folder or .npy). Image folders are letterboxed to ``preprocess.size``.
 
-    Raises DataError for a missing path, an empty folder, unreadable images (checked up front), or a .npy that
+    Image folders are searched recursively (see ``list_images``). Raises DataError for a missing path, an empty folder, unreadable images (checked up front), or a .npy that
     is not a finite float32 NCHW array.
     """
     p = Path(path)
@@ -106,18 +129,20 @@ def open_calibration_data(
     files = list_images(p)
     if max_images:
         files = files[:max_images]
-    for f in files:  # fail before a long pass, not in the middle of it
-        load_image(f)
-    return CalibrationData(p, "images", preprocess, batch_size, files, None, (3, *preprocess.size))
+    # names relative to the folder: a flat folder hashes exactly its file names, as before sub-folders counted
+    return CalibrationData.from_files(p, files, preprocess, batch_size, names=[f.relative_to(p).as_posix() for f in files])
 
 
-def open_data(path: str | Path, spec: "CalibrationSpec", preprocess: "PreprocessSpec",
+def open_data(path, spec: "CalibrationSpec", preprocess: "PreprocessSpec",
               size: tuple[int, int]) -> tuple[CalibrationData, Preprocess]:
-    """Open calibration data as a recipe describes it. Image folders are preprocessed at ``size`` (height,
-    width, pixels); a ``.npy`` is already preprocessed and its own spatial shape wins. Returns the data and the
+    """Open calibration data as a recipe describes it: ``path`` is an image folder (recursive), a ``.npy``, a
+    dataset YAML (``spec.split``), a float32 NCHW array/tensor or an iterable of batches. Images are
+    preprocessed at ``size`` (height, width, pixels); preprocessed data keeps its own spatial shape. Returns the data and the
     preprocessing that evaluation must use to match it."""
+    from quantkit.data.sources import open_calibration_source  # YAML, arrays and iterables too
+
     pp = Preprocess.at_size(preprocess, size)
-    data = open_calibration_data(path, pp, spec.batch_size, spec.max_images)
-    if data.kind == "npy":
+    data = open_calibration_source(path, pp, spec.batch_size, spec.max_images, split=spec.split)
+    if data.preprocessed:  # a .npy, array or iterable: already preprocessed, its own size wins
         pp = Preprocess.at_size(preprocess, data.input_shape[1:])
     return data, pp

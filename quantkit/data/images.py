@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,28 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def list_images(directory: str | Path) -> list[Path]:
-    """Sorted image files (jpg/jpeg/png/bmp, any case) directly inside ``directory``."""
+    """Image files (jpg/jpeg/png/bmp, any case) anywhere under ``directory``, sorted by relative path.
+
+    Sub-folders are searched recursively (``train/cat/1.jpg`` counts); hidden files and folders (``.x``) are
+    skipped, and symbolic links to folders are not followed (no loops). A flat folder lists exactly its files.
+    """
     d = Path(directory)
     if not d.exists():
         raise DataError(f"data directory {d} does not exist: pass an existing folder of .jpg/.png images")
     if not d.is_dir():
         raise DataError(f"{d} is not a directory: pass a folder of .jpg/.png images or a .npy file")
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"no .jpg/.png images in {d}: put calibration images there or pass a .npy array")
-    return files
+    found: list[tuple[str, Path]] = []
+    for folder, subdirs, names in os.walk(d):  # followlinks=False
+        subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+        base = Path(folder)
+        for name in names:
+            p = base / name
+            if not name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                found.append((p.relative_to(d).as_posix(), p))
+    if not found:
+        raise DataError(f"no .jpg/.png images in {d} (searched its sub-folders too): put calibration images there "
+                        "or pass a .npy array")
+    return [p for _, p in sorted(found)]
 
 
 def load_image(path: str | Path) -> np.ndarray:

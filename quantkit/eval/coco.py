@@ -65,7 +65,20 @@ class CocoDataset:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"cannot parse {ann_path} as JSON ({exc}): fix or regenerate the annotation file") from exc
         self.annotations_path = ann_path
+        self._explicit_paths: dict[int, Path] = {}
         self._load(data, max_images)
+
+    @classmethod
+    def from_coco_dict(cls, data: dict, *, root: str | Path, source: str | Path, image_paths: dict[int, Path],
+                       max_images: int | None = None) -> "CocoDataset":
+        """A data set from an in-memory COCO dict (e.g. converted YOLO labels) whose image files are given by
+        id (``image_paths``). ``source`` names the origin in error messages; validated like a file."""
+        self = cls.__new__(cls)
+        self.root = Path(root)
+        self.annotations_path = Path(source)
+        self._explicit_paths = dict(image_paths)
+        self._load(data, max_images)
+        return self
 
     def _load(self, data, max_images: int | None) -> None:
         src = self.annotations_path
@@ -135,7 +148,7 @@ class CocoDataset:
 
         paths = {}
         for im in images:
-            p = _resolve_image(self.root, im["file_name"])
+            p = self._explicit_paths.get(im["id"]) or _resolve_image(self.root, im["file_name"])
             if p is None:
                 raise DataError(
                     f"image file {im['file_name']} (id {im['id']}) not found under {self.root / IMAGES_DIR} "

@@ -135,13 +135,32 @@ def add_selection_sections(stage, state: QuantState, report: dict) -> None:
         return
     from quantkit.report.plots import sensitivity_bar_chart_bytes
 
-    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.selection.sensitivity))
+    fp16 = [n for n in state.model.layout.layers if n not in set(state.model.layout.int8)]  # marked in the chart
+    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.selection.sensitivity, fp16=fp16))
     report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
     a = sel["analysis"]
     ev = report.get("evaluation")
     if ev and a.get("int8_map50_95") is not None:
         ev["extra_rows"] = [{"label": "full INT8 before selection (torch fake-quant)",
                              "map50_95": a["int8_map50_95"], "map50": a.get("int8_map50")}]
+
+
+def add_visual_sections(stage, inputs: ReportInputs, report: dict) -> None:
+    """Per-layer error and calibration charts, the reason every FP16 layer is FP16, the INT8 share of MACs and
+    the device, measured on the parity inputs."""
+    from quantkit.report.sections import VisualInputs, add_to_report, build_visual_sections
+
+    state = inputs.state
+    r, cal = state.recipe, state.calibration
+    vis = build_visual_sections(VisualInputs(
+        fp32=state.model.fp32, qmodel=state.model.qmodel, layout=state.model.layout, calib=cal.result,
+        chosen_amax=cal.chosen_amax, method=method_key(r.calibration.settings), batches=inputs.graphs.refs.batches,
+        quantize=tuple(r.quantization.quantize), skip=tuple(r.quantization.skip),
+        costs=state.selection.costs if state.selection else None, device=r.runtime.device,
+        threads=1 if r.calibration.deterministic else None))
+    for name, data in vis.files.items():
+        stage.write_bytes(name, data)
+    add_to_report(report, vis)
 
 
 def write(stage, inputs: ReportInputs) -> tuple[dict, list[str]]:
@@ -155,6 +174,7 @@ def write(stage, inputs: ReportInputs) -> tuple[dict, list[str]]:
     state = inputs.state
     report = build_report(inputs, seconds=time.perf_counter() - state.t0)
     add_selection_sections(stage, state, report)
+    add_visual_sections(stage, inputs, report)
     failures = check_gates(state.recipe, report)
     report["gates"] = gates_section(state.recipe, failures)
     write_reports(stage, state.recipe, report, inputs.command_line, calib=state.calibration.result,

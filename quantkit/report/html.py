@@ -7,7 +7,7 @@ import base64
 import html
 from pathlib import Path
 
-from quantkit.report.markdown import fmt_number
+from quantkit.report.markdown import fmt_number, mac_share_text, worst_tensor_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:70rem;color:#1d232a;
@@ -39,7 +39,7 @@ def _table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset
 
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
+    return f'<p><img alt="{_e(alt)}" data-file="{_e(path.name)}" src="data:image/png;base64,{data}"></p>'
 
 
 def render_html(report: dict, folder: Path | None = None) -> str:
@@ -61,6 +61,9 @@ def render_html(report: dict, folder: Path | None = None) -> str:
         ["model", f"<code>{_e(m['name'])}</code> — {_e(m.get('description', ''))}"],
         ["parameters", f"{m['parameters']:,} ({m['parameters_deploy']:,} after reparameterization)"],
         ["INT8 layers", f"{m['int8_layers']} of {m['quantizable_layers']} quantizable; the rest run FP16 in TensorRT"],
+        *([["INT8 share of MACs", _e(mac_share_text(report.get("int8_mac_share")))]]
+          if mac_share_text(report.get("int8_mac_share")) else []),
+        *([["torch device", _e(report["runtime"]["device"]) + " (ONNX checks on CPU)"]] if report.get("runtime") else []),
     ]))
     parts.append("<h2>Calibration</h2>" + _table(["", ""], [
         ["method", _e(c["method"])], ["data", f"<code>{_e(c['data'])}</code> ({c['num_samples']} {_e(c['kind'])})"],
@@ -96,6 +99,10 @@ def render_html(report: dict, folder: Path | None = None) -> str:
     for plot in report.get("plots", []):
         if folder is not None and (folder / plot["file"]).is_file():
             parts.append(f"<h2>{_e(plot['title'])}</h2>" + _img(folder / plot["file"], plot["title"]))
+            if plot["file"] == "calibration.png" and (report.get("layer_errors") or {}).get("worst_tensors"):
+                head, rows = worst_tensor_rows(report)
+                parts.append(_table(head, [[f"<code>{_e(r[0])}</code>", *map(_e, r[1:])] for r in rows],
+                                    set(range(1, len(head)))))
     lrows = []
     for r in report["layers"]:
         prec = f"<span class='{r['precision']}'>{r['precision'].upper()}</span>"

@@ -15,6 +15,24 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def mac_share_text(share: dict | None) -> str | None:
+    """'87.5% (1,234,567 of 1,411,000 MACs per image)' or None when the report has no MAC share."""
+    if not share or share.get("share") is None:
+        return None
+    return (f"{100 * share['share']:.1f}% ({share['int8_macs']:,} of {share['total_macs']:,} conv/linear MACs "
+            f"at batch {share['batch']})")
+
+
+def worst_tensor_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (plain strings) of the worst-tensors table: name, own SQNR, each method's amax."""
+    worst = (report.get("layer_errors") or {}).get("worst_tensors") or []
+    methods = sorted({k for t in worst for k in t["amax"]})
+    head = ["tensor", "its INT8 SQNR (dB)", *[f"amax {m}" for m in methods]]
+    rows = [[t["name"], fmt_number(t["input_quant_sqnr_db"], 2),
+             *[fmt_number(t["amax"].get(m), 4) for m in methods]] for t in worst]
+    return head, rows
+
+
 def render_markdown(report: dict) -> str:
     """Render report.json's content as Markdown (deterministic)."""
     m, c, acc = report["model"], report["calibration"], report["accuracy"]["int8_vs_fp32_sqnr_db"]
@@ -31,8 +49,13 @@ def render_markdown(report: dict) -> str:
         f"| INT8 layers | {m['int8_layers']} of {m['quantizable_layers']} quantizable (the rest run FP16 in TensorRT) |",
         f"| INT8 vs FP32 output SQNR | {fmt_number(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
         f"| torch fake-quant vs onnxruntime | {fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
-        "",
     ]
+    share = mac_share_text(report.get("int8_mac_share"))
+    if share:
+        lines.append(f"| INT8 share of MACs | {share} |")
+    if report.get("runtime"):
+        lines.append(f"| torch device | {report['runtime']['device']} (ONNX checks on CPU) |")
+    lines.append("")
     ev = report.get("evaluation")
     if ev:
         lines += ["## Accuracy (held-out data)", "", f"Data: `{ev['data']}`", "",
@@ -57,6 +80,19 @@ def render_markdown(report: dict) -> str:
         lines += [f"- `{n}`: {why}" for n, why in sel["reasons"].items() if n in sel["fp16_layers"]] + [""]
     for plot in report.get("plots", []):
         lines += [f"## {plot['title']}", "", f"![{plot['title']}]({plot['file']})", ""]
+        le = report.get("layer_errors") or {}
+        if plot["file"] == "layer_sqnr.png" and le:
+            lines += [f"Bars: each layer's output in the exported model vs FP32 ({le['num_samples']} {le['data']}; "
+                      "upstream error included). Dots: the layer's input alone quantized with its calibrated amax. "
+                      "Orange / [FP16]: layer kept FP16.", ""]
+        if plot["file"] == "calibration.png" and le.get("worst_tensors"):
+            head, rows = worst_tensor_rows(report)
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| `" + r[0] + "` | " + " | ".join(r[1:]) + " |" for r in rows] + [""]
+    fp16_rows = [r for r in report["layers"] if r["precision"] != "int8"]
+    if fp16_rows:
+        lines += ["## Layers kept FP16, and why", ""] + [f"- `{r['name']}` ({r['type']}): {r.get('why') or 'no reason recorded'}"
+                                                         for r in fp16_rows] + [""]
     sizes = report["onnx"]["sizes_bytes"]
     lines += ["## Artifacts", "", "| file | size |", "|---|---|"]
     lines += [f"| `{k}` | {_mib(v)} |" for k, v in sizes.items()]

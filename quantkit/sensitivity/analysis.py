@@ -153,14 +153,17 @@ def _set_layer(module: nn.Module, int8: bool) -> None:
 
 
 def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | None = None, progress: bool = True,
-            chunk_size: int = 4) -> SensitivityResult:
+            chunk_size: int = 4, device: str | torch.device | None = None) -> SensitivityResult:
     """Measure every quantizable layer's damage and recovery (see the module docstring).
 
     state: a ``QuantState`` from ``quantize_recipe`` (calibrated). num_images: calibration inputs for SQNR.
     dataset: a small ``CocoDataset`` for mAP50:95 (None: SQNR only). chunk_size: images per replay chunk;
     memory ~ chunk_size x the activations a record keeps (YOLO-NAS S at 640x640: ~220 MB per image).
-    The qmodel's precision (every quantizer's enable flag) is restored in ``finally``.
+    The qmodel's precision (every quantizer's enable flag) is restored in ``finally``. ``device``: run the
+    forwards there (``"cuda"``); None/``"cpu"``: the CPU path. The qmodel is moved back afterwards.
     """
+    from quantkit.utils.device import module_device, on_device, resolve_device
+
     import time
 
     from quantkit.utils.progress import progress_bar
@@ -169,6 +172,7 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
         raise UsageError(f"num_images and chunk_size must be >= 1, got {num_images} and {chunk_size}")
     t0 = time.perf_counter()
     qmodel, layout = state.model.qmodel, state.model.layout
+    dev = module_device(qmodel) if device is None else resolve_device(device)
     names = list(layout.layers)
     if not names:
         raise UsageError("the model has no quantizable layers: nothing to analyse")
@@ -190,8 +194,9 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     order: dict[str, int] = {}
     bar = progress_bar((len(batches) + len(eval_chunks)) * len(names), "sensitivity", "layer", enabled=progress)
     try:
-        with Replayer(qmodel, list(modules.values())) as rp:
+        with on_device(dev, qmodel), Replayer(qmodel, list(modules.values())) as rp:
             for x in batches:
+                x = x.to(dev)
                 for n, out in _configs(rp, qmodel, modules, everything, x, order):
                     if n == "fp32":
                         ref = out
@@ -201,7 +206,7 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
                         (dmg if n[0] == "d" else rec_)[n[1]].update(ref, out)
                         bar.update(n[0] == "d")
             for chunk in eval_chunks:
-                x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk]))
+                x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk])).to(dev)
                 for n, out in _configs(rp, qmodel, modules, everything, x, order):
                     _collect_dets(dets, n, out, chunk, state)
                     bar.update(isinstance(n, tuple) and n[0] == "d")
@@ -270,7 +275,7 @@ def _collect_dets(dets: dict, config, out, chunk, state: QuantState) -> None:
     """NMS the detector outputs of one eval chunk and file them under ``config``."""
     from quantkit.eval.detection import _unpack_outputs, predict_dataset
 
-    boxes, scores = (t.float().numpy() for t in _unpack_outputs(out))
+    boxes, scores = (t.float().cpu().numpy() for t in _unpack_outputs(out))
     ev = state.recipe.evaluation
     got = predict_dataset(lambda _x: (boxes, scores), chunk, state.pp, batch_size=len(chunk), conf=ev.conf,
                           iou=ev.iou, progress=False)
@@ -288,34 +293,40 @@ def _maps(dets: dict, dataset) -> dict:
 # ---- measuring one configuration (the verification step) ----------------------------------------------
 
 
-def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16,
-                 dataset: CocoDataset | None = None) -> Callable[[set[str]], float]:
+def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dataset: CocoDataset | None = None,
+                 device: str | torch.device | None = None) -> Callable[[set[str]], float]:
     """A callable ``measure(int8_layers) -> value`` for :func:`quantkit.sensitivity.select.choose_fp16_layers`.
 
     Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.
     Metric.MAP_DROP_POINTS: FP32 minus INT8 mAP50:95 on ``dataset``, in points (needs ``dataset``).
-    Each call sets the precision, measures, and restores the qmodel's previous precision.
+    Each call sets the precision, measures, and restores the qmodel's previous precision. ``device``: where the
+    forwards run (None/``"cpu"``: the CPU path); the models are moved there per call and back after.
     """
     from quantkit.eval.detection import evaluate_detection, torch_predictor
+    from quantkit.utils.device import module_device, on_device, resolve_device
 
-    qmodel = state.model.qmodel
+    qmodel, fp32 = state.model.qmodel, state.model.fp32
+    dev = module_device(qmodel) if device is None else resolve_device(device)
     if metric is Metric.MAP_DROP_POINTS:
         if dataset is None:
             raise UsageError("an mAP budget needs evaluation data: pass --eval DATA (or use an SQNR floor)")
         ev = state.recipe.evaluation
         kw = {"conf": ev.conf, "iou": ev.iou, "progress": False}
-        base = evaluate_detection(torch_predictor(state.model.fp32), dataset, state.pp, **kw).map50_95
+        with on_device(dev, fp32):
+            base = evaluate_detection(torch_predictor(fp32, dev), dataset, state.pp, **kw).map50_95
 
         def run(int8: set[str]) -> float:
-            return 100.0 * (base - evaluate_detection(torch_predictor(qmodel), dataset, state.pp, **kw).map50_95)
+            with on_device(dev, qmodel):
+                return 100.0 * (base - evaluate_detection(torch_predictor(qmodel, dev), dataset, state.pp,
+                                                          **kw).map50_95)
     else:
-        batches = list(state.data.batches(limit=num_images))
-        with torch.no_grad():
-            refs = [state.model.fp32(b) for b in batches]
+        batches = [b.to(dev) for b in state.data.batches(limit=num_images)]
+        with torch.no_grad(), on_device(dev, fp32):
+            refs = [fp32(b) for b in batches]
 
         def run(int8: set[str]) -> float:
             acc = SqnrAccumulator()
-            with torch.no_grad():
+            with torch.no_grad(), on_device(dev, qmodel):
                 for b, r in zip(batches, refs):
                     acc.update(r, qmodel(b))
             return _worst_db(acc)

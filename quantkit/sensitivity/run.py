@@ -60,7 +60,8 @@ def analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=None
         return None
     layout = state.model.layout
     log.info("sensitivity analysis over %d layers", len(layout.layers))
-    result = analyze(state, num_images=s.num_images, dataset=analysis_dataset, progress=progress)
+    dev = recipe.runtime.device
+    result = analyze(state, num_images=s.num_images, dataset=analysis_dataset, progress=progress, device=dev)
     costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
     section = {"analysis": result.as_dict(), "selection": None,
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
@@ -68,10 +69,10 @@ def analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=None
         fixed = [n for n in layout.layers if n not in layout.int8]
         kind, value = budget
         if kind == "max_drop":
-            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset)
+            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev)
             sel = choose_fp16_layers(result, costs, max_drop_points=value, measure=measure, fixed_fp16=fixed)
         else:
-            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images)
+            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev)
             sel = choose_fp16_layers(result, costs, sqnr_floor_db=value, measure=measure, fixed_fp16=fixed)
         set_precision(state.model.qmodel, set(sel.int8))
         layout.int8 = [n for n in layout.layers if n in set(sel.int8)]

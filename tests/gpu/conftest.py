@@ -35,10 +35,21 @@ def _skip_reason() -> str | None:
 SKIP_REASON = _skip_reason()
 
 
+def _cuda_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU (CPU build or no device): run on a GPU machine"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if SKIP_REASON is None:
-        return
-    marker = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(marker)
+        if HERE not in Path(str(item.fspath)).resolve().parents:
+            continue
+        # cuda_only tests (the --device cuda path) need torch with CUDA, not TensorRT
+        reason = _cuda_reason() if item.get_closest_marker("cuda_only") else SKIP_REASON
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
