@@ -170,6 +170,16 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
+    from quantkit.onnxin.load import is_onnx_path  # issue 16: an FP32 .onnx file takes the ONNX route
+
+    if is_onnx_path(recipe.model.name):
+        from quantkit.onnxin.export import run_onnx_export
+
+        return run_onnx_export(recipe, out_dir, force=force, progress=progress, command_line=command_line,
+                               trt_cache=recipe.calibration.trt_cache)
+    if recipe.calibration.trt_cache:
+        raise UsageError("--trt-calib-cache is only read on the ONNX route for now: export model.onnx first, then "
+                         "run `quantkit export model.onnx --trt-calib-cache FILE`")
     check_engine_possible(recipe)
     state = quantize_recipe(recipe, progress=progress)
     state.selection_report = sensitivity_and_selection(state, progress=progress)
