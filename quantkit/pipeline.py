@@ -136,6 +136,9 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         check_parity(fq_parity, int8_vs_fp32, refs.quantization(), recipe.export.parity_min_sqnr)
         stage.write_bytes("model.onnx", fp32_bytes)
         stage.write_bytes("model.int8.onnx", int8_bytes)
+        from quantkit.engine.calib_cache import cache_text_for  # issue 16: TensorRT implicit-INT8 cache
+
+        stage.write_text("calibration.cache", cache_text_for(int8_onnx))
         with fixed_threads(threads):
             targets = write_target_files(stage, recipe, model, int8_onnx, refs, (bmin, bopt, bmax))
             metrics = evaluate(recipe, state.eval_path, state.pp, model, fp32_bytes, int8_bytes, progress=progress,

@@ -71,17 +71,17 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     if not model.graph.node or not model.opset_import:
         raise UsageError(f"{p} is not an ONNX model (no graph nodes or opset): pass an .onnx file exported by "
                          "torch.onnx.export, tf2onnx or a training framework")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0][:300]
-        raise UsageError(f"{p} is not a valid ONNX model ({first}): re-export it") from exc
     opset = default_opset(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(
             f"{p} uses opset {opset}; quantkit handles opsets {MIN_OPSET}-{MAX_OPSET}. Re-export with opset 17 "
             "(torch.onnx.export(..., opset_version=17)) or convert it: "
             "onnx.version_converter.convert_version(onnx.load(path), 17)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise UsageError(f"{p} is not a valid ONNX model ({first}): re-export it") from exc
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger") for n in model.graph.node):
         raise UsageError(f"{p} is already quantized (it has QuantizeLinear/DequantizeLinear or integer ops): "
                          "pass the FP32 model; `quantkit lint` checks an existing Q/DQ graph")

@@ -1,9 +1,10 @@
 """Q/DQ insertion on an FP32 ONNX graph, and its float twin used as the parity reference.
 
 ``insert_qdq`` writes what TensorRT reads: int8 weight initializers with a per-channel DequantizeLinear, float
-biases, one per-tensor QuantizeLinear -> DequantizeLinear pair per quantized activation tensor, feeding only the
-INT8 consumers (the other consumers keep the float tensor, as in the torch route's export). Scales are
-``amax / 127`` in float32, zero points int8 0.
+biases, and a per-tensor QuantizeLinear -> DequantizeLinear pair in front of each INT8 layer's activation input
+(one pair per consuming layer, sharing the tensor's scale — the structure the torch route exports, so onnxruntime's
+Q/DQ fusions, and the numbers, match it; other consumers keep the float tensor). Scales are ``amax / 127`` in
+float32, zero points int8 0.
 
 ``simulate_qdq`` builds the same graph with the quantization spelled in plain float ops — weights replaced by
 ``clip(rint(w / s), -128, 127) * s`` computed in numpy, activations by ``Mul(Clip(Round(Div(x, s))), s)`` — so
@@ -100,27 +101,29 @@ def _build(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, flo
         raise CalibrationError(f"no scale for activation tensor(s) {missing[:5]}: recalibrate")
     new_inits: list[onnx.TensorProto] = []
     after: dict[str, list[onnx.NodeProto]] = {}  # tensor -> Q/DQ nodes to place right after its producer
-    act_out: dict[str, str] = {}
+    act_out: dict[str, str] = {}  # candidate node name -> the tensor its quantized input now reads
     for t in sorted(act):
-        s = np.float32(act_scales[t])
         sname = f"{t}_scale"
-        new_inits.append(_scalar(sname, s, np.float32))
+        new_inits.append(_scalar(sname, np.float32(act_scales[t]), np.float32))
         if simulate:
-            lo, hi, q, c, r = f"{t}_qmin", f"{t}_qmax", f"{t}_div", f"{t}_round", f"{t}_clip"
-            new_inits += [_scalar(lo, QMIN, np.float32), _scalar(hi, QMAX, np.float32)]
-            nodes = [helper.make_node("Div", [t, sname], [q], name=f"{t}/sim/Div"),
-                     helper.make_node("Round", [q], [r], name=f"{t}/sim/Round"),
-                     helper.make_node("Clip", [r, lo, hi], [c], name=f"{t}/sim/Clip"),
-                     helper.make_node("Mul", [c, sname], [f"{t}_fq"], name=f"{t}/sim/Mul")]
-            act_out[t] = f"{t}_fq"
+            new_inits += [_scalar(f"{t}_qmin", QMIN, np.float32), _scalar(f"{t}_qmax", QMAX, np.float32)]
         else:
-            zp = f"{t}_zero_point"
-            new_inits.append(_scalar(zp, 0, np.int8))
-            nodes = [helper.make_node("QuantizeLinear", [t, sname, zp], [f"{t}_quantized"], name=f"{t}/QuantizeLinear"),
-                     helper.make_node("DequantizeLinear", [f"{t}_quantized", sname, zp], [f"{t}_dequantized"],
-                                      name=f"{t}/DequantizeLinear")]
-            act_out[t] = f"{t}_dequantized"
-        after[t] = nodes
+            new_inits.append(_scalar(f"{t}_zero_point", 0, np.int8))
+    for c in selected:  # one pair per quantized input, as the torch route's one quantizer per layer exports
+        t, p = c.act_input[1], c.name
+        sname = f"{t}_scale"
+        if simulate:
+            q, r, cl, out = f"{p}/sim_div", f"{p}/sim_round", f"{p}/sim_clip", f"{p}/input_fq"
+            nodes = [helper.make_node("Div", [t, sname], [q], name=f"{p}/sim/Div"),
+                     helper.make_node("Round", [q], [r], name=f"{p}/sim/Round"),
+                     helper.make_node("Clip", [r, f"{t}_qmin", f"{t}_qmax"], [cl], name=f"{p}/sim/Clip"),
+                     helper.make_node("Mul", [cl, sname], [out], name=f"{p}/sim/Mul")]
+        else:
+            zp, qo, out = f"{t}_zero_point", f"{p}/input_quantized", f"{p}/input_dequantized"
+            nodes = [helper.make_node("QuantizeLinear", [t, sname, zp], [qo], name=f"{p}/input/QuantizeLinear"),
+                     helper.make_node("DequantizeLinear", [qo, sname, zp], [out], name=f"{p}/input/DequantizeLinear")]
+        act_out[p] = out
+        after.setdefault(t, []).extend(nodes)
     weight_out: dict[tuple[str, int | None], str] = {}
     weight_nodes: dict[str, list[onnx.NodeProto]] = {}  # consumer node name -> weight DQ nodes before it
     for c in selected:
@@ -147,8 +150,8 @@ def _build(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, flo
     by_name = {n.name: n for n in g.node}
     for c in selected:
         node = by_name[c.name]
-        k, t = c.act_input
-        node.input[k] = act_out[t]
+        k, _ = c.act_input
+        node.input[k] = act_out[c.name]
         if c.weight is not None:
             node.input[1] = weight_out[c.weight]
     ordered: list[onnx.NodeProto] = []

@@ -125,6 +125,10 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         amax = amax_from_cache(scales, needed, tensors, source=str(trt_cache))
         act_scales = {t: float(np.float32(scales[t])) for t in needed}
         trt = {"path": str(trt_cache), "header": header}
+        import hashlib
+        from pathlib import Path
+
+        cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
     else:
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
