@@ -198,7 +198,14 @@ def build_layout(model: onnx.ModelProto, quantize: tuple[str, ...] = ("*",), ski
 
         raise ModelError("the ONNX graph has no Conv/ConvTranspose/Gemm/MatMul with a constant weight: nothing to "
                          "quantize. Export the model with its weights as initializers")
-    layout.int8, layout.pattern_hits = select_layers(layout.layers, tuple(quantize), tuple(skip))
+    from quantkit.errors import UsageError
+
+    try:
+        layout.int8, layout.pattern_hits = select_layers(layout.layers, tuple(quantize), tuple(skip))
+    except UsageError as exc:  # the torch route's hint names `quantkit layers`, which lists module names
+        raise UsageError(str(exc).replace("Run `quantkit layers MODEL` to list layer names",
+                                          "patterns match ONNX node names (see the 'layers' table of report.json, "
+                                          "or open the model in Netron)")) from None
     return layout
 
 
