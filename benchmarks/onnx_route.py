@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
               "identical after the round trip; INT8-vs-FP32 output SQNR "
               f"{imp.report['accuracy']['int8_vs_fp32_sqnr_db']['worst_db']} dB vs the torch route's "
               f"{torch_res.report['accuracy']['int8_vs_fp32_sqnr_db']['worst_db']} dB. That graph and the torch route's "
-              f"model.int8.onnx give outputs {agree[True]:.1f} dB apart run as written (onnxruntime, optimizations off) "
-              f"but {agree[False]:.1f} dB apart with onnxruntime's optimizations on (the evaluation's setting, which fuses "
+              f"model.int8.onnx agree to {agree[True]:.1f} dB output SQNR run as written (onnxruntime, optimizations "
+              f"off) but only {agree[False]:.1f} dB with onnxruntime's optimizations on (the evaluation's setting, which fuses "
               "Q/DQ into its own integer kernels and folds the two graphs differently — the ONNX route's is "
               "constant-folded): the mAP gap between those two rows is onnxruntime's CPU kernels, not the scales.",
               "Modelopt on the same file and data: see the `ptq-trees` section (same FP32 ONNX, same tiles)."]

@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, p in enumerate(photos):  # alternate photos between calibration and held-out
         to_rgb_png(p, (calib if k % 2 == 0 else held) / (p.stem + ".png"))
     n_photo = (len(list(calib.iterdir())), len(list(held.iterdir())))
-    for p in sorted(paths.BUNDLED_CALIBRATION.glob("*.jpg"))[::4]:  # plus 10 aerial tiles for calibration
+    for p in sorted(paths.BUNDLED_CALIBRATION.glob("*.jpg"))[::4]:  # plus every 4th aerial calibration tile
         shutil.copy(p, calib / p.name)
-    for p in sorted((paths.BUNDLED_EVAL / "images").glob("*.png"))[::2]:  # and 8 for held-out
+    for p in sorted((paths.BUNDLED_EVAL / "images").glob("*.png"))[::2]:  # and every 2nd held-out tile
         shutil.copy(p, held / p.name)
     recipe = load_recipe(None, [*PRE, f"model.name='{fp32}'", f"calibration.data='{calib}'",
                                 "calibration.use_cache=false"])
