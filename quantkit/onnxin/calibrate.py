@@ -109,8 +109,15 @@ def key_components(onnx_bytes: bytes, tensors: list[str], int8_weights: list[str
         "settings": json.dumps({"num_bins": settings.num_bins, "percentile": settings.percentile,
                                 "start_bin": settings.start_bin, "num_bits": settings.num_bits}, sort_keys=True),
         "quantkit_version": __version__,
+        "onnxruntime_version": _ort_version(),  # it runs the clean-up and the pass: its numerics shape the histograms
         "route": "onnx",
     }
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def calibrate_onnx_cached(model: onnx.ModelProto, onnx_bytes: bytes, tensors: list[str], int8_weights: list[str],
