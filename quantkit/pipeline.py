@@ -105,6 +105,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         inputs = run_inputs(recipe, calib=str(state.data.source), eval_path=state.eval_path)
     with StagedOutput(out_dir, force, inputs) as stage:
         graphs = export.write_graphs(stage, state)
+        engine.write_calibration_cache(stage, graphs.int8)
         engine.write_build_script(stage, recipe, graphs, state.model, batch)
         built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
         metrics = None
@@ -141,14 +142,26 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     from quantkit import engine, sensitivity
+    from quantkit.onnxin.load import is_onnx_path
     from quantkit.output import resolve_target
     from quantkit.utils.outlock import OutputLock
 
-    calib, ev = resolve_inputs(recipe)
+    if is_onnx_path(recipe.model.name):
+        calib, ev = recipe.calibration.data, recipe.evaluation.data  # the ONNX route may run on a TensorRT cache
+    else:
+        calib, ev = resolve_inputs(recipe)
     # every path the run writes is checked before a long calibration, and --out is locked throughout
     inputs = preflight(recipe, out_dir, force=force, recipe_path=recipe_path, calib=calib, eval_path=ev)
-    engine.check_possible(recipe)
     with OutputLock(resolve_target(out_dir)):
+        if is_onnx_path(recipe.model.name):  # an FP32 .onnx file takes the ONNX front end
+            from quantkit.onnxin.export import run_onnx_export
+
+            return run_onnx_export(recipe, out_dir, force=force, progress=progress, command_line=command_line,
+                                   trt_cache=recipe.calibration.trt_cache, inputs=inputs)
+        if recipe.calibration.trt_cache:
+            raise UsageError("--trt-calib-cache is only read on the ONNX route for now: export model.onnx first, "
+                             "then run `quantkit export model.onnx --trt-calib-cache FILE`")
+        engine.check_possible(recipe)
         state = quantize_recipe(recipe, progress=progress)
         dataset = _eval_dataset(state, recipe.evaluation.max_images)
         sensitivity.analyze_and_select(state, dataset=dataset, analysis_dataset=_eval_dataset(

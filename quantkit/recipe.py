@@ -74,7 +74,9 @@ class CalibrationSpec:
     the bundled model). ``method``: max | percentile | entropy | mse. ``max_images``: how many
     images/rows to use (0: all). ``cache``: calibration cache file (null: ``$QUANTKIT_CACHE_DIR`` or
     ``~/.cache/quantkit/calibration/<key>.json``). ``deterministic``: run the calibration pass on one CPU thread
-    so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores)."""
+    so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores).
+    ``trt_cache``: a TensorRT calibration cache (text, ``TRT-<version>-EntropyCalibration2``) whose scales are
+    used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation)."""
 
     data: str | None = None
     method: CalibMethod = CalibMethod.ENTROPY
@@ -86,6 +88,7 @@ class CalibrationSpec:
     use_cache: bool = True
     deterministic: bool = True
     split: str = "train"
+    trt_cache: str | None = None
 
     @property
     def settings(self) -> MethodSettings:

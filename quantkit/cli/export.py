@@ -60,6 +60,9 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs. "
               "[default: $QUANTKIT_CACHE_DIR or ~/.cache/quantkit/calibration/<key>.json]")
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
+@click.option("--trt-calib-cache", type=click.Path(dir_okay=False),
+              help="TensorRT calibration cache (TRT-<ver>-EntropyCalibration2 text): use its scales instead of "
+              "calibrating (MODEL.onnx only).")
 @click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
 @click.option("--target", help="Engine target GPU: t4 (compute capability 7.5) or any. [default: t4]")
 @click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")
@@ -85,6 +88,7 @@ def recipe_overrides(a: dict) -> list[str]:
         ("model.num_classes", a["num_classes"]), ("calibration.data", a["calib"]),
         ("calibration.method", a["method"]), ("input.batch", a["batch"]), ("evaluation.data", a["eval_data"]),
         ("gates.max_drop", a["max_drop"]), ("gates.min_sqnr", a["min_sqnr"]), ("calibration.cache", a["calib_cache"]),
+        ("calibration.trt_cache", a["trt_calib_cache"]),
         ("export.target", a["target"]),
     ))
     if a["data_yaml"]:  # --data sets calibration and evaluation data unless --calib / --eval say otherwise
@@ -132,7 +136,8 @@ def _print_summary(result) -> None:
     acc = r["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
     par = r["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"]
     click.echo(f"artifacts: {result.out_dir}/ ({', '.join(result.files)})")
-    click.echo(f"INT8 vs FP32 output SQNR: {acc} dB (calibration inputs); onnxruntime vs torch fake-quant: {par} dB")
+    ref = "float Q/DQ reference" if r.get("route") == "onnx" else "torch fake-quant"
+    click.echo(f"INT8 vs FP32 output SQNR: {acc} dB (calibration inputs); onnxruntime vs {ref}: {par} dB")
     click.echo(f"sizes: model.onnx {r['onnx']['sizes_bytes']['model.onnx']:,} B, model.int8.onnx "
                f"{r['onnx']['sizes_bytes']['model.int8.onnx']:,} B (ratio {r['onnx']['int8_size_ratio']})")
     ev = r.get("evaluation")

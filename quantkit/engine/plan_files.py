@@ -22,6 +22,14 @@ def check_possible(recipe: Recipe) -> None:
     check_target(recipe.export.target, cc, name)
 
 
+def write_calibration_cache(stage, int8_model) -> None:
+    """``calibration.cache``: the INT8 graph's activation scales in TensorRT's text format, for teams still on
+    implicit INT8 (TensorRT 8.6 .. 10.x); ``--trt-calib-cache`` reads it back on the ONNX route."""
+    from quantkit.engine.calib_cache import cache_text_for
+
+    stage.write_text("calibration.cache", cache_text_for(int8_model))
+
+
 def fp16_nodes(graphs: Graphs, model: PreparedModel) -> list[str]:
     """ONNX node names of the weighted layers kept out of INT8 (weak typing pins them to FP16)."""
     from quantkit.engine.inspect import onnx_nodes_for_modules

@@ -28,8 +28,11 @@ def run_inputs(recipe, *, recipe_path: str | os.PathLike | None = None, calib: s
     name = recipe.model.name or ""
     module_part, sep, _ = name.rpartition(":")
     model_file = module_part if sep and module_part.endswith(".py") else None
+    if name.lower().endswith(".onnx"):  # the ONNX front end's model file
+        model_file = name
     found = [recipe_path, calib or recipe.calibration.data, eval_path or recipe.evaluation.data,
-             recipe.model.weights, model_file, recipe.calibration.cache]
+             recipe.model.weights, model_file, recipe.calibration.cache, recipe.calibration.trt_cache,
+             recipe.evaluation.annotations]
     return [str(p) for p in found if p]
 
 

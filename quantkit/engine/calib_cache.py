@@ -1,0 +1,146 @@
+"""TensorRT calibration caches (implicit INT8, TensorRT 8.x-10.x): write ours, read anyone's.
+
+The format is text: a header line ``TRT-<version>-<calibrator>`` (e.g. ``TRT-8601-EntropyCalibration2``), then
+one ``<tensor name>: <hex>`` line per tensor, where ``<hex>`` is the big-endian hex of the float32 *scale*'s
+bits (scale = amax / 127; ``3c010204`` is 1/127, i.e. amax 1.0). Names are the ONNX tensor names TensorRT's
+ONNX parser gives the network's tensors. TensorRT 11 no longer reads these files; ``--trt-calib-cache`` turns
+one into Q/DQ scales instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from quantkit.errors import UsageError
+
+DEFAULT_HEADER = "TRT-8601-EntropyCalibration2"  # TensorRT 8.6.1, the entropy calibrator v2 TensorRT recommends
+_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
+_LINE = re.compile(r"^(.+):\s*([0-9a-fA-F]{1,8})$")
+QMAX = 127.0
+
+
+def scale_to_hex(scale: float) -> str:
+    """8 hex digits of the float32 bits of ``scale`` (big-endian, as TensorRT writes them)."""
+    return struct.pack(">f", np.float32(scale)).hex()
+
+
+def hex_to_scale(text: str) -> float:
+    """The float32 value whose bits are the hex digits ``text`` (left-padded to 8)."""
+    return float(np.frombuffer(bytes.fromhex(text.zfill(8)), dtype=">f4")[0])
+
+
+def format_cache(scales: dict[str, float], header: str = DEFAULT_HEADER) -> str:
+    """The cache text for ``scales`` (tensor -> float32 scale), names sorted so the bytes are deterministic."""
+    if not _HEADER.match(header):
+        raise UsageError(f"calibration cache header {header!r} must look like TRT-8601-EntropyCalibration2")
+    bad = [n for n in scales if "\n" in n or not n.strip()]
+    if bad:
+        raise UsageError(f"tensor names {bad[:3]} cannot be written to a TensorRT calibration cache")
+    lines = [header] + [f"{name}: {scale_to_hex(scales[name])}" for name in sorted(scales)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_cache(text: str, source: str = "calibration cache") -> tuple[str, dict[str, float]]:
+    """(header, tensor -> scale) of a cache's text; UsageError naming the line when it is not one."""
+    lines = [ln.rstrip("\r") for ln in text.splitlines() if ln.strip()]
+    if not lines or not _HEADER.match(lines[0].strip()):
+        first = lines[0][:60] if lines else "<empty>"
+        raise UsageError(f"{source} is not a TensorRT calibration cache: its first line {first!r} should look like "
+                         "TRT-8601-EntropyCalibration2 (write it with TensorRT 8.x/10.x's calibrator or quantkit)")
+    scales: dict[str, float] = {}
+    for k, ln in enumerate(lines[1:], start=2):
+        m = _LINE.match(ln.strip())
+        if not m:
+            raise UsageError(f"{source} line {k} {ln[:80]!r} is not '<tensor>: <8 hex digits>'")
+        scale = hex_to_scale(m.group(2))
+        if not (np.isfinite(scale) and scale > 0):
+            raise UsageError(f"{source} line {k}: tensor {m.group(1)!r} has scale {scale}; scales must be finite and "
+                             "> 0 (recalibrate that model)")
+        scales[m.group(1).strip()] = scale
+    if not scales:
+        raise UsageError(f"{source} has a header but no tensor lines: it holds no scales")
+    return lines[0].strip(), scales
+
+
+def read_cache(path: str | Path) -> tuple[str, dict[str, float]]:
+    """Read a cache file: (header, tensor -> scale)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"TensorRT calibration cache {p} does not exist: pass the calibration.cache file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise UsageError(f"{p} is not a text TensorRT calibration cache ({exc})") from exc
+    return parse_cache(text, str(p))
+
+
+def activation_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """tensor -> scale of every activation QuantizeLinear of a Q/DQ graph (input = the float tensor's name).
+
+    Weight quantizers (QuantizeLinear of an initializer, or int8 initializers) are not activations and are left
+    out, as TensorRT's cache holds no weight scales. A tensor quantized twice must have one scale.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consts = {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    const_vals = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    out: dict[str, float] = {}
+    for n in g.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits or n.input[0] in consts:
+            continue
+        sname = n.input[1]
+        if sname in inits:
+            s = numpy_helper.to_array(inits[sname])
+        elif sname in const_vals:
+            s = numpy_helper.to_array(const_vals[sname].attribute[0].t)
+        else:
+            continue
+        if s.size != 1:
+            continue
+        value = float(np.float32(s.reshape(())))
+        prev = out.get(n.input[0])
+        if prev is not None and prev != value:
+            raise UsageError(f"tensor {n.input[0]!r} is quantized with two scales ({prev}, {value}); a TensorRT "
+                             "cache holds one scale per tensor")
+        out[n.input[0]] = value
+    return out
+
+
+def cache_text_for(model: onnx.ModelProto, header: str = DEFAULT_HEADER) -> str:
+    """calibration.cache content for a Q/DQ graph: one line per quantized activation tensor."""
+    return format_cache(activation_scales(model), header)
+
+
+def amax_from_cache(scales: dict[str, float], needed: list[str], graph_tensors: set[str],
+                    source: str = "calibration cache") -> dict[str, float]:
+    """amax (= scale * 127, in float32) for each ``needed`` tensor, from a cache's scales.
+
+    ``graph_tensors``: every tensor name in the graph. A cache name that is no tensor of the graph is an error
+    listing the closest names (a misspelled or renamed tensor); a cache sharing no name with the graph is "for
+    another model"; a needed tensor without a line is an error naming it (calibrate instead, or skip the layer).
+    Cache lines for graph tensors quantkit does not quantize (TensorRT caches list every tensor) are ignored.
+    """
+    known = [n for n in scales if n in graph_tensors]
+    if not known:
+        raise UsageError(f"{source} is for another model: none of its {len(scales)} tensor names (e.g. "
+                         f"{sorted(scales)[:3]}) is a tensor of this graph. Pass the cache written for this ONNX "
+                         "file, or calibrate with --calib")
+    unknown = sorted(n for n in scales if n not in graph_tensors)
+    if unknown:
+        pool = sorted(graph_tensors)
+        hints = "; ".join(f"{n!r} (closest: {', '.join(difflib.get_close_matches(n, pool, n=3, cutoff=0.3)) or 'none'})"
+                          for n in unknown[:5])
+        raise UsageError(f"{source}: {len(unknown)} tensor name(s) match no tensor of this graph: {hints}. "
+                         "Fix the names or use the cache written for this model")
+    missing = [t for t in needed if t not in scales]
+    if missing:
+        raise UsageError(f"{source} has no scale for {len(missing)} quantized tensor(s), e.g. {missing[:3]}: "
+                         "calibrate with --calib instead, or keep those layers float with --skip")
+    return {t: float(np.float32(scales[t]) * np.float32(QMAX)) for t in needed}

@@ -1,0 +1,245 @@
+"""Write the ONNX route's output folder: the same files as the torch route.
+
+model.onnx (cleaned FP32), model.int8.onnx (weak typing), model.int8.strong.onnx (FP16 + Q/DQ, opset 19),
+calibration.json, calibration.cache (TensorRT text format), build_engine.sh, report.json/.md/.html,
+recipe.resolved.yaml, manifest.json. Parity: onnxruntime INT8 against ``simulate_qdq`` (the same quantization in
+plain float ops, run in onnxruntime) on up to 16 calibration inputs; evaluation with onnxruntime when ``--eval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from quantkit import __version__, paths
+from quantkit.calibrate.driver import CalibrationResult, fixed_threads, method_key
+from quantkit.errors import ExportError, GateFailure, UsageError
+from quantkit.export import parity
+from quantkit.output import StagedOutput, check_output_dir
+from quantkit.export.lint import lint
+from quantkit.export.passes import qdq_summary
+from quantkit.onnxin.route import OnnxQuantResult, _r, quantize_onnx
+from quantkit.recipe import ExportTarget, Recipe, parse_batch
+from quantkit.state import ExportResult
+from quantkit.report.gates import check_gates, gates_section
+
+log = logging.getLogger("quantkit")
+
+PARITY_SAMPLES = 16
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def check_parity(res: OnnxQuantResult, batches: list[np.ndarray], floor: float, threads: int | None) -> dict:
+    """INT8 graph vs its float Q/DQ twin (must agree), and both vs FP32. ExportError when they disagree."""
+    names = [o.name for o in res.int8.graph.output]
+    run = lambda model: [parity.run_session(parity.session(model, threads), b) for b in batches]  # noqa: E731
+    fp32, sim, int8 = run(res.fp32_bytes), run(res.sim), run(res.int8)
+    fq = parity.compare_outputs(sim, int8, names)
+    ort_q, sim_q = parity.compare_outputs(fp32, int8, names), parity.compare_outputs(fp32, sim, names)
+    worse = max(sim_q.per_output[n] - ort_q.per_output[n] for n in names)
+    if not fq.worst >= floor or worse > 3.0:
+        raise ExportError(f"model.int8.onnx disagrees with its float Q/DQ reference: worst output SQNR {fq.worst:.1f} "
+                          f"dB (floor {floor} dB); INT8-vs-FP32 {ort_q.per_output} vs reference {sim_q.per_output}. "
+                          "Nothing was written; please report this with the model")
+    return {"fq": fq, "int8_vs_fp32": ort_q, "reference_vs_fp32": sim_q, "fp32": fp32, "names": names}
+
+
+def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray], checked: dict, threads: int | None):
+    """(strong ModelProto, bytes, report section); ExportError when it is > 3 dB further from FP32 than INT8."""
+    from quantkit.export.strong import to_strongly_typed
+
+    strong = to_strongly_typed(res.int8)
+    data = strong.SerializeToString()
+    got = [parity.run_session(parity.session(data, threads), b) for b in batches]
+    names = checked["names"]
+    s_fp32 = parity.compare_outputs(checked["fp32"], got, names)
+    worse = max(checked["reference_vs_fp32"].per_output[n] - s_fp32.per_output[n] for n in names)
+    if worse > 3.0:
+        raise ExportError(f"model.int8.strong.onnx is {worse:.1f} dB further from FP32 than the float Q/DQ reference "
+                          f"({s_fp32.per_output} vs {checked['reference_vs_fp32'].per_output}). Nothing was written")
+    return strong, data, {"vs_fp32": s_fp32.as_dict(), "size_bytes": len(data)}
+
+
+def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: bool) -> list[str]:
+    """build_engine.sh for the ONNX route; returns the weighted nodes kept FP16 (trtexec --layerPrecisions)."""
+    from quantkit.engine.config import plan_build
+    from quantkit.engine.dispatch import write_dispatch_script
+
+    b = parse_batch(recipe.input.batch)
+    dyn = None if b[0] == b[2] else b
+    fp16 = sorted(n for n, c in res.layout.candidates.items() if n not in res.layout.int8 and c.op_type in WEIGHTED)
+    chw = tuple(int(d) for d in res.loaded.input_shape[1:])
+    weak = plan_build("10.0", onnx_is_strong=False, target=recipe.export.target, batch=dyn, fp16_layers=fp16,
+                      input_name=res.loaded.input_name, chw=chw)
+    strong = (plan_build("10.12", onnx_is_strong=True, target=recipe.export.target, batch=dyn,
+                         input_name=res.loaded.input_name, chw=chw) if has_strong else None)
+    write_dispatch_script(stage.path("build_engine.sh"), weak, strong)
+    stage.files["build_engine.sh"] = stage.path("build_engine.sh")
+    return fp16
+
+
+def evaluate_onnx(recipe: Recipe, eval_path: str | None, res: OnnxQuantResult, int8_bytes: bytes,
+                  *, progress: bool, threads: int | None) -> dict | None:
+    """mAP of the FP32 and INT8 graphs in onnxruntime (the torch route's decode + NMS + COCO eval), or None."""
+    if not eval_path:
+        return None
+    from quantkit.eval.coco import CocoDataset
+    from quantkit.eval.detection import evaluate_detection, onnx_predictor
+
+    ev = recipe.evaluation
+    ds = CocoDataset(eval_path, max_images=ev.max_images or None)
+    kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
+    out = {"data": paths.display_path(eval_path),
+           "fp32_torch": {"map50_95": None, "map50": None, "note": "ONNX route: there is no torch model"},
+           "fp32_onnx": evaluate_detection(onnx_predictor(res.fp32_bytes, intra_op_threads=threads), ds, res.pp,
+                                           **kw).as_dict(),
+           "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, res.pp,
+                                           **kw).as_dict()}
+    out["drop_map50_95_points"] = round(100.0 * (out["fp32_onnx"]["map50_95"] - out["int8_onnx"]["map50_95"]), 4)
+    out["drop_map50_points"] = round(100.0 * (out["fp32_onnx"]["map50"] - out["int8_onnx"]["map50"]), 4)
+    return out
+
+
+def calibration_json(res: OnnxQuantResult) -> dict:
+    """calibration.json in the torch route's layout (keys: ONNX tensor names), plus the scale source."""
+    d = {"quantkit_version": __version__, "route": "onnx",
+         "method": "trt-calibration-cache" if res.trt_cache else method_key(res.settings),
+         "num_bins": res.settings.num_bins,
+         "data_fingerprint": res.data.fingerprint() if res.data is not None else None,
+         "num_samples": res.calib.num_samples if res.calib is not None else 0,
+         "amax": {k: _r(v, 8) for k, v in sorted(res.chosen_amax.items())},
+         "scales_hex": {k: _hex(v) for k, v in sorted(res.act_scales.items())},
+         "all_methods": ({k: {m: _r(v, 8) for m, v in sorted(d.items())} for k, d in sorted(res.calib.tensors.items())}
+                         if res.calib is not None else {})}
+    if res.trt_cache:
+        d["trt_cache"] = {"file": Path(res.trt_cache["path"]).name, "header": res.trt_cache["header"]}
+    return d
+
+
+def _hex(scale: float) -> str:
+    from quantkit.engine.calib_cache import scale_to_hex
+
+    return scale_to_hex(scale)
+
+
+def _param_count(model) -> int:
+    """Elements of the float initializers (weights, biases, constants) of a graph."""
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
+                   if t.data_type in (1, 10, 11)))
+
+
+def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checked: dict | None, strong: dict | None,
+                 lint_out: dict, metrics: dict | None) -> dict:
+    """report.json content, with the torch route's keys where the renderers read them."""
+    sizes = {"model.onnx": len(res.fp32_bytes), "model.int8.onnx": len(int8_bytes)}
+    if strong:
+        sizes["model.int8.strong.onnx"] = strong["size_bytes"]
+    none = {"per_output_db": {}, "overall_db": None, "worst_db": None}
+    return {
+        "quantkit_version": __version__,
+        "route": "onnx",
+        "model": {"name": Path(res.loaded.path).name, "source": "onnx", "opset": res.loaded.opset,
+                  "sha256_of_file": __import__("hashlib").sha256(res.loaded.raw).hexdigest(),
+                  "parameters": _param_count(res.loaded.model), "parameters_deploy": _param_count(res.fp32),
+                  "int8_layers": len(res.layout.int8), "quantizable_layers": len(res.layout.candidates)},
+        "input": {"shape": [1, *res.loaded.input_shape[1:]], "name": res.loaded.input_name,
+                  "batch": recipe.input.batch, "preprocess": res.pp.as_dict()},
+        "calibration": {
+            "method": "trt-calibration-cache" if res.trt_cache else method_key(res.settings),
+            "data": paths.display_path(res.data.source) if res.data is not None else None,
+            "kind": res.data.kind if res.data is not None else None,
+            "num_samples": res.calib.num_samples if res.calib is not None else 0,
+            "data_fingerprint": res.data.fingerprint() if res.data is not None else "none (no data given)",
+            "cache_key": res.cache_info.get("key"),
+        },
+        "layers": res.layer_table(),
+        "notes": list(res.layout.notes),
+        "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(int8_bytes) / len(res.fp32_bytes), 4),
+                 "qdq": qdq_summary(res.int8), "cleanup_sqnr_db": "inf" if res.cleanup_sqnr_db == float("inf")
+                 else _r(res.cleanup_sqnr_db, 3)},
+        "parity": {
+            "reference": "the same Q/DQ placement and scales in plain float ops (Div/Round/Clip/Mul, numpy "
+                         "fake-quantized weights), run in onnxruntime",
+            "int8_onnx_vs_torch_fakequant": checked["fq"].as_dict() if checked else none,
+            "fp32_onnx_vs_torch": none,
+            "strong_onnx_vs_torch_fakequant": None,
+        },
+        "accuracy": {"int8_vs_fp32_sqnr_db": checked["int8_vs_fp32"].as_dict() if checked else none,
+                     "sqnr_data": "calibration inputs"},
+        "lint": lint_out,
+        "strong": strong,
+        "evaluation": metrics,
+        "engine": None,
+    }
+
+
+def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
+                    command_line: list[str] | None = None, trt_cache: str | None = None,
+                    inputs: list[str] = ()) -> ExportResult:
+    """``quantkit export model.onnx --calib DATA --out DIR``: quantize_onnx, check, write the folder atomically.
+    ``inputs``: every path the run reads (``--force`` never replaces a folder that is, holds or sits in one)."""
+    from quantkit.engine.calib_cache import cache_text_for
+    from quantkit.report.build import write_reports
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force, inputs)
+    if recipe.export.engine:
+        raise UsageError("--engine is not wired on the ONNX route yet: run build_engine.sh on the GPU machine")
+    if recipe.export.nms:
+        raise UsageError("--nms is not wired on the ONNX route yet: append NMS to model.int8.onnx yourself")
+    if recipe.sensitivity.enabled:
+        raise UsageError("--sensitivity is not available on the ONNX route yet; use --skip with node names")
+    res = quantize_onnx(recipe.model.name, recipe.calibration.data, recipe, trt_cache=trt_cache, progress=progress)
+    threads = 1 if recipe.calibration.deterministic else None
+    int8_bytes = res.int8.SerializeToString()
+    with StagedOutput(out_dir, force, inputs) as stage, fixed_threads(threads):
+        checked = strong = None
+        strong_bytes = None
+        lint_out = {"model.int8.onnx": [f.as_dict() for f in lint(res.int8)]}
+        if res.data is not None:
+            batches = [b.numpy() for b in res.data.batches(limit=PARITY_SAMPLES)]
+            checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
+            if ExportTarget.STRONG in recipe.export.targets:
+                strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads)
+        elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
+            from quantkit.export.strong import to_strongly_typed
+
+            strong_model = to_strongly_typed(res.int8)
+            strong_bytes = strong_model.SerializeToString()
+            strong = {"vs_fp32": None, "size_bytes": len(strong_bytes), "note": "no data: parity not measured"}
+            log.warning("no calibration data given: parity and SQNR are not measured (pass --calib to check them)")
+        if strong_bytes is not None:
+            lint_out["model.int8.strong.onnx"] = [f.as_dict() for f in lint(strong_model, strong=True)]
+        errors = [f for v in lint_out.values() for f in v if f["severity"] == "error"]
+        if errors:
+            raise ExportError("Q/DQ lint found errors in quantkit's own export (please report): "
+                              + "; ".join(f"{f['node']}: {f['message']}" for f in errors[:5]))
+        stage.write_bytes("model.onnx", res.fp32_bytes)
+        stage.write_bytes("model.int8.onnx", int8_bytes)
+        if strong_bytes is not None:
+            stage.write_bytes("model.int8.strong.onnx", strong_bytes)
+        stage.write_text("calibration.cache", cache_text_for(res.int8))
+        fp16 = write_build_script(stage, recipe, res, strong_bytes is not None)
+        metrics = evaluate_onnx(recipe, recipe.evaluation.data, res, int8_bytes, progress=progress, threads=threads)
+        report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
+        report["fp16_onnx_nodes"] = fp16
+        if recipe.gates.max_drop is not None:
+            report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "
+                                   "torch route for now); keep layers float with --skip NODE_NAME_GLOB")
+        failures = check_gates(recipe, report)
+        report["gates"] = gates_section(recipe, failures)
+        report["_run"] = {"seconds": round(time.perf_counter() - t0, 2), "cache_hit": res.cache_info.get("hit"),
+                          "cache_path": res.cache_info.get("path")}
+        stage.write_json("calibration.json", calibration_json(res))
+        write_reports(stage, recipe, report, command_line or [])
+        files = sorted(stage.files)
+    result = ExportResult(out_dir=out_dir, report=report, files=files, gate_failures=failures)
+    if failures:
+        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")
+    return result
+

@@ -1,0 +1,147 @@
+"""``quantize_onnx``: an FP32 ONNX file + calibration data (or a TensorRT cache) + a recipe -> INT8 Q/DQ graph.
+
+load + validate -> clean up (onnxruntime basic optimization, shape inference; FP32 outputs checked unchanged)
+-> placement + selection (ONNX node names) -> calibration in onnxruntime (cached) or a TensorRT cache's scales
+-> Q/DQ insertion (+ its float twin, the parity reference).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from quantkit.calibrate.driver import CalibrationResult, method_key
+from quantkit.calibrate.methods import MethodSettings
+from quantkit.data.calib import CalibrationData
+from quantkit.data.preprocess import Preprocess
+from quantkit.errors import DataError, UsageError
+from quantkit.export.passes import normalize
+from quantkit.onnxin import calibrate as ocal
+from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
+from quantkit.onnxin.placement import OnnxLayout, build_layout
+from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
+from quantkit.recipe import Recipe
+
+log = logging.getLogger("quantkit")
+
+CLEANUP_CHECK_BATCHES = 2
+
+
+@dataclass
+class OnnxQuantResult:
+    """Everything the ONNX route produced, for the export/report/engine/evaluation stages.
+
+    fp32 / fp32_bytes: the cleaned FP32 graph (model.onnx). int8: the Q/DQ graph (model.int8.onnx).
+    sim: the same quantization in plain float ops (parity reference). chosen_amax / act_scales: per quantized
+    activation tensor (ONNX tensor names). calib: every method's amax (None when a TensorRT cache was imported).
+    weight_scales: weight initializer -> per-channel float32 scale.
+    """
+
+    loaded: LoadedOnnx
+    fp32: onnx.ModelProto
+    fp32_bytes: bytes
+    int8: onnx.ModelProto
+    sim: onnx.ModelProto
+    layout: OnnxLayout
+    settings: MethodSettings
+    pp: Preprocess
+    data: CalibrationData | None
+    calib: CalibrationResult | None
+    chosen_amax: dict[str, float]
+    act_scales: dict[str, float]
+    weight_scales: dict[str, np.ndarray]
+    cache_info: dict = field(default_factory=dict)
+    cleanup_sqnr_db: float | None = None
+    trt_cache: dict | None = None  # {"path", "header"} when scales came from a TensorRT calibration cache
+
+    def layer_table(self) -> list[dict]:
+        """One row per quantizable node: name, type, precision, input tensor and amax, weight amax range."""
+        rows = []
+        for name, c in self.layout.candidates.items():
+            t = c.act_input[1]
+            row = {"name": name, "type": c.op_type, "precision": self.layout.precision(name), "input_tensor": t,
+                   "input_amax": _r(self.chosen_amax.get(t)) if name in self.layout.int8 else None}
+            if c.weight is not None:
+                s = self.weight_scales[c.weight[0]] * np.float32(127)
+                row["weight_amax_min"], row["weight_amax_max"] = _r(float(s.min())), _r(float(s.max()))
+            rows.append(row)
+        return rows
+
+
+def _r(v, nd: int = 6):
+    return None if v is None else round(float(v), nd)
+
+
+def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
+    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's C, H, W."""
+    from quantkit.data import open_data as open_calibration
+
+    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
+    if tuple(data.input_shape) != (channels, *size):
+        raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
+                        f"takes {(channels, *size)}: pass data of the model's input shape")
+    return data, pp
+
+
+def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str | None = None,
+                  progress: bool = True) -> OnnxQuantResult:
+    """Quantize the FP32 ONNX file at ``path`` per ``recipe``.
+
+    ``data``: calibration images folder or .npy (required unless ``trt_cache`` is given; with a cache it still
+    checks the clean-up and serves parity). ``trt_cache``: a TensorRT calibration cache whose scales are used
+    instead of calibrating. Raises QuantkitError subclasses naming the fix (exit 2) on bad input.
+    """
+    if data is None and trt_cache is None:
+        raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
+                         "FILE; quantkit never calibrates on random data")
+    loaded = load_onnx(path, recipe.input.size)
+    cleaned = cleanup(loaded.model)
+    pp = Preprocess.at_size(recipe.preprocess, loaded.size)
+    cal = None
+    sqnr = None
+    if data is not None:
+        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]))
+        batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
+        sqnr = verify_cleanup(loaded.model, cleaned, batches)
+    q = recipe.quantization
+    layout = build_layout(cleaned, tuple(q.quantize), tuple(q.skip), q.residual_add)
+    wscales = weight_scales(cleaned, layout)
+    settings = recipe.calibration.settings
+    needed = layout.activation_tensors(only_int8=True)
+    calib_result, cache_info, trt = None, {"key": None, "hit": False, "path": None, "reason": None}, None
+    if trt_cache is not None:
+        from quantkit.engine.calib_cache import amax_from_cache, read_cache
+
+        header, scales = read_cache(trt_cache)
+        tensors = {i.name for i in cleaned.graph.input} | {t for n in cleaned.graph.node for t in (*n.input, *n.output)}
+        amax = amax_from_cache(scales, needed, tensors, source=str(trt_cache))
+        act_scales = {t: float(np.float32(scales[t])) for t in needed}
+        trt = {"path": str(trt_cache), "header": header}
+        import hashlib
+        from pathlib import Path
+
+        cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
+    else:
+        calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
+        int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
+        calib_result, cache_info = ocal.calibrate_onnx_cached(
+            calib_graph, loaded.raw, layout.activation_tensors(), int8_weights, cal, settings,
+            cache_path=recipe.calibration.cache, use_cache=recipe.calibration.use_cache, progress=progress,
+            threads=1 if recipe.calibration.deterministic else None)
+        amax = ocal.chosen_amax(calib_result, needed, settings)
+        act_scales = {t: float(activation_scale(a)) for t, a in amax.items()}
+    int8 = insert_qdq(cleaned, layout, act_scales, wscales)
+    sim = simulate_qdq(cleaned, layout, act_scales, wscales)
+    fp32 = normalize(copy.deepcopy(cleaned))
+    del fp32.graph.value_info[:]
+    onnx.checker.check_model(fp32)
+    log.info("ONNX route: %d of %d quantizable nodes INT8 (%s calibration)", len(layout.int8), len(layout.candidates),
+             "TensorRT cache" if trt else method_key(settings))
+    return OnnxQuantResult(loaded=loaded, fp32=fp32, fp32_bytes=fp32.SerializeToString(), int8=int8, sim=sim,
+                           layout=layout, settings=settings, pp=pp, data=cal, calib=calib_result, chosen_amax=amax,
+                           act_scales=act_scales, weight_scales=wscales, cache_info=cache_info,
+                           cleanup_sqnr_db=sqnr, trt_cache=trt)

@@ -1,0 +1,79 @@
+"""`quantkit export model.onnx` (the FP32-ONNX route) and calibration.cache on both routes, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import main
+from quantkit.engine.calib_cache import activation_scales, read_cache
+
+
+def run(*args):
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+@pytest.fixture(scope="module")
+def torch_export(user_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch") / "out"
+    code, text = run("export", "--model", user_model["spec"], "--weights", user_model["weights"], "--calib",
+                     user_model["npy"], "--out", str(out), "--no-cache")
+    assert code == 0, text
+    return out
+
+
+def test_torch_route_writes_a_trt_cache_of_its_qdq_scales(torch_export):
+    header, scales = read_cache(torch_export / "calibration.cache")
+    assert header == "TRT-8601-EntropyCalibration2"
+    assert scales == activation_scales(onnx.load(torch_export / "model.int8.onnx"))
+    fp32 = onnx.load(torch_export / "model.onnx")
+    names = {i.name for i in fp32.graph.input} | {o for n in fp32.graph.node for o in n.output}
+    assert set(scales) <= names  # the names TensorRT's parser gives model.onnx's tensors
+
+
+def test_onnx_route_end_to_end_and_cache_import(torch_export, user_model, tmp_path):
+    out = tmp_path / "onnx"
+    code, text = run("export", str(torch_export / "model.onnx"), "--calib", user_model["npy"], "--out", str(out),
+                     "--no-cache")
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert report["route"] == "onnx" and all(not f for f in report["lint"].values()), report["lint"]
+    assert report["model"]["int8_layers"] == report["model"]["quantizable_layers"] > 0
+    torch_report = json.loads((torch_export / "report.json").read_text())
+    assert report["model"]["quantizable_layers"] == torch_report["model"]["quantizable_layers"]  # same rules
+    # the torch route's cache on the ONNX route: the same activation scales, bit for bit. (This model's
+    # `relu6(conv(y)) + x` is the one residual whose skip the routes pick differently: the torch route does not
+    # see through functional relu6, the ONNX route sees a Clip after a conv; both Adds are quantized.)
+    out2 = tmp_path / "imported"
+    code, text = run("export", str(torch_export / "model.onnx"), "--trt-calib-cache",
+                     str(torch_export / "calibration.cache"), "--calib", user_model["npy"], "--out", str(out2))
+    assert code == 0, text
+    imported, original = read_cache(out2 / "calibration.cache")[1], read_cache(torch_export / "calibration.cache")[1]
+    assert imported.items() <= original.items() and len(imported) >= len(original) - 1
+
+
+def test_bad_onnx_inputs_exit_2_and_write_nothing(torch_export, user_model, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the unit tests' toy ONNX builder
+    from onnx_toy import toy_onnx
+
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not a model")
+    dyn = tmp_path / "dyn.onnx"
+    dyn.write_bytes(toy_onnx(dynamic_hw=True))
+    other = tmp_path / "other.cache"
+    other.write_text("TRT-8601-EntropyCalibration2\n/model.0/conv/Conv_output_0: 3c010204\n")
+    cases = [((str(bad), "--calib", user_model["npy"]), "not an ONNX model"),
+             ((str(dyn), "--calib", user_model["npy"]), "--input-size"),
+             ((str(torch_export / "model.onnx"), "--trt-calib-cache", str(other)), "another model")]
+    for k, (args, message) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        code, text = run("export", *args, "--out", str(out), "--no-cache")
+        assert code == 2 and message in text, text
+        assert not out.exists()
