@@ -111,20 +111,6 @@ class LayerParity:
         """Rows for report.json/report.md: layer, op, node, int8, SQNRs (dB), problems."""
         return [r.as_dict() for r in self.rows]
 
-    def markdown(self, max_rows: int = 60) -> str:
-        """The table for report.md: first disagreement (if any) on top, then layers in execution order."""
-        first = self.first_disagreement()
-        head = (f"First disagreement: **{first.layer}** ({first.reason()})\n\n" if first else
-                "Every quantized layer agrees with the torch fake-quant model on the same input.\n\n")
-        lines = ["| layer | op | INT8 | torch vs onnxruntime, same input (dB) | over 1 step | "
-                 "torch vs onnxruntime, full run (dB) | INT8 vs FP32 (dB) |", "|---|---|---|---|---|---|---|"]
-        for r in self.rows[:max_rows]:
-            d = r.as_dict()
-            lines.append(f"| {r.layer} | {r.op} | {'yes' if r.int8 else 'no'} | {d['torch_vs_ort_replay_db']} | "
-                         f"{100 * r.over_step:.2f} % | {d['torch_vs_ort_run_db']} | {d['int8_vs_fp32_db']} |")
-        more = f"\n\n({len(self.rows) - max_rows} more layers in report.json)" if len(self.rows) > max_rows else ""
-        return head + "\n".join(lines) + more
-
     def as_dict(self) -> dict:
         first = self.first_disagreement()
         return {"layers": self.table(), "unmatched": list(self.unmatched), "unclaimed": list(self.unclaimed),

@@ -33,6 +33,27 @@ def worst_tensor_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def parity_layer_lines(pl: dict | None, max_rows: int = 60) -> list[str]:
+    """The layer-by-layer parity table (onnxruntime vs the torch fake-quant model on the same input): the
+    debugger for an engine that disagrees with the fake-quant model. First disagreement on top."""
+    if not pl:
+        return []
+    first = pl.get("first_disagreement")
+    lines = ["", "## Parity, layer by layer", "",
+             f"First disagreement: **`{first}`**" if first else
+             "Every quantized layer agrees with the torch fake-quant model on the same input.", "",
+             f"_Criterion: {pl.get('criterion', '')}._", "",
+             "| layer | op | INT8 | torch vs onnxruntime, same input (dB) | over 1 step | torch vs onnxruntime, full run (dB) "
+             "| INT8 vs FP32 (dB) |", "|---|---|---|---|---|---|---|"]
+    rows = pl.get("layers") or []
+    for r in rows[:max_rows]:
+        lines.append(f"| `{r['layer']}` | {r['op']} | {'yes' if r['int8'] else 'no'} | {r['torch_vs_ort_replay_db']} | "
+                     f"{100 * r['over_one_step']:.2f} % | {r['torch_vs_ort_run_db']} | {r['int8_vs_fp32_db']} |")
+    if len(rows) > max_rows:
+        lines.append(f"\n({len(rows) - max_rows} more layers in report.json)")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """Render report.json's content as Markdown (deterministic)."""
     m, c, acc = report["model"], report["calibration"], report["accuracy"]["int8_vs_fp32_sqnr_db"]
@@ -108,6 +129,7 @@ def render_markdown(report: dict) -> str:
                      f"{r.get('why', '')} |")
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += parity_layer_lines(report.get("parity_layers"))
     lint = report.get("lint") or {}
     lines += ["", "## Q/DQ lint", ""]
     for name, findings in lint.items():
