@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                  "int8 weight through DequantizeLinear; layer parity = structure and same-input replay of every "
                  "quantized layer call (see quantkit/export/layer_parity.py). The INT8-vs-FP32 SQNR of networks "
                  "with random weights is no accuracy figure (random deep networks amplify small perturbations); "
-                 "the conformance claim is that onnxruntime's figure equals torch's fake-quant figure.\n\n")
+                 "the conformance claim is that onnxruntime's figure equals torch's fake-quant figure. s: wall-clock "
+                 "seconds for the whole export on the machine below, shared with other jobs (not a speed figure)."
+                 "\n\n")
         update_section(SECTION, intro + body, COMMAND)
     return 0 if all(r.m is not None and r.m["parity_ok"] and not r.m["lint_errors"] for r in rows) else 1
 

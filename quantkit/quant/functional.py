@@ -80,11 +80,22 @@ def _rewrite(model: nn.Module) -> tuple[nn.Module, int]:
     return gm, count
 
 
+def _preserve(gm: fx.GraphModule, attrs: dict) -> None:
+    """Set plain attributes on ``gm`` so that they also survive ``copy.deepcopy`` (which rebuilds a GraphModule
+    from its graph; torch.fx restores what ``meta["_user_preserved_attributes"]`` lists)."""
+    for key, value in attrs.items():
+        setattr(gm, key, value)
+    gm.meta.setdefault("_user_preserved_attributes", {}).update(attrs)
+
+
 def _rewrite_children(parent: nn.Module, prefix: str, stats: dict) -> None:
     """Per-submodule fallback: rewrite every child fx can trace in place, recurse into those it cannot."""
     for name, child in list(parent.named_children()):
         qual = f"{prefix}{name}"
         if isinstance(child, (Add, Concat)) or not any(isinstance(m, _CONV) for m in child.modules()):
+            continue
+        if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            _rewrite_children(child, qual + ".", stats)  # parents index and iterate containers: keep them
             continue
         try:
             gm, count = _rewrite(child)
@@ -95,10 +106,9 @@ def _rewrite_children(parent: nn.Module, prefix: str, stats: dict) -> None:
         if count:
             # plain attributes the parent's forward may read from its children (Ultralytics routes its layers by
             # ``m.f`` / ``m.i``) survive the swap
-            for key, value in vars(child).items():
-                if not key.startswith("_") and not hasattr(gm, key) and isinstance(
-                        value, (bool, int, float, str, list, tuple, type(None))):
-                    setattr(gm, key, value)
+            _preserve(gm, {key: value for key, value in vars(child).items()
+                           if not key.startswith("_") and not hasattr(gm, key)
+                           and isinstance(value, (bool, int, float, str, list, tuple, type(None)))})
             setattr(parent, name, gm)
             stats["adds"] += count
             stats["traced"] += 1
@@ -131,9 +141,7 @@ def expose_residual_adds(model: nn.Module) -> tuple[nn.Module, list[str]]:
                           f"{', '.join(left[:5])}{f' (+{len(left) - 5} more)' if len(left) > 5 else ''}" if left else "")]
     if count == 0:
         return model, []
-    for attr in ("default_input_size",):
-        if hasattr(model, attr):
-            setattr(gm, attr, getattr(model, attr))
+    _preserve(gm, {a: getattr(model, a) for a in ("default_input_size",) if hasattr(model, a)})
     return gm, [f"exposed {count} functional residual add(s) as Add modules (qk_add_*) via torch.fx (whole model)"]
 
 

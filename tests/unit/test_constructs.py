@@ -7,6 +7,7 @@ the real architectures run in ``benchmarks/zoo.py``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -298,11 +299,14 @@ def test_untraceable_model_falls_back_to_tracing_its_blocks():
             self.stem = nn.Conv2d(3, 8, 3, padding=1)
             self.blocks = nn.Sequential(*[seeded(TinyMobileNetV2).features[1] for _ in range(2)])
 
+            self.blocks[1].route = 7  # a plain attribute the parent reads (Ultralytics routes layers by m.f)
+
         def forward(self, x):
-            y = self.blocks(self.stem(x))
+            y = self.blocks[1](self.blocks[0](self.stem(x))) * (self.blocks[1].route / 7)
             return y if bool(y.mean() > -1e9) else -y
 
     model, notes = expose_residual_adds(seeded(Routed))
+    model = copy.deepcopy(model)  # quantizer insertion works on a deep copy: the attribute must survive it
     assert adds_path(notes) == "fx per submodule", notes
     assert sum(isinstance(m, Add) for m in model.modules()) == 2
     x = torch.rand(1, 3, 16, 16)
