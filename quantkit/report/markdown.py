@@ -16,10 +16,10 @@ def _mib(n: int) -> str:
 
 
 def mac_share_text(share: dict | None) -> str | None:
-    """'87.5% (1,234,567 of 1,411,000 MACs per image)' or None when the report has no MAC share."""
+    """'87.50% (1,234,567 of 1,411,000 MACs per image)' or None when the report has no MAC share."""
     if not share or share.get("share") is None:
         return None
-    return (f"{100 * share['share']:.1f}% ({share['int8_macs']:,} of {share['total_macs']:,} conv/linear MACs "
+    return (f"{100 * share['share']:.2f}% ({share['int8_macs']:,} of {share['total_macs']:,} conv/linear MACs "
             f"at batch {share['batch']})")
 
 
