@@ -225,3 +225,16 @@ def test_signal_at_commit_start_keeps_previous(tmp_path, latch, monkeypatch):
         with StagedOutput(out, force=True) as stage:
             stage.write_bytes("model.onnx", b"new")
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_own_files_mark_a_previous_output_of_a_command_without_manifest(tmp_path):
+    """`quantkit sensitivity` writes sensitivity.json/.png only: those, and nothing else, may be replaced."""
+    out = tmp_path / "sens"
+    out.mkdir()
+    (out / "sensitivity.json").write_text("{}")
+    (out / "sensitivity.png").write_bytes(b"png")
+    own = ("sensitivity.json", "sensitivity.png")
+    check_output_dir(out, force=True, own_files=own)
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(UsageError, match="did not write: notes.md"):
+        check_output_dir(out, force=True, own_files=own)
