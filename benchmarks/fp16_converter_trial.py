@@ -2,7 +2,7 @@
 
 Runs ``onnxconverter_common.float16.convert_float_to_float16`` (1.16.0, pure Python) on an exported
 ``model.int8.onnx`` (opset raised to 19 first, as QuantizeLinear-19 is the first to take FP16 scales) and
-compares it with quantkit's own pass (``quantkit.export.strong``): Q/DQ nodes kept, scale dtypes, scales
+compares it with quantkit's own pass (``quantkit.exporter.strong``): Q/DQ nodes kept, scale dtypes, scales
 outside FP16's normal range, Cast nodes added, ``lint(strong=True)`` errors, and SQNR (dB) against the FP32
 graph on the bundled calibration tiles in onnxruntime.
 
@@ -24,9 +24,9 @@ from onnx import TensorProto, numpy_helper, version_converter
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
 from quantkit.eval.sqnr import sqnr_db
-from quantkit.export import parity
-from quantkit.export.lint import FP16_MIN_NORMAL, lint
-from quantkit.export.strong import to_strongly_typed
+from quantkit.exporter import parity
+from quantkit.exporter.lint import FP16_MIN_NORMAL, lint
+from quantkit.exporter.strong import to_strongly_typed
 from quantkit.paths import BUNDLED_CALIBRATION
 
 

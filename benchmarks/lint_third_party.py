@@ -7,7 +7,7 @@ Run from the repository root::
 
 The graphs are the ones ``benchmarks/ptq_trees.py`` builds (and caches under ``.data/ptq_trees/``): onnxruntime
 ``quantize_static`` with its defaults and per-channel, nvidia-modelopt's ONNX PTQ (when it runs here), and
-quantkit's own ``model.int8.onnx``. Each graph gets ``quantkit.export.lint.lint`` (weak typing rules; the
+quantkit's own ``model.int8.onnx``. Each graph gets ``quantkit.exporter.lint.lint`` (weak typing rules; the
 strong FP16 rules too for opset >= 19 graphs) and a table: rule, severity, count, example node, fix.
 """
 
@@ -25,7 +25,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import ptq_trees  # noqa: E402
 
-from quantkit.export.lint import RULES, Finding, lint  # noqa: E402
+from quantkit.exporter.lint import RULES, Finding, lint  # noqa: E402
 
 SECTION = "lint-third-party"
 COMMAND = "python benchmarks/lint_third_party.py"
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, counts in summary:
         overview.append(f"| {label} | " + " | ".join(str(counts.get(r, 0)) for r in rules) + " |")
     body = ("### What quantkit's Q/DQ lint finds in third-party INT8 graphs\n\n"
-            "`quantkit.export.lint.lint` (TensorRT explicit-quantization placement rules) on the INT8 graphs of "
+            "`quantkit.exporter.lint.lint` (TensorRT explicit-quantization placement rules) on the INT8 graphs of "
             "`benchmarks/ptq_trees.py` (same FP32 ONNX of the bundled tree detector, same calibration tiles). "
             "Counts per rule:\n\n" + "\n".join(overview) + "\n\n" + "\n".join(parts))
     print(body)

@@ -54,7 +54,7 @@ def torch_quantizer_tensors(int8_path: Path) -> dict[str, set[str]]:
 
 def first_batch_widths(fp32: Path, tensors: list[str], batch: np.ndarray, bins: int) -> dict[str, float]:
     """Histogram bin width per tensor: max |x| over the first calibration batch / bins (the collector's rule)."""
-    from quantkit.export import parity
+    from quantkit.exporter import parity
     from quantkit.onnxin.calibrate import with_outputs
 
     sess = parity.session(with_outputs(onnx.load(fp32), tensors), 1)
@@ -72,7 +72,7 @@ def evaluate(path: Path, pp) -> dict:
 
 
 def lint_errors(path: Path) -> int:
-    from quantkit.export.lint import lint
+    from quantkit.exporter.lint import lint
 
     return sum(f.severity.value == "error" for f in lint(onnx.load(path)))
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch-route INT8 vs the imported-scales ONNX-route INT8 on one calibration batch: as written (literal) and
     # with onnxruntime's optimizations (the evaluation's setting: Q/DQ fused into integer kernels)
     from quantkit.eval.sqnr import sqnr_db
-    from quantkit.export import parity
+    from quantkit.exporter import parity
 
     x = next(data.batches()).numpy()
     agree = {}

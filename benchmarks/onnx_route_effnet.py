@@ -80,7 +80,7 @@ def to_rgb_png(src: Path, dst: Path) -> None:
 
 def agreement(fp32: Path, int8: Path, x: np.ndarray) -> dict:
     from quantkit.eval.sqnr import sqnr_db
-    from quantkit.export import parity
+    from quantkit.exporter import parity
 
     a = parity.run_session(parity.session(fp32.read_bytes(), 1, literal=False), x)[0]
     b = parity.run_session(parity.session(int8.read_bytes(), 1, literal=False), x)[0]
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantkit import paths
     from quantkit.data.calib import open_calibration_data
     from quantkit.data.preprocess import Preprocess
-    from quantkit.export.lint import lint
+    from quantkit.exporter.lint import lint
     from quantkit.onnxin.export import run_onnx_export
     from quantkit.recipe import load_recipe
 

@@ -363,7 +363,7 @@ def build_all(ctx: Context, arr: np.ndarray, *, evaluate_graphs: bool = True, mo
 
 def lint_errors(path: Path) -> int:
     """Error-severity findings of quantkit's TensorRT Q/DQ lint (0: TensorRT takes the graph as it is)."""
-    from quantkit.export.lint import Severity, lint
+    from quantkit.exporter.lint import Severity, lint
 
     return sum(f.severity == Severity.ERROR for f in lint(onnx.load(path)))
 

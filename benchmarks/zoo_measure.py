@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from quantkit.export.lint import Severity, lint
+from quantkit.exporter.lint import Severity, lint
 from quantkit.quant.functional import adds_path
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")

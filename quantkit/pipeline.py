@@ -3,8 +3,9 @@ stage packages, each behind one entry function; the state between them is the ty
 ``quantkit.state``.
 
 export:       models.build -> quant.prepare -> data.open_data -> calibrate.calibrate
-              -> sensitivity.analyze_and_select -> export.write_graphs -> engine.write_build_script [-> engine.build_here] -> eval.evaluate_export
-              -> report.write -> commit
+              -> sensitivity.analyze_and_select -> exporter.write_graphs -> engine.write_calibration_cache
+              -> engine.write_build_script [-> engine.build_here] -> eval.evaluate_export -> report.write -> commit
+              (an FP32 .onnx model goes to the ONNX front end, onnxin.run_onnx_export, inside the same preflight)
 sensitivity:  models.build -> quant.prepare -> data.open_data -> calibrate.calibrate
               -> sensitivity.analyze_and_select
 eval:         models.build -> quant.prepare -> eval.evaluate_export (on an export folder's graphs)
@@ -93,7 +94,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
 
     inputs: every path the run read (``--force`` never replaces a folder that is, holds or sits inside one);
     None: the state's calibration and evaluation data and the recipe's files."""
-    from quantkit import engine, export, report
+    from quantkit import engine, exporter, report
     from quantkit.calibrate.driver import fixed_threads
     from quantkit.eval import evaluate_export
     from quantkit.output import StagedOutput
@@ -104,7 +105,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
     if inputs is None:
         inputs = run_inputs(recipe, calib=str(state.data.source), eval_path=state.eval_path)
     with StagedOutput(out_dir, force, inputs) as stage:
-        graphs = export.write_graphs(stage, state)
+        graphs = exporter.write_graphs(stage, state)
         engine.write_calibration_cache(stage, graphs.int8)
         engine.write_build_script(stage, recipe, graphs, state.model, batch)
         built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
@@ -253,7 +254,7 @@ def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = 
 
 def run_lint(onnx_path: str | Path, *, strong: bool = False) -> tuple[bool, str]:
     """Lint any Q/DQ ONNX against TensorRT's placement rules. Returns (has errors, printable findings)."""
-    from quantkit.export.lint import Severity, format_findings, lint, load_for_lint
+    from quantkit.exporter.lint import Severity, format_findings, lint, load_for_lint
 
     model = load_for_lint(onnx_path)  # an empty or non-ONNX file is exit 2, not "no findings"
     findings = lint(model, strong=strong)

@@ -111,7 +111,7 @@ class QuantizationSpec:
 class ExportSpec:
     """ONNX export. ``targets``: ``weak`` (FP32 + Q/DQ, opset 17, TensorRT ``--int8 --fp16``) and/or ``strong``
     (FP16 + Q/DQ, opset 19, strongly typed builds). Parity is judged layer by layer
-    (``quantkit.export.layer_parity``): the export fails when a quantized layer's Q/DQ structure, scales or weight
+    (``quantkit.exporter.layer_parity``): the export fails when a quantized layer's Q/DQ structure, scales or weight
     axis differ from the torch model's, or when, run on the same input, its output differs by more than rounding;
     and when onnxruntime's INT8-vs-FP32 SQNR is more than 3 dB below torch's. Rounding flips that cascade to the
     outputs (a deep detector's sigmoid scores can end 30-40 dB apart) are not refused. ``parity_min_sqnr``:

@@ -7,7 +7,7 @@ annotations name stage types for readers and type checkers only). Each dataclass
     calibrate.calibrate      -> Calibration
     pipeline.quantize_recipe -> QuantState        (prepared model + data + calibration)
     sensitivity.analyze_and_select -> SensitivityOutcome (per-layer analysis, automatic FP16 choice)
-    export.write_graphs      -> Graphs            (ONNX bytes, parity, lint)
+    exporter.write_graphs    -> Graphs            (ONNX bytes, parity, lint)
     pipeline.export_state    -> ExportResult
 """
 
@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from quantkit.calibrate.driver import CalibrationResult
     from quantkit.data.calib import CalibrationData
     from quantkit.data.preprocess import Preprocess
-    from quantkit.export.layer_parity import LayerParity
-    from quantkit.export.parity import ParityResult, References
+    from quantkit.exporter.layer_parity import LayerParity
+    from quantkit.exporter.parity import ParityResult, References
     from quantkit.quant.insert import QuantLayout
     from quantkit.recipe import Recipe
     from quantkit.sensitivity.analysis import SensitivityResult

@@ -133,7 +133,7 @@ def plan_build(trt_version: str, onnx_is_strong: bool, target: str = "t4",
                workspace_mib: int = 4096) -> BuildPlan:
     """Decide typing mode, builder flags and profile for one TensorRT version.
 
-    ``onnx_is_strong``: the ONNX is the FP16 Q/DQ graph from ``quantkit.export.strong``.
+    ``onnx_is_strong``: the ONNX is the FP16 Q/DQ graph from ``quantkit.exporter.strong``.
     ``batch``: None builds the static shape (1, *chw); 'min:opt:max' builds a dynamic-batch profile.
     Raises EngineError when this TensorRT cannot build this ONNX, UsageError on malformed arguments.
     """
@@ -155,7 +155,7 @@ def plan_build(trt_version: str, onnx_is_strong: bool, target: str = "t4",
         if version[:2] >= WEAK_REMOVED_IN:
             raise EngineError(
                 f"TensorRT {trt_version} removed weak typing (INT8/FP16 builder flags): export the strongly typed "
-                "FP16 Q/DQ ONNX (quantkit.export.strong.to_strongly_typed) and build that")
+                "FP16 Q/DQ ONNX (quantkit.exporter.strong.to_strongly_typed) and build that")
         typing = TypingMode.WEAK
         flags = (BuilderFlagName.INT8, BuilderFlagName.FP16)
         if fp16_layers:

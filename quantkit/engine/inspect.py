@@ -19,8 +19,8 @@ import onnx
 
 from quantkit.engine.builder import import_tensorrt
 from quantkit.errors import EngineError, UsageError
-from quantkit.export.graph import GraphIndex, dq_of
-from quantkit.export.lint import WEIGHTED_OPS
+from quantkit.exporter.graph import GraphIndex, dq_of
+from quantkit.exporter.lint import WEIGHTED_OPS
 
 PRECISIONS = ("int8", "fp16", "fp32")
 _META = re.compile(r"\[ONNX Layer: (.*?)\]")

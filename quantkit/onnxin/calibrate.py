@@ -45,7 +45,7 @@ class OrtTensors(nn.Module):
 
     def __init__(self, model: onnx.ModelProto, tensors: list[str], threads: int | None):
         super().__init__()
-        from quantkit.export import parity
+        from quantkit.exporter import parity
 
         self.names = list(tensors)
         self.sess = parity.session(with_outputs(model, self.names), threads)

@@ -18,10 +18,10 @@ import numpy as np
 from quantkit import __version__, paths
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads, method_key
 from quantkit.errors import ExportError, GateFailure, UsageError
-from quantkit.export import parity
+from quantkit.exporter import parity
 from quantkit.output import StagedOutput, check_output_dir
-from quantkit.export.lint import lint
-from quantkit.export.passes import qdq_summary
+from quantkit.exporter.lint import lint
+from quantkit.exporter.passes import qdq_summary
 from quantkit.onnxin.route import OnnxQuantResult, _r, quantize_onnx
 from quantkit.recipe import ExportTarget, Recipe, parse_batch
 from quantkit.state import ExportResult
@@ -50,7 +50,7 @@ def check_parity(res: OnnxQuantResult, batches: list[np.ndarray], floor: float, 
 
 def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray], checked: dict, threads: int | None):
     """(strong ModelProto, bytes, report section); ExportError when it is > 3 dB further from FP32 than INT8."""
-    from quantkit.export.strong import to_strongly_typed
+    from quantkit.exporter.strong import to_strongly_typed
 
     strong = to_strongly_typed(res.int8)
     data = strong.SerializeToString()
@@ -207,7 +207,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
             if ExportTarget.STRONG in recipe.export.targets:
                 strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads)
         elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
-            from quantkit.export.strong import to_strongly_typed
+            from quantkit.exporter.strong import to_strongly_typed
 
             strong_model = to_strongly_typed(res.int8)
             strong_bytes = strong_model.SerializeToString()

@@ -159,7 +159,7 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
 def verify_cleanup(original: onnx.ModelProto, cleaned: onnx.ModelProto, batches: list[np.ndarray]) -> float:
     """Worst output SQNR (dB) of the cleaned graph against the original on ``batches``; ExportError below 80 dB."""
     from quantkit.eval.sqnr import sqnr_db
-    from quantkit.export import parity
+    from quantkit.exporter import parity
 
     ref, got = parity.session(original, 1), parity.session(cleaned, 1)
     a = [parity.run_session(ref, b) for b in batches]

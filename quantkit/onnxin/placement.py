@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
-from quantkit.export.lint_core import DATA_MOVEMENT_OPS, HEAD_OPS, WEIGHTED_OPS, get_attr
+from quantkit.exporter.lint_core import DATA_MOVEMENT_OPS, HEAD_OPS, WEIGHTED_OPS, get_attr
 
 # Ops a conv output passes through on its way to a residual Add (the torch route's _PASS_THROUGH, in ONNX)
 PASS_THROUGH_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Identity",

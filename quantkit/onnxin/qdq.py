@@ -21,7 +21,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from quantkit.export.passes import normalize
+from quantkit.exporter.passes import normalize
 from quantkit.onnxin.placement import OnnxLayout, weight_array
 from quantkit.quant.tensor_quantizer import QMAX, QMIN, weight_amax
 
@@ -165,7 +165,7 @@ def _build(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, flo
     del g.node[:]
     g.node.extend(ordered)
     g.initializer.extend(new_inits)
-    from quantkit.export.passes import remove_unused_initializers
+    from quantkit.exporter.passes import remove_unused_initializers
 
     m = normalize(remove_unused_initializers(m))
     del m.graph.value_info[:]

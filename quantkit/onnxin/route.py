@@ -19,7 +19,7 @@ from quantkit.calibrate.methods import MethodSettings
 from quantkit.data.calib import CalibrationData
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
-from quantkit.export.passes import normalize
+from quantkit.exporter.passes import normalize
 from quantkit.onnxin import calibrate as ocal
 from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import OnnxLayout, build_layout

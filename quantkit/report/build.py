@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from quantkit import __version__
 from quantkit.calibrate.driver import CalibrationResult, method_key
-from quantkit.export.passes import qdq_summary
+from quantkit.exporter.passes import qdq_summary
 from quantkit.paths import display_path
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.state import Graphs, QuantState

@@ -15,8 +15,8 @@ from qdq_graphs import residual_cnn
 from quantkit.engine.builder import build_engine, import_tensorrt
 from quantkit.engine.config import STRONG_FROM, plan_build
 from quantkit.engine.inspect import compare_precisions, engine_layers, intended_precisions
-from quantkit.export.dynamic import make_batch_dynamic
-from quantkit.export.strong import to_strongly_typed
+from quantkit.exporter.dynamic import make_batch_dynamic
+from quantkit.exporter.strong import to_strongly_typed
 
 pytestmark = pytest.mark.gpu
 

@@ -255,7 +255,7 @@ def test_exception_mid_export_leaves_nothing(user_model, tmp_path, monkeypatch):
 def test_dynamic_batch_runs_at_several_sizes_and_nms_graph(user_model, tmp_path):
     import numpy as np
 
-    from quantkit.export import parity
+    from quantkit.exporter import parity
 
     out = tmp_path / "dyn"
     code, text = run(*export_args(user_model, out, "--batch", "1:4:8", "--nms"))

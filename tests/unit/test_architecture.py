@@ -15,21 +15,21 @@ CLI_ALLOWED = ("quantkit", "quantkit.pipeline", "quantkit.recipe", "quantkit.err
                "quantkit.utils")
 # (importer package, packages it must never import)
 FORBIDDEN = [
-    ("quantkit.quant", ("quantkit.export", "quantkit.engine", "quantkit.report", "quantkit.pipeline", "quantkit.cli")),
-    ("quantkit.calibrate", ("quantkit.export", "quantkit.engine", "quantkit.report", "quantkit.pipeline",
+    ("quantkit.quant", ("quantkit.exporter", "quantkit.engine", "quantkit.report", "quantkit.pipeline", "quantkit.cli")),
+    ("quantkit.calibrate", ("quantkit.exporter", "quantkit.engine", "quantkit.report", "quantkit.pipeline",
                             "quantkit.cli", "quantkit.sensitivity")),
-    ("quantkit.models", ("quantkit.quant", "quantkit.calibrate", "quantkit.export", "quantkit.engine",
+    ("quantkit.models", ("quantkit.quant", "quantkit.calibrate", "quantkit.exporter", "quantkit.engine",
                          "quantkit.pipeline", "quantkit.cli")),
-    ("quantkit.reparam", ("quantkit.quant", "quantkit.export", "quantkit.pipeline", "quantkit.cli")),
-    ("quantkit.export", ("quantkit.engine", "quantkit.report", "quantkit.pipeline", "quantkit.cli")),
+    ("quantkit.reparam", ("quantkit.quant", "quantkit.exporter", "quantkit.pipeline", "quantkit.cli")),
+    ("quantkit.exporter", ("quantkit.engine", "quantkit.report", "quantkit.pipeline", "quantkit.cli")),
     ("quantkit.engine", ("quantkit.report", "quantkit.pipeline", "quantkit.cli")),
     ("quantkit.report", ("quantkit.pipeline", "quantkit.cli")),
-    ("quantkit.sensitivity", ("quantkit.export", "quantkit.engine", "quantkit.report", "quantkit.pipeline",
+    ("quantkit.sensitivity", ("quantkit.exporter", "quantkit.engine", "quantkit.report", "quantkit.pipeline",
                               "quantkit.cli")),
-    ("quantkit.eval", ("quantkit.export", "quantkit.engine", "quantkit.report", "quantkit.pipeline", "quantkit.cli")),
-    ("quantkit.data", ("quantkit.quant", "quantkit.export", "quantkit.engine", "quantkit.pipeline", "quantkit.cli")),
+    ("quantkit.eval", ("quantkit.exporter", "quantkit.engine", "quantkit.report", "quantkit.pipeline", "quantkit.cli")),
+    ("quantkit.data", ("quantkit.quant", "quantkit.exporter", "quantkit.engine", "quantkit.pipeline", "quantkit.cli")),
     ("quantkit.state", ("quantkit",)),  # run-time imports: none (annotations only, under TYPE_CHECKING)
-    ("quantkit.recipe", ("quantkit.quant", "quantkit.export", "quantkit.engine", "quantkit.report",
+    ("quantkit.recipe", ("quantkit.quant", "quantkit.exporter", "quantkit.engine", "quantkit.report",
                          "quantkit.pipeline", "quantkit.cli", "quantkit.models", "quantkit.sensitivity")),
 ]
 
@@ -152,10 +152,10 @@ def test_modules_stay_small_and_functions_take_few_parameters():
 def test_the_rules_catch_a_planted_violation(tmp_path):
     """The checker itself: an import of the pipeline from a CLI module is seen, one under TYPE_CHECKING is not."""
     p = tmp_path / "m.py"
-    p.write_text("from typing import TYPE_CHECKING\nimport quantkit.export.passes\n"
+    p.write_text("from typing import TYPE_CHECKING\nimport quantkit.exporter.passes\n"
                  "if TYPE_CHECKING:\n    from quantkit.engine import build_here\n"
                  "def f():\n    from quantkit.report import write\n")
-    assert _imports(p) == {"quantkit.export.passes", "quantkit.report", "quantkit.report.write"}
-    assert _imports(p, top_level_only=True) == {"quantkit.export.passes"}
+    assert _imports(p) == {"quantkit.exporter.passes", "quantkit.report", "quantkit.report.write"}
+    assert _imports(p, top_level_only=True) == {"quantkit.exporter.passes"}
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []

@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH))
 import lint_third_party  # noqa: E402
 import ptq_trees  # noqa: E402
 
-from quantkit.export.lint import Finding, Severity  # noqa: E402
+from quantkit.exporter.lint import Finding, Severity  # noqa: E402
 
 
 def _conv(name: str, x: str, out_ch: int, in_ch: int = 4) -> tuple[onnx.NodeProto, onnx.TensorProto]:

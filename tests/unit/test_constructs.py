@@ -18,9 +18,9 @@ from onnx import numpy_helper
 from torch import nn
 
 import quantkit
-from quantkit.export import parity
-from quantkit.export.layer_parity import layer_parity
-from quantkit.export.lint import Severity, lint
+from quantkit.exporter import parity
+from quantkit.exporter.layer_parity import layer_parity
+from quantkit.exporter.lint import Severity, lint
 from quantkit.quant.modules import QuantAdd
 from quantkit.recipe import Recipe
 

@@ -366,7 +366,7 @@ def test_make_batch_dynamic_runs_at_other_batches():
     import onnxruntime as ort
     from qdq_graphs import residual_cnn
 
-    from quantkit.export.dynamic import make_batch_dynamic
+    from quantkit.exporter.dynamic import make_batch_dynamic
 
     static = residual_cnn(seed=1)
     dyn = make_batch_dynamic(static, "N")
@@ -382,7 +382,7 @@ def test_make_batch_dynamic_refuses_hard_coded_reshape():
     from qdq_graphs import GraphBuilder
 
     from quantkit.errors import ExportError
-    from quantkit.export.dynamic import make_batch_dynamic
+    from quantkit.exporter.dynamic import make_batch_dynamic
 
     for first, ok in ((1, False), (-1, True), (0, True)):
         g = GraphBuilder()

@@ -9,9 +9,9 @@ from torch import nn
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration
 from quantkit.calibrate.methods import MethodSettings
-from quantkit.export import parity
-from quantkit.export.onnx_export import export_onnx
-from quantkit.export.passes import finalize_fp32, finalize_int8
+from quantkit.exporter import parity
+from quantkit.exporter.onnx_export import export_onnx
+from quantkit.exporter.passes import finalize_fp32, finalize_int8
 from quantkit.models.ops import Add, Concat
 from quantkit.quant.functional import expose_residual_adds
 from quantkit.quant.insert import insert_quantizers
@@ -169,7 +169,7 @@ def _calibrated_input(model, c):
 
 
 def test_passes_return_new_graphs_and_leave_their_input_untouched():
-    from quantkit.export import passes
+    from quantkit.exporter import passes
 
     torch.manual_seed(0)
     q, _, batches = _calibrated(Block().eval())

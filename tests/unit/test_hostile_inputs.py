@@ -15,7 +15,7 @@ from torch import nn
 
 from quantkit.data.images import load_image
 from quantkit.errors import DataError, ExportError, ModelError, WeightsError
-from quantkit.export.parity import ParityResult, judge, strong_failure
+from quantkit.exporter.parity import ParityResult, judge, strong_failure
 from quantkit.models.checks import check_float32, check_outputs
 from quantkit.models.loading import build_model, read_state_dict
 
@@ -87,7 +87,7 @@ def _pr(**v):
 
 def test_parity_rule_with_nothing_quantized():
     """--skip '*': torch's INT8-vs-FP32 SQNR is inf, onnxruntime's ~130 dB of float noise: not a failure."""
-    from quantkit.export.graphs import check_parity
+    from quantkit.exporter.graphs import check_parity
 
     check_parity(_pr(y=130.0), _pr(y=130.0), _pr(y=math.inf), floor=30)  # no exception
     check_parity(_pr(y=math.inf), _pr(y=math.inf), _pr(y=math.inf), floor=30)

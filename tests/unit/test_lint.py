@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto
 from qdq_graphs import GraphBuilder, float_cnn, residual_cnn
 
-from quantkit.export.lint import RULES, Severity, format_findings, lint
+from quantkit.exporter.lint import RULES, Severity, format_findings, lint
 
 
 def rules_of(model, strong=False, severity=None):
@@ -262,9 +262,9 @@ def test_single_output_channel_per_channel_weight_is_not_flagged():
 
     from quantkit.calibrate.driver import apply_calibration, run_calibration
     from quantkit.calibrate.methods import MethodSettings
-    from quantkit.export.lint import lint
-    from quantkit.export.onnx_export import export_onnx
-    from quantkit.export.passes import finalize_int8
+    from quantkit.exporter.lint import lint
+    from quantkit.exporter.onnx_export import export_onnx
+    from quantkit.exporter.passes import finalize_int8
     from quantkit.quant.insert import insert_quantizers
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 1)).eval()

@@ -9,7 +9,7 @@ import pytest
 from qdq_graphs import GraphBuilder
 
 from quantkit.errors import UsageError
-from quantkit.export.nms import OUTPUT_NAMES, NmsFlavor, append_nms
+from quantkit.exporter.nms import OUTPUT_NAMES, NmsFlavor, append_nms
 
 
 def detector_outputs(a=40, c=3):
@@ -115,7 +115,7 @@ def test_bad_arguments_are_refused(kwargs):
 
 def test_nms_after_fp16_graph_outputs():
     """A strongly typed graph with FP16 outputs gets Casts in front of NonMaxSuppression."""
-    from quantkit.export.strong import to_strongly_typed
+    from quantkit.exporter.strong import to_strongly_typed
 
     fp16 = to_strongly_typed(detector_outputs(), keep_io_types=False)
     model = append_nms(fp16, score_threshold=0.25, iou_threshold=0.45, top_k=100, max_detections=10)

@@ -15,8 +15,8 @@ from quantkit.calibrate.histogram import HistogramCollector
 from quantkit.calibrate.methods import CalibMethod, MethodSettings
 from quantkit.errors import QuantkitError, UsageError
 from quantkit.eval.sqnr import sqnr_db
-from quantkit.export import parity
-from quantkit.export.lint import lint
+from quantkit.exporter import parity
+from quantkit.exporter.lint import lint
 from quantkit.onnxin.load import cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import build_layout
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales

@@ -25,8 +25,8 @@ from quantkit.calibrate.methods import CalibMethod, MethodSettings
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
 from quantkit.errors import CalibrationError, WeightsError
-from quantkit.export.onnx_export import export_onnx
-from quantkit.export.passes import finalize_int8
+from quantkit.exporter.onnx_export import export_onnx
+from quantkit.exporter.passes import finalize_int8
 from quantkit.quant.insert import insert_quantizers
 from quantkit.quant.pq_interop import load_into_pq, load_pq_state, to_pq_state
 

@@ -12,9 +12,9 @@ from onnx.reference import ReferenceEvaluator
 from qdq_graphs import GraphBuilder, residual_cnn
 
 from quantkit.errors import ExportError
-from quantkit.export.lint import Severity, lint
-from quantkit.export.nms import append_nms
-from quantkit.export.strong import OverflowPolicy, convert_strongly_typed, to_strongly_typed
+from quantkit.exporter.lint import Severity, lint
+from quantkit.exporter.nms import append_nms
+from quantkit.exporter.strong import OverflowPolicy, convert_strongly_typed, to_strongly_typed
 
 
 def sqnr_db(ref, test):

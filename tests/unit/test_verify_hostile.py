@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from quantkit.errors import UsageError
-from quantkit.export.lint import load_for_lint
+from quantkit.exporter.lint import load_for_lint
 from quantkit.report.manifest import verify
 
 

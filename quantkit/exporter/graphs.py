@@ -13,11 +13,11 @@ import torch
 
 from quantkit.calibrate.driver import fixed_threads
 from quantkit.errors import ExportError
-from quantkit.export import parity
-from quantkit.export.layer_parity import LayerParity, layer_parity
-from quantkit.export.lint import Severity, lint
-from quantkit.export.onnx_export import export_onnx
-from quantkit.export.passes import finalize_fp32, finalize_int8
+from quantkit.exporter import parity
+from quantkit.exporter.layer_parity import LayerParity, layer_parity
+from quantkit.exporter.lint import Severity, lint
+from quantkit.exporter.onnx_export import export_onnx
+from quantkit.exporter.passes import finalize_fp32, finalize_int8
 from quantkit.recipe import ExportTarget, NmsFlavor, parse_batch
 from quantkit.state import Graphs, QuantState
 
@@ -91,7 +91,7 @@ def check_parity(fq: parity.ParityResult, ort_q: parity.ParityResult, torch_q: p
 def _write_strong(stage, graphs: Graphs, fp32_onnx, threads: int | None) -> None:
     """The strongly typed (FP16) variant, judged relative to noise: INT8's (fake-quant vs FP32) plus FP16's
     own (the FP32 graph through the same converter), not by bit-level agreement with the fake-quant model."""
-    from quantkit.export.strong import to_strongly_typed
+    from quantkit.exporter.strong import to_strongly_typed
 
     strong = to_strongly_typed(graphs.int8)
     strong_bytes = strong.SerializeToString()
@@ -109,7 +109,7 @@ def _write_strong(stage, graphs: Graphs, fp32_onnx, threads: int | None) -> None
 
 def _write_nms(stage, spec, graphs: Graphs, sample: list[torch.Tensor]) -> dict:
     """Write model.int8.nms.onnx (the recipe's flavor) and model.int8.strong.nms.onnx (ONNX NMS); check they run."""
-    from quantkit.export.nms import append_nms
+    from quantkit.exporter.nms import append_nms
 
     kw = dict(score_threshold=spec.nms_score_threshold, iou_threshold=spec.nms_iou_threshold, top_k=spec.nms_top_k,
               max_detections=spec.nms_max_detections)

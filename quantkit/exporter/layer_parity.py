@@ -331,7 +331,7 @@ def _check_weight(graph: _Graph, call: _Call, node: onnx.NodeProto) -> list[str]
 
 def _ort_values(model: onnx.ModelProto, names: list[str], x: np.ndarray, threads: int | None) -> dict[str, np.ndarray]:
     """Run ``model`` literally with ``names`` added as graph outputs; one image at a time for a fixed batch."""
-    from quantkit.export.parity import session
+    from quantkit.exporter.parity import session
 
     m = onnx.ModelProto()
     m.CopyFrom(model)

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 
 from quantkit.errors import ExportError
-from quantkit.export.graph import GraphIndex
-from quantkit.export.lint import node_label
+from quantkit.exporter.graph import GraphIndex
+from quantkit.exporter.lint import node_label
 
 
 def make_batch_dynamic(model: onnx.ModelProto, dim_name: str = "batch") -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""The placement rules ``quantkit.export.lint.lint`` applies, one function each, registered with ``@rule``.
+"""The placement rules ``quantkit.exporter.lint.lint`` applies, one function each, registered with ``@rule``.
 
 Registration order is the order of this file; ``lint`` reports findings in that order, so keep it stable.
 """
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from quantkit.export.lint_core import (
+from quantkit.exporter.lint_core import (
     DATA_MOVEMENT_OPS,
     DQ_OP,
     FP16_MAX,
@@ -27,7 +27,7 @@ from quantkit.export.lint_core import (
     node_label,
     rule,
 )
-from quantkit.export.graph import dq_of
+from quantkit.exporter.graph import dq_of
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -364,4 +364,4 @@ def _rule_opset(index: GraphIndex, strong: bool) -> Iterator[Finding]:
     if strong and index.opset() < STRONG_MIN_OPSET:
         yield Finding("strong-opset", Severity.ERROR, "<model>",
                       f"opset {index.opset()} < {STRONG_MIN_OPSET}: QuantizeLinear cannot take FP16 scales",
-                      "convert with quantkit.export.strong.to_strongly_typed (opset 19)")
+                      "convert with quantkit.exporter.strong.to_strongly_typed (opset 19)")

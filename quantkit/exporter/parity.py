@@ -146,7 +146,7 @@ def judge(layers, ort_vs_fp32: ParityResult, torch_vs_fp32: ParityResult, *,
           max_worse_db: float = MAX_WORSE_DB) -> list[str]:
     """Why model.int8.onnx does not mean what the fake-quant model means (empty list: it does).
 
-    ``layers`` is a :class:`quantkit.export.layer_parity.LayerParity` (or None when it could not run): every
+    ``layers`` is a :class:`quantkit.exporter.layer_parity.LayerParity` (or None when it could not run): every
     structural disagreement and every layer off by more than rounding on the same input is a failure, the
     first one in execution order first. Independently, onnxruntime's INT8-vs-FP32 SQNR must be within
     ``max_worse_db`` of torch's at every output — rounding flips that cascade cost far less than that.

@@ -1,7 +1,7 @@
 """The pieces shared by the lint driver (``lint``) and its rules (``lint_rules``).
 
 Op-type sets and FP16 limits, ``Severity``/``Finding``, small node helpers, and the ``rule`` decorator that
-registers a rule in ``RULES``. ``GraphIndex`` lives in ``quantkit.export.graph`` (shared with the strong
+registers a rule in ``RULES``. ``GraphIndex`` lives in ``quantkit.exporter.graph`` (shared with the strong
 conversion and engine inspection) and is re-exported here.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from quantkit.export.graph import DQ_OP, Q_OP, GraphIndex  # noqa: F401  (re-exported for the rules)
+from quantkit.exporter.graph import DQ_OP, Q_OP, GraphIndex  # noqa: F401  (re-exported for the rules)
 
 # Layers whose inputs TensorRT wants quantized (data and weight); the value is the input index of the weight.
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}

@@ -9,16 +9,16 @@ float (detection scores). ``lint`` walks the graph once and applies small rules,
     findings = lint(model, strong=True)    # FP16 Q/DQ graph for a strongly typed build (opset >= 19)
     print(format_findings(findings))
 
-The rules live in ``quantkit.export.lint_rules``, the shared pieces (``GraphIndex``, ``Finding``, ``rule``, op
-sets) in ``quantkit.export.lint_core``; both are re-exported here.
+The rules live in ``quantkit.exporter.lint_rules``, the shared pieces (``GraphIndex``, ``Finding``, ``rule``, op
+sets) in ``quantkit.exporter.lint_core``; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import onnx
 
-from quantkit.export import lint_rules  # noqa: F401  (importing it registers the rules in RULES, in file order)
-from quantkit.export.lint_core import (
+from quantkit.exporter import lint_rules  # noqa: F401  (importing it registers the rules in RULES, in file order)
+from quantkit.exporter.lint_core import (
     DATA_MOVEMENT_OPS,
     DQ_OP,
     FP16_MAX,
