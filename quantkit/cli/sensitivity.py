@@ -35,6 +35,7 @@ Latencies are ESTIMATES from a T4 roofline model, not measurements."""
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field.")
 @click.option("--max-drop", type=float, help="Choose FP16 layers so the measured mAP50:95 drop stays <= this (points).")
 @click.option("--sqnr-floor", type=float, help="Choose FP16 layers so the measured output SQNR stays >= this (dB).")
+@click.option("--device", help="Where calibration and the per-layer measurements run: cpu or cuda[:N]. [default: cpu]")
 @click.option("--top", type=int, default=15, show_default=True, help="Rows of the printed table and bars of the plot.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("-v", "--verbose", is_flag=True, help="Verbose: also log debug messages to stderr.")
@@ -56,7 +57,7 @@ def _sensitivity(a: dict) -> None:
         ("calibration.data", a["calib"]), ("evaluation.data", a["eval_data"]),
         ("sensitivity.num_images", a["num_images"]), ("sensitivity.eval_images", a["eval_images"]),
         ("gates.max_drop", a["max_drop"]),
-        ("sensitivity.sqnr_floor", a["sqnr_floor"]),
+        ("sensitivity.sqnr_floor", a["sqnr_floor"]), ("runtime.device", a["device"]),
     ))
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
     run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"])
