@@ -132,12 +132,36 @@ class SensitivitySpec:
     """Per-layer sensitivity analysis. ``enabled``: run it inside export and add it to the report.
     ``num_images``: calibration images for the SQNR sensitivities. ``auto`` (default true): when a budget is
     set — ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
-    the measured result meets it, at the lowest estimated T4 latency; false: the budget only gates."""
+    the measured result meets it, at the lowest estimated T4 latency; false: the budget only gates.
+    ``min_int8_share``: keep at least this share (0..1) of the conv/linear MACs in INT8 and spend the rest on
+    the FP16 layers with the most measured SQNR gain per MAC (``sensitivity.select.choose_for_int8_share``)."""
 
     enabled: bool = False
     num_images: int = 16
     auto: bool = True
     sqnr_floor: float | None = None
+    min_int8_share: float | None = None
+
+
+@dataclass(frozen=True)
+class PtqSpec:
+    """Accuracy methods beyond calibration (``quantkit.ptq``), each switchable. ``equalize``: cross-layer
+    equalization of conv -> ReLU-like -> conv pairs (exact FP32 rescale; ReLU6 becomes a per-channel clip),
+    before calibration. ``range_choice``: per activation, the amax among the histogram methods and a grid
+    that minimises the consuming layer's output error (``range_choice_images`` images). ``adaround``: learned
+    weight rounding per layer, ``adaround_iterations`` steps each (deterministic), optionally capped at
+    ``adaround_seconds`` per layer (0: no cap; a cap makes results machine-dependent). ``bias_correction``:
+    empirical per-channel bias correction with quantized inputs. ``num_images``: calibration images the passes
+    use (one batch)."""
+
+    equalize: bool = False
+    range_choice: bool = False
+    range_choice_images: int = 8
+    adaround: bool = False
+    adaround_iterations: int = 300
+    adaround_seconds: float = 0.0
+    bias_correction: bool = False
+    num_images: int = 16
 
 
 @dataclass(frozen=True)
@@ -153,6 +177,7 @@ class Recipe:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     gates: GateSpec = field(default_factory=GateSpec)
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
+    ptq: PtqSpec = field(default_factory=PtqSpec)
 
     def as_dict(self) -> dict:
         """Plain-data form (lists instead of tuples), as written to ``recipe.resolved.yaml``."""
@@ -270,6 +295,13 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.input.size is not None and any(s < 32 or s % 32 for s in recipe.input.size):
         raise UsageError(f"input.size must be multiples of 32 (>= 32), got {list(recipe.input.size)}")
     parse_batch(recipe.input.batch)
+    p = recipe.ptq
+    if p.num_images < 1 or p.range_choice_images < 1 or p.adaround_iterations < 0 or p.adaround_seconds < 0:
+        raise UsageError("ptq.num_images and ptq.range_choice_images must be >= 1, ptq.adaround_iterations and "
+                         "ptq.adaround_seconds >= 0")
+    share = recipe.sensitivity.min_int8_share
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise UsageError(f"sensitivity.min_int8_share must be in [0, 1] (share of conv/linear MACs), got {share}")
     if recipe.gates.max_drop is not None and recipe.gates.max_drop < 0:
         raise UsageError("gates.max_drop must be >= 0 (mAP50:95 points)")
     return recipe
