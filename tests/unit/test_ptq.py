@@ -191,3 +191,30 @@ def test_recipe_ptq_fields_validate():
         load_recipe(None, ["ptq.num_images=0"])
     assert not any((Recipe().ptq.equalize, Recipe().ptq.range_choice, Recipe().ptq.adaround,
                     Recipe().ptq.bias_correction))  # the default export is unchanged
+
+
+def test_int8_share_selection_respects_the_mac_budget_and_ranks_by_gain_per_mac():
+    import math
+
+    from quantkit.sensitivity.analysis import LayerSensitivity, SensitivityResult
+    from quantkit.sensitivity.select import choose_for_int8_share
+
+    def layer(name, order, without_db):  # all-INT8 SQNR is 10 dB; FP16 on this layer alone gives without_db
+        return LayerSensitivity(name, "Conv2d", order, 30.0, without_db, without_db - 10.0)
+
+    # gains (noise power recovered): big 0.05, mid 0.04, small 0.02, none 0
+    res = SensitivityResult({"big": layer("big", 0, -10 * math.log10(0.05)),
+                             "mid": layer("mid", 1, -10 * math.log10(0.06)),
+                             "small": layer("small", 2, -10 * math.log10(0.08)),
+                             "none": layer("none", 3, 10.0)}, 10.0, 4)
+    macs = {"big": 50.0, "mid": 4.0, "small": 1.0, "none": 45.0}
+    sel = choose_for_int8_share(res, macs, 0.95)  # 5 MACs of FP16 allowed: "big" (50) never fits
+    assert sel.fp16 == ["small", "mid"] and sel.int8_share == pytest.approx(0.95)
+    assert [p["num_fp16"] for p in sel.curve] == [0, 1, 2]
+    assert sel.predicted_db == pytest.approx(-10 * math.log10(0.1 - 0.02 - 0.04))
+    assert choose_for_int8_share(res, macs, 1.0).fp16 == []
+    assert choose_for_int8_share(res, macs, 0.0).fp16 == ["small", "mid", "big"]  # "none" gains nothing
+    measured = choose_for_int8_share(res, macs, 0.95, measure=lambda int8: float(len(int8)))
+    assert [p["measured_sqnr_db"] for p in measured.curve] == [4.0, 3.0, 2.0]
+    with pytest.raises(UsageError):
+        choose_for_int8_share(res, macs, 1.2)
