@@ -6,7 +6,7 @@ the ground truth, and each INT8 graph's detections are scored against them with 
 the FP32 detections exactly). The tiles are never calibration tiles. ``±`` is the standard error over the 8
 transforms (each transform's mAP computed on its own).
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/ptq_fidelity_trees.py [--only NAME,...] [--write]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/ptq_fidelity_trees.py [--only "NAME;NAME"] [--write]
 
 Time: quantization wall time (calibration + PTQ passes, no cache) on this machine, one thread.
 """
@@ -97,7 +97,7 @@ def score(dst: Path, dets: dict, which: list[int]) -> tuple[float, float]:
         ds = CocoDataset(dst, annotations=p)
         per.append(100.0 * coco_map(ds, {i: dets[i] for i in ids}).map50_95)
     per = np.asarray(per)
-    return float(per.mean()), float(per.std(ddof=1) / np.sqrt(len(per)))
+    return float(per.mean()), float(per.std(ddof=1) / np.sqrt(len(per))), [round(float(v), 3) for v in per]
 
 
 def quantize(recipe):
@@ -139,16 +139,17 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    only = [s for s in args.only.split(",") if s]
+    only = [s for s in args.only.split(";") if s]
     results = json.loads(CACHE.read_text()) if CACHE.exists() else {}
     dst = Path(tempfile.mkdtemp(prefix="qk_fid_"))
     which = build_tiles(paths.BUNDLED_EVAL, dst)
     ds = CocoDataset(dst)
     fp32_bytes = None
-    for name, overrides in CONFIGS.items():
-        if only and not any(o in name for o in only):
+    for name, overrides in list(CONFIGS.items()) + [(f"modelopt ONNX PTQ int8 {m}", m) for m in ("entropy", "max")]:
+        if only and name not in only:
             continue
-        recipe = load_recipe(None, ["calibration.use_cache=false", *overrides])
+        peer = isinstance(overrides, str)
+        recipe = load_recipe(None, ["calibration.use_cache=false", *([] if peer else overrides)])
         t0 = time.perf_counter()
         state = quantize(recipe)
         secs = time.perf_counter() - t0
@@ -157,10 +158,22 @@ def main() -> None:
             fp32_bytes = finalize_fp32(export_onnx(state.model.fp32, example, opset=17)).SerializeToString()
             ref = predict_dataset(onnx_predictor(fp32_bytes, intra_op_threads=1), ds, state.pp, progress=False)
             reference(dst, ref)
-        int8 = finalize_int8(export_onnx(state.model.qmodel, example, opset=17)).SerializeToString()
+        if peer:  # modelopt quantizes the same FP32 ONNX with the same calibration tiles
+            from ptq_methods import modelopt_ptq
+
+            fp32_path = dst / "fp32.onnx"
+            fp32_path.write_bytes(fp32_bytes)
+            calib = np.concatenate([b.numpy() for b in state.data.batches()])
+            try:
+                int8, secs = modelopt_ptq(str(fp32_path), calib, overrides, str(dst))
+            except Exception as exc:  # report, do not hide
+                print(name, "FAILED", str(exc)[-800:], flush=True)
+                continue
+        else:
+            int8 = finalize_int8(export_onnx(state.model.qmodel, example, opset=17)).SerializeToString()
         dets = predict_dataset(onnx_predictor(int8, intra_op_threads=1), ds, state.pp, progress=False)
-        m, se = score(dst, dets, which)
-        results[name] = {"map_vs_fp32": round(m, 2), "se": round(se, 2), "seconds": round(secs, 1)}
+        m, se, per = score(dst, dets, which)
+        results[name] = {"map_vs_fp32": round(m, 2), "se": round(se, 2), "seconds": round(secs, 1), "per": per}
         print(name, results[name], flush=True)
         CACHE.write_text(json.dumps(results, indent=1))
     if args.write:

@@ -29,6 +29,9 @@ from quantkit.quant.modules import QuantAdd, QuantConv2d, QuantLinear
 from quantkit.quant.tensor_quantizer import QMAX, QMIN
 from quantkit.ptq.adaround import RoundingResult, layer_output, learn_rounding
 
+# Bias correction needs this many averaged values per channel (images x output pixels): a classifier's final
+# Linear sees one value per image, and its per-class mean over a few dozen calibration images is mostly noise.
+BIAS_MIN_SAMPLES = 256
 GRID_STEPS = 12  # geometric grid steps between the smallest and largest method amax
 
 
@@ -184,6 +187,8 @@ def sequential_pass(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor, calib: 
 
     def post(m, args, out, name):
         if not opts.bias_correction or name not in means or report[name].bias_shift_abs_mean is not None:
+            return None
+        if out.numel() // max(out.shape[1], 1) < BIAS_MIN_SAMPLES:
             return None
         shift = (_channel_mean(out).double() - means[name]).to(out.dtype)
         if m.bias is None:

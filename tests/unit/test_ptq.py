@@ -218,3 +218,15 @@ def test_int8_share_selection_respects_the_mac_budget_and_ranks_by_gain_per_mac(
     assert [p["measured_sqnr_db"] for p in measured.curve] == [4.0, 3.0, 2.0]
     with pytest.raises(UsageError):
         choose_for_int8_share(res, macs, 1.2)
+
+
+def test_bias_correction_leaves_layers_with_too_few_samples_alone():
+    from quantkit.ptq.sequential import BIAS_MIN_SAMPLES
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.randn(BIAS_MIN_SAMPLES - 1, 4)  # one value per sample and channel: below the minimum
+    prepared, res = _prepared(model, x)
+    before = prepared.qmodel.get_submodule("0").bias.detach().clone()
+    rep = sequential_pass(prepared.qmodel, prepared.fp32, x, res, SequentialOptions(bias_correction=True))
+    assert torch.equal(prepared.qmodel.get_submodule("0").bias, before) and rep["0"].bias_shift_abs_mean is None
