@@ -101,8 +101,12 @@ def ort_static(fp32_path: str, calib: np.ndarray, method: str, tmp: str) -> tupl
     """onnxruntime quantize_static, QDQ, symmetric int8, per-channel weights (fair settings, FACTS.md)."""
     from unittest import mock
 
+    import importlib
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization import quantize as ortq
+
+    ortq = importlib.import_module("onnxruntime.quantization.quantize")  # the module (the package re-exports a
+    # function of the same name)
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -141,7 +145,7 @@ def modelopt_ptq(fp32_path: str, calib: np.ndarray, method: str, tmp: str) -> tu
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", fp32_path,
                         "--quantize_mode", "int8", "--calibration_data_path", npy, "--calibration_method", method,
-                        "--high_precision_dtype", "fp32", "--output_path", out],
+                        "--high_precision_dtype", "fp32", "--calibration_eps", "cpu", "--output_path", out],
                        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
