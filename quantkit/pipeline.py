@@ -52,6 +52,7 @@ class QuantState:
     selection_report: dict | None = None  # sensitivity analysis / automatic FP16 selection, when run
     sensitivity: object = None  # SensitivityResult, when run
     costs: object = None  # the T4 cost table (CostTable), once computed
+    ptq: object = None  # quantkit.ptq.PtqReport, once the accuracy passes ran (issue 14)
 
 
 @dataclass
@@ -92,8 +93,11 @@ def open_data(recipe: Recipe, calib_path: str, model_size: tuple[int, int] | Non
 
 
 def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: str | None = None,
-                    progress: bool = True) -> QuantState:
-    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax."""
+                    progress: bool = True, post_ptq: bool = True) -> QuantState:
+    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax.
+
+    ``post_ptq``: run the post-calibration accuracy passes (``recipe.ptq``) here; run_export passes False and
+    runs them after the automatic FP16 selection instead."""
     calib_path, eval_path = resolve_inputs(recipe) if calib is None else (str(calib), recipe.evaluation.data)
     prepared, info = prepare_model(recipe) if model is None else prepare_module(model, recipe)
     data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
@@ -106,9 +110,16 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib: st
                          "Set input.size (or the .npy shape) to what the model expects") from exc
     settings = MethodSettings(method=recipe.calibration.method, percentile=recipe.calibration.percentile,
                               num_bins=recipe.calibration.num_bins)
+    from quantkit.ptq import equalize_state_model, ptq_for_state  # issue 14: accuracy passes
+
+    prepared, ptq_report = equalize_state_model(prepared, data, recipe)  # exact FP32 rescale, before calibration
     calib_result, cache_info = calibrate_cached(prepared, data, settings, recipe, progress=progress)
     chosen = apply_calibration(prepared.qmodel, calib_result, settings)
-    return QuantState(recipe, prepared, info, data, pp, settings, calib_result, chosen, cache_info, eval_path)
+    state = QuantState(recipe, prepared, info, data, pp, settings, calib_result, chosen, cache_info, eval_path)
+    state.ptq = ptq_report
+    if post_ptq:
+        ptq_for_state(state)
+    return state
 
 
 def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -171,8 +182,11 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     """
     check_output_dir(Path(out_dir), force)  # before a long calibration, not after it
     check_engine_possible(recipe)
-    state = quantize_recipe(recipe, progress=progress)
+    state = quantize_recipe(recipe, progress=progress, post_ptq=False)
     state.selection_report = sensitivity_and_selection(state, progress=progress)
+    from quantkit.ptq import ptq_for_state  # issue 14: after the FP16 selection (the passes touch INT8 layers only)
+
+    ptq_for_state(state)
     return export_state(state, out_dir, force=force, progress=progress, command_line=command_line)
 
 

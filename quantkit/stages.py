@@ -314,7 +314,8 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
 
     recipe, s = state.recipe, state.recipe.sensitivity
     drop, floor = recipe.gates.max_drop, s.sqnr_floor
-    auto = s.auto and ((drop is not None and state.eval_path) or floor is not None)
+    share = s.min_int8_share  # issue 14: "best accuracy with >= share of the conv/linear MACs in INT8"
+    auto = s.auto and ((drop is not None and state.eval_path) or floor is not None or share is not None)
     if not (s.enabled or auto):
         return None
     dataset = CocoDataset(state.eval_path, max_images=recipe.evaluation.max_images or None) if state.eval_path else None
@@ -325,7 +326,11 @@ def sensitivity_and_selection(state, *, progress: bool = True) -> dict | None:
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
     if auto:
         fixed = [n for n in state.model.layout.layers if n not in state.model.layout.int8]
-        if drop is not None and dataset is not None:
+        if share is not None:  # issue 14: MAC-share budget (gates.max_drop then only gates)
+            from quantkit.sensitivity.select import choose_for_int8_share, weighted_macs
+
+            sel = choose_for_int8_share(result, weighted_macs(costs), share, fixed_fp16=fixed)
+        elif drop is not None and dataset is not None:
             measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset)
             sel = choose_fp16_layers(result, costs, max_drop_points=drop, measure=measure, fixed_fp16=fixed)
         else:

@@ -111,5 +111,35 @@ def apply_ptq(prepared, calib: CalibrationResult, batches: list[torch.Tensor], s
     return report
 
 
-__all__ = ["PtqReport", "apply_ptq", "equalize_prepared", "equalize", "ChannelClip", "sequential_pass",
+def equalize_state_model(prepared, data, recipe):
+    """Pipeline hook before calibration: :func:`equalize_prepared` on the first ``recipe.ptq.num_images``
+    calibration inputs. Returns (PreparedModel, PtqReport); a no-op unless ``recipe.ptq.equalize``."""
+    if not recipe.ptq.equalize:
+        return prepared, PtqReport(enabled={"equalize": False})
+    from quantkit.calibrate.driver import fixed_threads
+
+    with fixed_threads(1 if recipe.calibration.deterministic else None):
+        return equalize_prepared(prepared, list(data.batches(limit=recipe.ptq.num_images)), recipe.ptq,
+                                 recipe.quantization)
+
+
+def ptq_for_state(state) -> PtqReport:
+    """Pipeline hook after calibration AND after any automatic FP16 selection (the passes only touch INT8
+    layers, and a layer switched to FP16 afterwards would keep an INT8-only correction): :func:`apply_ptq` on a
+    ``pipeline.QuantState``; updates ``state.chosen_amax`` with the chosen ranges and sets ``state.ptq``."""
+    from quantkit.calibrate.driver import fixed_threads
+
+    spec = state.recipe.ptq
+    report = getattr(state, "ptq", None)
+    if getattr(report, "layers", None):  # already applied (idempotence: never correct twice)
+        return report
+    with fixed_threads(1 if state.recipe.calibration.deterministic else None):
+        report = apply_ptq(state.model, state.calib, list(state.data.batches(limit=spec.num_images)), spec, report)
+    if report.amax:
+        state.chosen_amax = {n: report.amax.get(n, a) for n, a in state.chosen_amax.items()}
+    state.ptq = report
+    return report
+
+
+__all__ = ["PtqReport", "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip", "sequential_pass",
            "SequentialOptions", "options_from_spec", "weight_amax"]

@@ -195,9 +195,11 @@ class ShareSelection:
     predicted_db: float
     curve: list[dict]
     reasons: dict[str, str]
+    int8: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"min_int8_share": self.min_int8_share, "fp16_layers": list(self.fp16),
+                "int8_layers": list(self.int8),
                 "int8_mac_share": round(self.int8_share, 6), "predicted_sqnr_db": _r(self.predicted_db),
                 "curve": [{k: (_r(v) if isinstance(v, float) else v) for k, v in p.items()} for p in self.curve],
                 "reasons": dict(self.reasons)}
@@ -249,4 +251,5 @@ def choose_for_int8_share(result: SensitivityResult, macs: dict[str, float], min
                       f"conv/linear MACs")
         curve.append(point(n))
     return ShareSelection(min_int8_share, list(fp16), 1.0 - spent / total,
-                          _predict(result, Metric.SQNR_DB, gains, fp16), curve, reasons)
+                          _predict(result, Metric.SQNR_DB, gains, fp16), curve, reasons,
+                          [n for n in everything if n not in set(fp16)])

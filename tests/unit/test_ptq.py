@@ -230,3 +230,38 @@ def test_bias_correction_leaves_layers_with_too_few_samples_alone():
     before = prepared.qmodel.get_submodule("0").bias.detach().clone()
     rep = sequential_pass(prepared.qmodel, prepared.fp32, x, res, SequentialOptions(bias_correction=True))
     assert torch.equal(prepared.qmodel.get_submodule("0").bias, before) and rep["0"].bias_shift_abs_mean is None
+
+
+def test_pipeline_runs_the_passes_only_when_the_recipe_asks(tmp_path):
+    from quantkit.pipeline import quantize_recipe
+    from quantkit.recipe import apply_overrides
+
+    torch.manual_seed(6)
+    npy = tmp_path / "calib.npy"
+    np.save(npy, torch.randn(8, 3, 32, 32).numpy())
+    base = load_recipe(None, ["calibration.use_cache=false", "ptq.num_images=4"])
+    plain = quantize_recipe(base, model=_net(7), calib=str(npy), progress=False)
+    assert not plain.ptq.layers and not plain.ptq.pairs
+    on = apply_overrides(base, ["ptq.equalize=true", "ptq.bias_correction=true", "ptq.range_choice=true"])
+    state = quantize_recipe(on, model=_net(7), calib=str(npy), progress=False)
+    assert state.ptq.pairs and state.ptq.layers and state.ptq.amax
+    assert set(state.chosen_amax) == set(plain.chosen_amax)
+    with pytest.raises(UsageError):
+        apply_overrides(base, ["sensitivity.min_int8_share=0.9", "sensitivity.sqnr_floor=20"])
+
+
+def test_min_int8_share_selection_runs_in_the_pipeline(tmp_path):
+    from quantkit.pipeline import quantize_recipe
+    from quantkit.stages import sensitivity_and_selection
+
+    torch.manual_seed(8)
+    npy = tmp_path / "calib.npy"
+    np.save(npy, torch.randn(4, 3, 32, 32).numpy())
+    recipe = load_recipe(None, ["calibration.use_cache=false", "sensitivity.min_int8_share=0.9",
+                                "sensitivity.num_images=4"])
+    state = quantize_recipe(recipe, model=_net(9), calib=str(npy), progress=False, post_ptq=False)
+    section = sensitivity_and_selection(state, progress=False)
+    sel = section["selection"]
+    assert sel["int8_mac_share"] >= 0.9 and set(sel["fp16_layers"]) | set(sel["int8_layers"]) == set(
+        state.model.layout.layers)
+    assert state.model.layout.int8 == sel["int8_layers"]
