@@ -31,6 +31,7 @@ CONFIGS = {  # name -> recipe overrides
     "percentile": ["calibration.method=percentile"],
     "E": ["ptq.equalize=true"],
     "B": ["ptq.bias_correction=true"],
+    "E+B": ["ptq.equalize=true", "ptq.bias_correction=true"],
     "percentile+B": ["calibration.method=percentile", "ptq.bias_correction=true"],
     "R+B": ["ptq.range_choice=true", "ptq.bias_correction=true"],
     "E+R+B": ["ptq.equalize=true", "ptq.range_choice=true", "ptq.bias_correction=true"],

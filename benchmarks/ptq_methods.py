@@ -33,14 +33,14 @@ from ptq_data import build_sets, normalize  # noqa: E402
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration  # noqa: E402
 from quantkit.calibrate.methods import MethodSettings  # noqa: E402
-from quantkit.export.onnx_export import export_onnx  # noqa: E402
+from quantkit.export.onnx_export import INPUT_NAME, export_onnx  # noqa: E402
 from quantkit.export.passes import finalize_fp32, finalize_int8  # noqa: E402
 from quantkit.ptq import apply_ptq, equalize_prepared  # noqa: E402
 from quantkit.quant.insert import set_precision  # noqa: E402
 from quantkit.recipe import PtqSpec, Recipe  # noqa: E402
 from quantkit.stages import prepare_module  # noqa: E402
 
-CACHE = Path(tempfile.gettempdir()) / "quantkit_ptq_methods.json"
+CACHE = Path(os.environ.get("QK_PTQ_CACHE", Path(tempfile.gettempdir()) / "quantkit_ptq_methods.json"))
 
 OURS = {  # name -> (calibration method, PtqSpec changes)
     "qk entropy (today's default)": ("entropy", {}),
@@ -55,8 +55,7 @@ OURS = {  # name -> (calibration method, PtqSpec changes)
     "qk percentile + E+B": ("percentile", {"equalize": True, "bias_correction": True}),
     "qk percentile + R+B": ("percentile", {"range_choice": True, "bias_correction": True}),
     "qk percentile + E+R+B": ("percentile", {"equalize": True, "range_choice": True, "bias_correction": True}),
-    "qk percentile + E+B+A": ("percentile", {"equalize": True, "bias_correction": True, "adaround": True,
-                                             "adaround_iterations": 100}),
+    "qk percentile + B+A": ("percentile", {"bias_correction": True, "adaround": True, "adaround_iterations": 100}),
 }
 
 
@@ -111,7 +110,7 @@ def ort_static(fp32_path: str, calib: np.ndarray, method: str, tmp: str) -> tupl
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"input": calib}])  # one call: its histograms grow across calls (FACTS.md)
+            self.it = iter([{INPUT_NAME: calib}])  # one call: its histograms grow across calls (FACTS.md)
 
         def get_next(self):
             return next(self.it, None)
@@ -184,7 +183,6 @@ def main() -> None:
     fp32 = finalize_fp32(export_onnx(prepared0.fp32, calib[:1], opset=17, dynamic_batch=True))
     fp32_path = os.path.join(tmp, "fp32.onnx")
     Path(fp32_path).write_bytes(fp32.SerializeToString())
-    # the ONNX input is called "input" for quantkit's exporter; peers get the same file
     ref = ort_run(fp32.SerializeToString(), scr.numpy())
 
     def want(name):  # exact names, or "peers" / "hybrid"
@@ -235,7 +233,7 @@ def main() -> None:
         write_table(results)
 
 
-def write_table(results: dict) -> None:
+def write_table(results: dict, findings: str = "") -> None:
     from _results import update_section
 
     rows = ["| configuration | top-1 agreement % | SQNR dB | INT8 MAC share | time s |", "|---|---:|---:|---:|---:|"]
@@ -249,7 +247,7 @@ def write_table(results: dict) -> None:
             "in onnxruntime (optimizations off) against the same FP32 ONNX. E = cross-layer equalization, "
             "R = consumer-aware range choice, B = empirical bias correction, A = learned rounding (AdaRound, "
             "300 steps/layer). Time: quantization wall time on one CPU thread (peers: their whole "
-            "quantize call).\n\n" + "\n".join(rows))
+            "quantize call).\n\n" + "\n".join(rows) + ("\n\n" + findings if findings else ""))
     update_section("ptq-methods", body, "python benchmarks/ptq_methods.py --weights W --deepforest D --write")
 
 
