@@ -50,6 +50,7 @@ OURS = {  # name -> (calibration method, PtqSpec changes)
     "qk entropy + E": ("entropy", {"equalize": True}),
     "qk entropy + B": ("entropy", {"bias_correction": True}),
     "qk entropy + E+R": ("entropy", {"equalize": True, "range_choice": True}),
+    "qk entropy + E+B": ("entropy", {"equalize": True, "bias_correction": True}),
     "qk percentile + E": ("percentile", {"equalize": True}),
     "qk percentile + B": ("percentile", {"bias_correction": True}),
     "qk percentile + E+B": ("percentile", {"equalize": True, "bias_correction": True}),
