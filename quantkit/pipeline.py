@@ -54,11 +54,15 @@ def _prepared(recipe: Recipe, model: nn.Module | None):
     return quant.prepare(model, recipe.quantization)
 
 
-def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=None,
-                    progress: bool = True) -> QuantState:
-    """Build (or take) the model, prepare it, calibrate (reusing the cache), set every amax.
+def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=None, progress: bool = True,
+                    post_ptq: bool = True) -> QuantState:
+    """Build (or take) the model, prepare it, equalize (``ptq.equalize``), calibrate (reusing the cache), set
+    every amax, and run the post-calibration accuracy passes (``recipe.ptq``) unless ``post_ptq`` is False
+    (``run_export`` runs them after the automatic FP16 selection instead: they correct INT8 layers only).
 
     ``calib``: a path, a float32 NCHW array/tensor or an iterable of batches (None: the recipe's)."""
+    from quantkit.ptq import equalize_state_model, ptq_for_state
+
     from quantkit import calibrate
     from quantkit.data import open_data
     from quantkit.utils.device import resolve_device
@@ -83,9 +87,13 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
         raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
                          "Set input.size (or the .npy shape) to what the model expects") from exc
     check_outputs(outputs)  # outputs need a batch axis
+    prepared, ptq_report = equalize_state_model(prepared, data, recipe)  # exact FP32 rescale, before calibration
     calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress,
                                       device=recipe.runtime.device)
-    return QuantState(recipe, prepared, data, pp, calibration, eval_path)
+    state = QuantState(recipe, prepared, data, pp, calibration, eval_path, ptq=ptq_report)
+    if post_ptq:
+        ptq_for_state(state)
+    return state
 
 
 def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -144,6 +152,7 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     """
     from quantkit import engine, sensitivity
     from quantkit.onnxin.load import is_onnx_path
+    from quantkit.ptq import ptq_for_state
     from quantkit.output import resolve_target
     from quantkit.utils.outlock import OutputLock
 
@@ -163,10 +172,11 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
             raise UsageError("--trt-calib-cache is only read on the ONNX route for now: export model.onnx first, "
                              "then run `quantkit export model.onnx --trt-calib-cache FILE`")
         engine.check_possible(recipe)
-        state = quantize_recipe(recipe, progress=progress)
+        state = quantize_recipe(recipe, progress=progress, post_ptq=False)
         dataset = _eval_dataset(state, recipe.evaluation.max_images)
         sensitivity.analyze_and_select(state, dataset=dataset, analysis_dataset=_eval_dataset(
             state, recipe.sensitivity.eval_images), progress=progress)
+        ptq_for_state(state)  # after the FP16 selection: the passes correct INT8 layers only
         return export_state(state, out_dir, force=force, progress=progress, command_line=command_line,
                             inputs=inputs)
 

@@ -19,167 +19,26 @@ from typing import Any, Mapping
 
 import yaml
 
-from quantkit.calibrate.methods import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibMethod, MethodSettings
+from quantkit.calibrate.methods import CalibMethod  # noqa: F401  (re-exported)
 from quantkit.errors import UsageError
 from quantkit.recipe_limits import check_ranges, check_size, short_repr
 
 
-class ExportTarget(str, enum.Enum):
-    """Which Q/DQ graphs an export writes."""
-
-    WEAK = "weak"  # FP32 tensors + Q/DQ, opset 17: TensorRT --int8 --fp16 (8.6 .. 10.x)
-    STRONG = "strong"  # FP16 tensors + Q/DQ, opset 19: strongly typed builds (TensorRT >= 10.12, 11)
-
-
-class NmsFlavor(str, enum.Enum):
-    """How post-processing is appended to the ``*.nms.onnx`` graphs."""
-
-    ONNX = "onnx"  # ONNX NonMaxSuppression (TensorRT >= 10 builds it as INMSLayer)
-    EFFICIENT_NMS_TRT = "efficient_nms_trt"  # the TensorRT 8.6 plugin (deprecated since 10.12)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model to quantize. ``name``: a registered name (``quantkit models``) or ``path.py:factory``."""
-
-    name: str = "trees"
-    weights: str | None = None
-    num_classes: int | None = None
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """Model input. ``size``: [height, width] in pixels (null: the model's default, or the .npy's shape).
-    ``batch``: a fixed batch size (``"1"``) or a dynamic range ``"min:opt:max"`` (``"1:8:32"``)."""
-
-    size: tuple[int, int] | None = None
-    batch: str = "1"
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Image preprocessing for image folders: letterbox (YOLO style, pad 114), ``x*scale``, then ``(x-mean)/std``."""
-
-    letterbox: bool = True
-    pad_value: int = 114
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Post-training calibration. ``data``: a folder of images (sub-folders included), a float32 NCHW ``.npy``, or
-    an Ultralytics dataset YAML (its ``split`` images, ``train`` by default) (null: the bundled calibration set of
-    the bundled model). ``method``: max | percentile | entropy | mse. ``max_images``: how many
-    images/rows to use (0: all). ``cache``: calibration cache file (null: ``$QUANTKIT_CACHE_DIR`` or
-    ``~/.cache/quantkit/calibration/<key>.json``). ``deterministic``: run the calibration pass on one CPU thread
-    so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores).
-    ``trt_cache``: a TensorRT calibration cache (text, ``TRT-<version>-EntropyCalibration2``) whose scales are
-    used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation)."""
-
-    data: str | None = None
-    method: CalibMethod = CalibMethod.ENTROPY
-    percentile: float = DEFAULT_PERCENTILE
-    num_bins: int = DEFAULT_NUM_BINS
-    batch_size: int = 8
-    max_images: int = 0
-    cache: str | None = None
-    use_cache: bool = True
-    deterministic: bool = True
-    split: str = "train"
-    trt_cache: str | None = None
-
-    @property
-    def settings(self) -> MethodSettings:
-        """The amax rule this section selects (validated when the recipe is built)."""
-        return MethodSettings(method=self.method, percentile=self.percentile, num_bins=self.num_bins)
-
-
-@dataclass(frozen=True)
-class QuantizationSpec:
-    """Which layers get INT8. ``quantize``/``skip``: glob patterns over module names or type names
-    (``head.*.cls_pred``, ``type:Linear``); ``skip`` wins. A pattern that matches nothing is an error.
-    ``residual_add``: quantize the skip input of residual Adds (TensorRT fuses them into the conv)."""
-
-    quantize: tuple[str, ...] = ("*",)
-    skip: tuple[str, ...] = ()
-    residual_add: bool = True
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    """ONNX export. ``targets``: ``weak`` (FP32 + Q/DQ, opset 17, TensorRT ``--int8 --fp16``) and/or ``strong``
-    (FP16 + Q/DQ, opset 19, strongly typed builds). Parity is judged layer by layer
-    (``quantkit.exporter.layer_parity``): the export fails when a quantized layer's Q/DQ structure, scales or weight
-    axis differ from the torch model's, or when, run on the same input, its output differs by more than rounding;
-    and when onnxruntime's INT8-vs-FP32 SQNR is more than 3 dB below torch's. Rounding flips that cascade to the
-    outputs (a deep detector's sigmoid scores can end 30-40 dB apart) are not refused. ``parity_min_sqnr``:
-    minimum torch-vs-onnxruntime output SQNR in dB, applied only when no quantized layer could be located. ``engine``: build a TensorRT engine (needs TensorRT and a GPU).
-    ``nms``: also write ``*.nms.onnx`` graphs with post-processing appended (``nms_flavor``: ``onnx`` =
-    NonMaxSuppression, built by TensorRT >= 10; ``efficient_nms_trt`` = the TensorRT 8.6 plugin), which
-    build_engine.sh then builds."""
-
-    opset: int = 17
-    targets: tuple[ExportTarget, ...] = (ExportTarget.WEAK, ExportTarget.STRONG)
-    parity_min_sqnr: float = 30.0
-    engine: bool = False
-    target: str = "t4"
-    nms: bool = False
-    nms_flavor: NmsFlavor = NmsFlavor.ONNX
-    nms_score_threshold: float = 0.25
-    nms_iou_threshold: float = 0.7
-    nms_top_k: int = 1000
-    nms_max_detections: int = 300
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    """Task evaluation. ``data``: a COCO-format folder (``annotations.json`` + ``images/``), an images folder with
-    ``annotations`` (a COCO JSON file anywhere), or an Ultralytics dataset YAML with YOLO txt labels (its ``split``
-    split, ``val`` by default); null: none, or the bundled held-out set when the bundled model is used.
-    ``conf``/``iou``: NMS thresholds for mAP."""
-
-    data: str | None = None
-    annotations: str | None = None
-    split: str = "val"
-    conf: float = 0.001
-    iou: float = 0.7
-    max_images: int = 0
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """CI gates, checked after the report is written. ``max_drop``: largest allowed FP32->INT8 drop in
-    mAP50:95 points (needs evaluation data). ``min_sqnr``: smallest allowed INT8-vs-FP32 output SQNR in dB."""
-
-    max_drop: float | None = None
-    min_sqnr: float | None = None
-
-
-@dataclass(frozen=True)
-class SensitivitySpec:
-    """Per-layer sensitivity analysis. ``enabled``: run it inside export and add it to the report.
-    ``num_images``: calibration images for the SQNR sensitivities. ``eval_images``: evaluation images for the
-    per-layer mAP sensitivities (0: all; the selection's check and the final mAP always use the whole evaluation
-    set). ``auto`` (default true): when a budget is
-    set — ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
-    the measured result meets it, at the lowest estimated T4 latency; false: the budget only gates."""
-
-    enabled: bool = False
-    num_images: int = 16
-    eval_images: int = 8
-    auto: bool = True
-    sqnr_floor: float | None = None
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    """Where the torch passes run. ``device``: ``cpu`` (default) or ``cuda`` / ``cuda:N`` for calibration,
-    sensitivity analysis and the FP32 torch evaluation; ONNX export, parity and onnxruntime evaluation always run
-    on the CPU. ``cuda`` where CUDA is not available is an error before any work starts."""
-
-    device: str = "cpu"
+from quantkit.recipe_specs import (  # noqa: F401  (re-exported: the recipe is where sections are imported from)
+    ExportTarget,
+    NmsFlavor,
+    ModelSpec,
+    InputSpec,
+    PreprocessSpec,
+    CalibrationSpec,
+    QuantizationSpec,
+    ExportSpec,
+    EvaluationSpec,
+    GateSpec,
+    SensitivitySpec,
+    PtqSpec,
+    RuntimeSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -196,6 +55,7 @@ class Recipe:
     gates: GateSpec = field(default_factory=GateSpec)
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    ptq: PtqSpec = field(default_factory=PtqSpec)
 
     def as_dict(self) -> dict:
         """Plain-data form (lists instead of tuples), as written to ``recipe.resolved.yaml``."""
@@ -333,6 +193,15 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.evaluation.annotations is not None and recipe.evaluation.data is None:
         raise UsageError("evaluation.annotations needs evaluation.data (the images folder): pass --eval IMAGES "
                          "with --eval-annotations FILE.json")
+    p = recipe.ptq
+    if p.num_images < 1 or p.range_choice_images < 1 or p.adaround_iterations < 0 or p.adaround_seconds < 0:
+        raise UsageError("ptq.num_images and ptq.range_choice_images must be >= 1, ptq.adaround_iterations and "
+                         "ptq.adaround_seconds >= 0")
+    share = recipe.sensitivity.min_int8_share
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise UsageError(f"sensitivity.min_int8_share must be in [0, 1] (share of conv/linear MACs), got {share}")
+    if share is not None and recipe.sensitivity.sqnr_floor is not None:
+        raise UsageError("give one selection budget: sensitivity.min_int8_share or sensitivity.sqnr_floor, not both")
     if recipe.gates.max_drop is not None and recipe.gates.max_drop < 0:
         raise UsageError("gates.max_drop must be >= 0 (mAP50:95 points)")
     check_ranges(recipe)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from quantkit.data.preprocess import Preprocess
     from quantkit.exporter.layer_parity import LayerParity
     from quantkit.exporter.parity import ParityResult, References
+    from quantkit.ptq import PtqReport
     from quantkit.quant.insert import QuantLayout
     from quantkit.recipe import Recipe
     from quantkit.sensitivity.analysis import SensitivityResult
@@ -84,6 +85,7 @@ class QuantState:
     eval_path: str | None
     t0: float = field(default_factory=time.perf_counter)
     selection: SensitivityOutcome | None = None
+    ptq: PtqReport | None = None  # what the accuracy passes (recipe.ptq) did, once they ran
 
 
 @dataclass

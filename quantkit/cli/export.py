@@ -56,6 +56,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
               "exported model still exceeds it.")
 @click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and "
               "plot (mAP on sensitivity.eval_images = 8 held-out images; needs matplotlib).")
+@click.option("--min-int8-share", type=float, help="Keep at least this share (0..1) of the conv/linear MACs in "
+              "INT8 and spend the rest on the FP16 layers with the most measured gain per MAC, e.g. 0.95.")
 @click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs. "
               "[default: $QUANTKIT_CACHE_DIR or ~/.cache/quantkit/calibration/<key>.json]")
@@ -89,7 +91,7 @@ def recipe_overrides(a: dict) -> list[str]:
         ("calibration.method", a["method"]), ("input.batch", a["batch"]), ("evaluation.data", a["eval_data"]),
         ("gates.max_drop", a["max_drop"]), ("gates.min_sqnr", a["min_sqnr"]), ("calibration.cache", a["calib_cache"]),
         ("calibration.trt_cache", a["trt_calib_cache"]),
-        ("export.target", a["target"]),
+        ("export.target", a["target"]), ("sensitivity.min_int8_share", a["min_int8_share"]),
     ))
     if a["data_yaml"]:  # --data sets calibration and evaluation data unless --calib / --eval say otherwise
         sets += overrides((("calibration.data", a["data_yaml"] if a["calib"] is None else None),

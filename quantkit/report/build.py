@@ -87,6 +87,8 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
         "evaluation": inputs.metrics,
         "engine": inputs.engine,
     }
+    if state.ptq is not None and any(state.ptq.enabled.values()):  # what the accuracy passes did
+        report["ptq"] = state.ptq.as_dict()
     if graphs.layers is not None:  # per-layer table, with torch's INT8-vs-FP32 beside onnxruntime's
         report["parity_layers"] = {**graphs.layers.as_dict(),
                                    "torch_int8_vs_fp32_sqnr_db": graphs.refs.quantization().as_dict()}

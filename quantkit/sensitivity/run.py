@@ -24,9 +24,12 @@ def example_batch(state: QuantState) -> torch.Tensor:
 
 
 def budget_of(recipe: Recipe, has_eval: bool) -> tuple[str, float] | None:
-    """The budget automatic selection works to: ("max_drop", mAP50:95 points) when ``gates.max_drop`` is set
-    and evaluation data exists, else ("sqnr_floor", dB) when ``sensitivity.sqnr_floor`` is set, else None."""
-    drop, floor = recipe.gates.max_drop, recipe.sensitivity.sqnr_floor
+    """The budget automatic selection works to: ("min_int8_share", fraction of conv/linear MACs) when
+    ``sensitivity.min_int8_share`` is set, else ("max_drop", mAP50:95 points) when ``gates.max_drop`` is set and
+    evaluation data exists, else ("sqnr_floor", dB) when ``sensitivity.sqnr_floor`` is set, else None."""
+    drop, floor, share = recipe.gates.max_drop, recipe.sensitivity.sqnr_floor, recipe.sensitivity.min_int8_share
+    if share is not None:  # "best accuracy with >= share of the conv/linear MACs in INT8" (max_drop then gates)
+        return "min_int8_share", share
     if drop is not None and has_eval:
         return "max_drop", drop
     if floor is not None:
@@ -68,7 +71,11 @@ def analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=None
     if budget:
         fixed = [n for n in layout.layers if n not in layout.int8]
         kind, value = budget
-        if kind == "max_drop":
+        if kind == "min_int8_share":
+            from quantkit.sensitivity.select import choose_for_int8_share, weighted_macs
+
+            sel = choose_for_int8_share(result, weighted_macs(costs), value, fixed_fp16=fixed)
+        elif kind == "max_drop":
             measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev)
             sel = choose_fp16_layers(result, costs, max_drop_points=value, measure=measure, fixed_fp16=fixed)
         else:

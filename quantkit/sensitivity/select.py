@@ -174,3 +174,89 @@ def _reason(result: SensitivityResult, metric: Metric, name: str, gain: float, e
     else:
         what = f"recovers {s.recovery_sqnr_db:.2f} dB of output SQNR"
     return f"{what}, costs {extra_ms:.4f} ms (estimated)"
+
+
+# ---- selection under a compute budget: "best accuracy with >= X % of the MACs in INT8" ----------------------
+
+_WEIGHTED = ("Conv2d", "ConvTranspose2d", "Linear")
+
+
+@dataclass
+class ShareSelection:
+    """FP16 layers chosen under ``min_int8_share`` (share of conv/linear MACs that stay INT8).
+
+    ``curve``: one point per greedy step — layers kept FP16 so far, the INT8 MAC share, the predicted output
+    SQNR (dB, additive-noise model) and, when measured, the measured SQNR — the accuracy / INT8-share curve.
+    """
+
+    min_int8_share: float
+    fp16: list[str]
+    int8_share: float
+    predicted_db: float
+    curve: list[dict]
+    reasons: dict[str, str]
+    int8: list[str] = field(default_factory=list)
+
+    @property
+    def met(self) -> bool:
+        """The INT8 share of MACs reached the budget (by construction, unless the fixed FP16 layers exceed it)."""
+        return self.int8_share >= self.min_int8_share
+
+    def as_dict(self) -> dict:
+        return {"budget": self.min_int8_share, "unit": "share of conv/linear MACs in INT8",
+                "measured": round(self.int8_share, 6), "met": self.met,
+                "min_int8_share": self.min_int8_share, "fp16_layers": list(self.fp16),
+                "int8_layers": list(self.int8),
+                "int8_mac_share": round(self.int8_share, 6), "predicted_sqnr_db": _r(self.predicted_db),
+                "curve": [{k: (_r(v) if isinstance(v, float) else v) for k, v in p.items()} for p in self.curve],
+                "reasons": dict(self.reasons)}
+
+
+def weighted_macs(costs: CostTable) -> dict[str, float]:
+    """MACs (FLOPs / 2) of every conv / linear layer in the cost table; other layer types are not counted."""
+    return {n: c.flops / 2.0 for n, c in costs.layers.items() if c.type in _WEIGHTED}
+
+
+def choose_for_int8_share(result: SensitivityResult, macs: dict[str, float], min_int8_share: float, *,
+                          measure: Callable[[set[str]], float] | None = None, fixed_fp16=()) -> ShareSelection:
+    """Keep FP16 the layers with the most measured gain per MAC while >= ``min_int8_share`` of the MACs stay INT8.
+
+    Gain of a layer: the output noise power its INT8 version adds (recovered by keeping it in float; from
+    ``result``, i.e. measured on the data the sensitivity analysis ran on). Layers are taken greedily by gain per
+    MAC (MAC-free layers such as residual adds count as 0 MACs and are only taken when they gain); a layer that
+    would break the budget is skipped and smaller ones still considered (greedy knapsack). ``measure``
+    (``int8_layers -> SQNR dB``) adds measured values to the curve; ``fixed_fp16`` stay FP16 regardless.
+    """
+    if not 0.0 <= min_int8_share <= 1.0:
+        raise UsageError(f"min_int8_share must be in [0, 1], got {min_int8_share}")
+    gains = _gains(result, Metric.SQNR_DB)
+    total = sum(macs.values()) or 1.0
+    budget = (1.0 - min_int8_share) * total
+    fp16 = [n for n in dict.fromkeys(fixed_fp16)]
+    spent = sum(macs.get(n, 0.0) for n in fp16)
+    everything = list(result.layers)
+
+    def point(label: str) -> dict:
+        p = {"step": label, "num_fp16": len(fp16), "int8_mac_share": 1.0 - spent / total,
+             "predicted_sqnr_db": _predict(result, Metric.SQNR_DB, gains, fp16)}
+        if measure is not None:
+            p["measured_sqnr_db"] = float(measure({n for n in everything if n not in fp16}))
+        return p
+
+    curve = [point("all INT8" if not fp16 else "fixed FP16")]
+    order = sorted((n for n in everything if n not in fp16 and gains[n] > 0),
+                   key=lambda n: (-gains[n] / max(macs.get(n, 0.0), 1.0), n))
+    reasons = {n: "kept FP16 by the caller (e.g. quantization.skip)" for n in fp16}
+    for n in order:
+        cost = macs.get(n, 0.0)
+        if spent + cost > budget + 1e-9:
+            continue
+        fp16.append(n)
+        spent += cost
+        s = result.layers[n]
+        reasons[n] = (f"recovers {s.recovery_sqnr_db:.2f} dB of output SQNR for {100.0 * cost / total:.2f} % of the "
+                      f"conv/linear MACs")
+        curve.append(point(n))
+    return ShareSelection(min_int8_share, list(fp16), 1.0 - spent / total,
+                          _predict(result, Metric.SQNR_DB, gains, fp16), curve, reasons,
+                          [n for n in everything if n not in set(fp16)])

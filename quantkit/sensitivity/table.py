@@ -49,6 +49,7 @@ def format_summary(doc: dict, selection: Selection | None) -> list[str]:
         s = selection.as_dict()
         verdict = {True: "meets", False: "MISSES", None: "not measured against"}[selection.met]
         lines.append(f"FP16 layers ({len(selection.fp16)}): {', '.join(selection.fp16) or 'none'}")
-        lines.append(f"measured {s['measured']} {s['unit']}: {verdict} the budget {s['budget']}; "
-                     f"hybrid {s['estimated_ms']['hybrid']:.3f} ms ({ESTIMATE_LABEL})")
+        hybrid = (s.get("estimated_ms") or {}).get("hybrid")
+        lines.append(f"measured {s['measured']} {s['unit']}: {verdict} the budget {s['budget']}"
+                     + (f"; hybrid {hybrid:.3f} ms ({ESTIMATE_LABEL})" if hybrid is not None else ""))
     return lines
