@@ -247,17 +247,6 @@ def _head_region(index: GraphIndex) -> set[int]:
     return region
 
 
-def _feeds_residual_add(index: GraphIndex, dq_outs: list[str]) -> bool:
-    """The skip input of a residual Add whose other input is a weighted layer's output: TensorRT fuses the Add
-    into that layer's epilogue, so this Q/DQ belongs there even when the Add is the model's last op."""
-    for o in dq_outs:
-        for c in index.consumers.get(o, []):
-            if c.op_type == "Add" and any(i != o and getattr(index.producer.get(i), "op_type", None) in WEIGHTED_OPS
-                                          for i in c.input):
-                return True
-    return False
-
-
 @rule("float-head")
 def _rule_float_head(index: GraphIndex, strong: bool) -> Iterator[Finding]:
     head = _head_region(index)
@@ -299,7 +288,7 @@ def _rule_float_head(index: GraphIndex, strong: bool) -> Iterator[Finding]:
             dq_outs = [o for c in consumers if c.op_type == DQ_OP for o in c.output]
             feeds_weighted = any(c.op_type in WEIGHTED_OPS or c.op_type == "Concat" or _residual_skip(index, c, o)
                                  for o in dq_outs for c in index.consumers.get(o, []))
-            if not feeds_weighted and not _feeds_residual_add(index, dq_outs):
+            if not feeds_weighted:
                 yield Finding("float-head", Severity.ERROR, node_label(node),
                               "Q/DQ after the last weighted layer quantizes a head output",
                               "remove Q/DQ between the last conv and the outputs")
