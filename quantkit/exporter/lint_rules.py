@@ -36,9 +36,6 @@ def _qdq_nodes(index: GraphIndex) -> Iterator[onnx.NodeProto]:
     return (n for n in index.nodes if n.op_type in (Q_OP, DQ_OP))
 
 
-_dq_of = dq_of  # the rules' historical name
-
-
 def _is_weight_dq(index: GraphIndex, node: onnx.NodeProto) -> bool:
     """A DQ of a stored int8 weight, or a Q/DQ pair fake-quantizing a float weight initializer."""
     if index.const(node.input[0]) is not None:
@@ -130,7 +127,7 @@ def _rule_weight_axis(index: GraphIndex, strong: bool) -> Iterator[Finding]:
     for node in index.nodes:
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
             continue
-        dq = _dq_of(index, node.input[1])
+        dq = dq_of(index, node.input[1])
         if dq is None or not _is_weight_dq(index, dq):
             continue
         weight = index.const(dq.input[0])
@@ -175,8 +172,8 @@ def _rule_both_inputs(index: GraphIndex, strong: bool) -> Iterator[Finding]:
     for node in index.nodes:
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
             continue
-        data_q = _dq_of(index, node.input[0]) is not None
-        weight_q = _dq_of(index, node.input[1]) is not None
+        data_q = dq_of(index, node.input[0]) is not None
+        weight_q = dq_of(index, node.input[1]) is not None
         if data_q != weight_q:
             which = "weight" if data_q else "data input"
             yield Finding("weighted-both-inputs", Severity.ERROR, node_label(node),
@@ -209,7 +206,7 @@ def _rule_residual_add(index: GraphIndex, strong: bool) -> Iterator[Finding]:
                                   "the conv-path input of the residual Add is quantized and the skip is not",
                                   "move the Q/DQ from the conv output to the skip input of the Add")
             elif (not any(is_dq) and mine is not None and mine.op_type in convs and not other_is_conv
-                  and _dq_of(index, mine.input[0]) is not None):
+                  and dq_of(index, mine.input[0]) is not None):
                 yield Finding("residual-add", Severity.WARNING, label,
                               f"INT8 conv '{node_label(mine)}' feeds a residual Add whose skip input is not "
                               "quantized; the Add will not fuse into the INT8 conv",
