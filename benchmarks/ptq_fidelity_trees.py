@@ -103,27 +103,10 @@ def score(dst: Path, dets: dict, which: list[int]) -> tuple[float, float]:
 
 
 def quantize(recipe):
-    """pipeline.quantize_recipe with the PTQ passes wired in where they belong (the proposed wiring)."""
-    from quantkit.calibrate.driver import apply_calibration
-    from quantkit.calibrate.methods import MethodSettings
-    from quantkit.pipeline import QuantState, open_data, resolve_inputs
-    from quantkit.ptq import apply_ptq, equalize_prepared
-    from quantkit.stages import calibrate_cached, prepare_model
+    """pipeline.quantize_recipe: equalization before calibration, the other PTQ passes after it (recipe.ptq)."""
+    from quantkit.pipeline import quantize_recipe
 
-    calib_path, eval_path = resolve_inputs(recipe)
-    prepared, info = prepare_model(recipe)
-    data, pp = open_data(recipe, calib_path, getattr(prepared.fp32, "default_input_size", None))
-    batches = list(data.batches(limit=recipe.ptq.num_images))
-    prepared, rep = equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)  # NEW
-    settings = MethodSettings(method=recipe.calibration.method, percentile=recipe.calibration.percentile,
-                              num_bins=recipe.calibration.num_bins)
-    calib, cache_info = calibrate_cached(prepared, data, settings, recipe, progress=False)
-    chosen = apply_calibration(prepared.qmodel, calib, settings)
-    rep = apply_ptq(prepared, calib, batches, recipe.ptq, rep)  # NEW
-    chosen = rep.amax or chosen
-    state = QuantState(recipe, prepared, info, data, pp, settings, calib, chosen, cache_info, eval_path)
-    state.ptq_report = rep
-    return state
+    return quantize_recipe(recipe, progress=False)
 
 
 def main() -> None:

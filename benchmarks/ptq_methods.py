@@ -40,7 +40,7 @@ from quantkit.exporter.passes import finalize_fp32, finalize_int8  # noqa: E402
 from quantkit.ptq import apply_ptq, equalize_prepared  # noqa: E402
 from quantkit.quant.insert import set_precision  # noqa: E402
 from quantkit.recipe import PtqSpec, Recipe  # noqa: E402
-from quantkit.stages import prepare_module  # noqa: E402
+from quantkit.quant import prepare  # noqa: E402
 
 CACHE = Path(os.environ.get("QK_PTQ_CACHE", Path(tempfile.gettempdir()) / "quantkit_ptq_methods.json"))
 
@@ -83,7 +83,7 @@ def quantkit_config(model, calib: torch.Tensor, method: str, ptq: dict, *, fp16=
     """Prepare, (equalize), calibrate, apply, (PTQ passes), (FP16 layers). Returns (prepared, seconds, report)."""
     t0 = time.perf_counter()
     recipe = replace(Recipe(), ptq=replace(PtqSpec(), num_images=32, **ptq))
-    prepared, _ = prepare_module(model, recipe)
+    prepared = prepare(model, recipe.quantization)
     batches = list(calib.split(8))
     prepared, rep = equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)
     settings = MethodSettings(method=method, percentile=99.99)
@@ -182,7 +182,7 @@ def main() -> None:
     calib, select, scr = (normalize(sets[k], MEAN, STD) for k in ("calib", "select", "score"))
     model = load_lite0(args.weights)
     tmp = tempfile.mkdtemp(prefix="ptqm_")
-    prepared0, _ = prepare_module(model, Recipe())
+    prepared0 = prepare(model, Recipe().quantization)
     fp32 = finalize_fp32(export_onnx(prepared0.fp32, calib[:1], opset=17, dynamic_batch=True))
     fp32_path = os.path.join(tmp, "fp32.onnx")
     Path(fp32_path).write_bytes(fp32.SerializeToString())

@@ -55,24 +55,26 @@ def _prepared(recipe: Recipe, model: nn.Module | None):
 
 
 def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=None, progress: bool = True,
-                    post_ptq: bool = True) -> QuantState:
+                    post_ptq: bool = True, plan: EvalPlan | None = None) -> QuantState:
     """Build (or take) the model, prepare it, equalize (``ptq.equalize``), calibrate (reusing the cache), set
     every amax, and run the post-calibration accuracy passes (``recipe.ptq``) unless ``post_ptq`` is False
     (``run_export`` runs them after the automatic FP16 selection instead: they correct INT8 layers only).
 
-    ``calib``: a path, a float32 NCHW array/tensor or an iterable of batches (None: the recipe's)."""
-    from quantkit.ptq import equalize_state_model, ptq_for_state
-
+    ``calib``: a path, a float32 NCHW array/tensor or an iterable of batches (None: the recipe's).
+    ``plan``: the evaluation plan when the caller already made it (it logs a dropped bundled default once)."""
     from quantkit import calibrate
     from quantkit.data import open_data
+    from quantkit.ptq import equalize_state_model, ptq_for_state
     from quantkit.utils.device import resolve_device
 
     resolve_device(recipe.runtime.device)  # --device cuda without CUDA fails before any work
-    plan = plan_evaluation(recipe) if calib is None else EvalPlan(recipe.evaluation.data, explicit=True)
+    if calib is not None:
+        plan = EvalPlan(recipe.evaluation.data, explicit=True)
+    plan = plan or plan_evaluation(recipe)
     calib_path, eval_path = resolve_inputs(recipe, plan) if calib is None else (calib, recipe.evaluation.data)
     check_optional_deps(recipe, evaluation=bool(eval_path))  # fail before any work, with the install hint
-    if eval_path:  # bad labels / a YAML without the split fail now, not after calibrating
-        _open_eval(recipe, eval_path, recipe.evaluation.max_images)
+    # opened now so bad labels / a YAML without the split fail before calibrating; kept for evaluation
+    eval_dataset = _open_eval(recipe, eval_path, recipe.evaluation.max_images) if eval_path else None
     prepared = _prepared(recipe, model)
     if plan.note:  # report.json's notes say why there is no held-out evaluation
         prepared.layout.notes.append(plan.note)
@@ -90,7 +92,7 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     prepared, ptq_report = equalize_state_model(prepared, data, recipe)  # exact FP32 rescale, before calibration
     calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress,
                                       device=recipe.runtime.device)
-    state = QuantState(recipe, prepared, data, pp, calibration, eval_path, ptq=ptq_report)
+    state = QuantState(recipe, prepared, data, pp, calibration, eval_path, ptq=ptq_report, eval_dataset=eval_dataset)
     if post_ptq:
         ptq_for_state(state)
     return state
@@ -139,8 +141,13 @@ def _open_eval(recipe: Recipe, path, max_images: int):
 
 
 def _eval_dataset(state: QuantState, max_images: int):
-    """The evaluation data set (COCO folder, images + COCO JSON, or dataset YAML), or None without one."""
-    return _open_eval(state.recipe, state.eval_path, max_images) if state.eval_path else None
+    """The evaluation data set (COCO folder, images + COCO JSON, or dataset YAML) capped at ``max_images``
+    (0: all), or None without one; the one ``quantize_recipe`` opened when the cap is the recipe's."""
+    if not state.eval_path:
+        return None
+    if state.eval_dataset is not None and max_images == state.recipe.evaluation.max_images:
+        return state.eval_dataset
+    return _open_eval(state.recipe, state.eval_path, max_images)
 
 
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -159,7 +166,8 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     if is_onnx_path(recipe.model.name):
         calib, ev = recipe.calibration.data, recipe.evaluation.data  # the ONNX route may run on a TensorRT cache
     else:
-        calib, ev = resolve_inputs(recipe)
+        plan = plan_evaluation(recipe)  # made once: it logs a dropped bundled default
+        calib, ev = resolve_inputs(recipe, plan)
     # every path the run writes is checked before a long calibration, and --out is locked throughout
     inputs = preflight(recipe, out_dir, force=force, recipe_path=recipe_path, calib=calib, eval_path=ev)
     with OutputLock(resolve_target(out_dir)):
@@ -172,7 +180,7 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
             raise UsageError("--trt-calib-cache is only read on the ONNX route for now: export model.onnx first, "
                              "then run `quantkit export model.onnx --trt-calib-cache FILE`")
         engine.check_possible(recipe)
-        state = quantize_recipe(recipe, progress=progress, post_ptq=False)
+        state = quantize_recipe(recipe, progress=progress, post_ptq=False, plan=plan)
         dataset = _eval_dataset(state, recipe.evaluation.max_images)
         sensitivity.analyze_and_select(state, dataset=dataset, analysis_dataset=_eval_dataset(
             state, recipe.sensitivity.eval_images), progress=progress)

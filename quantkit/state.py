@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from quantkit.calibrate.driver import CalibrationResult
     from quantkit.data.calib import CalibrationData
     from quantkit.data.preprocess import Preprocess
+    from quantkit.eval.coco import CocoDataset
     from quantkit.exporter.layer_parity import LayerParity
     from quantkit.exporter.parity import ParityResult, References
     from quantkit.ptq import PtqReport
@@ -86,6 +87,7 @@ class QuantState:
     t0: float = field(default_factory=time.perf_counter)
     selection: SensitivityOutcome | None = None
     ptq: PtqReport | None = None  # what the accuracy passes (recipe.ptq) did, once they ran
+    eval_dataset: CocoDataset | None = None  # the evaluation set at evaluation.max_images, opened once
 
 
 @dataclass
