@@ -25,16 +25,16 @@ def quantize(model: nn.Module | str, calib: str | Path | None = None, recipe: Re
     """
     from dataclasses import replace
 
-    from quantkit.pipeline import quantize_recipe
+    from quantkit.pipeline import quantize_and_select
 
     recipe = recipe or Recipe()
     if isinstance(model, str):
         recipe = replace(recipe, model=replace(recipe.model, name=model))
-        state = quantize_recipe(recipe, calib=calib, progress=progress)  # issue 15: not str(): arrays, loaders
+        state = quantize_and_select(recipe, calib=calib, progress=progress)  # issue 15: not str(): arrays, loaders
     else:
         if calib is None and recipe.calibration.data is None:
             raise UsageError("quantize(model, calib): pass calibration data (a folder of images or a .npy)")
-        state = quantize_recipe(recipe, model=model, progress=progress,  # issue 15: arrays and loaders pass as is
+        state = quantize_and_select(recipe, model=model, progress=progress,  # issue 15: arrays and loaders pass as is
                                 calib=calib if calib is not None else recipe.calibration.data)
     qmodel = state.model.qmodel
     qmodel.quantkit_state = state

@@ -150,6 +150,24 @@ def _eval_dataset(state: QuantState, max_images: int):
     return _open_eval(state.recipe, state.eval_path, max_images)
 
 
+def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib=None, progress: bool = True,
+                        plan: EvalPlan | None = None) -> QuantState:
+    """What ``quantkit export`` and ``quantkit.quantize`` do before writing anything: :func:`quantize_recipe`,
+    then the automatic FP16 selection under the recipe's budget (``sensitivity.min_int8_share``, ``gates.max_drop``
+    or ``sensitivity.sqnr_floor``; measured on the first ``sensitivity.num_images`` calibration inputs and, for an
+    mAP budget, on the evaluation data), then the post-calibration accuracy passes (``recipe.ptq``), which
+    correct INT8 layers only and so run after the selection."""
+    from quantkit import sensitivity
+    from quantkit.ptq import ptq_for_state
+
+    state = quantize_recipe(recipe, model=model, calib=calib, progress=progress, post_ptq=False, plan=plan)
+    sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
+                                   analysis_dataset=_eval_dataset(state, recipe.sensitivity.eval_images),
+                                   progress=progress)
+    ptq_for_state(state)
+    return state
+
+
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
                command_line: list[str] | None = None, recipe_path: str | None = None) -> ExportResult:
     """Run the whole pipeline for ``recipe`` and write the artifacts into ``out_dir`` atomically.
@@ -157,9 +175,8 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
-    from quantkit import engine, sensitivity
+    from quantkit import engine
     from quantkit.onnxin.load import is_onnx_path
-    from quantkit.ptq import ptq_for_state
     from quantkit.output import resolve_target
     from quantkit.utils.outlock import OutputLock
 
@@ -180,11 +197,7 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
             raise UsageError("--trt-calib-cache is only read on the ONNX route for now: export model.onnx first, "
                              "then run `quantkit export model.onnx --trt-calib-cache FILE`")
         engine.check_possible(recipe)
-        state = quantize_recipe(recipe, progress=progress, post_ptq=False, plan=plan)
-        dataset = _eval_dataset(state, recipe.evaluation.max_images)
-        sensitivity.analyze_and_select(state, dataset=dataset, analysis_dataset=_eval_dataset(
-            state, recipe.sensitivity.eval_images), progress=progress)
-        ptq_for_state(state)  # after the FP16 selection: the passes correct INT8 layers only
+        state = quantize_and_select(recipe, progress=progress, plan=plan)
         return export_state(state, out_dir, force=force, progress=progress, command_line=command_line,
                             inputs=inputs)
 

@@ -64,17 +64,28 @@ class CalibrationData:
         """Number of batches."""
         return -(-self.num_samples // self.batch_size)
 
-    def batches(self, limit: int | None = None) -> Iterator[torch.Tensor]:
-        """Yield float32 NCHW batches; ``limit`` caps the number of samples."""
+    def batches(self, limit: int | None = None, *, spread: bool = False) -> Iterator[torch.Tensor]:
+        """Yield float32 NCHW batches; ``limit`` caps the number of samples.
+
+        ``spread``: with a ``limit`` below the number of samples, take ``limit`` samples evenly spaced over the
+        whole set (first and last included) instead of the first ``limit``: a folder sorted by name often
+        groups similar images (one scene, one video), and a per-layer analysis on its first files sees one."""
         n = self.num_samples if limit is None else min(limit, self.num_samples)
+        if spread and n < self.num_samples:
+            rows = [int(round(i * (self.num_samples - 1) / max(n - 1, 1))) for i in range(n)]
+        else:
+            rows = list(range(n))
         for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
+            take = rows[start:start + self.batch_size]
             if self.array is not None:
-                batch = np.array(self.array[start:stop], dtype=np.float32)  # copy: the memmap is read-only
+                if take == list(range(take[0], take[-1] + 1)):
+                    batch = np.array(self.array[take[0]:take[-1] + 1], dtype=np.float32)  # copy: memmap is read-only
+                else:
+                    batch = np.stack([np.asarray(self.array[i], dtype=np.float32) for i in take])
                 if not np.isfinite(batch).all():
-                    raise DataError(f"{self.source} rows {start}..{stop - 1} contain NaN or Inf: fix the array")
+                    raise DataError(f"{self.source} rows {take[0]}..{take[-1]} contain NaN or Inf: fix the array")
             else:
-                batch = np.stack([preprocess_image(load_image(f), self.preprocess)[0] for f in self.files[start:stop]])
+                batch = np.stack([preprocess_image(load_image(self.files[i]), self.preprocess)[0] for i in take])
             yield torch.from_numpy(np.ascontiguousarray(batch))
 
     def fingerprint(self) -> str:

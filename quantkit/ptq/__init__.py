@@ -120,7 +120,7 @@ def equalize_state_model(prepared, data, recipe):
     from quantkit.calibrate.driver import fixed_threads
 
     with fixed_threads(1 if recipe.calibration.deterministic else None):
-        return equalize_prepared(prepared, list(data.batches(limit=recipe.ptq.num_images)), recipe.ptq,
+        return equalize_prepared(prepared, list(data.batches(limit=recipe.ptq.num_images, spread=True)), recipe.ptq,
                                  recipe.quantization)
 
 
@@ -135,7 +135,7 @@ def ptq_for_state(state) -> PtqReport:
     if getattr(report, "layers", None):  # already applied (idempotence: never correct twice)
         return report
     with fixed_threads(1 if state.recipe.calibration.deterministic else None):
-        report = apply_ptq(state.model, state.calibration.result, list(state.data.batches(limit=spec.num_images)),
+        report = apply_ptq(state.model, state.calibration.result, list(state.data.batches(limit=spec.num_images, spread=True)),
                            spec, report)
     if report.amax:
         cal = state.calibration

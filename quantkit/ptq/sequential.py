@@ -105,8 +105,22 @@ def _choose(err_of, values: dict[str, float], current: float) -> tuple[str, floa
     return best[0], best[1], base, best[2]
 
 
-def _channel_mean(y: torch.Tensor) -> torch.Tensor:
-    return y.mean(dim=[d for d in range(y.dim()) if d != 1]) if y.dim() > 1 else y
+def _channel_axis(m: nn.Module, y: torch.Tensor) -> int:
+    """The output-channel axis of ``m``'s output ``y``: the last one for a Linear (which acts on the last axis
+    of an N-D input: channels-last tokens), axis 1 for convolutions (NCHW)."""
+    return y.dim() - 1 if isinstance(m, nn.Linear) else min(1, y.dim() - 1)
+
+
+def _channel_mean(y: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """Mean over every axis but ``axis``: one value per output channel."""
+    return y.mean(dim=[d for d in range(y.dim()) if d != axis]) if y.dim() > 1 else y
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """``v`` (one value per channel) shaped to broadcast against ``like`` along ``axis``."""
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
 
 
 def fp32_channel_means(fp32: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,9 +128,9 @@ def fp32_channel_means(fp32: nn.Module, names: list[str], x: torch.Tensor) -> di
     means: dict[str, torch.Tensor] = {}
     hooks = []
     for n in names:
-        def post(_m, _a, out, n=n):
+        def post(m, _a, out, n=n):
             if n not in means:
-                means[n] = _channel_mean(out.detach()).double()
+                means[n] = _channel_mean(out.detach(), _channel_axis(m, out)).double()
         hooks.append(fp32.get_submodule(n).register_forward_hook(post))
     try:
         with torch.no_grad():
@@ -168,7 +182,8 @@ def sequential_pass(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor, calib: 
             def err(a):
                 e = layer_output(m, _fq(xs, a), wq) - ts
                 if opts.bias_correction:  # the mean error per channel is removed by bias correction later
-                    e = e - _channel_mean(e).reshape([1, -1] + [1] * (e.dim() - 2))
+                    axis = _channel_axis(m, e)
+                    e = e - _per_channel(_channel_mean(e, axis), e, axis)
                 return float((e ** 2).sum()) / norm
 
             rec.amax_before = float(q.amax)
@@ -188,14 +203,15 @@ def sequential_pass(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor, calib: 
     def post(m, args, out, name):
         if not opts.bias_correction or name not in means or report[name].bias_shift_abs_mean is not None:
             return None
-        if out.numel() // max(out.shape[1], 1) < BIAS_MIN_SAMPLES:
+        axis = _channel_axis(m, out)
+        if out.numel() // max(out.shape[axis], 1) < BIAS_MIN_SAMPLES:
             return None
-        shift = (_channel_mean(out).double() - means[name]).to(out.dtype)
+        shift = (_channel_mean(out, axis).double() - means[name]).to(out.dtype)
         if m.bias is None:
             m.bias = nn.Parameter(torch.zeros(shift.numel(), dtype=out.dtype), requires_grad=False)
         m.bias.data.sub_(shift)
         report[name].bias_shift_abs_mean = float(shift.abs().mean())
-        return out - shift.reshape([1, -1] + [1] * (out.dim() - 2))
+        return out - _per_channel(shift, out, axis)
 
     for n, m in layers.items():
         hooks.append(m.register_forward_pre_hook(lambda mod, a, n=n: pre(mod, a, n)))

@@ -58,9 +58,18 @@ def sensitivity_bar_chart_bytes(result, top: int = 20, fp16=()) -> bytes:
     def sqnr(s):
         return s.damage_sqnr_db if math.isfinite(s.damage_sqnr_db) else DISPLAY_CAP_DB
 
-    panels = [("output SQNR, only this layer INT8 (dB; lower = worse)",
-               sorted(layers, key=lambda s: (sqnr(s), s.name))[:top], lambda s: min(sqnr(s), DISPLAY_CAP_DB),
-               "tab:blue")]
+    def gain(s):
+        return s.recovery_sqnr_db if math.isfinite(s.recovery_sqnr_db) else DISPLAY_CAP_DB
+
+    recovery_only = any(s.damage_sqnr_db is None for s in layers)
+    if recovery_only:  # recovery-only analysis (the min_int8_share selection)
+        panels = [("output SQNR gained keeping only this layer FP16 (dB; higher = more sensitive)",
+                   sorted(layers, key=lambda s: (-gain(s), s.name))[:top], lambda s: min(gain(s), DISPLAY_CAP_DB),
+                   "tab:blue")]
+    else:
+        panels = [("output SQNR, only this layer INT8 (dB; lower = worse)",
+                   sorted(layers, key=lambda s: (sqnr(s), s.name))[:top], lambda s: min(sqnr(s), DISPLAY_CAP_DB),
+                   "tab:blue")]
     if result.has_map:
         panels.append(("mAP50:95 drop, only this layer INT8 (points; higher = worse)",
                        sorted(layers, key=lambda s: (-(s.damage_map_points or 0.0), s.name))[:top],
@@ -81,7 +90,7 @@ def sensitivity_bar_chart_bytes(result, top: int = 20, fp16=()) -> bytes:
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("layer (worst on top)")
         ax.grid(axis="x", alpha=0.3)
-    if math.isfinite(result.int8_sqnr_db):
+    if math.isfinite(result.int8_sqnr_db) and not recovery_only:
         axes[0].axvline(result.int8_sqnr_db, color="black", ls="--", lw=1,
                         label=f"all layers INT8: {result.int8_sqnr_db:.1f} dB")
         axes[0].legend(fontsize=7, loc="lower right")

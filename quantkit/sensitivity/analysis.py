@@ -60,7 +60,8 @@ def _r(v: float | None, nd: int = 4):
 class LayerSensitivity:
     """One layer. SQNR values in dB against FP32; mAP values in mAP50:95 points (x100), None without labels.
 
-    damage_sqnr_db: SQNR with only this layer INT8 (lower = more harmful; inf: no effect).
+    damage_sqnr_db: SQNR with only this layer INT8 (lower = more harmful; inf: no effect; None: not measured,
+    ``analyze(damage=False)``).
     without_sqnr_db: SQNR with every layer INT8 except this one.
     recovery_sqnr_db: without_sqnr_db minus the all-INT8 SQNR (dB gained by keeping it in float).
     damage_map_points: FP32 mAP minus mAP with only this layer INT8.
@@ -70,7 +71,7 @@ class LayerSensitivity:
     name: str
     type: str
     order: int
-    damage_sqnr_db: float
+    damage_sqnr_db: float | None
     without_sqnr_db: float
     recovery_sqnr_db: float
     damage_map_points: float | None = None
@@ -105,9 +106,13 @@ class SensitivityResult:
         return None if not self.has_map else 100.0 * (self.fp32_map50_95 - self.int8_map50_95)
 
     def ranking(self) -> list[str]:
-        """Layer names, most damaging first: by mAP damage when measured, then by SQNR damage, then name."""
+        """Layer names, most damaging first: by mAP damage when measured, then by SQNR damage, then name. Without
+        damage measurements (``analyze(damage=False)``): most recovery (dB gained in float) first."""
         def key(s: LayerSensitivity):
             dm = -(s.damage_map_points or 0.0) if self.has_map else 0.0
+            if s.damage_sqnr_db is None:
+                rec = s.recovery_sqnr_db if math.isfinite(s.recovery_sqnr_db) else 1e9
+                return (round(dm, 6), -round(rec, 6), s.name)
             return (round(dm, 6), round(s.damage_sqnr_db, 6) if math.isfinite(s.damage_sqnr_db) else math.inf, s.name)
         return [s.name for s in sorted(self.layers.values(), key=key)]
 
@@ -153,8 +158,11 @@ def _set_layer(module: nn.Module, int8: bool) -> None:
 
 
 def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | None = None, progress: bool = True,
-            chunk_size: int = 4, device: str | torch.device | None = None) -> SensitivityResult:
+            chunk_size: int = 4, device: str | torch.device | None = None, damage: bool = True) -> SensitivityResult:
     """Measure every quantizable layer's damage and recovery (see the module docstring).
+
+    ``damage=False`` measures recovery only (half the replays; ``damage_sqnr_db`` is None): what the selection
+    under ``min_int8_share`` needs.
 
     state: a ``QuantState`` from ``quantize_recipe`` (calibrated). num_images: calibration inputs for SQNR.
     dataset: a small ``CocoDataset`` for mAP50:95 (None: SQNR only). chunk_size: images per replay chunk;
@@ -178,14 +186,14 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
         raise UsageError("the model has no quantizable layers: nothing to analyse")
     modules = {n: qmodel.get_submodule(n) for n in names}
     everything = set(names)
-    batches = list(_chunks(state.data.batches(limit=num_images), chunk_size))
+    batches = list(_chunks(state.data.batches(limit=num_images, spread=True), chunk_size))
     n_images = sum(int(b.shape[0]) for b in batches)
     items = [] if dataset is None else list(dataset)
     eval_chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
     if progress and batches:  # say up front how long this will take (one measured forward x replays)
         from quantkit.sensitivity.plan import estimate_analysis
 
-        estimate_analysis(qmodel, batches[0], len(names), len(batches) + len(eval_chunks))
+        estimate_analysis(qmodel, batches[0], len(names), len(batches) + len(eval_chunks), configs=2 if damage else 1)
     saved = _quantizer_flags(qmodel)
     full = SqnrAccumulator()
     dmg = {n: SqnrAccumulator() for n in names}
@@ -197,19 +205,19 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
         with on_device(dev, qmodel), Replayer(qmodel, list(modules.values())) as rp:
             for x in batches:
                 x = x.to(dev)
-                for n, out in _configs(rp, qmodel, modules, everything, x, order):
+                for n, out in _configs(rp, qmodel, modules, everything, x, order, damage):
                     if n == "fp32":
                         ref = out
                     elif n == "int8":
                         full.update(ref, out)
                     else:
                         (dmg if n[0] == "d" else rec_)[n[1]].update(ref, out)
-                        bar.update(n[0] == "d")
+                        bar.update(n[0] == ("d" if damage else "r"))
             for chunk in eval_chunks:
                 x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk])).to(dev)
-                for n, out in _configs(rp, qmodel, modules, everything, x, order):
+                for n, out in _configs(rp, qmodel, modules, everything, x, order, damage):
                     _collect_dets(dets, n, out, chunk, state)
-                    bar.update(isinstance(n, tuple) and n[0] == "d")
+                    bar.update(isinstance(n, tuple) and n[0] == ("d" if damage else "r"))
     finally:
         bar.close()
         for q, disabled in saved:
@@ -219,7 +227,7 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     maps = _maps(dets, dataset) if dataset is not None else {}
     layers = {}
     for i, n in enumerate(sorted(names, key=lambda n: (order.get(n, math.inf), names.index(n)))):
-        d_db = _worst_db(dmg[n]) if n in order else math.inf
+        d_db = (_worst_db(dmg[n]) if n in order else math.inf) if damage else None
         w_db = _worst_db(rec_[n]) if n in order else int8_db
         dm = rm = None
         if maps:
@@ -230,8 +238,9 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
                              time.perf_counter() - t0, notes)
 
 
-def _configs(rp: Replayer, qmodel, modules, everything, x, order):
-    """Yield (config, outputs) for one chunk: "fp32", ("d", L) for every layer, "int8", ("r", L) for every layer.
+def _configs(rp: Replayer, qmodel, modules, everything, x, order, damage: bool = True):
+    """Yield (config, outputs) for one chunk: "fp32", ("d", L) for every layer (``damage``), "int8", ("r", L)
+    for every layer. ``order`` records each layer's first call (in the first pass that replays layers).
 
     The all-float record is dropped before the all-INT8 one is made, so only one record's activations are
     held at a time (memory ~ chunk images x the model's activations).
@@ -239,12 +248,13 @@ def _configs(rp: Replayer, qmodel, modules, everything, x, order):
     set_precision(qmodel, set())
     rec = rp.record(x)
     yield "fp32", rec.output
-    yield from _flip_each(rp, modules, x, rec, "d", int8=True, order=order)
+    if damage:
+        yield from _flip_each(rp, modules, x, rec, "d", int8=True, order=order)
     rec.nodes.clear()
     set_precision(qmodel, everything)
     rec = rp.record(x)
     yield "int8", rec.output
-    yield from _flip_each(rp, modules, x, rec, "r", int8=False)
+    yield from _flip_each(rp, modules, x, rec, "r", int8=False, order=None if damage else order)
     rec.nodes.clear()
 
 
@@ -320,7 +330,7 @@ def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dat
                 return 100.0 * (base - evaluate_detection(torch_predictor(qmodel, dev), dataset, state.pp,
                                                           **kw).map50_95)
     else:
-        batches = [b.to(dev) for b in state.data.batches(limit=num_images)]
+        batches = [b.to(dev) for b in state.data.batches(limit=num_images, spread=True)]
         with torch.no_grad(), on_device(dev, fp32):
             refs = [fp32(b) for b in batches]
 

@@ -23,20 +23,22 @@ log = logging.getLogger("quantkit")
 @dataclass(frozen=True)
 class AnalysisEstimate:
     """``forward_s``: one measured forward of a chunk (seconds); ``replays``: forwards the analysis runs at
-    most (``chunks x (2 + 2 x layers)``); ``upper_s``: their product (replays start at each layer, so the real
+    most (``chunks x (2 + configs x layers)``, configs = 2: damage and recovery, 1: recovery only); ``upper_s``: their product (replays start at each layer, so the real
     time is usually lower)."""
 
     layers: int
     chunks: int
     forward_s: float
     replays: int
+    configs: int = 2
 
     @property
     def upper_s(self) -> float:
         return self.forward_s * self.replays
 
     def message(self) -> str:
-        return (f"sensitivity analysis: {self.layers} layers x 2 configurations x {self.chunks} chunk(s); one "
+        return (f"sensitivity analysis: {self.layers} layers x {self.configs} configuration(s) x {self.chunks} "
+                f"chunk(s); one "
                 f"forward took {self.forward_s:.3f} s, so at most ~{_fmt(self.upper_s)} "
                 "(set sensitivity.num_images / sensitivity.eval_images lower to shorten it)")
 
@@ -45,13 +47,15 @@ def _fmt(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def estimate_analysis(model: torch.nn.Module, example: torch.Tensor, layers: int, chunks: int) -> AnalysisEstimate:
-    """Time one forward of ``model`` on ``example`` (one chunk) and log the analysis' expected duration."""
+def estimate_analysis(model: torch.nn.Module, example: torch.Tensor, layers: int, chunks: int,
+                      configs: int = 2) -> AnalysisEstimate:
+    """Time one forward of ``model`` on ``example`` (one chunk) and log the analysis' expected duration.
+    ``configs``: replays per layer and chunk (2: damage and recovery; 1: recovery only)."""
     with torch.no_grad():
         t0 = time.perf_counter()
         model(example)
         forward_s = time.perf_counter() - t0
-    est = AnalysisEstimate(layers=layers, chunks=chunks, forward_s=forward_s, replays=chunks * (2 + 2 * layers))
+    est = AnalysisEstimate(layers=layers, chunks=chunks, forward_s=forward_s, replays=chunks * (2 + configs * layers), configs=configs)
     log.info("%s", est.message())
     return est
 

@@ -91,7 +91,8 @@ def priority(result: SensitivityResult, costs: CostTable, metric: Metric) -> lis
 
     def key(n: str):
         ms = max(costs.layers[n].fp16_extra_ms(costs.spec), _TINY_MS) if n in costs.layers else _TINY_MS
-        damage = _noise(result.layers[n].damage_sqnr_db)
+        d_db = result.layers[n].damage_sqnr_db
+        damage = _noise(d_db) if d_db is not None else 0.0  # None: a recovery-only analysis
         return (0, -gains[n] / ms, n) if gains[n] > 0 else (1, -damage / ms, n)
 
     return sorted(result.layers, key=key)

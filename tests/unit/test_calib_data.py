@@ -78,3 +78,22 @@ def test_bad_inputs(tmp_path, case):
         list(data.batches())
     msg = str(e.value)
     assert str(target.name) in msg or str(target) in msg
+
+
+def test_spread_subset_is_evenly_spaced_over_the_whole_set(tmp_path):
+    """batches(limit, spread=True): the per-layer analysis and the PTQ passes see the whole folder, not its
+    first files (a folder sorted by name often groups one scene). Rows 0, 3, 6, 9 of 10; all rows when the limit
+    covers the set; the first rows without spread."""
+    arr = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) * np.ones((1, 3, 4, 4), np.float32)
+    np.save(tmp_path / "c.npy", arr)
+    data = open_calibration_data(tmp_path / "c.npy", PP, batch_size=3)
+    rows = lambda **kw: [float(v) for b in data.batches(**kw) for v in b[:, 0, 0, 0]]  # noqa: E731
+    assert rows(limit=4, spread=True) == [0.0, 3.0, 6.0, 9.0]
+    assert rows(limit=4) == [0.0, 1.0, 2.0, 3.0]
+    assert rows(limit=20, spread=True) == [float(i) for i in range(10)]
+    assert rows(limit=1, spread=True) == [0.0]
+    for i in range(6):  # image folders: the same rows, decoded per batch
+        _img(tmp_path / f"im{i}.png", color=(40 * i, 0, 0))
+    folder = open_calibration_data(tmp_path, PP, batch_size=2)
+    reds = [round(float(b[k, 0, 32, 32]) * 255) for b in folder.batches(limit=3, spread=True) for k in range(len(b))]
+    assert reds == [0, 80, 200]  # files 0, 2 (round(2.5)=2 under banker's rounding), 5

@@ -72,7 +72,8 @@ def state(tmp_path_factory):
     d = tmp_path_factory.mktemp("sens")
     np.save(d / "calib.npy", _tiles(8, 32).astype(np.float32))
     torch.manual_seed(0)
-    recipe = load_recipe(None, ["calibration.method=max", "calibration.use_cache=false"])
+    recipe = load_recipe(None, ["calibration.method=max", "calibration.use_cache=false",
+                                  "ptq.bias_correction=false"])
     return quantize_recipe(recipe, model=Fragile(), calib=str(d / "calib.npy"), progress=False)
 
 
@@ -105,6 +106,27 @@ def test_replay_matches_plain_forward_for_every_configuration(state):
         assert not any("forward" in m.__dict__ for m in q.modules())  # wrappers removed
     finally:
         set_precision(q, set(state.model.layout.int8))
+
+
+def test_recovery_only_analysis_equals_the_full_one_on_recovery(state):
+    """damage=False (the default export's min_int8_share selection) skips half the replays: the recovery
+    numbers and the execution order are exactly those of the full analysis, damage is None, and the chart and
+    the selection still work."""
+    from quantkit.report.plots import sensitivity_bar_chart_bytes
+    from quantkit.sensitivity.select import choose_for_int8_share
+
+    full = analyze(state, num_images=8, progress=False)
+    part = analyze(state, num_images=8, progress=False, damage=False)
+    assert part.int8_sqnr_db == full.int8_sqnr_db
+    for n, s in full.layers.items():
+        p = part.layers[n]
+        assert p.damage_sqnr_db is None and (p.order, p.without_sqnr_db, p.recovery_sqnr_db) == (
+            s.order, s.without_sqnr_db, s.recovery_sqnr_db)
+    assert part.ranking()[0] == "fragile"  # most recovery first
+    assert sensitivity_bar_chart_bytes(part, fp16=["fragile"])[:4] == b"\x89PNG"
+    macs = {n: 1.0 for n in part.layers}
+    assert choose_for_int8_share(part, macs, 0.5).fp16 == choose_for_int8_share(full, macs, 0.5).fp16
+    assert part.as_dict()["layers"][0]["damage_sqnr_db"] is None
 
 
 def test_fragile_layer_ranked_first_and_numbers_match_plain_measurement(state):
@@ -220,7 +242,8 @@ def test_map_sensitivities_match_evaluate_detection(tmp_path):
 
     np.save(tmp_path / "calib.npy", _tiles(4, 320).astype(np.float32))
     torch.manual_seed(3)
-    recipe = load_recipe(None, ["calibration.method=max", "calibration.use_cache=false"])
+    recipe = load_recipe(None, ["calibration.method=max", "calibration.use_cache=false",
+                                  "ptq.bias_correction=false"])
     st = quantize_recipe(recipe, model=TinyDetector(), calib=str(tmp_path / "calib.npy"), progress=False)
     ds = CocoDataset(BUNDLED_EVAL, max_images=4)
     res = analyze(st, num_images=2, dataset=ds, progress=False)
@@ -255,7 +278,8 @@ def test_cli_writes_json_png_and_keeps_the_fragile_layer_fp16(tmp_path):
                                      "    torch.manual_seed(0)\n    return Fragile()\n")
     np.save(tmp_path / "calib.npy", _tiles(8, 32).astype(np.float32))
     args = ["sensitivity", "--model", f"{tmp_path / 'net.py'}:build", "--calib", str(tmp_path / "calib.npy"),
-            "--num-images", "8", "--set", "calibration.method=max", "--set", "calibration.use_cache=false"]
+            "--num-images", "8", "--set", "calibration.method=max", "--set", "calibration.use_cache=false",
+            "--set", "ptq.bias_correction=false"]
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--sqnr-floor", "30"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
