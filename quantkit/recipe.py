@@ -200,8 +200,6 @@ def validate(recipe: Recipe) -> Recipe:
     share = recipe.sensitivity.min_int8_share
     if share is not None and not 0.0 <= share <= 1.0:
         raise UsageError(f"sensitivity.min_int8_share must be in [0, 1] (share of conv/linear MACs), got {share}")
-    if share is not None and recipe.sensitivity.sqnr_floor is not None:
-        raise UsageError("give one selection budget: sensitivity.min_int8_share or sensitivity.sqnr_floor, not both")
     if recipe.gates.max_drop is not None and recipe.gates.max_drop < 0:
         raise UsageError("gates.max_drop must be >= 0 (mAP50:95 points)")
     check_ranges(recipe)

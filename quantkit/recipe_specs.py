@@ -64,7 +64,7 @@ class CalibrationSpec:
     used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation)."""
 
     data: str | None = None
-    method: CalibMethod = CalibMethod.ENTROPY
+    method: CalibMethod = CalibMethod.MSE
     percentile: float = DEFAULT_PERCENTILE
     num_bins: int = DEFAULT_NUM_BINS
     batch_size: int = 8
@@ -142,6 +142,9 @@ class GateSpec:
     min_sqnr: float | None = None
 
 
+DEFAULT_MIN_INT8_SHARE = 0.95  # the default export keeps >= 95 % of conv/linear MACs INT8 (issue 14)
+
+
 @dataclass(frozen=True)
 class SensitivitySpec:
     """Per-layer sensitivity analysis. ``enabled``: run it inside export and add it to the report.
@@ -150,15 +153,18 @@ class SensitivitySpec:
     set). ``auto`` (default true): when a budget is
     set — ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
     the measured result meets it, at the lowest estimated T4 latency; false: the budget only gates.
-    ``min_int8_share``: keep at least this share (0..1) of the conv/linear MACs in INT8 and spend the rest on
-    the FP16 layers with the most measured SQNR gain per MAC (``sensitivity.select.choose_for_int8_share``)."""
+    ``min_int8_share`` (default 0.95): keep at least this share (0..1) of the conv/linear MACs in INT8 and spend
+    the rest on the FP16 layers with the most measured SQNR gain per MAC
+    (``sensitivity.select.choose_for_int8_share``); it drives the automatic choice when no accuracy budget
+    (``gates.max_drop`` with evaluation data, ``sqnr_floor``) is given. null (or ``auto: false``): no automatic
+    FP16 layers without an accuracy budget; 1.0 still keeps MAC-free layers (residual adds) FP16 where they gain."""
 
     enabled: bool = False
     num_images: int = 16
     eval_images: int = 8
     auto: bool = True
     sqnr_floor: float | None = None
-    min_int8_share: float | None = None
+    min_int8_share: float | None = DEFAULT_MIN_INT8_SHARE
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,7 @@ class PtqSpec:
     that minimises the consuming layer's output error (``range_choice_images`` images). ``adaround``: learned
     weight rounding per layer, ``adaround_iterations`` steps each (deterministic), optionally capped at
     ``adaround_seconds`` per layer (0: no cap; a cap makes results machine-dependent). ``bias_correction``:
-    empirical per-channel bias correction with quantized inputs. ``num_images``: calibration images the passes
+    empirical per-channel bias correction with quantized inputs (on by default). ``num_images``: calibration images the passes
     use (one batch)."""
 
     equalize: bool = False
@@ -178,7 +184,7 @@ class PtqSpec:
     adaround: bool = False
     adaround_iterations: int = 300
     adaround_seconds: float = 0.0
-    bias_correction: bool = False
+    bias_correction: bool = True
     num_images: int = 16
 
 

@@ -17,6 +17,13 @@ Examples:
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
   quantkit export --recipe yolo_nas_s --set calibration.method=mse --out out/   # a shipped recipe, by name
   quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
+  quantkit export --full-int8 --set ptq.bias_correction=false --set calibration.method=entropy   # plain PTQ
+
+\b
+Default accuracy methods (each can be turned off): mse calibration, empirical bias correction
+(ptq.bias_correction), and automatic FP16 for the layers with the most measured output-SQNR gain per MAC while
+>= 95 % of the conv/linear MACs stay INT8 (sensitivity.min_int8_share; --full-int8 turns it off). The report
+lists the INT8 share, every FP16 layer and why.
 
 \b
 Security: --model FILE.py:FACTORY imports and runs FILE.py (your code, with your permissions).
@@ -38,7 +45,7 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="YAML recipe file, or a shipped recipe's name (trees, yolo_nas_s, ...: `quantkit recipes`).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field; repeatable.")
-@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, entropy]")
+@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, mse]")
 @click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
               "detector: 320x320]")
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")
@@ -57,7 +64,10 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--sensitivity", "sensitivity_flag", is_flag=True, help="Add the per-layer sensitivity analysis and "
               "plot (mAP on sensitivity.eval_images = 8 held-out images; needs matplotlib).")
 @click.option("--min-int8-share", type=float, help="Keep at least this share (0..1) of the conv/linear MACs in "
-              "INT8 and spend the rest on the FP16 layers with the most measured gain per MAC, e.g. 0.95.")
+              "INT8 and spend the rest on the FP16 layers with the most measured gain per MAC. [default: 0.95; an "
+              "accuracy budget (--max-drop with --eval, sensitivity.sqnr_floor) replaces it]")
+@click.option("--full-int8", is_flag=True, help="No automatic FP16 layers under the INT8-share budget: every "
+              "quantizable layer INT8 unless --skip or an accuracy budget keeps it float.")
 @click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs. "
               "[default: $QUANTKIT_CACHE_DIR or ~/.cache/quantkit/calibration/<key>.json]")
@@ -93,6 +103,8 @@ def recipe_overrides(a: dict) -> list[str]:
         ("calibration.trt_cache", a["trt_calib_cache"]),
         ("export.target", a["target"]), ("sensitivity.min_int8_share", a["min_int8_share"]),
     ))
+    if a["full_int8"] and a["min_int8_share"] is not None:
+        raise UsageError("--full-int8 and --min-int8-share contradict each other: give one")
     if a["data_yaml"]:  # --data sets calibration and evaluation data unless --calib / --eval say otherwise
         sets += overrides((("calibration.data", a["data_yaml"] if a["calib"] is None else None),
                            ("evaluation.data", a["data_yaml"] if a["eval_data"] is None else None)))
@@ -106,7 +118,8 @@ def recipe_overrides(a: dict) -> list[str]:
     if a["skip"]:
         sets.append("quantization.skip=[" + ", ".join(yaml_str(s) for s in a["skip"]) + "]")
     for flag, setting in (("no_cache", "calibration.use_cache=false"), ("engine", "export.engine=true"),
-                          ("nms", "export.nms=true"), ("sensitivity_flag", "sensitivity.enabled=true")):
+                          ("nms", "export.nms=true"), ("sensitivity_flag", "sensitivity.enabled=true"),
+                          ("full_int8", "sensitivity.min_int8_share=null")):
         if a[flag]:
             sets.append(setting)
     return sets

@@ -239,6 +239,17 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         if recipe.gates.max_drop is not None:
             report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "
                                    "torch route for now); keep layers float with --skip NODE_NAME_GLOB")
+        not_here = [what for on, what in ((recipe.ptq.bias_correction, "bias correction (ptq.bias_correction)"),
+                                          (recipe.ptq.equalize, "equalization (ptq.equalize)"),
+                                          (recipe.ptq.range_choice, "range choice (ptq.range_choice)"),
+                                          (recipe.ptq.adaround, "learned rounding (ptq.adaround)"),
+                                          (recipe.sensitivity.min_int8_share is not None and recipe.sensitivity.auto,
+                                           "the automatic FP16 choice (sensitivity.min_int8_share)")) if on]
+        if not_here:  # said, not silently skipped: these passes work on the torch module
+            msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
+                   "calibrated only, every supported layer INT8 (keep nodes float with --skip NODE_NAME_GLOB)")
+            report["notes"].append(msg)
+            log.info(msg)
         failures = check_gates(recipe, report)
         report["gates"] = gates_section(recipe, failures)
         report["_run"] = {"seconds": round(time.perf_counter() - t0, 2), "cache_hit": res.cache_info.get("hit"),

@@ -24,16 +24,17 @@ def example_batch(state: QuantState) -> torch.Tensor:
 
 
 def budget_of(recipe: Recipe, has_eval: bool) -> tuple[str, float] | None:
-    """The budget automatic selection works to: ("min_int8_share", fraction of conv/linear MACs) when
-    ``sensitivity.min_int8_share`` is set, else ("max_drop", mAP50:95 points) when ``gates.max_drop`` is set and
-    evaluation data exists, else ("sqnr_floor", dB) when ``sensitivity.sqnr_floor`` is set, else None."""
+    """The budget automatic selection works to. An accuracy budget the user gives wins: ("max_drop", mAP50:95
+    points) when ``gates.max_drop`` is set and evaluation data exists, else ("sqnr_floor", dB) when
+    ``sensitivity.sqnr_floor`` is set; otherwise ("min_int8_share", fraction of conv/linear MACs) when
+    ``sensitivity.min_int8_share`` is set (0.95 by default: the best accuracy with >= 95 % INT8 MACs); else None."""
     drop, floor, share = recipe.gates.max_drop, recipe.sensitivity.sqnr_floor, recipe.sensitivity.min_int8_share
-    if share is not None:  # "best accuracy with >= share of the conv/linear MACs in INT8" (max_drop then gates)
-        return "min_int8_share", share
     if drop is not None and has_eval:
         return "max_drop", drop
     if floor is not None:
         return "sqnr_floor", floor
+    if share is not None:
+        return "min_int8_share", share
     return None
 
 
@@ -62,15 +63,22 @@ def analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=None
     if not (analyze_always or s.enabled or budget):
         return None
     layout = state.model.layout
-    log.info("sensitivity analysis over %d layers", len(layout.layers))
+    # the selection under min_int8_share only needs each layer's SQNR recovery: without an asked-for analysis
+    # (sensitivity.enabled, the sensitivity command) it skips the damage replays and the per-layer mAP
+    full = analyze_always or s.enabled or (budget is not None and budget[0] != "min_int8_share")
+    log.info("sensitivity analysis over %d layers%s", len(layout.layers), "" if full else " (SQNR recovery only)")
     dev = recipe.runtime.device
-    result = analyze(state, num_images=s.num_images, dataset=analysis_dataset, progress=progress, device=dev)
+    result = analyze(state, num_images=s.num_images, dataset=analysis_dataset if full else None,
+                     progress=progress, device=dev, damage=full)
     costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
     section = {"analysis": result.as_dict(), "selection": None,
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
     if budget:
         fixed = [n for n in layout.layers if n not in layout.int8]
         kind, value = budget
+        if kind != "min_int8_share" and s.min_int8_share is not None:
+            log.info("automatic FP16 choice by %s %s (an accuracy budget wins over sensitivity.min_int8_share=%s)",
+                     kind, value, s.min_int8_share)
         if kind == "min_int8_share":
             from quantkit.sensitivity.select import choose_for_int8_share, weighted_macs
 

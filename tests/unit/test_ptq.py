@@ -100,6 +100,28 @@ def test_bias_correction_recovers_a_planted_mean_shift_exactly():
     torch.testing.assert_close(biases[1], biases[0], atol=1e-6, rtol=0)  # the planted shift is fully removed
 
 
+def test_bias_correction_of_a_linear_on_tokens_corrects_the_last_axis():
+    """A Linear on (N, T, C) input (ConvNeXt / transformer MLPs) has its channels on the last axis: the planted
+    shift is removed per output feature (the default recipe runs bias correction on every network)."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(8, 32)).eval()
+    x = torch.randn(4, 80, 8)  # 320 samples per output feature, 32 features (a different size than T or C)
+    shift = torch.linspace(-1.0, 1.0, 32)
+    biases = []
+    for plant in (False, True):
+        prepared, res = _prepared(model, x)
+        fc = prepared.qmodel.get_submodule("0")
+        if plant:
+            fc.bias.data.add_(shift)
+        rep = sequential_pass(prepared.qmodel, prepared.fp32, x, res, SequentialOptions(bias_correction=True))
+        assert rep["0"].bias_shift_abs_mean is not None
+        biases.append(fc.bias.detach().clone())
+        with torch.no_grad():
+            dq = prepared.qmodel(x).mean(dim=(0, 1)) - prepared.fp32(x).mean(dim=(0, 1))
+        assert float(dq.abs().max()) < 1e-5
+    torch.testing.assert_close(biases[1], biases[0], atol=1e-6, rtol=0)
+
+
 def test_learned_rounding_never_worse_and_exported_int8_weights_are_the_learned_ones():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 1)).eval()
@@ -191,8 +213,8 @@ def test_recipe_ptq_fields_validate():
         load_recipe(None, ["sensitivity.min_int8_share=1.5"])
     with pytest.raises(UsageError):
         load_recipe(None, ["ptq.num_images=0"])
-    assert not any((Recipe().ptq.equalize, Recipe().ptq.range_choice, Recipe().ptq.adaround,
-                    Recipe().ptq.bias_correction))  # the default export is unchanged
+    p = Recipe().ptq  # the default (issue 14): bias correction on; equalization, range choice, rounding off
+    assert p.bias_correction and not any((p.equalize, p.range_choice, p.adaround))
 
 
 def test_int8_share_selection_respects_the_mac_budget_and_ranks_by_gain_per_mac():
@@ -241,15 +263,31 @@ def test_pipeline_runs_the_passes_only_when_the_recipe_asks(tmp_path):
     torch.manual_seed(6)
     npy = tmp_path / "calib.npy"
     np.save(npy, torch.randn(8, 3, 32, 32).numpy())
-    base = load_recipe(None, ["calibration.use_cache=false", "ptq.num_images=4"])
+    base = load_recipe(None, ["calibration.use_cache=false", "ptq.num_images=4", "ptq.bias_correction=false"])
     plain = quantize_recipe(base, model=_net(7), calib=str(npy), progress=False)
     assert not plain.ptq.layers and not plain.ptq.pairs
     on = apply_overrides(base, ["ptq.equalize=true", "ptq.bias_correction=true", "ptq.range_choice=true"])
     state = quantize_recipe(on, model=_net(7), calib=str(npy), progress=False)
     assert state.ptq.pairs and state.ptq.layers and state.ptq.amax
     assert set(state.calibration.chosen_amax) == set(plain.calibration.chosen_amax)
-    with pytest.raises(UsageError):
-        apply_overrides(base, ["sensitivity.min_int8_share=0.9", "sensitivity.sqnr_floor=20"])
+
+
+
+def test_an_accuracy_budget_wins_over_the_default_int8_share():
+    """The default recipe selects FP16 layers under min_int8_share 0.95; a user's accuracy budget replaces that
+    budget (max_drop only with evaluation data), and null turns the default selection off."""
+    from quantkit.recipe import apply_overrides
+    from quantkit.sensitivity.run import budget_of
+
+    base = load_recipe(None)
+    assert base.sensitivity.min_int8_share == 0.95 and base.ptq.bias_correction
+    assert budget_of(base, has_eval=False) == ("min_int8_share", 0.95)
+    floor = apply_overrides(base, ["sensitivity.sqnr_floor=20"])
+    assert budget_of(floor, has_eval=True) == ("sqnr_floor", 20.0)
+    drop = apply_overrides(base, ["gates.max_drop=0.3"])
+    assert budget_of(drop, has_eval=True) == ("max_drop", 0.3)
+    assert budget_of(drop, has_eval=False) == ("min_int8_share", 0.95)  # no labels: the drop can only gate
+    assert budget_of(apply_overrides(base, ["sensitivity.min_int8_share=null"]), has_eval=False) is None
 
 
 def test_min_int8_share_selection_runs_in_the_pipeline(tmp_path):
