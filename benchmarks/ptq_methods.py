@@ -54,8 +54,8 @@ def cache_path(net: str) -> Path:
     name = "quantkit_ptq_methods.json" if net == "lite0" else f"quantkit_ptq_methods_{net}.json"
     return Path(os.environ.get("QK_PTQ_CACHE", Path(tempfile.gettempdir()) / name))
 
-OURS = {  # name -> (calibration method, PtqSpec changes)
-    "qk entropy (today's default)": ("entropy", {}),
+OURS = {  # name -> (calibration method, PtqSpec changes), full INT8, no pass unless named
+    "qk entropy (previous default)": ("entropy", {}),
     "qk percentile": ("percentile", {}),
     "qk mse": ("mse", {}),
     "qk entropy + R": ("entropy", {"range_choice": True}),
@@ -69,6 +69,8 @@ OURS = {  # name -> (calibration method, PtqSpec changes)
     "qk percentile + R+B": ("percentile", {"range_choice": True, "bias_correction": True}),
     "qk percentile + E+R+B": ("percentile", {"equalize": True, "range_choice": True, "bias_correction": True}),
     "qk percentile + B+A": ("percentile", {"bias_correction": True, "adaround": True, "adaround_iterations": 100}),
+    "qk mse + B": ("mse", {"bias_correction": True}),
+    "qk mse + B+A": ("mse", {"bias_correction": True, "adaround": True, "adaround_iterations": 100}),
 }
 
 
@@ -76,7 +78,9 @@ OURS = {  # name -> (calibration method, PtqSpec changes)
 # automatic FP16 choice on the first sensitivity.num_images calibration crops, then the PTQ passes) — what
 # `quantkit export` / `quantkit.quantize` do with that recipe. Nothing here sees the selection or scoring crops.
 PIPELINE = {
-    "export defaults": [],
+    "export defaults (mse + B, min_int8_share 0.95)": [],
+    "export defaults + learned rounding (A, 100 steps/layer)": ["ptq.adaround=true", "ptq.adaround_iterations=100"],
+    "export defaults + E": ["ptq.equalize=true"],
     "export: entropy + B, min_int8_share 0.95": ["calibration.method=entropy", "ptq.bias_correction=true",
                                                  "sensitivity.min_int8_share=0.95"],
     "export: percentile + B, min_int8_share 0.95": ["calibration.method=percentile", "ptq.bias_correction=true",
@@ -130,7 +134,8 @@ def score(logits: np.ndarray, ref: np.ndarray) -> dict:
 def quantkit_config(model, calib: torch.Tensor, method: str, ptq: dict, *, fp16=()):
     """Prepare, (equalize), calibrate, apply, (PTQ passes), (FP16 layers). Returns (prepared, seconds, report)."""
     t0 = time.perf_counter()
-    recipe = replace(Recipe(), ptq=replace(PtqSpec(), num_images=32, **ptq))
+    off = PtqSpec(equalize=False, range_choice=False, adaround=False, bias_correction=False)  # only what `ptq` says
+    recipe = replace(Recipe(), ptq=replace(off, num_images=32, **ptq))
     prepared = prepare(model, recipe.quantization)
     batches = list(calib.split(8))
     prepared, rep = equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)
@@ -301,7 +306,10 @@ def write_table(results: dict, section: str, title: str, net: str, findings: str
     from _results import update_section
 
     rows = ["| configuration | top-1 agreement % | SQNR dB | INT8 MAC share | time s |", "|---|---:|---:|---:|---:|"]
-    for name, r in results.items():
+    order = ([n for n in OURS if n in results] + [n for n in PIPELINE if n in results]
+             + [n for n in results if n not in OURS and n not in PIPELINE and not n.startswith(("qk", "export"))])
+    for name in order:  # our full-INT8 rows, the export path, then the peers (stale names are left out)
+        r = results[name]
         share = r.get("int8_mac_share")
         rows.append(f"| {name} | {r['agreement']:.1f} | {r['sqnr_db']:.2f} | "
                     f"{'' if share is None else f'{100 * share:.1f} %'} | {r['seconds']:.1f} |")

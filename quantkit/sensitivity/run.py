@@ -40,6 +40,17 @@ def budget_of(recipe: Recipe, has_eval: bool) -> tuple[str, float] | None:
 
 def analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=None, analyze_always: bool = False,
                        progress: bool = True) -> SensitivityOutcome | None:
+    """:func:`_analyze_and_select` on one CPU thread when ``calibration.deterministic`` (the default): the
+    per-layer SQNRs, and so the chosen FP16 layers and the exported graph, must not depend on the core count."""
+    from quantkit.calibrate.driver import fixed_threads
+
+    with fixed_threads(1 if state.recipe.calibration.deterministic else None):
+        return _analyze_and_select(state, dataset=dataset, analysis_dataset=analysis_dataset,
+                                   analyze_always=analyze_always, progress=progress)
+
+
+def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=None, analyze_always: bool = False,
+                        progress: bool = True) -> SensitivityOutcome | None:
     """Analyse per-layer sensitivity and, with a budget and ``sensitivity.auto``, keep layers FP16 so that the
     measured result meets it. The chosen INT8 set replaces the recipe's selection on ``state.model``
     (quantizers toggled, layout updated, a reason per FP16 layer).
