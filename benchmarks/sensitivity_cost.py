@@ -69,7 +69,8 @@ def sensitivity_cost(num_images: int, command: str) -> str:
     have_weights = (Path(__file__).resolve().parent.parent / "quantkit" / "assets" / "tree_detector.pt").exists()
     torch.manual_seed(0)
     model = tree_detector(pretrained=have_weights)
-    recipe = load_recipe(None, ["calibration.max_images=16", "calibration.method=max", "calibration.use_cache=false"])
+    recipe = load_recipe(None, ["calibration.max_images=16", "calibration.method=max", "calibration.use_cache=false",
+                                "ptq.bias_correction=false"])
     state = quantize_recipe(recipe, model=model, calib=str(BUNDLED_CALIBRATION), progress=False)
     q, names = state.model.qmodel, list(state.model.layout.layers)
     batches = [b[i : i + 4] for b in state.data.batches(limit=num_images) for i in range(0, b.shape[0], 4)]
