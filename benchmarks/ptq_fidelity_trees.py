@@ -42,7 +42,8 @@ CONFIGS = {  # name -> overrides of today's default recipe
     "B, min_int8_share 0.95": ["calibration.method=entropy"],
     "E+B, min_int8_share 0.95": ["calibration.method=entropy", "ptq.equalize=true"],
     "percentile+B, min_int8_share 0.95": ["calibration.method=percentile"],
-    "default (mse + B, min_int8_share 0.95)": [],
+    "default (mse + B, min_int8_share 0.95, selection on 8 tiles)": [],
+    "default, selection on 16 tiles": ["sensitivity.num_images=16"],
 }
 CACHE = Path(tempfile.gettempdir()) / "quantkit_ptq_fidelity.json"
 
@@ -131,6 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--findings", default="", help="a Markdown file appended under the table (what it shows)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     only = [s for s in args.only.split(";") if s]
@@ -198,6 +200,8 @@ def main() -> None:
                 "transforms. Model `trees`; rows without a share are full INT8. E = equalization, R = "
                 "consumer-aware ranges, B = bias correction; min_int8_share 0.95 = automatic FP16 by measured "
                 "SQNR gain per MAC on 16 calibration tiles, >= 95 % of conv MACs INT8.\n\n" + "\n".join(rows))
+        if args.findings:
+            body += "\n\n" + Path(args.findings).read_text().strip()
         update_section("ptq-fidelity-trees", body, "python benchmarks/ptq_fidelity_trees.py --write")
 
 

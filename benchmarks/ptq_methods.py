@@ -78,9 +78,10 @@ OURS = {  # name -> (calibration method, PtqSpec changes), full INT8, no pass un
 # automatic FP16 choice on the first sensitivity.num_images calibration crops, then the PTQ passes) — what
 # `quantkit export` / `quantkit.quantize` do with that recipe. Nothing here sees the selection or scoring crops.
 PIPELINE = {
-    "export defaults (mse + B, min_int8_share 0.95)": [],
+    "export defaults (mse + B, min_int8_share 0.95, selection on 8 images)": [],
     "export defaults + learned rounding (A, 100 steps/layer)": ["ptq.adaround=true", "ptq.adaround_iterations=100"],
     "export defaults + E": ["ptq.equalize=true"],
+    "export defaults, selection on 16 images": ["sensitivity.num_images=16"],
     "export: entropy + B, min_int8_share 0.95": ["calibration.method=entropy", "ptq.bias_correction=true",
                                                  "sensitivity.min_int8_share=0.95"],
     "export: percentile + B, min_int8_share 0.95": ["calibration.method=percentile", "ptq.bias_correction=true",

@@ -148,7 +148,8 @@ DEFAULT_MIN_INT8_SHARE = 0.95  # the default export keeps >= 95 % of conv/linear
 @dataclass(frozen=True)
 class SensitivitySpec:
     """Per-layer sensitivity analysis. ``enabled``: run it inside export and add it to the report.
-    ``num_images``: calibration images for the SQNR sensitivities. ``eval_images``: evaluation images for the
+    ``num_images``: calibration images (spread over the set) for the SQNR sensitivities; 8 by default, which keeps
+    the default export within 3x the time of a plain calibration (``benchmarks/RESULTS.md``, default-export-time). ``eval_images``: evaluation images for the
     per-layer mAP sensitivities (0: all; the selection's check and the final mAP always use the whole evaluation
     set). ``auto`` (default true): when a budget is
     set — ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
@@ -160,7 +161,7 @@ class SensitivitySpec:
     FP16 layers without an accuracy budget; 1.0 still keeps MAC-free layers (residual adds) FP16 where they gain."""
 
     enabled: bool = False
-    num_images: int = 16
+    num_images: int = 8
     eval_images: int = 8
     auto: bool = True
     sqnr_floor: float | None = None

@@ -29,7 +29,7 @@ Latencies are ESTIMATES from a T4 roofline model, not measurements."""
               "sensitivity.eval_images, 8]")
 @click.option("--out", "out_dir", default="sensitivity", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
-@click.option("--num-images", type=int, help="Calibration images for the SQNR sensitivities [recipe: 16].")
+@click.option("--num-images", type=int, help="Calibration images for the SQNR sensitivities [recipe: 8].")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="YAML recipe file, or a shipped recipe's name (`quantkit recipes`).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field.")
