@@ -88,8 +88,6 @@ PIPELINE = {
                                                     "sensitivity.min_int8_share=0.95"],
     "export: entropy + E+B, min_int8_share 0.95": ["calibration.method=entropy", "ptq.equalize=true",
                                                    "ptq.bias_correction=true", "sensitivity.min_int8_share=0.95"],
-    "export: mse + B, min_int8_share 0.95": ["calibration.method=mse", "ptq.bias_correction=true",
-                                             "sensitivity.min_int8_share=0.95"],
 }
 
 
