@@ -313,8 +313,9 @@ def write_table(results: dict, section: str, title: str, net: str, findings: str
         rows.append(f"| {name} | {r['agreement']:.1f} | {r['sqnr_db']:.2f} | "
                     f"{'' if share is None else f'{100 * share:.1f} %'} | {r['seconds']:.1f} |")
     body = (f"## PTQ methods on {title} (real ImageNet weights, depthwise)\n\n"
-            "420 held-out crops of 14 real photographs (scikit-image, DeepForest) never used for calibration "
-            "(96 crops of 7 other photos) or FP16 selection (32 crops of 5 others). Every row is a Q/DQ ONNX run "
+            "420 held-out crops of 14 real photographs (scikit-image, DeepForest), never used for calibration "
+            "(96 crops of 7 other photos) nor for choosing FP16 layers (the `export` rows choose on calibration "
+            "crops; the script's `hybrid` option chooses on 32 crops of 5 further photos). Every row is a Q/DQ ONNX run "
             "in onnxruntime (optimizations off) against the same FP32 ONNX. E = cross-layer equalization, "
             "R = consumer-aware range choice, B = empirical bias correction, A = learned rounding (AdaRound, "
             "300 steps/layer). Time: quantization wall time on one CPU thread (peers: their whole "
