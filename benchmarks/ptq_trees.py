@@ -93,7 +93,10 @@ class Context:
     def recipe(self, overrides: list[str] = ()):
         from quantkit.recipe import load_recipe
 
-        return load_recipe(RECIPE, ["export.targets=[weak]", *overrides])
+        # calibration methods alone, as this section measures them (bias correction and the automatic FP16 choice,
+        # on by default since issue 14, are compared in ptq_fidelity_trees.py)
+        return load_recipe(RECIPE, ["export.targets=[weak]", "ptq.bias_correction=false",
+                                    "sensitivity.min_int8_share=null", *overrides])
 
     def preprocess(self):
         from quantkit.data.preprocess import Preprocess
