@@ -154,8 +154,8 @@ def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib
                         plan: EvalPlan | None = None) -> QuantState:
     """What ``quantkit export`` and ``quantkit.quantize`` do before writing anything: :func:`quantize_recipe`,
     then the automatic FP16 selection under the recipe's budget (``sensitivity.min_int8_share``, ``gates.max_drop``
-    or ``sensitivity.sqnr_floor``; measured on the first ``sensitivity.num_images`` calibration inputs and, for an
-    mAP budget, on the evaluation data), then the post-calibration accuracy passes (``recipe.ptq``), which
+    or ``sensitivity.sqnr_floor``; measured on ``sensitivity.num_images`` calibration inputs spread over the set
+    and, for an mAP budget, on the evaluation data), then the post-calibration accuracy passes (``recipe.ptq``), which
     correct INT8 layers only and so run after the selection."""
     from quantkit import sensitivity
     from quantkit.ptq import ptq_for_state

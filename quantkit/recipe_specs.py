@@ -149,10 +149,10 @@ DEFAULT_MIN_INT8_SHARE = 0.95  # the default export keeps >= 95 % of conv/linear
 class SensitivitySpec:
     """Per-layer sensitivity analysis. ``enabled``: run it inside export and add it to the report.
     ``num_images``: calibration images (spread over the set) for the SQNR sensitivities; 8 by default, which keeps
-    the default export within 3x the time of a plain calibration (``benchmarks/RESULTS.md``, default-export-time). ``eval_images``: evaluation images for the
-    per-layer mAP sensitivities (0: all; the selection's check and the final mAP always use the whole evaluation
-    set). ``auto`` (default true): when a budget is
-    set — ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
+    the default export within 3x the time of a plain calibration (``benchmarks/RESULTS.md``, default-export-time).
+    ``eval_images``: evaluation images for the per-layer mAP sensitivities (0: all; the selection's check and the
+    final mAP always use the whole evaluation set). ``auto`` (default true): when a budget is set —
+    ``gates.max_drop`` with evaluation data, or ``sqnr_floor`` (dB) — keep layers FP16 automatically so
     the measured result meets it, at the lowest estimated T4 latency; false: the budget only gates.
     ``min_int8_share`` (default 0.95): keep at least this share (0..1) of the conv/linear MACs in INT8 and spend
     the rest on the FP16 layers with the most measured SQNR gain per MAC
@@ -176,8 +176,8 @@ class PtqSpec:
     that minimises the consuming layer's output error (``range_choice_images`` images). ``adaround``: learned
     weight rounding per layer, ``adaround_iterations`` steps each (deterministic), optionally capped at
     ``adaround_seconds`` per layer (0: no cap; a cap makes results machine-dependent). ``bias_correction``:
-    empirical per-channel bias correction with quantized inputs (on by default). ``num_images``: calibration images the passes
-    use (one batch)."""
+    empirical per-channel bias correction with quantized inputs (on by default). ``num_images``: calibration
+    images the passes use (one batch, spread over the set)."""
 
     equalize: bool = False
     range_choice: bool = False

@@ -120,8 +120,8 @@ def equalize_state_model(prepared, data, recipe):
     from quantkit.calibrate.driver import fixed_threads
 
     with fixed_threads(1 if recipe.calibration.deterministic else None):
-        return equalize_prepared(prepared, list(data.batches(limit=recipe.ptq.num_images, spread=True)), recipe.ptq,
-                                 recipe.quantization)
+        batches = list(data.batches(limit=recipe.ptq.num_images, spread=True))
+        return equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)
 
 
 def ptq_for_state(state) -> PtqReport:
@@ -135,8 +135,8 @@ def ptq_for_state(state) -> PtqReport:
     if getattr(report, "layers", None):  # already applied (idempotence: never correct twice)
         return report
     with fixed_threads(1 if state.recipe.calibration.deterministic else None):
-        report = apply_ptq(state.model, state.calibration.result, list(state.data.batches(limit=spec.num_images, spread=True)),
-                           spec, report)
+        batches = list(state.data.batches(limit=spec.num_images, spread=True))
+        report = apply_ptq(state.model, state.calibration.result, batches, spec, report)
     if report.amax:
         cal = state.calibration
         cal.chosen_amax = {n: report.amax.get(n, a) for n, a in cal.chosen_amax.items()}

@@ -102,7 +102,8 @@ def render_markdown(report: dict) -> str:
         if sel.get("curve"):  # the accuracy / INT8-share curve of the min_int8_share selection
             lines += ["Accuracy vs INT8 share, one greedy step per row (predicted output SQNR: additive-noise model "
                       "from the measured per-layer recoveries; the held-out figures above are measured):", "",
-                      "| FP16 layers | added | INT8 share of conv/linear MACs | predicted SQNR dB |", "|---|---|---|---|"]
+                      "| FP16 layers | added | INT8 share of conv/linear MACs | predicted SQNR dB |",
+                      "|---|---|---|---|"]
             lines += [f"| {p['num_fp16']} | `{p['step']}` | {fmt_number(100 * p['int8_mac_share'], 2)} % | "
                       f"{fmt_number(p['predicted_sqnr_db'], 2)} |" for p in sel["curve"]] + [""]
     for plot in report.get("plots", []):

@@ -61,15 +61,13 @@ def sensitivity_bar_chart_bytes(result, top: int = 20, fp16=()) -> bytes:
     def gain(s):
         return s.recovery_sqnr_db if math.isfinite(s.recovery_sqnr_db) else DISPLAY_CAP_DB
 
-    recovery_only = any(s.damage_sqnr_db is None for s in layers)
-    if recovery_only:  # recovery-only analysis (the min_int8_share selection)
-        panels = [("output SQNR gained keeping only this layer FP16 (dB; higher = more sensitive)",
-                   sorted(layers, key=lambda s: (-gain(s), s.name))[:top], lambda s: min(gain(s), DISPLAY_CAP_DB),
-                   "tab:blue")]
+    recovery_only = any(s.damage_sqnr_db is None for s in layers)  # the min_int8_share selection's analysis
+    if recovery_only:
+        label, metric, worst = "output SQNR gained keeping only this layer FP16 (dB; higher = more sensitive)", gain, -1
     else:
-        panels = [("output SQNR, only this layer INT8 (dB; lower = worse)",
-                   sorted(layers, key=lambda s: (sqnr(s), s.name))[:top], lambda s: min(sqnr(s), DISPLAY_CAP_DB),
-                   "tab:blue")]
+        label, metric, worst = "output SQNR, only this layer INT8 (dB; lower = worse)", sqnr, 1
+    panels = [(label, sorted(layers, key=lambda s: (worst * metric(s), s.name))[:top],
+               lambda s: min(metric(s), DISPLAY_CAP_DB), "tab:blue")]
     if result.has_map:
         panels.append(("mAP50:95 drop, only this layer INT8 (points; higher = worse)",
                        sorted(layers, key=lambda s: (-(s.damage_map_points or 0.0), s.name))[:top],

@@ -193,7 +193,8 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     if progress and batches:  # say up front how long this will take (one measured forward x replays)
         from quantkit.sensitivity.plan import estimate_analysis
 
-        estimate_analysis(qmodel, batches[0], len(names), len(batches) + len(eval_chunks), configs=2 if damage else 1)
+        estimate_analysis(qmodel, batches[0], len(names), len(batches) + len(eval_chunks),
+                          configs=2 if damage else 1)
     saved = _quantizer_flags(qmodel)
     full = SqnrAccumulator()
     dmg = {n: SqnrAccumulator() for n in names}
@@ -201,6 +202,7 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     dets: dict[str, dict] = {}
     order: dict[str, int] = {}
     bar = progress_bar((len(batches) + len(eval_chunks)) * len(names), "sensitivity", "layer", enabled=progress)
+    counted = "d" if damage else "r"  # the progress bar counts one replay per layer and chunk
     try:
         with on_device(dev, qmodel), Replayer(qmodel, list(modules.values())) as rp:
             for x in batches:
@@ -212,12 +214,12 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
                         full.update(ref, out)
                     else:
                         (dmg if n[0] == "d" else rec_)[n[1]].update(ref, out)
-                        bar.update(n[0] == ("d" if damage else "r"))
+                        bar.update(n[0] == counted)
             for chunk in eval_chunks:
                 x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk])).to(dev)
                 for n, out in _configs(rp, qmodel, modules, everything, x, order, damage):
                     _collect_dets(dets, n, out, chunk, state)
-                    bar.update(isinstance(n, tuple) and n[0] == ("d" if damage else "r"))
+                    bar.update(isinstance(n, tuple) and n[0] == counted)
     finally:
         bar.close()
         for q, disabled in saved:

@@ -22,15 +22,19 @@ log = logging.getLogger("quantkit")
 
 @dataclass(frozen=True)
 class AnalysisEstimate:
-    """``forward_s``: one measured forward of a chunk (seconds); ``replays``: forwards the analysis runs at
-    most (``chunks x (2 + configs x layers)``, configs = 2: damage and recovery, 1: recovery only); ``upper_s``: their product (replays start at each layer, so the real
-    time is usually lower)."""
+    """``forward_s``: one measured forward of a chunk (seconds); ``configs``: replays per layer and chunk (2: damage
+    and recovery, 1: recovery only); ``replays``: forwards the analysis runs at most; ``upper_s``: their product
+    (replays start at each layer, so the real time is usually lower)."""
 
     layers: int
     chunks: int
     forward_s: float
-    replays: int
     configs: int = 2
+
+    @property
+    def replays(self) -> int:
+        """Two records per chunk plus ``configs`` replays per layer and chunk."""
+        return self.chunks * (2 + self.configs * self.layers)
 
     @property
     def upper_s(self) -> float:
@@ -38,8 +42,7 @@ class AnalysisEstimate:
 
     def message(self) -> str:
         return (f"sensitivity analysis: {self.layers} layers x {self.configs} configuration(s) x {self.chunks} "
-                f"chunk(s); one "
-                f"forward took {self.forward_s:.3f} s, so at most ~{_fmt(self.upper_s)} "
+                f"chunk(s); one forward took {self.forward_s:.3f} s, so at most ~{_fmt(self.upper_s)} "
                 "(set sensitivity.num_images / sensitivity.eval_images lower to shorten it)")
 
 
@@ -55,7 +58,7 @@ def estimate_analysis(model: torch.nn.Module, example: torch.Tensor, layers: int
         t0 = time.perf_counter()
         model(example)
         forward_s = time.perf_counter() - t0
-    est = AnalysisEstimate(layers=layers, chunks=chunks, forward_s=forward_s, replays=chunks * (2 + configs * layers), configs=configs)
+    est = AnalysisEstimate(layers=layers, chunks=chunks, forward_s=forward_s, configs=configs)
     log.info("%s", est.message())
     return est
 

@@ -81,45 +81,33 @@ def _prepared(model, x, method="max"):
     return prepared, res
 
 
-def test_bias_correction_recovers_a_planted_mean_shift_exactly():
+@pytest.mark.parametrize("layer, x, channel_axis", [
+    (nn.Conv2d(3, 4, 3, padding=1), (8, 3, 10, 10), 1),  # NCHW: channels on axis 1
+    # a Linear on (N, T, C) tokens (ConvNeXt / transformer MLPs) has its channels on the LAST axis; 320 samples per
+    # output feature, 32 features (a size different from T and C)
+    (nn.Linear(8, 32), (4, 80, 8), 2),
+], ids=["conv", "linear_on_tokens"])
+def test_bias_correction_recovers_a_planted_mean_shift_exactly(layer, x, channel_axis):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval()
-    x = torch.randn(8, 3, 10, 10)
-    shift = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    layer.reset_parameters()
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(*x)
+    channels = layer.weight.shape[0]
+    shift = torch.linspace(-1.0, 2.0, channels)
+    others = tuple(d for d in range(x.dim()) if d != channel_axis)
     biases = []
     for plant in (False, True):
         prepared, res = _prepared(model, x)
-        conv = prepared.qmodel.get_submodule("0")
+        q = prepared.qmodel.get_submodule("0")
         if plant:
-            conv.bias.data.add_(shift)
-        sequential_pass(prepared.qmodel, prepared.fp32, x, res, SequentialOptions(bias_correction=True))
-        biases.append(conv.bias.detach().clone())
-        with torch.no_grad():  # the quantized layer's channel means now equal FP32's on the data
-            dq = prepared.qmodel(x).mean(dim=(0, 2, 3)) - prepared.fp32(x).mean(dim=(0, 2, 3))
-        assert float(dq.abs().max()) < 1e-5
-    torch.testing.assert_close(biases[1], biases[0], atol=1e-6, rtol=0)  # the planted shift is fully removed
-
-
-def test_bias_correction_of_a_linear_on_tokens_corrects_the_last_axis():
-    """A Linear on (N, T, C) input (ConvNeXt / transformer MLPs) has its channels on the last axis: the planted
-    shift is removed per output feature (the default recipe runs bias correction on every network)."""
-    torch.manual_seed(11)
-    model = nn.Sequential(nn.Linear(8, 32)).eval()
-    x = torch.randn(4, 80, 8)  # 320 samples per output feature, 32 features (a different size than T or C)
-    shift = torch.linspace(-1.0, 1.0, 32)
-    biases = []
-    for plant in (False, True):
-        prepared, res = _prepared(model, x)
-        fc = prepared.qmodel.get_submodule("0")
-        if plant:
-            fc.bias.data.add_(shift)
+            q.bias.data.add_(shift)
         rep = sequential_pass(prepared.qmodel, prepared.fp32, x, res, SequentialOptions(bias_correction=True))
         assert rep["0"].bias_shift_abs_mean is not None
-        biases.append(fc.bias.detach().clone())
-        with torch.no_grad():
-            dq = prepared.qmodel(x).mean(dim=(0, 1)) - prepared.fp32(x).mean(dim=(0, 1))
+        biases.append(q.bias.detach().clone())
+        with torch.no_grad():  # the quantized layer's channel means now equal FP32's on the data
+            dq = prepared.qmodel(x).mean(dim=others) - prepared.fp32(x).mean(dim=others)
         assert float(dq.abs().max()) < 1e-5
-    torch.testing.assert_close(biases[1], biases[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(biases[1], biases[0], atol=1e-6, rtol=0)  # the planted shift is fully removed
 
 
 def test_learned_rounding_never_worse_and_exported_int8_weights_are_the_learned_ones():
