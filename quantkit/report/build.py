@@ -120,7 +120,11 @@ def write_reports(stage, recipe, report: dict, command_line: list[str], *, calib
     from quantkit.report.manifest import build_manifest
     from quantkit.report.markdown import render_markdown
 
+    from quantkit.report.next_steps import next_steps
+
     run = report.pop("_run", {})
+    report["next_steps"] = next_steps(target=recipe.export.target, files=sorted(stage.files),
+                                      has_eval=bool(report.get("evaluation")))
     if calib is not None:
         stage.write_json("calibration.json", calibration_json(calib, chosen_amax, recipe.calibration.settings, data))
     stage.write_text("recipe.resolved.yaml", recipe.to_yaml())

@@ -142,4 +142,7 @@ def render_markdown(report: dict) -> str:
     for name, findings in lint.items():
         lines.append(f"- `{name}`: {len(findings)} finding(s)" + ("" if not findings else ": " + "; ".join(
             f"{f['severity']} {f['rule']} at {f['node']}" for f in findings[:10])))
+    if report.get("next_steps"):
+        lines += ["", "## Next steps", "", "From inside this folder:", ""]
+        lines += [f"- {s['what']}: `{s['command']}`" for s in report["next_steps"]]
     return "\n".join(lines) + "\n"
