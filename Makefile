@@ -24,8 +24,10 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	$(PIP) -e '.[dev]'
 	touch $@
 
+# what the README's first command does: the default export of the bundled model and data into out/ (--force:
+# replace the previous demo's output, and nothing else)
 demo: $(VENV)/.demo
-	$(VENV)/bin/quantkit export --recipe trees --out out/demo --force
+	$(VENV)/bin/quantkit export --force
 
 test: $(VENV)/.dev
 	$(VENV)/bin/pytest -q tests
