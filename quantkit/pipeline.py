@@ -28,7 +28,7 @@ from quantkit.models.checks import check_float32, check_outputs
 from quantkit.recipe import Recipe, load_recipe, parse_batch
 from quantkit.state import ExportResult, QuantState
 from quantkit.utils.optional_deps import check_optional_deps
-from quantkit.utils.preflight import preflight, run_inputs
+from quantkit.utils.preflight import check_cache, preflight, run_inputs
 
 log = logging.getLogger("quantkit")
 
@@ -227,6 +227,7 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     out = Path(out_dir)
     inputs, own = run_inputs(recipe, recipe_path=recipe_path), ("sensitivity.json", "sensitivity.png")
     check_output_dir(out, force, inputs, own_files=own)  # never replace inputs or foreign files
+    check_cache(recipe, inputs)  # never overwrite an input or a foreign file with the calibration cache
     check_optional_deps(recipe, evaluation=False, plot=True)  # sensitivity.png needs matplotlib
     state = quantize_recipe(recipe, progress=progress)
     subset = _eval_dataset(state, recipe.sensitivity.eval_images)
