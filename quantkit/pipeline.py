@@ -244,16 +244,27 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                           format_summary(doc, choice), None if choice is None else choice.met)
 
 
-def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0) -> dict:
+def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, *, model: str | None = None,
+             trust_recipe: bool = False) -> dict:
     """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder (the recipe it was
-    made with rebuilds the torch model); ``data`` defaults to the recipe's (or the bundled) evaluation set."""
+    made with rebuilds the torch model); ``data`` defaults to the recipe's (or the bundled) evaluation set.
+
+    A recorded ``file.py:factory`` / ``module:function`` model is imported only when ``model`` names the same
+    one again or ``trust_recipe`` is set (``quantkit.models.consent``): reading a folder never runs its code."""
+    from dataclasses import replace
+
     from quantkit.data import open_data
     from quantkit.eval import evaluate_export
+    from quantkit.models.consent import consented_model
 
     folder = Path(out_dir)
-    if not (folder / "recipe.resolved.yaml").is_file():
+    recipe_file = folder / "recipe.resolved.yaml"
+    if not recipe_file.is_file():
         raise UsageError(f"{folder} is not a quantkit export folder (no recipe.resolved.yaml): pass --out of an export")
-    recipe = load_recipe(folder / "recipe.resolved.yaml")
+    recipe = load_recipe(recipe_file)
+    spec = consented_model(recipe.model.name, model, trust_recipe, recipe_file)  # before anything is imported
+    if spec != recipe.model.name:
+        recipe = replace(recipe, model=replace(recipe.model, name=spec))
     calib_path, default_eval = resolve_inputs(recipe)
     data_path = data or default_eval
     if not data_path:

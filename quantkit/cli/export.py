@@ -26,7 +26,8 @@ Default accuracy methods (each can be turned off): mse calibration, empirical bi
 lists the INT8 share, every FP16 layer and why.
 
 \b
-Security: --model FILE.py:FACTORY imports and runs FILE.py (your code, with your permissions).
+Security: --model FILE.py:FACTORY imports and runs FILE.py (your code, with your permissions); so does a
+--recipe naming one (an export's recipe.resolved.yaml included): read a recipe you received before passing it.
 Weights are loaded with torch.load(weights_only=True): files that need pickle code execution are refused.
 
 """ + EXIT_CODES_HELP

@@ -16,7 +16,11 @@ Examples:
 
 \b
 Writes sensitivity.json (analysis, cost estimate, selection) and sensitivity.png into --out.
-Latencies are ESTIMATES from a T4 roofline model, not measurements."""
+Latencies are ESTIMATES from a T4 roofline model, not measurements.
+
+\b
+Security: a model given as module.py:factory (on the command line or in a --recipe) imports and runs that
+file's code with your permissions; read a recipe you received before passing it."""
 
 
 @click.command("sensitivity", epilog=SENSITIVITY_EPILOG)
