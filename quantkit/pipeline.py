@@ -15,6 +15,7 @@ build / lint / verify / layers / models: one stage call each.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +288,9 @@ def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = 
     p = Path(onnx_path)
     if not p.is_file():
         raise UsageError(f"{p} does not exist: pass an ONNX written by `quantkit export`")
+    if timing_cache is not None and Path(timing_cache).exists() and os.path.samefile(timing_cache, p):
+        raise UsageError(f"--timing-cache {timing_cache} is the ONNX being built: TensorRT would overwrite it with "
+                         "its timing cache; pass another file, e.g. timing.cache")
     installed_trt_version()  # fail with the install hint before anything else
     name, _ = cuda_device()  # the build itself refuses a GPU that does not match --target
     info = build_and_inspect(p, Path(out_dir) if out_dir else p.parent, target=target, batch=batch,

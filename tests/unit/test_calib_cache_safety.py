@@ -167,3 +167,13 @@ def test_a_fifo_is_neither_read_nor_replaced(tmp_path):
     assert cache.load(cache_key(COMPONENTS)) is None and "regular" in cache.last_reason
     with pytest.raises(UsageError, match="not a quantkit calibration cache"):
         check_cache_target(p)
+
+
+def test_build_never_overwrites_its_onnx_with_the_timing_cache(tmp_path):
+    onnx_file = tmp_path / "model.int8.onnx"
+    onnx_file.write_bytes(b"\x08\x07 the graph")
+    (tmp_path / "alias.cache").hardlink_to(onnx_file)
+    for cache in (onnx_file, tmp_path / "alias.cache"):
+        res = CliRunner().invoke(main, ["build", str(onnx_file), "--timing-cache", str(cache)])
+        assert res.exit_code == 2 and "is the ONNX being built" in res.output, res.output
+    assert onnx_file.read_bytes() == b"\x08\x07 the graph"
