@@ -2,8 +2,9 @@
 
 ``model.name`` may be ``path/to/file.py:factory`` or ``package.module:function``: building the model imports
 that code and runs it. An output folder (its ``recipe.resolved.yaml``) is data that people pass around, so
-commands that read one (``quantkit eval``) never import the code it names on their own: the user names the same
-model again on the command line (``--model``), or passes ``--trust-recipe`` to accept the recorded one.
+commands that read one (``quantkit eval``, and ``export`` / ``sensitivity`` given an output folder's recipe with
+``--recipe``) never import the code it names on their own: the user names the same model again on the command
+line (``--model``), or passes ``--trust-recipe`` to accept the recorded one.
 Registered model names and ``.onnx`` files run no user code and need no consent.
 """
 
@@ -56,4 +57,25 @@ def consented_model(recorded: str | None, named: str | None, trust: bool, source
     return recorded
 
 
-__all__ = ["runs_code", "consented_model", "TRUST_FLAG"]
+def check_recipe_file(recipe_path: str | os.PathLike | None, model: str | None, named: bool, trust: bool) -> None:
+    """UsageError when ``--recipe`` is an output folder's recipe (``recipe.resolved.yaml``, or a recipe with a
+    ``manifest.json`` beside it) whose ``model`` runs code, and the user neither named a model on the command
+    line (``named``: ``--model`` / MODEL / ``--set model.name``) nor passed ``--trust-recipe``."""
+    if not recipe_path or named or trust or not runs_code(model):
+        return
+    p = Path(recipe_path)
+    if not p.is_file():  # a shipped recipe's name
+        return
+    if p.name != "recipe.resolved.yaml" and not (p.parent / "manifest.json").is_file():
+        return  # the user's own recipe file: naming it is naming its model
+    raise UsageError(f"--recipe {p} comes from an output folder and names the model {model}: building it would "
+                     "import and run that code, and quantkit never runs code named in an output folder on its own. "
+                     f"If you trust it, name it again with --model {model} (or pass {TRUST_FLAG})")
+
+
+def names_model(model_arg: str | None, sets: tuple[str, ...] | list[str]) -> bool:
+    """True when the command line names the model: MODEL / ``--model``, or ``--set model.name=...``."""
+    return bool(model_arg) or any(s.split("=", 1)[0].strip() == "model.name" for s in sets)
+
+
+__all__ = ["runs_code", "consented_model", "check_recipe_file", "names_model", "TRUST_FLAG"]

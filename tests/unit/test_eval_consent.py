@@ -27,16 +27,17 @@ def received(tmp_path):
     marker = tmp_path / "MARKER"
     evil = tmp_path / "evil.py"
     evil.write_text(HOSTILE.format(marker=str(marker)))
-    folder = tmp_path / "out"
+    folder, data = tmp_path / "out", tmp_path / "data"
     folder.mkdir()
+    data.mkdir()
     (folder / "recipe.resolved.yaml").write_text(load_recipe(None, [
-        f"model.name='{evil}:build'", f"calibration.data='{tmp_path}'", f"evaluation.data='{tmp_path}'"]).to_yaml())
+        f"model.name='{evil}:build'", f"calibration.data='{data}'"]).to_yaml())
     (folder / "model.onnx").write_bytes(b"never read before the check")
     return folder, evil, marker
 
 
-def _eval(*args):
-    res = CliRunner().invoke(main, ["eval", *map(str, args)])
+def _eval(folder, *args):
+    res = CliRunner().invoke(main, ["eval", str(folder), "--data", str(folder.parent / "data"), *map(str, args)])
     return res.exit_code, res.output
 
 
@@ -88,3 +89,37 @@ def test_help_says_a_factory_file_is_executed():
     for cmd in ("eval", "export", "sensitivity"):
         text = CliRunner().invoke(main, [cmd, "--help"]).output
         assert "imports and runs" in text and "factory" in text, cmd
+
+
+@pytest.mark.parametrize("cmd", ["export", "sensitivity"])
+def test_a_recipe_from_an_output_folder_runs_no_code_unless_named(received, tmp_path, cmd):
+    folder, evil, marker = received
+    recipe = folder / "recipe.resolved.yaml"
+    out = tmp_path / "new"
+    code, text = _run(cmd, "--recipe", recipe, "--out", out)
+    assert code == 2 and f"--model {evil}:build" in text and "--trust-recipe" in text, text
+    assert not marker.exists() and not out.exists()
+    # a manifest.json beside a recipe of any name marks an output folder too
+    renamed = folder / "mine.yaml"
+    renamed.write_bytes(recipe.read_bytes())
+    (folder / "manifest.json").write_text("{}")
+    code, text = _run(cmd, "--recipe", renamed, "--out", out)
+    assert code == 2 and "--trust-recipe" in text and not marker.exists(), text
+    code, text = _run(cmd, "--recipe", recipe, "--out", out, "--model", f"{evil}:build")
+    assert marker.exists(), text  # named: consent given, the factory file was imported
+    marker.unlink()
+    code, text = _run(cmd, "--recipe", recipe, "--out", out, "--trust-recipe")
+    assert marker.exists(), text
+
+
+def test_a_users_own_recipe_file_is_its_own_consent(received, tmp_path):
+    folder, evil, marker = received
+    own = tmp_path / "my_recipe.yaml"
+    own.write_bytes((folder / "recipe.resolved.yaml").read_bytes())
+    code, text = _run("export", "--recipe", own, "--out", tmp_path / "new")
+    assert marker.exists(), text
+
+
+def _run(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res.exit_code, res.output
