@@ -170,17 +170,22 @@ def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib
 
 
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
-               command_line: list[str] | None = None, recipe_path: str | None = None) -> ExportResult:
+               command_line: list[str] | None = None, recipe_path: str | None = None, model_named: bool = True,
+               trust_recipe: bool = False) -> ExportResult:
     """Run the whole pipeline for ``recipe`` and write the artifacts into ``out_dir`` atomically.
 
+    ``model_named`` (False: the model comes from ``recipe_path`` alone) and ``trust_recipe``: consent to import
+    a ``file.py:factory`` that an output folder's recipe names (``quantkit.models.consent.check_recipe_file``).
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     from quantkit import engine
+    from quantkit.models.consent import check_recipe_file
     from quantkit.onnxin.load import is_onnx_path
     from quantkit.output import resolve_target
     from quantkit.utils.outlock import OutputLock
 
+    check_recipe_file(recipe_path, recipe.model.name, model_named, trust_recipe)  # before any import
     if is_onnx_path(recipe.model.name):
         calib, ev = recipe.calibration.data, recipe.evaluation.data  # the ONNX route may run on a TensorRT cache
     else:
@@ -216,15 +221,18 @@ class SensitivityRun:
 
 
 def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False, top: int = 15,
-                    progress: bool = True, recipe_path: str | None = None) -> SensitivityRun:
+                    progress: bool = True, recipe_path: str | None = None, model_named: bool = True,
+                    trust_recipe: bool = False) -> SensitivityRun:
     """Per-layer sensitivity of ``recipe``'s model, the T4 cost estimate and, with a budget, the FP16 choice;
     writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. mAP sensitivities and an mAP
     budget use ``sensitivity.eval_images`` evaluation images (0: all)."""
     from quantkit import sensitivity
+    from quantkit.models.consent import check_recipe_file
     from quantkit.output import StagedOutput, check_output_dir
     from quantkit.report.plots import sensitivity_bar_chart_bytes
     from quantkit.sensitivity.table import format_summary, format_table
 
+    check_recipe_file(recipe_path, recipe.model.name, model_named, trust_recipe)  # before any import (see run_export)
     out = Path(out_dir)
     inputs, own = run_inputs(recipe, recipe_path=recipe_path), ("sensitivity.json", "sensitivity.png")
     check_output_dir(out, force, inputs, own_files=own)  # never replace inputs or foreign files

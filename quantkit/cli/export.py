@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from quantkit.cli.common import EXIT_CODES_HELP, one_model, overrides, run_guarded, setup_logging, yaml_str
+from quantkit.cli.common import (EXIT_CODES_HELP, names_model, one_model, overrides, run_guarded, setup_logging,
+                                 yaml_str)
 from quantkit.errors import UsageError
 from quantkit.recipe import CalibMethod
 
@@ -134,15 +135,13 @@ def _export(a: dict) -> None:
     from quantkit.cli.summary import error_summary, export_summary, summary_line
     from quantkit.errors import QuantkitError
     from quantkit.pipeline import run_export
-    from quantkit.models.consent import check_recipe_file, names_model
     from quantkit.recipe import load_recipe
 
     try:
         recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
-        check_recipe_file(a["recipe_path"], recipe.model.name,
-                          names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]), a["trust_recipe"])
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
-                            recipe_path=a["recipe_path"])
+                            recipe_path=a["recipe_path"], trust_recipe=a["trust_recipe"],
+                            model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
     except QuantkitError as exc:
         if a["json_out"]:
             click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))

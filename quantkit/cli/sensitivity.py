@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from quantkit.cli.common import one_model, overrides, run_guarded, setup_logging
+from quantkit.cli.common import names_model, one_model, overrides, run_guarded, setup_logging
 from quantkit.errors import GateFailure, UsageError
 
 SENSITIVITY_EPILOG = """\b
@@ -53,7 +53,6 @@ def sensitivity_cmd(**a):
 
 
 def _sensitivity(a: dict) -> None:
-    from quantkit.models.consent import check_recipe_file, names_model
     from quantkit.pipeline import run_sensitivity
     from quantkit.recipe import load_recipe
 
@@ -68,9 +67,9 @@ def _sensitivity(a: dict) -> None:
         ("sensitivity.sqnr_floor", a["sqnr_floor"]), ("runtime.device", a["device"]),
     ))
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
-    check_recipe_file(a["recipe_path"], recipe.model.name,
-                      names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]), a["trust_recipe"])
-    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"])
+    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"],
+                          trust_recipe=a["trust_recipe"],
+                          model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
     click.echo(run.table)
     for line in run.summary:
         click.echo(line)

@@ -73,9 +73,4 @@ def check_recipe_file(recipe_path: str | os.PathLike | None, model: str | None, 
                      f"If you trust it, name it again with --model {model} (or pass {TRUST_FLAG})")
 
 
-def names_model(model_arg: str | None, sets: tuple[str, ...] | list[str]) -> bool:
-    """True when the command line names the model: MODEL / ``--model``, or ``--set model.name=...``."""
-    return bool(model_arg) or any(s.split("=", 1)[0].strip() == "model.name" for s in sets)
-
-
-__all__ = ["runs_code", "consented_model", "check_recipe_file", "names_model", "TRUST_FLAG"]
+__all__ = ["runs_code", "consented_model", "check_recipe_file", "TRUST_FLAG"]
