@@ -5,7 +5,8 @@ file is written is the staging folder renamed into place (the previous output is
 ``.NAME.old-PID`` first and deleted after). An exception, Ctrl-C or SIGTERM removes the staging folder, so the
 target holds either the previous complete output or the new one. Staging folders of runs that died (SIGKILL,
 power loss) are removed, or restored when they hold the only copy of the previous output, by the next run on
-the same target.
+the same target — only those that carry quantkit's marker file (``STAGING_MARKER``, written when quantkit makes
+the folder and taken out before it becomes the output): a user's folder that merely has such a name is kept.
 
 What ``--force`` may replace (``check_output_dir``): only a previous quantkit output — a folder whose
 manifest.json lists every file in it — and never a folder that is, contains or lies inside one of the run's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -28,6 +30,9 @@ from quantkit.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_
 from quantkit.utils.outlock import OutputLock
 
 PathLike = str | os.PathLike
+
+STAGING_MARKER = ".quantkit-staging"  # inside a staging folder quantkit made; proof that it may remove it
+_MARKER_TEXT = "quantkit staging folder: removed by the next quantkit run on this --out\n"
 
 
 def resolve_target(out: PathLike) -> Path:
@@ -141,14 +146,42 @@ def remove_stale_staging(target: Path) -> list[Path]:
     prefix = f".{target.name}."
     for p in sorted(target.parent.glob(f".{_glob_escape(target.name)}.*-*")):
         kind, _, pid = p.name[len(prefix):].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)) or not is_our_staging(p):
             continue
         if kind == "old" and not target.exists() and not target.is_symlink():
             os.replace(p, target)
+            _unmark(target)
         else:
             shutil.rmtree(p, ignore_errors=True)
         done.append(p)
     return done
+
+
+def is_our_staging(folder: Path) -> bool:
+    """True when ``folder`` is a plain folder (not a link) of this user holding quantkit's staging marker, a
+    plain file with quantkit's text: only then may a later run remove or restore it."""
+    try:
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+            return False
+        marker = folder / STAGING_MARKER
+        mst = os.lstat(marker)
+        if not stat.S_ISREG(mst.st_mode) or mst.st_size != len(_MARKER_TEXT):
+            return False
+        return marker.read_text(encoding="utf-8") == _MARKER_TEXT
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _mark(folder: Path) -> None:
+    (folder / STAGING_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+
+
+def _unmark(folder: Path) -> None:
+    try:
+        (folder / STAGING_MARKER).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _glob_escape(name: str) -> str:
@@ -199,9 +232,13 @@ class StagedOutput:
             remove_stale_staging(self.target)
             interrupt.begin_output()
             staging = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging.exists() or staging.is_symlink():
+                if not is_our_staging(staging):  # our pid, but not our folder: never delete it
+                    raise UsageError(f"{staging} exists and was not made by quantkit: move it away and retry")
+                shutil.rmtree(staging)
             staging.mkdir()
             self.staging = staging
+            _mark(staging)
         except BaseException:
             self._release()
             raise
@@ -236,14 +273,20 @@ class StagedOutput:
             if target.exists():
                 _check_existing(target, self.out, self.force, self.own_files)  # changed while we worked?
                 old = target.parent / f".{target.name}.old-{os.getpid()}"
-                shutil.rmtree(old, ignore_errors=True)
+                if old.exists() or old.is_symlink():
+                    if not is_our_staging(old):
+                        raise UsageError(f"{old} exists and was not made by quantkit: move it away and retry")
+                    shutil.rmtree(old)
                 _rename(target, old, self.out)
+                _mark(old)  # a run killed from here on leaves it for the next run to restore or remove
             try:
                 interrupt.test_point("rename")
+                _unmark(self.staging)  # the marker never reaches the output
                 os.replace(self.staging, target)
             except OSError as exc:
                 if old is not None:
                     os.replace(old, target)
+                    _unmark(target)
                 raise UsageError(f"cannot move the new output into place at {self.out}: {exc.strerror}; "
                                  "nothing was changed. Choose another --out") from None
             self.staging = None

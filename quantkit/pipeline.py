@@ -15,6 +15,7 @@ build / lint / verify / layers / models: one stage call each.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from quantkit.models.checks import check_float32, check_outputs
 from quantkit.recipe import Recipe, load_recipe, parse_batch
 from quantkit.state import ExportResult, QuantState
 from quantkit.utils.optional_deps import check_optional_deps
-from quantkit.utils.preflight import preflight, run_inputs
+from quantkit.utils.preflight import check_cache, preflight, run_inputs
 
 log = logging.getLogger("quantkit")
 
@@ -169,17 +170,22 @@ def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib
 
 
 def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
-               command_line: list[str] | None = None, recipe_path: str | None = None) -> ExportResult:
+               command_line: list[str] | None = None, recipe_path: str | None = None, model_named: bool = True,
+               trust_recipe: bool = False) -> ExportResult:
     """Run the whole pipeline for ``recipe`` and write the artifacts into ``out_dir`` atomically.
 
+    ``model_named`` (False: the model comes from ``recipe_path`` alone) and ``trust_recipe``: consent to import
+    a ``file.py:factory`` that an output folder's recipe names (``quantkit.models.consent.check_recipe_file``).
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
     written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     from quantkit import engine
+    from quantkit.models.consent import check_recipe_file
     from quantkit.onnxin.load import is_onnx_path
     from quantkit.output import resolve_target
     from quantkit.utils.outlock import OutputLock
 
+    check_recipe_file(recipe_path, recipe.model.name, model_named, trust_recipe)  # before any import
     if is_onnx_path(recipe.model.name):
         calib, ev = recipe.calibration.data, recipe.evaluation.data  # the ONNX route may run on a TensorRT cache
     else:
@@ -215,18 +221,22 @@ class SensitivityRun:
 
 
 def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False, top: int = 15,
-                    progress: bool = True, recipe_path: str | None = None) -> SensitivityRun:
+                    progress: bool = True, recipe_path: str | None = None, model_named: bool = True,
+                    trust_recipe: bool = False) -> SensitivityRun:
     """Per-layer sensitivity of ``recipe``'s model, the T4 cost estimate and, with a budget, the FP16 choice;
     writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. mAP sensitivities and an mAP
     budget use ``sensitivity.eval_images`` evaluation images (0: all)."""
     from quantkit import sensitivity
+    from quantkit.models.consent import check_recipe_file
     from quantkit.output import StagedOutput, check_output_dir
     from quantkit.report.plots import sensitivity_bar_chart_bytes
     from quantkit.sensitivity.table import format_summary, format_table
 
+    check_recipe_file(recipe_path, recipe.model.name, model_named, trust_recipe)  # before any import (see run_export)
     out = Path(out_dir)
     inputs, own = run_inputs(recipe, recipe_path=recipe_path), ("sensitivity.json", "sensitivity.png")
     check_output_dir(out, force, inputs, own_files=own)  # never replace inputs or foreign files
+    check_cache(recipe, inputs)  # never overwrite an input or a foreign file with the calibration cache
     check_optional_deps(recipe, evaluation=False, plot=True)  # sensitivity.png needs matplotlib
     state = quantize_recipe(recipe, progress=progress)
     subset = _eval_dataset(state, recipe.sensitivity.eval_images)
@@ -243,16 +253,27 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                           format_summary(doc, choice), None if choice is None else choice.met)
 
 
-def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0) -> dict:
+def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, *, model: str | None = None,
+             trust_recipe: bool = False) -> dict:
     """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder (the recipe it was
-    made with rebuilds the torch model); ``data`` defaults to the recipe's (or the bundled) evaluation set."""
+    made with rebuilds the torch model); ``data`` defaults to the recipe's (or the bundled) evaluation set.
+
+    A recorded ``file.py:factory`` / ``module:function`` model is imported only when ``model`` names the same
+    one again or ``trust_recipe`` is set (``quantkit.models.consent``): reading a folder never runs its code."""
+    from dataclasses import replace
+
     from quantkit.data import open_data
     from quantkit.eval import evaluate_export
+    from quantkit.models.consent import consented_model
 
     folder = Path(out_dir)
-    if not (folder / "recipe.resolved.yaml").is_file():
+    recipe_file = folder / "recipe.resolved.yaml"
+    if not recipe_file.is_file():
         raise UsageError(f"{folder} is not a quantkit export folder (no recipe.resolved.yaml): pass --out of an export")
-    recipe = load_recipe(folder / "recipe.resolved.yaml")
+    recipe = load_recipe(recipe_file)
+    spec = consented_model(recipe.model.name, model, trust_recipe, recipe_file)  # before anything is imported
+    if spec != recipe.model.name:
+        recipe = replace(recipe, model=replace(recipe.model, name=spec))
     calib_path, default_eval = resolve_inputs(recipe)
     data_path = data or default_eval
     if not data_path:
@@ -275,6 +296,9 @@ def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = 
     p = Path(onnx_path)
     if not p.is_file():
         raise UsageError(f"{p} does not exist: pass an ONNX written by `quantkit export`")
+    if timing_cache is not None and Path(timing_cache).exists() and os.path.samefile(timing_cache, p):
+        raise UsageError(f"--timing-cache {timing_cache} is the ONNX being built: TensorRT would overwrite it with "
+                         "its timing cache; pass another file, e.g. timing.cache")
     installed_trt_version()  # fail with the install hint before anything else
     name, _ = cuda_device()  # the build itself refuses a GPU that does not match --target
     info = build_and_inspect(p, Path(out_dir) if out_dir else p.parent, target=target, batch=batch,

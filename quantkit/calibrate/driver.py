@@ -7,6 +7,8 @@ without another pass (and is what the calibration cache stores).
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -70,8 +72,12 @@ class CalibrationResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationResult":
-        return cls(tensors={k: {m: float(v) for m, v in d2.items()} for k, d2 in d["tensors"].items()},
-                   num_samples=int(d["num_samples"]))
+        """The inverse of ``as_dict``; ValueError on a non-finite amax (a damaged cache, "nan" as a string)."""
+        tensors = {k: {m: float(v) for m, v in d2.items()} for k, d2 in d["tensors"].items()}
+        bad = [k for k, d2 in tensors.items() if not all(math.isfinite(v) for v in d2.values())]
+        if bad:
+            raise ValueError(f"non-finite amax for tensor {bad[0][:200]!r}")
+        return cls(tensors=tensors, num_samples=int(d["num_samples"]))
 
 
 def method_key(settings: MethodSettings) -> str:

@@ -76,3 +76,9 @@ def one_model(model_arg: str | None, model_opt: str | None) -> str | None:
     if model_arg and model_opt and model_arg != model_opt:
         raise UsageError("give the model either as MODEL or as --model, not both")
     return model_arg or model_opt
+
+
+def names_model(model_arg: str | None, sets) -> bool:
+    """True when the command line names the model: MODEL / ``--model``, or ``--set model.name=...`` (consent to
+    run a ``file.py:factory`` that a recipe from an output folder names; see ``quantkit.models.consent``)."""
+    return bool(model_arg) or any(str(s).split("=", 1)[0].strip() == "model.name" for s in sets)

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from quantkit.cli.common import EXIT_CODES_HELP, one_model, overrides, run_guarded, setup_logging, yaml_str
+from quantkit.cli.common import (EXIT_CODES_HELP, names_model, one_model, overrides, run_guarded, setup_logging,
+                                 yaml_str)
 from quantkit.errors import UsageError
 from quantkit.recipe import CalibMethod
 
@@ -26,7 +27,9 @@ Default accuracy methods (each can be turned off): mse calibration, empirical bi
 lists the INT8 share, every FP16 layer and why.
 
 \b
-Security: --model FILE.py:FACTORY imports and runs FILE.py (your code, with your permissions).
+Security: --model FILE.py:FACTORY imports and runs FILE.py (your code, with your permissions); so does a
+--recipe naming one. A recipe from an output folder (recipe.resolved.yaml) runs its model code only when you
+name that model again with --model, or pass --trust-recipe.
 Weights are loaded with torch.load(weights_only=True): files that need pickle code execution are refused.
 
 """ + EXIT_CODES_HELP
@@ -79,6 +82,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--target", help="Engine target GPU: t4 (compute capability 7.5) or any. [default: t4]")
 @click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--trust-recipe", is_flag=True, help="Run the model code (file.py:factory) named by a --recipe from an "
+              "output folder (recipe.resolved.yaml) without naming it again with --model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no info logs on stderr (warnings and errors only).")
 @click.option("--json", "json_out", is_flag=True, help="Print one JSON summary line on stdout instead of the human "
               "summary (also on failure: ok=false, exit_code, error).")
@@ -135,7 +140,8 @@ def _export(a: dict) -> None:
     try:
         recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
-                            recipe_path=a["recipe_path"])
+                            recipe_path=a["recipe_path"], trust_recipe=a["trust_recipe"],
+                            model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
     except QuantkitError as exc:
         if a["json_out"]:
             click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from quantkit.cli.common import one_model, overrides, run_guarded, setup_logging
+from quantkit.cli.common import names_model, one_model, overrides, run_guarded, setup_logging
 from quantkit.errors import GateFailure, UsageError
 
 SENSITIVITY_EPILOG = """\b
@@ -16,7 +16,12 @@ Examples:
 
 \b
 Writes sensitivity.json (analysis, cost estimate, selection) and sensitivity.png into --out.
-Latencies are ESTIMATES from a T4 roofline model, not measurements."""
+Latencies are ESTIMATES from a T4 roofline model, not measurements.
+
+\b
+Security: a model given as module.py:factory (on the command line or in a --recipe) imports and runs that
+file's code with your permissions. A recipe from an output folder (recipe.resolved.yaml) runs its model code
+only when you name that model again with --model, or pass --trust-recipe."""
 
 
 @click.command("sensitivity", epilog=SENSITIVITY_EPILOG)
@@ -38,6 +43,8 @@ Latencies are ESTIMATES from a T4 roofline model, not measurements."""
 @click.option("--device", help="Where calibration and the per-layer measurements run: cpu or cuda[:N]. [default: cpu]")
 @click.option("--top", type=int, default=15, show_default=True, help="Rows of the printed table and bars of the plot.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--trust-recipe", is_flag=True, help="Run the model code (file.py:factory) named by a --recipe from an "
+              "output folder (recipe.resolved.yaml) without naming it again with --model.")
 @click.option("-v", "--verbose", is_flag=True, help="Verbose: also log debug messages to stderr.")
 def sensitivity_cmd(**a):
     """Rank MODEL's layers by INT8 damage and recovery; estimate T4 latency; optionally choose FP16 layers."""
@@ -60,7 +67,9 @@ def _sensitivity(a: dict) -> None:
         ("sensitivity.sqnr_floor", a["sqnr_floor"]), ("runtime.device", a["device"]),
     ))
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
-    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"])
+    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"],
+                          trust_recipe=a["trust_recipe"],
+                          model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
     click.echo(run.table)
     for line in run.summary:
         click.echo(line)

@@ -36,8 +36,12 @@ def run_inputs(recipe, *, recipe_path: str | os.PathLike | None = None, calib: s
     return [str(p) for p in found if p]
 
 
-def check_cache(recipe) -> None:
-    """UsageError when the calibration cache the run will write is unusable (and caching is on)."""
+def check_cache(recipe, inputs: list[str] = ()) -> None:
+    """UsageError when the calibration cache the run will write is unusable (and caching is on): a folder, an
+    unwritable place, one of the run's other ``inputs`` or inside an input folder, or an existing file that is
+    not a quantkit calibration cache (``calibrate.cache.check_cache_target``)."""
+    from quantkit.calibrate.cache import check_cache_target
+
     c = recipe.calibration
     if not c.use_cache:
         return
@@ -46,6 +50,10 @@ def check_cache(recipe) -> None:
         if p.is_dir():
             raise UsageError(f"calibration.cache {p} is a folder: pass a file path (e.g. {p / 'calib.json'}), "
                              "or --no-cache")
+        others = list(inputs)
+        if str(c.cache) in others:  # run_inputs lists the cache itself once; a second listing is a real input
+            others.remove(str(c.cache))
+        check_cache_target(p, others)
         _writable_folder(p.parent, f"calibration cache {p}", "pass a writable --calib-cache path or --no-cache")
         return
     folder = paths.cache_dir() / "calibration"
@@ -109,7 +117,7 @@ def preflight(recipe, out_dir: str | os.PathLike, *, force: bool = False, recipe
     """Every check that needs no model and no data, in seconds. Returns the run's input paths (for the output)."""
     inputs = run_inputs(recipe, recipe_path=recipe_path, calib=calib, eval_path=eval_path)
     check_output_dir(out_dir, force, inputs, own_files)
-    check_cache(recipe)
+    check_cache(recipe, inputs)
     check_memory(recipe)
     return inputs
 
