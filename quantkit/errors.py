@@ -33,6 +33,10 @@ class ExportError(QuantkitError):
     """An exported graph failed a parity or structural check."""
 
 
+class StorageError(QuantkitError):
+    """The disk is full (ENOSPC, EDQUOT) or a path is too long for the file system (PATH_MAX, NAME_MAX)."""
+
+
 class DependencyError(QuantkitError):
     """An optional dependency (tensorrt, matplotlib, faster-coco-eval, ...) is missing."""
 

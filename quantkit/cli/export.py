@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from quantkit.cli.common import EXIT_CODES_HELP, one_model, overrides, run_guarded, setup_logging, yaml_str
+from quantkit.cli.common import EXIT_CODES_HELP, as_user_error, one_model, overrides, run_guarded, setup_logging, yaml_str
 from quantkit.errors import UsageError
 from quantkit.recipe import CalibMethod
 
@@ -136,9 +136,10 @@ def _export(a: dict) -> None:
         recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
                             recipe_path=a["recipe_path"])
-    except QuantkitError as exc:
-        if a["json_out"]:
-            click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))
+    except Exception as exc:  # noqa: BLE001 - re-raised; a full disk outside --out is a user error too
+        err = as_user_error(exc)
+        if a["json_out"] and isinstance(err, QuantkitError):
+            click.echo(summary_line(error_summary("export", err.exit_code, str(err))))
         raise
     if a["json_out"]:
         click.echo(summary_line(export_summary(result)))
