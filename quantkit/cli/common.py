@@ -48,9 +48,11 @@ def as_user_error(exc: BaseException) -> BaseException:
 
 
 def _fail(exc: BaseException) -> None:
+    from quantkit.utils.quote import printable
+
     exc = as_user_error(exc)
-    if isinstance(exc, QuantkitError):
-        click.secho(f"error: {exc}", fg="red", err=True)
+    if isinstance(exc, QuantkitError):  # a non-UTF-8 file name in the message shows its bytes as \xNN
+        click.secho(f"error: {printable(exc)}", fg="red", err=True)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):  # SIGINT or SIGTERM (utils.interrupt): 130 or 143
         click.secho(f"interrupted ({interrupt.signal_name()}): no partial output was left behind", fg="red", err=True)
@@ -78,8 +80,14 @@ def yaml_str(s: str) -> str:
 
 def overrides(pairs) -> list[str]:
     """``section.key=value`` strings for the options that were given (None = not given)."""
+    from quantkit.utils.quote import cap, printable
+
     out = []
     for key, value in pairs:
+        if isinstance(value, str) and printable(value) != value:
+            raise UsageError(f"{key} '{cap(printable(value))}' is not valid UTF-8 (a name in another encoding): quantkit "
+                             "keeps paths in its recipe and reports as UTF-8 text; rename it, or link it under a "
+                             "UTF-8 name (ln -s)")
         if value is not None:
             out.append(f"{key}={yaml_str(value) if isinstance(value, str) else value}")
     return out

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from quantkit.errors import DataError
+from quantkit.utils.quote import cap, printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -57,7 +58,17 @@ def load_image(path: str | Path) -> np.ndarray:
         raise DataError(f"image {path} is too large to decode safely ({exc}); downscale it (calibration resizes "
                         "to the model's input size anyway)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}. Remove or replace the corrupt file") from exc
+        raise DataError(f"cannot read image {printable(path)}: {_reason(exc)}. Remove or replace the corrupt "
+                        "file") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """Why Pillow failed, without its repr of the path (which spells a non-UTF-8 name as ``\\udcNN``)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can identify"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return cap(exc)
 
 
 def _gray16_to_rgb8(arr: np.ndarray, path) -> np.ndarray:
