@@ -19,6 +19,7 @@ def list_images(directory: str | Path) -> list[Path]:
 
     Sub-folders are searched recursively (``train/cat/1.jpg`` counts); hidden files and folders (``.x``) are
     skipped, and symbolic links to folders are not followed (no loops). A flat folder lists exactly its files.
+    A (non-hidden) sub-folder that cannot be read is a DataError naming it, not a silent gap in the data.
     """
     d = Path(directory)
     if not d.exists():
@@ -26,7 +27,15 @@ def list_images(directory: str | Path) -> list[Path]:
     if not d.is_dir():
         raise DataError(f"{d} is not a directory: pass a folder of .jpg/.png images or a .npy file")
     found: list[tuple[str, Path]] = []
-    for folder, subdirs, names in os.walk(d):  # followlinks=False
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip the folder: calibration on part of the data
+        where = Path(exc.filename if exc.filename is not None else d)
+        what = f"the data folder {printable(d)}" if where == d else f"the folder {printable(where)} inside {printable(d)}"
+        raise DataError(f"cannot read {what} ({exc.strerror}): its "
+                        "images would be left out silently. Make it readable (chmod -R a+rX) or move it out of "
+                        "the data folder") from None
+
+    for folder, subdirs, names in os.walk(d, onerror=unreadable):  # followlinks=False
         subdirs[:] = [s for s in subdirs if not s.startswith(".")]
         base = Path(folder)
         for name in names:

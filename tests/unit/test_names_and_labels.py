@@ -1,5 +1,6 @@
-"""File names that are not UTF-8 (bytes on Linux) and label files with NaN/Inf class ids: used, or refused with a
-clear error naming the file — never an internal error, never a crash while printing or writing JSON."""
+"""File names that are not UTF-8 (bytes on Linux), label files with NaN/Inf class ids and unreadable sub-folders of
+the calibration data: used, or refused with a clear error naming the file or folder — never an internal error,
+never a crash while printing or writing JSON, never calibration on part of the data in silence."""
 
 from __future__ import annotations
 
@@ -151,3 +152,73 @@ def test_cap_bounds_quoted_user_content():
 
 if not hasattr(os, "fsencode") or os.name != "posix":  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="byte file names are a POSIX matter")
+
+
+# ------------------------------------------------------------------------------ unreadable calibration folders
+
+
+def calib_tree(root: Path) -> Path:
+    """``root/calib`` with two images at the top and two in ``night/`` (half the data set)."""
+    calib = root / "calib"
+    (calib / "night").mkdir(parents=True)
+    for i, p in enumerate((calib / "a.png", calib / "b.png", calib / "night" / "c.png", calib / "night" / "d.png")):
+        write_image(p, i)
+    return calib
+
+
+@pytest.mark.parametrize("where", ["sub", "top"])
+def test_unreadable_calib_folder_is_a_data_error_naming_it(tmp_path, monkeypatch, where):
+    """Simulated (tests run as root, for whom chmod 000 still reads): scandir of one folder is refused."""
+    from quantkit.data.images import list_images
+
+    calib = calib_tree(tmp_path)
+    victim = calib / "night" if where == "sub" else calib
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == victim:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    match = (f"cannot read the folder {victim} inside {calib} \\(Permission denied\\)" if where == "sub"
+             else f"cannot read the data folder {calib} \\(Permission denied\\)")
+    with pytest.raises(DataError, match=match):
+        list_images(calib)
+    monkeypatch.setattr(os, "scandir", real)
+    assert len(list_images(calib)) == 4  # the same tree, readable: all four images
+
+
+def test_unreadable_calib_subfolder_fails_the_cli(tmp_path, monkeypatch, net):
+    calib = calib_tree(tmp_path)
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == calib / "night":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    res = runner().invoke(main, ["export", "--model", net, "--calib", str(calib), "--input-size", "32x32",
+                                 "--out", str(tmp_path / "o"), "--no-cache"])
+    assert res.exit_code == 2 and f"cannot read the folder {calib / 'night'}" in res.stderr, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_chmod_000_calib_subfolder_is_a_data_error(tmp_path):
+    from quantkit.data.images import list_images
+
+    calib = calib_tree(tmp_path)
+    os.chmod(calib / "night", 0)
+    try:
+        try:
+            os.listdir(calib / "night")
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this user reads a chmod 000 folder anyway (root with CAP_DAC_OVERRIDE); the "
+                        "scandir-level tests above cover it")
+        with pytest.raises(DataError, match="cannot read the folder .*night"):
+            list_images(calib)
+    finally:
+        os.chmod(calib / "night", 0o755)
