@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
+#: errno values that mean "the file system has no room": a full disk and an exhausted quota.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class QuantkitError(Exception):
     """Base class of errors caused by the user's input or environment (exit code 2)."""
@@ -35,6 +40,11 @@ class ExportError(QuantkitError):
 
 class StorageError(QuantkitError):
     """The disk is full (ENOSPC, EDQUOT) or a path is too long for the file system (PATH_MAX, NAME_MAX)."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True for an OSError that means the file system is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 class DependencyError(QuantkitError):

@@ -21,14 +21,13 @@ before any work.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from quantkit.errors import StorageError, UsageError
+from quantkit.errors import StorageError, UsageError, is_disk_full
 from quantkit.utils import interrupt
 from quantkit.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quantkit.utils.outlock import OutputLock
@@ -36,15 +35,8 @@ from quantkit.utils.quote import cap, qcap
 
 PathLike = str | os.PathLike
 
-#: errno values that mean "the file system has no room": a full disk and an exhausted quota.
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # The longest name quantkit writes inside --out, as atomic_write's temp file: ".NAME.<8 random>.tmp".
 _LONGEST_ARTIFACT = len(".model.int8.strong.nms.onnx.abcdefgh.tmp")
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """True for an OSError that means the file system is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
-    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 def disk_full_error(out: PathLike, folder: PathLike, exc: OSError) -> StorageError:

@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from quantkit.errors import QuantkitError, StorageError, UsageError
+from quantkit.errors import QuantkitError, StorageError, UsageError, is_disk_full
 from quantkit.utils import interrupt
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_GATE, EXIT_CHECK = 0, 1, 2, 3, 4
@@ -37,10 +37,9 @@ def setup_logging(verbose: bool) -> None:
 def as_user_error(exc: BaseException) -> BaseException:
     """A full disk or quota met outside the output folder (the calibration cache, TMPDIR, a library's scratch
     file) is the environment, not a bug: a StorageError naming the file and the fix. Other errors unchanged."""
-    from quantkit.output import DISK_FULL
     from quantkit.utils.quote import cap
 
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+    if is_disk_full(exc):
         where = f" writing {cap(exc.filename)}" if exc.filename else ""
         return StorageError(f"no space left on device{where} ({exc.strerror}): free disk space there (the "
                             "temporary folder counts too: set TMPDIR to a disk with room) and rerun")
