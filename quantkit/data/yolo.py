@@ -64,7 +64,7 @@ class YoloDataset:
             elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(p)
             else:
-                raise DataError(f"{self.yaml_path}: '{split}' entry {entry!r} -> {p} does not exist (or is not a "
+                raise DataError(f"{self.yaml_path}: '{split}' entry {qcap(entry)} -> {p} does not exist (or is not a "
                                 f"folder, .txt list or image): fix '{split}' or 'path' (dataset root {self.root})")
         if not files:
             raise DataError(f"{self.yaml_path}: split '{split}' lists no images: put images in {entries}")
@@ -86,7 +86,7 @@ def _read_list(path: Path) -> list[Path]:
             continue
         p = Path(line) if Path(line).is_absolute() else path.parent / line
         if not p.is_file():
-            raise DataError(f"{path} line {i}: image {line!r} -> {p} does not exist: fix the list (relative paths "
+            raise DataError(f"{path} line {i}: image {qcap(line)} -> {p} does not exist: fix the list (relative paths "
                             "are relative to the list's folder)")
         out.append(p)
     return out

@@ -10,9 +10,15 @@ log or write into UTF-8 JSON/Markdown, escaping the undecodable bytes as ``\\xNN
 from __future__ import annotations
 
 import os
+import re
 
 #: Characters of user content one message quotes at most (a tensor name, a key, a value).
 QUOTE_LIMIT = 200
+#: The safety net under every QuantkitError (``bound_message``): a run of non-space characters longer than this
+#: (a name nobody capped) is cut, and a message longer than MESSAGE_LIMIT keeps its start and its end.
+TOKEN_LIMIT = 500
+MESSAGE_LIMIT = 4000
+_LONG_TOKEN = re.compile(r"\S{%d,}" % (TOKEN_LIMIT + 1))
 
 
 def printable(value: object) -> str:
@@ -54,3 +60,16 @@ def qcap(value: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} chars)"
+
+
+def bound_message(text: str) -> str:
+    """``text`` with every run of more than TOKEN_LIMIT non-space characters cut to its first QUOTE_LIMIT plus
+    ``... (N chars)``, then, if still over MESSAGE_LIMIT characters, its first two thirds and last third of that
+    limit around ``... (N chars left out) ...`` (a message says the fix last). Short messages are unchanged."""
+    if len(text) <= TOKEN_LIMIT:
+        return text
+    text = _LONG_TOKEN.sub(lambda m: f"{m[0][:QUOTE_LIMIT]}... ({len(m[0])} chars)", text)
+    if len(text) > MESSAGE_LIMIT:
+        head, tail = text[: MESSAGE_LIMIT * 2 // 3], text[-(MESSAGE_LIMIT // 3):]
+        text = f"{head} ... ({len(text) - len(head) - len(tail)} chars left out) ... {tail}"
+    return text
