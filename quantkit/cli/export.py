@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from quantkit.cli.common import (EXIT_CODES_HELP, names_model, one_model, overrides, run_guarded, setup_logging,
-                                 yaml_str)
+from quantkit.cli.common import (EXIT_CODES_HELP, as_user_error, names_model, one_model, overrides, run_guarded,
+                                 setup_logging, yaml_str)
 from quantkit.errors import UsageError
 from quantkit.recipe import CalibMethod
 
@@ -142,9 +142,10 @@ def _export(a: dict) -> None:
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
                             recipe_path=a["recipe_path"], trust_recipe=a["trust_recipe"],
                             model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
-    except QuantkitError as exc:
-        if a["json_out"]:
-            click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))
+    except Exception as exc:  # noqa: BLE001 - re-raised; a full disk outside --out is a user error too
+        err = as_user_error(exc)
+        if a["json_out"] and isinstance(err, QuantkitError):
+            click.echo(summary_line(error_summary("export", err.exit_code, str(err))))
         raise
     if a["json_out"]:
         click.echo(summary_line(export_summary(result)))

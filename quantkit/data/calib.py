@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -106,7 +107,7 @@ class CalibrationData:
             h.update(json.dumps(self.preprocess.as_dict(), sort_keys=True).encode())
             names = self.names or [f.name for f in self.files]
             for name, f in zip(names, self.files):
-                h.update(name.encode())
+                h.update(os.fsencode(name))  # the name's bytes: a non-UTF-8 file name hashes too
                 h.update(hashlib.sha256(f.read_bytes()).digest())
         return h.hexdigest()
 

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quantkit.errors import ExportError
 from quantkit.exporter.graph import DQ_OP, Q_OP, GraphIndex
 from quantkit.exporter.lint import FP16_MAX, FP16_MIN_NORMAL, STRONG_MIN_OPSET, get_attr
+from quantkit.utils.quote import qcap
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 # Ops that must see float32 (ONNX NonMaxSuppression takes float only; the TRT plugin too; Range has no float16
@@ -178,11 +179,11 @@ def _convert_scales(index: GraphIndex, result: StrongResult) -> None:
     for name, users in scale_users.items():
         value = index.const(name)
         if value is None:
-            raise ExportError(f"Q/DQ scale '{name}' is computed in the graph; store calibrated scales as "
+            raise ExportError(f"Q/DQ scale {qcap(name)} is computed in the graph; store calibrated scales as "
                               "constants (fold constants) before conversion")
         old = value.astype(np.float32)
         if not np.all(np.isfinite(old)) or np.any(old <= 0) or np.any(old > FP16_MAX):
-            raise ExportError(f"Q/DQ scale '{name}' (max {np.max(old):.4g}) is not a positive FP16 value "
+            raise ExportError(f"Q/DQ scale {qcap(name)} (max {np.max(old):.4g}) is not a positive FP16 value "
                               f"(<= {FP16_MAX}); re-calibrate or keep that layer out of quantization")
         new = np.maximum(old, np.float32(FP16_MIN_NORMAL)).astype(np.float16)
         raised = old < FP16_MIN_NORMAL
@@ -222,7 +223,7 @@ def _to_half(arr: np.ndarray, name: str, overflow: OverflowPolicy, result: Stron
     over = finite & (np.abs(arr) > FP16_MAX)
     if np.any(over):
         if overflow == OverflowPolicy.REFUSE:
-            raise ExportError(f"constant '{name}' holds {int(over.sum())} value(s) outside FP16 range "
+            raise ExportError(f"constant {qcap(name)} holds {int(over.sum())} value(s) outside FP16 range "
                               f"(max |x| {np.abs(arr[finite]).max():.4g} > {FP16_MAX}); pass "
                               "overflow=OverflowPolicy.CLAMP to clip them, or keep the layer FP32")
         result.clamped_constants.append(f"{name}: {int(over.sum())} value(s) clipped to +-{FP16_MAX}")
