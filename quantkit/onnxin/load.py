@@ -9,15 +9,18 @@ kernels), then ``onnx.shape_inference``. The cleaned graph is checked against th
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from quantkit.errors import ExportError, ModelError, UsageError
+from quantkit.errors import ExportError, ModelError, QuantkitError, UsageError
+from quantkit.onnxin.scratch import write_via_path
 
+# ops that run a subgraph (any node with a GRAPH attribute does): a data-dependent trip count can keep
+# onnxruntime busy for hours inside one C call, where neither Ctrl-C nor SIGTERM reach Python
+CONTROL_FLOW_OPS = ("Loop", "If", "Scan", "SequenceMap")
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) need opset 13
 MAX_OPSET = 21  # newest opset whose Q/DQ semantics lint, strong conversion and TensorRT 10 are known to handle
 CLEANUP_MIN_SQNR_DB = 80.0  # cleaned vs original FP32 outputs: folding may only reorder float sums
@@ -71,6 +74,7 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     if not model.graph.node or not model.opset_import:
         raise UsageError(f"{p} is not an ONNX model (no graph nodes or opset): pass an .onnx file exported by "
                          "torch.onnx.export, tf2onnx or a training framework")
+    refuse_control_flow(model, p)  # before anything hands the graph to onnxruntime or a converter
     opset = default_opset(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(
@@ -118,6 +122,34 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     return LoadedOnnx(str(p), raw, model, inp.name, shape, opset)
 
 
+def _runs_subgraph(node: onnx.NodeProto) -> bool:
+    return (node.op_type in CONTROL_FLOW_OPS and node.domain in ("", "ai.onnx")) or any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def refuse_control_flow(model: onnx.ModelProto, path) -> None:
+    """UsageError naming the first node that runs a subgraph (Loop, If, Scan, ...), in the graph or in a local
+    function: quantkit's ONNX route takes straight-line graphs. A subgraph lives only inside such a node, so the
+    outer node is always found first."""
+    from quantkit.recipe_limits import short_repr
+
+    fix = ("quantkit's ONNX route takes graphs without control flow: export the model traced, with loops unrolled "
+           "and branches resolved (torch.onnx.export of the plain module, not torch.jit.script; or fold constant "
+           "conditions with onnx-simplifier)")
+    for i, n in enumerate(model.graph.node):
+        if _runs_subgraph(n):
+            raise UsageError(f"{path} has control flow: node {short_repr(n.name or f'#{i}')} is a "
+                             f"{short_repr(n.op_type)}; {fix}")
+    called = {(n.domain, n.op_type): n.name for n in model.graph.node}
+    for f in model.functions:
+        for n in f.node:
+            if _runs_subgraph(n):
+                caller = called.get((f.domain, f.name))
+                via = f", called by node {short_repr(caller)}" if caller is not None else ""
+                raise UsageError(f"{path} has control flow: node {short_repr(n.name or n.op_type)} in local function "
+                                 f"{short_repr(f.domain + ':' + f.name)}{via} is a {short_repr(n.op_type)}; {fix}")
+
+
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every unnamed node a unique name ``<op_type>_<index>`` (skip patterns and reports need names)."""
     used = {n.name for n in model.graph.node if n.name}
@@ -139,15 +171,20 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    with tempfile.TemporaryDirectory(prefix="quantkit-onnx-") as tmp:
-        out = os.path.join(tmp, "cleaned.onnx")
-        opts.optimized_model_filepath = out
-        try:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"onnxruntime cannot load the model ({str(exc)[:300]}): check that it runs in "
-                             "onnxruntime on CPU, or re-export it with standard ONNX ops") from exc
-        cleaned = onnx.load(out)
+    data = model.SerializeToString()
+
+    def optimize_to(path: str) -> None:
+        opts.optimized_model_filepath = path
+        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+    try:
+        cleaned_bytes = write_via_path(optimize_to, len(data))
+    except QuantkitError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot load the model ({str(exc)[:300]}): check that it runs in "
+                         "onnxruntime on CPU, or re-export it with standard ONNX ops") from exc
+    cleaned = onnx.load_model_from_string(cleaned_bytes)
     # onnxruntime may record opsets of domains the graph no longer uses; keep the model's own ones
     try:
         cleaned = onnx.shape_inference.infer_shapes(cleaned, strict_mode=False)

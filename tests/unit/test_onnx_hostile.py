@@ -1,0 +1,208 @@
+"""Hostile and real-world FP32 ONNX files on the ONNX route (issues 21, 22): control flow, temporary files,
+huge fixed dims, no outputs, a full TMPDIR, external data, old opsets, free dims."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import time
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit.cli import main
+from quantkit.errors import UsageError
+from quantkit.onnxin import scratch
+from quantkit.onnxin.load import cleanup, load_onnx
+from quantkit.utils import interrupt
+from onnx_toy import bn_graph
+
+
+def run_cli(*args):
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+def sha(p) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _loop_body() -> onnx.GraphProto:
+    """A Loop body that passes its float state through unchanged (v + 0), forever unless the trip count ends it."""
+    return helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "zero"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+
+
+def loop_model(trips: int = 10 ** 15) -> onnx.ModelProto:
+    """bn_graph + a Loop of ``trips`` iterations on its output: onnxruntime would run for days."""
+    m = bn_graph()
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(trips, np.int64), "M"),
+                                numpy_helper.from_array(np.array(True), "C")])
+    m.graph.node.append(helper.make_node("Loop", ["M", "C", "out"], ["looped"], name="big_loop", body=_loop_body()))
+    m.graph.output[0].name = "looped"
+    onnx.checker.check_model(m)
+    return m
+
+
+def function_if_model() -> onnx.ModelProto:
+    """bn_graph whose Relu is replaced by a call of a local function holding an If (both branches Relu)."""
+    m = bn_graph()
+    branch = lambda name: helper.make_graph([helper.make_node("Relu", ["x"], [f"r_{name}"])], name, [],  # noqa: E731
+                                            [helper.make_tensor_value_info(f"r_{name}", TensorProto.FLOAT, None)])
+    fn = helper.make_function(
+        "custom", "GuardedRelu", ["x"], ["y"],
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True), "c")),
+         helper.make_node("If", ["c"], ["y"], name="the_if", then_branch=branch("t"), else_branch=branch("e"))],
+        [helper.make_opsetid("", 17)])
+    relu = next(n for n in m.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain, relu.name = "GuardedRelu", "custom", "guarded"
+    m.functions.append(fn)
+    m.opset_import.append(helper.make_opsetid("custom", 1))
+    onnx.checker.check_model(m)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ control flow
+
+
+def test_huge_loop_is_refused_at_load_in_seconds(tmp_path):
+    p = tmp_path / "loop.onnx"
+    onnx.save(loop_model(), p)
+    npy = tmp_path / "c.npy"
+    np.save(npy, np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32))
+    before, out = sha(p), tmp_path / "out"
+    t0 = time.perf_counter()
+    code, text = run_cli("export", str(p), "--calib", str(npy), "--out", str(out), "--no-cache")
+    assert code == 2, text
+    assert "control flow" in text and "'big_loop'" in text and "'Loop'" in text and "unroll" in text, text
+    assert time.perf_counter() - t0 < 30  # onnxruntime was never asked to run the loop
+    assert not out.exists() and sha(p) == before
+
+
+def test_control_flow_inside_a_local_function_is_named(tmp_path):
+    p = tmp_path / "fn.onnx"
+    onnx.save(function_if_model(), p)
+    with pytest.raises(UsageError, match=r"'the_if' in local function 'custom:GuardedRelu', called by node "
+                                         r"'guarded' is a 'If'"):
+        load_onnx(p)
+
+
+def test_scan_and_unknown_graph_attribute_ops_are_refused(tmp_path):
+    m = loop_model(3)
+    node = m.graph.node[-1]
+    node.op_type, node.domain = "Scan", ""  # any op holding a subgraph, whatever its name, is control flow
+    p = tmp_path / "scan.onnx"
+    p.write_bytes(m.SerializeToString())  # not checked: Scan's attributes differ; quantkit must refuse it first
+    with pytest.raises(UsageError, match="'big_loop' is a 'Scan'"):
+        load_onnx(p)
+    node.op_type, node.domain = "MyLoop", "vendor"
+    m.opset_import.append(helper.make_opsetid("vendor", 1))
+    p.write_bytes(m.SerializeToString())
+    with pytest.raises(UsageError, match="'big_loop' is a 'MyLoop'"):
+        load_onnx(p)
+
+
+# ------------------------------------------------------------------------------------------------ temporary files
+
+
+@pytest.fixture
+def tmpdir_here(tmp_path, monkeypatch):
+    """TMPDIR -> an empty folder of this test, to see what the route leaves there."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(d))
+    return d
+
+
+@pytest.fixture
+def no_memfd(monkeypatch):
+    """The temporary-folder path, as on systems without memfd_create."""
+    monkeypatch.setattr(scratch, "_memfd", lambda: None)
+
+
+def test_cleanup_writes_nothing_under_tmpdir(tmpdir_here):
+    cleaned = cleanup(bn_graph())
+    assert [n.op_type for n in cleaned.graph.node] == ["Conv", "Relu"]  # BatchNorm folded
+    assert list(tmpdir_here.iterdir()) == []
+
+
+def test_temp_folder_path_gives_the_same_graph_and_removes_its_folder(tmpdir_here, no_memfd, monkeypatch):
+    seen = []
+    real = scratch.tempfile.mkdtemp
+    monkeypatch.setattr(scratch.tempfile, "mkdtemp", lambda **kw: seen.append(real(**kw)) or seen[-1])
+    got = cleanup(bn_graph())
+    assert len(seen) == 1 and seen[0].startswith(str(tmpdir_here))  # the folder was used ...
+    assert list(tmpdir_here.iterdir()) == []  # ... and removed
+    monkeypatch.undo()
+    assert got.SerializeToString() == cleanup(bn_graph()).SerializeToString()  # memfd path: byte-identical
+
+
+@pytest.fixture
+def latch():
+    old = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
+    interrupt.install()
+    yield
+    interrupt.install()
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "keyboard", "error"])
+def test_temp_folder_removed_on_every_exit_path(tmpdir_here, no_memfd, latch, how):
+    def writer(path):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        if how == "sigterm":  # the CLI's handler turns SIGTERM into KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        elif how == "keyboard":
+            raise KeyboardInterrupt
+        else:
+            raise RuntimeError("writer failed")
+
+    with pytest.raises(KeyboardInterrupt if how != "error" else RuntimeError):
+        scratch.write_via_path(writer, 100)
+    assert list(tmpdir_here.iterdir()) == []
+    if how == "sigterm":
+        assert interrupt.exit_code() == 143
+
+
+def test_full_tmpdir_is_a_usage_error_naming_it(tmpdir_here, no_memfd, monkeypatch):
+    # mkdir in a full file system
+    def full_mkdtemp(**kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(scratch.tempfile, "mkdtemp", full_mkdtemp)
+    with pytest.raises(UsageError, match=f"temporary folder {tmpdir_here} is full.*TMPDIR"):
+        cleanup(bn_graph())
+    monkeypatch.undo()
+    monkeypatch.setattr("tempfile.tempdir", str(tmpdir_here))
+    monkeypatch.setattr(scratch, "_memfd", lambda: None)
+
+    # onnxruntime's own write hitting ENOSPC (cleaned.onnx -> /dev/full): it reports "Protobuf serialization
+    # failed", which must not read as a fault of the user's model
+    real = scratch.tempfile.mkdtemp
+
+    def mkdtemp_onto_dev_full(**kw):
+        d = real(**kw)
+        os.symlink("/dev/full", os.path.join(d, "cleaned.onnx"))
+        return d
+
+    monkeypatch.setattr(scratch.tempfile, "mkdtemp", mkdtemp_onto_dev_full)
+    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda p: type("U", (), {"free": 4096})())
+    with pytest.raises(UsageError, match=f"temporary folder {tmpdir_here} is full"):
+        cleanup(bn_graph())
+    assert list(tmpdir_here.iterdir()) == []
+    assert os.path.exists("/dev/full")  # the link was removed, not what it pointed to
