@@ -17,6 +17,7 @@ import onnx
 
 from quantkit.errors import ExportError, ModelError, QuantkitError, UsageError
 from quantkit.onnxin.scratch import write_via_path
+from quantkit.recipe_limits import short_repr
 
 # ops that run a subgraph (any node with a GRAPH attribute does): a data-dependent trip count can keep
 # onnxruntime busy for hours inside one C call, where neither Ctrl-C nor SIGTERM reach Python
@@ -89,23 +90,30 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger") for n in model.graph.node):
         raise UsageError(f"{p} is already quantized (it has QuantizeLinear/DequantizeLinear or integer ops): "
                          "pass the FP32 model; `quantkit lint` checks an existing Q/DQ graph")
+    if not model.graph.output:
+        raise UsageError(f"{p} has no graph outputs: there is nothing to calibrate or compare; export the model "
+                         "with its outputs (torch.onnx.export(..., output_names=[...]))")
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
-        raise UsageError(f"{p} has {len(inputs)} graph inputs ({[i.name for i in inputs]}); quantkit's ONNX route "
-                         "takes one image input [N, C, H, W]: export the model with a single input")
+        raise UsageError(f"{p} has {len(inputs)} graph inputs ({short_repr([i.name for i in inputs])}); quantkit's "
+                         "ONNX route takes one image input [N, C, H, W]: export the model with a single input")
     inp = inputs[0]
+    qin = short_repr(inp.name)  # names are user content: quoted bounded
     tt = inp.type.tensor_type
     if tt.elem_type != onnx.TensorProto.FLOAT:
-        raise UsageError(f"input '{inp.name}' of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
+        raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
                          "quantizes FP32 models: export the model in float32")
     dims = list(tt.shape.dim)
     if len(dims) != 4:
-        raise UsageError(f"input '{inp.name}' of {p} has rank {len(dims)}; quantkit's ONNX route takes an NCHW "
+        raise UsageError(f"input {qin} of {p} has rank {len(dims)}; quantkit's ONNX route takes an NCHW "
                          "image input [N, C, H, W]")
     shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if shape[1] is None:
-        raise UsageError(f"input '{inp.name}' of {p} has a free channel dimension: export it with a fixed C")
+        raise UsageError(f"input {qin} of {p} has a free channel dimension: export it with a fixed C")
+    if any(v is not None and v < 1 for v in shape):
+        raise UsageError(f"input {qin} of {p} has the shape {shape} with a dimension below 1: re-export it "
+                         "with its real input shape")
     if input_size is not None:
         h, w = (int(v) for v in input_size)
         for k, v in ((2, h), (3, w)):
@@ -116,7 +124,7 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
             dims[k].dim_value = v
             shape[k] = v
     if shape[2] is None or shape[3] is None:
-        raise UsageError(f"input '{inp.name}' of {p} has free spatial dimensions "
+        raise UsageError(f"input {qin} of {p} has free spatial dimensions "
                          f"{[d.dim_param or '?' for d in dims[2:]]}: pass --input-size HxW (e.g. 640x640) "
                          "or set input.size in the recipe")
     return LoadedOnnx(str(p), raw, model, inp.name, shape, opset)
@@ -131,8 +139,6 @@ def refuse_control_flow(model: onnx.ModelProto, path) -> None:
     """UsageError naming the first node that runs a subgraph (Loop, If, Scan, ...), in the graph or in a local
     function: quantkit's ONNX route takes straight-line graphs. A subgraph lives only inside such a node, so the
     outer node is always found first."""
-    from quantkit.recipe_limits import short_repr
-
     fix = ("quantkit's ONNX route takes graphs without control flow: export the model traced, with loops unrolled "
            "and branches resolved (torch.onnx.export of the plain module, not torch.jit.script; or fold constant "
            "conditions with onnx-simplifier)")

@@ -99,6 +99,11 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
                          "FILE; quantkit never calibrates on random data")
     loaded = load_onnx(path, recipe.input.size)
+    if data is not None:  # before any input-sized buffer: a fixed 100000x100000 input is a MemoryError otherwise
+        from quantkit.recipe_limits import short_repr
+        from quantkit.utils.preflight import check_model_input_memory
+
+        check_model_input_memory(recipe, f"input {short_repr(loaded.input_name)} of {path}", loaded.input_shape)
     cleaned = cleanup(loaded.model)
     pp = Preprocess.at_size(recipe.preprocess, loaded.size)
     cal = None

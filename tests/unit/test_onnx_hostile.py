@@ -206,3 +206,66 @@ def test_full_tmpdir_is_a_usage_error_naming_it(tmpdir_here, no_memfd, monkeypat
         cleanup(bn_graph())
     assert list(tmpdir_here.iterdir()) == []
     assert os.path.exists("/dev/full")  # the link was removed, not what it pointed to
+
+
+# ------------------------------------------------------------------------------------------------ shapes, outputs
+
+
+def _images(folder, n: int = 2, size: int = 12):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def with_input_shape(m: onnx.ModelProto, shape) -> onnx.ModelProto:
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip(dims, shape):
+        d.Clear()
+        if isinstance(v, str):
+            d.dim_param = v
+        else:
+            d.dim_value = v
+    del m.graph.output[0].type.tensor_type.shape.dim[:]  # let the output shape follow
+    return m
+
+
+def test_huge_fixed_input_dims_fail_the_memory_preflight(tmp_path):
+    p = tmp_path / "huge.onnx"
+    onnx.save(with_input_shape(bn_graph(), [1, 3, 100000, 100000]), p)
+    calib = _images(tmp_path / "imgs")
+    out = tmp_path / "out"
+    code, text = run_cli("export", str(p), "--calib", str(calib), "--out", str(out), "--no-cache")
+    assert code == 2, text
+    assert "input 'images'" in text and "fixed shape [1, 3, 100000, 100000]" in text and "GiB" in text, text
+    assert not out.exists()
+
+
+def test_memory_estimate_takes_the_larger_of_fixed_and_calibration_batch():
+    from quantkit.recipe import load_recipe
+    from quantkit.utils.preflight import check_model_input_memory, estimate_calibration_bytes
+
+    r = load_recipe(None, ["calibration.batch_size=4"])
+    need = estimate_calibration_bytes((640, 640), 32, 3)  # the fixed N=32 wins over batch_size 4
+    check_model_input_memory(r, "input 'x'", [32, 3, 640, 640], available=need)
+    with pytest.raises(UsageError, match=r"input 'x' has the fixed shape \[32, 3, 640, 640\].*batches of 32"):
+        check_model_input_memory(r, "input 'x'", [32, 3, 640, 640], available=need - 1)
+    check_model_input_memory(r, "input 'x'", [None, 3, 640, 640], available=estimate_calibration_bytes((640, 640), 4))
+
+
+def test_model_without_outputs_or_with_zero_dims_exits_2(tmp_path):
+    m = bn_graph()
+    del m.graph.output[:]
+    p = tmp_path / "noout.onnx"
+    onnx.save(m, p)
+    npy = tmp_path / "c.npy"
+    np.save(npy, np.zeros((2, 3, 8, 8), np.float32))
+    code, text = run_cli("export", str(p), "--calib", str(npy), "--out", str(tmp_path / "o"), "--no-cache")
+    assert code == 2 and "has no graph outputs" in text, text
+    onnx.save(with_input_shape(bn_graph(), [1, 3, 0, 8]), p)
+    with pytest.raises(UsageError, match=r"shape \[1, 3, 0, 8\] with a dimension below 1"):
+        load_onnx(p)
+    assert not (tmp_path / "o").exists()
