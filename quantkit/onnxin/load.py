@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from quantkit.errors import ExportError, ModelError, QuantkitError, UsageError
+from quantkit.onnxin.external import embed_external_data
 from quantkit.onnxin.scratch import write_via_path
 from quantkit.recipe_limits import short_repr
 
@@ -29,9 +30,12 @@ CLEANUP_MIN_SQNR_DB = 80.0  # cleaned vs original FP32 outputs: folding may only
 
 @dataclass
 class LoadedOnnx:
-    """A validated FP32 ONNX model. ``raw`` are the file's bytes (the calibration cache keys on them).
+    """A validated FP32 ONNX model. ``raw`` are the file's bytes (the report hashes them).
 
     ``input_shape``: [N, C, H, W] with N None when the batch is symbolic; H, W always concrete.
+    ``external_data``: the data files (beside the model) whose tensors were read into ``model``.
+    ``content``: what the calibration cache keys on: ``raw``, or with external data the model with its data
+    embedded (so changed weights in the data file never hit a stale cache).
     """
 
     path: str
@@ -40,6 +44,12 @@ class LoadedOnnx:
     input_name: str
     input_shape: list[int | None]
     opset: int
+    external_data: tuple[str, ...] = ()
+    content: bytes | None = None
+
+    def __post_init__(self):
+        if self.content is None:
+            self.content = self.raw
 
     @property
     def size(self) -> tuple[int, int]:
@@ -76,6 +86,8 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
         raise UsageError(f"{p} is not an ONNX model (no graph nodes or opset): pass an .onnx file exported by "
                          "torch.onnx.export, tf2onnx or a training framework")
     refuse_control_flow(model, p)  # before anything hands the graph to onnxruntime or a converter
+    external = embed_external_data(model, p)  # from the model's folder, not the current one
+    content = model.SerializeToString() if external else raw
     opset = default_opset(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(
@@ -127,7 +139,7 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
         raise UsageError(f"input {qin} of {p} has free spatial dimensions "
                          f"{[d.dim_param or '?' for d in dims[2:]]}: pass --input-size HxW (e.g. 640x640) "
                          "or set input.size in the recipe")
-    return LoadedOnnx(str(p), raw, model, inp.name, shape, opset)
+    return LoadedOnnx(str(p), raw, model, inp.name, shape, opset, external, content)
 
 
 def _runs_subgraph(node: onnx.NodeProto) -> bool:

@@ -134,7 +134,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
         calib_result, cache_info = ocal.calibrate_onnx_cached(
-            calib_graph, loaded.raw, layout.activation_tensors(), int8_weights, cal, settings,
+            calib_graph, loaded.content, layout.activation_tensors(), int8_weights, cal, settings,
             cache_path=recipe.calibration.cache, use_cache=recipe.calibration.use_cache, progress=progress,
             threads=1 if recipe.calibration.deterministic else None)
         amax = ocal.chosen_amax(calib_result, needed, settings)

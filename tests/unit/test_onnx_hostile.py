@@ -269,3 +269,77 @@ def test_model_without_outputs_or_with_zero_dims_exits_2(tmp_path):
     with pytest.raises(UsageError, match=r"shape \[1, 3, 0, 8\] with a dimension below 1"):
         load_onnx(p)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ external data
+
+
+def save_external(folder, location: str = "weights.bin") -> tuple:
+    """bn_graph saved to folder/model.onnx with every initializer in ``location``; returns (path, model)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    m = bn_graph()
+    p = folder / "model.onnx"
+    onnx.save(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    return p, bn_graph()
+
+
+def test_external_data_is_read_from_the_models_folder_not_the_cwd(tmp_path, monkeypatch):
+    p, original = save_external(tmp_path / "models")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    before = {f.name: sha(f) for f in p.parent.iterdir()}
+    loaded = load_onnx(p)
+    assert loaded.external_data == ("weights.bin",)
+    want = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in loaded.model.graph.initializer}
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    npy = tmp_path / "c.npy"
+    np.save(npy, np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32))
+    code, text = run_cli("export", str(p), "--calib", str(npy), "--out", "out", "--no-cache")
+    assert code == 0, text
+    fp32 = onnx.load(elsewhere / "out" / "model.onnx")
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in fp32.graph.initializer)  # self-contained
+    assert {f.name: sha(f) for f in p.parent.iterdir()} == before  # the user's files untouched
+
+
+def test_external_data_changes_the_calibration_cache_key(tmp_path):
+    p, _ = save_external(tmp_path / "m")
+    first = load_onnx(p).content
+    data = bytearray((p.parent / "weights.bin").read_bytes())
+    data[0] ^= 0x01  # another weight, same model file
+    (p.parent / "weights.bin").write_bytes(bytes(data))
+    assert load_onnx(p).raw == p.read_bytes() and load_onnx(p).content != first
+
+
+def _point_at(p, location: str):
+    m = onnx.load(p, load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    p.write_bytes(m.SerializeToString())
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "link", "missing", "past_end"])
+def test_external_data_outside_the_models_folder_is_refused(tmp_path, case):
+    p, _ = save_external(tmp_path / "m")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes((p.parent / "weights.bin").read_bytes())  # a valid data file, but outside the folder
+    match = {"absolute": "an absolute path", "dotdot": "a path with '..'", "link": "a link leading outside",
+             "missing": "not a file in the model's folder", "past_end": "cannot be read"}[case]
+    if case == "absolute":
+        _point_at(p, str(secret))
+    elif case == "dotdot":
+        _point_at(p, "../secret.bin")
+    elif case == "link":
+        os.symlink(secret, p.parent / "link.bin")
+        _point_at(p, "link.bin")
+    elif case == "missing":
+        _point_at(p, "nothere.bin")
+    else:
+        (p.parent / "weights.bin").write_bytes(b"\0" * 8)  # shorter than the offsets it declares
+    before = {f: sha(f) for f in (secret, p)}
+    with pytest.raises(UsageError, match=match):
+        load_onnx(p)
+    assert {f: sha(f) for f in (secret, p)} == before
