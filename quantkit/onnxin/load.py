@@ -8,7 +8,9 @@ kernels), then ``onnx.shape_inference``. The cleaned graph is checked against th
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import onnx
 
 from quantkit.errors import ExportError, ModelError, QuantkitError, UsageError
 from quantkit.onnxin.external import embed_external_data
+from quantkit.onnxin.opset import CONVERT_FROM_MIN, convert_opset
 from quantkit.onnxin.scratch import write_via_path
 from quantkit.recipe_limits import short_repr
 
@@ -26,6 +29,8 @@ CONTROL_FLOW_OPS = ("Loop", "If", "Scan", "SequenceMap")
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) need opset 13
 MAX_OPSET = 21  # newest opset whose Q/DQ semantics lint, strong conversion and TensorRT 10 are known to handle
 CLEANUP_MIN_SQNR_DB = 80.0  # cleaned vs original FP32 outputs: folding may only reorder float sums
+
+log = logging.getLogger("quantkit")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class LoadedOnnx:
     opset: int
     external_data: tuple[str, ...] = ()
     content: bytes | None = None
+    converted_from: int | None = None  # the file's opset when it was converted to ``opset`` (onnx.version_converter)
+    conversion_sqnr_db: float | None = None  # converted vs original outputs on the check input (inf: identical)
 
     def __post_init__(self):
         if self.content is None:
@@ -66,12 +73,19 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None) -> LoadedOnnx:
-    """Read and validate an FP32 ONNX file; fix free H/W dimensions to ``input_size`` (H, W in pixels).
+def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None,
+              data_shape: tuple[int, ...] | None = None,
+              check_memory: Callable[[str, list[int | None]], None] | None = None) -> LoadedOnnx:
+    """Read and validate an FP32 ONNX file, fix its free input dims, and bring an opset below 13 to 13.
 
-    Raises UsageError (exit 2) for: a missing file, a file that is not an ONNX model, an opset outside
-    [13, 21], more than one graph input, a non-float32 or non-NCHW input, free spatial dims without
-    ``input_size``, or an ``input_size`` that contradicts fixed dims.
+    Free H/W take ``input_size`` (H, W in pixels), else ``data_shape`` (C, H, W of preprocessed calibration data,
+    e.g. a .npy's); a free C takes ``data_shape``'s. ``check_memory(where, shape)`` runs once the shape is fixed,
+    before anything allocates an input (the opset conversion's check runs the model).
+
+    Raises UsageError (exit 2) for: a missing file, a file that is not an ONNX model, control flow, external data
+    outside the model's folder, an opset outside [7, 21] or one the converter cannot bring to 13 unchanged, no
+    outputs, more than one graph input, a non-float32 or non-NCHW input, free dims with nothing to fix them, or an
+    ``input_size`` that contradicts fixed dims.
     """
     p = Path(path)
     if not p.is_file():
@@ -89,11 +103,11 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     external = embed_external_data(model, p)  # from the model's folder, not the current one
     content = model.SerializeToString() if external else raw
     opset = default_opset(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
+    if not CONVERT_FROM_MIN <= opset <= MAX_OPSET:
         raise UsageError(
-            f"{p} uses opset {opset}; quantkit handles opsets {MIN_OPSET}-{MAX_OPSET}. Re-export with opset 17 "
-            "(torch.onnx.export(..., opset_version=17)) or convert it: "
-            "onnx.version_converter.convert_version(onnx.load(path), 17)")
+            f"{p} uses opset {opset}; quantkit handles opsets {MIN_OPSET}-{MAX_OPSET} and converts opsets "
+            f"{CONVERT_FROM_MIN}-{MIN_OPSET - 1}. Re-export with opset 17 (torch.onnx.export(..., opset_version=17)) "
+            "or convert it: onnx.version_converter.convert_version(onnx.load(path), 17)")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -105,6 +119,20 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     if not model.graph.output:
         raise UsageError(f"{p} has no graph outputs: there is nothing to calibrate or compare; export the model "
                          "with its outputs (torch.onnx.export(..., output_names=[...]))")
+    name, shape = fix_input(model, p, input_size, data_shape)
+    if check_memory is not None:
+        check_memory(f"input {short_repr(name)} of {p}", shape)
+    loaded = LoadedOnnx(str(p), raw, model, name, shape, opset, external, content)
+    if opset < MIN_OPSET:
+        loaded.model, loaded.conversion_sqnr_db = convert_opset(model, p, MIN_OPSET, name, shape)
+        loaded.converted_from, loaded.opset = opset, MIN_OPSET
+    return loaded
+
+
+def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | None,
+              data_shape: tuple[int, ...] | None) -> tuple[str, list[int | None]]:
+    """The single NCHW float input's (name, [N, C, H, W]); free C/H/W are set in ``model`` from ``input_size``
+    (H, W) or ``data_shape`` (C, H, W). N stays None when free (calibration feeds any batch)."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -121,25 +149,36 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
         raise UsageError(f"input {qin} of {p} has rank {len(dims)}; quantkit's ONNX route takes an NCHW "
                          "image input [N, C, H, W]")
     shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if shape[1] is None:
-        raise UsageError(f"input {qin} of {p} has a free channel dimension: export it with a fixed C")
     if any(v is not None and v < 1 for v in shape):
         raise UsageError(f"input {qin} of {p} has the shape {shape} with a dimension below 1: re-export it "
                          "with its real input shape")
+    free = [d.dim_param or "?" for k, d in enumerate(dims) if k and shape[k] is None]
+
+    def fix(k: int, v: int) -> None:
+        dims[k].Clear()
+        dims[k].dim_value = v
+        shape[k] = v
+
     if input_size is not None:
         h, w = (int(v) for v in input_size)
         for k, v in ((2, h), (3, w)):
             if shape[k] is not None and shape[k] != v:
                 raise UsageError(f"--input-size {h}x{w} contradicts the fixed input shape {shape} of {p}: drop "
                                  f"--input-size or pass {shape[2]}x{shape[3]}")
-            dims[k].Clear()
-            dims[k].dim_value = v
-            shape[k] = v
+            fix(k, v)
+    if data_shape is not None and len(data_shape) == 3:  # a .npy's (C, H, W): its size is the model's input size
+        for k in (1, 2, 3):
+            if shape[k] is None and int(data_shape[k - 1]) >= 1:
+                fix(k, int(data_shape[k - 1]))
+    if shape[1] is None:
+        raise UsageError(f"input {qin} of {p} has a free channel dimension: export it with a fixed C, or calibrate "
+                         "with a float32 NCHW .npy (its C is taken)")
     if shape[2] is None or shape[3] is None:
-        raise UsageError(f"input {qin} of {p} has free spatial dimensions "
-                         f"{[d.dim_param or '?' for d in dims[2:]]}: pass --input-size HxW (e.g. 640x640) "
-                         "or set input.size in the recipe")
-    return LoadedOnnx(str(p), raw, model, inp.name, shape, opset, external, content)
+        raise UsageError(f"input {qin} of {p} has free spatial dimensions {free}: pass --input-size HxW (e.g. "
+                         "640x640), set input.size in the recipe, or calibrate with a .npy (its H, W are taken)")
+    if free:
+        log.info("input %s of %s: free dims %s fixed, shape %s", qin, p.name, free, shape)
+    return inp.name, shape
 
 
 def _runs_subgraph(node: onnx.NodeProto) -> bool:

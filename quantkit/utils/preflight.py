@@ -109,12 +109,13 @@ def check_memory(recipe, available: int | None = None) -> None:
             f"GiB), but {available / gb:,.1f} GiB is available: lower --input-size or calibration.batch_size")
 
 
-def check_model_input_memory(recipe, where: str, shape: list, available: int | None = None) -> None:
+def check_model_input_memory(recipe, where: str, shape: list, available: int | None = None,
+                             batch: int | None = None) -> None:
     """UsageError when a model's own fixed input ``shape`` [N, C, H, W] (N None when free) cannot be calibrated
     in ``available`` bytes; ``where`` names the input (e.g. "input 'images' of model.onnx"). The batch is the
-    larger of the model's fixed N and ``calibration.batch_size``."""
+    larger of the model's fixed N and ``batch`` (default ``calibration.batch_size``)."""
     n, c, h, w = shape
-    batch = max(int(n or 0), calibration_batch(recipe))
+    batch = max(int(n or 0), calibration_batch(recipe) if batch is None else batch)
     need = estimate_calibration_bytes((int(h), int(w)), batch, int(c))
     available = available_memory_bytes() if available is None else available
     if available is not None and need > available:

@@ -69,8 +69,10 @@ def test_bad_onnx_inputs_exit_2_and_write_nothing(torch_export, user_model, tmp_
     dyn.write_bytes(toy_onnx(dynamic_hw=True))
     other = tmp_path / "other.cache"
     other.write_text("TRT-8601-EntropyCalibration2\n/model.0/conv/Conv_output_0: 3c010204\n")
+    from quantkit.paths import BUNDLED_CALIBRATION
+
     cases = [((str(bad), "--calib", user_model["npy"]), "not an ONNX model"),
-             ((str(dyn), "--calib", user_model["npy"]), "--input-size"),
+             ((str(dyn), "--calib", str(BUNDLED_CALIBRATION)), "--input-size"),  # a .npy's H, W would fix them
              ((str(torch_export / "model.onnx"), "--trt-calib-cache", str(other)), "another model")]
     for k, (args, message) in enumerate(cases):
         out = tmp_path / f"out{k}"

@@ -343,3 +343,106 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path, case):
     with pytest.raises(UsageError, match=match):
         load_onnx(p)
     assert {f: sha(f) for f in (secret, p)} == before
+
+
+# ------------------------------------------------------------------------------------------------ old opsets, free dims
+
+
+def _ort(model_or_bytes, x) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    data = model_or_bytes if isinstance(model_or_bytes, bytes) else model_or_bytes.SerializeToString()
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"images": x})
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_old_opset_is_converted_and_computes_the_same(tmp_path, opset):
+    from onnx_toy import toy_data, toy_onnx
+
+    raw = toy_onnx(opset=opset, fold=False)  # torch's legacy exporter at an old opset, BatchNorm kept
+    p = tmp_path / f"toy{opset}.onnx"
+    p.write_bytes(raw)
+    loaded = load_onnx(p)
+    assert loaded.converted_from == opset and loaded.opset == 13
+    assert next(o.version for o in loaded.model.opset_import if o.domain in ("", "ai.onnx")) == 13
+    assert loaded.conversion_sqnr_db >= 80 and loaded.raw == raw  # the file's bytes: the report hashes them
+    x = toy_data(4, seed=7)  # not the conversion check's input
+    for a, b in zip(_ort(raw, x), _ort(loaded.model, x)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+
+
+def test_old_opset_export_states_the_conversion(tmp_path):
+    import json
+
+    from onnx_toy import toy_data, toy_onnx
+
+    p = tmp_path / "toy11.onnx"
+    p.write_bytes(toy_onnx(opset=11, fold=False))
+    npy = tmp_path / "c.npy"
+    np.save(npy, toy_data(8))
+    code, text = run_cli("export", str(p), "--calib", str(npy), "--out", str(tmp_path / "out"), "--no-cache")
+    assert code == 0, text
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"]["opset"] == 13 and report["model"]["opset_converted_from"] == 11
+    assert any("opset 11 was converted to opset 13" in n for n in report["notes"]), report["notes"]
+    assert "opset 11 was converted" in (tmp_path / "out" / "report.md").read_text()
+    assert all(not f for f in report["lint"].values()), report["lint"]
+
+
+def test_a_conversion_that_changes_outputs_or_fails_is_refused(tmp_path, monkeypatch):
+    import onnx.version_converter as vc
+
+    m = bn_graph()
+    m.opset_import[0].version = 11
+    p = tmp_path / "old.onnx"
+    onnx.save(m, p)
+    real = vc.convert_version
+
+    def wrong_adapter(model, target):  # a converter bug: one weight changed on the way
+        out = real(model, target)
+        w = next(t for t in out.graph.initializer if t.name == "w")
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.01), "w"))
+        return out
+
+    monkeypatch.setattr(vc, "convert_version", wrong_adapter)
+    with pytest.raises(UsageError, match=r"converting opset 11 to 13 changed the model's outputs \(\d+\.\d dB"):
+        load_onnx(p)
+
+    def no_adapter(model, target):
+        raise RuntimeError("No Adapter For Upsample")
+
+    monkeypatch.setattr(vc, "convert_version", no_adapter)
+    with pytest.raises(UsageError, match="cannot bring it to opset 13 .No Adapter For Upsample.*opset_version=17"):
+        load_onnx(p)
+    m.opset_import[0].version = 6
+    onnx.save(m, p)
+    with pytest.raises(UsageError, match="opset 6; quantkit handles opsets 13-21 and converts opsets 7-12"):
+        load_onnx(p)
+
+
+def test_free_dims_are_fixed_from_the_npy_shape(tmp_path):
+    import json
+
+    from onnx_toy import toy_data, toy_onnx
+
+    p = tmp_path / "dyn.onnx"
+    p.write_bytes(toy_onnx(dynamic_hw=True))
+    assert load_onnx(p, data_shape=(3, 24, 32)).input_shape == [None, 3, 24, 32]
+    assert load_onnx(p, (20, 28), data_shape=(3, 24, 32)).size == (20, 28)  # --input-size wins
+    m = with_input_shape(bn_graph(), ["N", "C", "H", "W"])
+    onnx.save(m, tmp_path / "free_c.onnx")
+    assert load_onnx(tmp_path / "free_c.onnx", data_shape=(3, 8, 8)).input_shape == [None, 3, 8, 8]
+    with pytest.raises(UsageError, match="free channel dimension.*npy"):
+        load_onnx(tmp_path / "free_c.onnx", (8, 8))
+
+    npy = tmp_path / "c.npy"
+    np.save(npy, toy_data(8, size=24))
+    code, text = run_cli("export", str(p), "--calib", str(npy), "--out", str(tmp_path / "out"), "--no-cache")
+    assert code == 0, text
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["input"]["shape"] == [1, 3, 24, 24]
+    dims = onnx.load(tmp_path / "out" / "model.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 24, 24]
+    code, text = run_cli("export", str(p), "--calib", str(npy), "--input-size", "32x32", "--out",
+                         str(tmp_path / "out2"), "--no-cache")
+    assert code == 2 and "(3, 24, 24)" in text and not (tmp_path / "out2").exists(), text
