@@ -69,7 +69,10 @@ def write_via_path(write: Callable[[str], None], size_hint: int) -> bytes:
             return _read_fd(fd)
         finally:
             os.close(fd)
-    base = tempfile.gettempdir()
+    try:
+        base = tempfile.gettempdir()
+    except FileNotFoundError as exc:  # TMPDIR, /tmp, /var/tmp ... none writable
+        raise UsageError(f"no usable temporary folder ({exc}): point TMPDIR at a writable folder") from None
     try:
         tmp = tempfile.mkdtemp(prefix="quantkit-onnx-")
     except OSError as exc:

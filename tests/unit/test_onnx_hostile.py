@@ -446,3 +446,12 @@ def test_free_dims_are_fixed_from_the_npy_shape(tmp_path):
     code, text = run_cli("export", str(p), "--calib", str(npy), "--input-size", "32x32", "--out",
                          str(tmp_path / "out2"), "--no-cache")
     assert code == 2 and "(3, 24, 24)" in text and not (tmp_path / "out2").exists(), text
+
+
+def test_no_usable_tmpdir_is_a_usage_error(no_memfd, monkeypatch):
+    def none_usable():
+        raise FileNotFoundError(errno.ENOENT, "No usable temporary directory found in ['/nonexistent']")
+
+    monkeypatch.setattr(scratch.tempfile, "gettempdir", none_usable)
+    with pytest.raises(UsageError, match="no usable temporary folder.*point TMPDIR at a writable folder"):
+        cleanup(bn_graph())
