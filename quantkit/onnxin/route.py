@@ -91,7 +91,7 @@ def npy_shape(data) -> tuple[int, ...] | None:
 
 
 def _db(v: float | None) -> str:
-    return "identical" if v == float("inf") else f"{v:.1f} dB"
+    return "identical" if v == float("inf") else f"unchanged ({v:.1f} dB SQNR)"
 
 
 def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
@@ -131,7 +131,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     layout = build_layout(cleaned, tuple(q.quantize), tuple(q.skip), q.residual_add)
     if loaded.converted_from is not None:  # said in the report and the log, never done silently
         note = (f"ONNX route: the model's opset {loaded.converted_from} was converted to opset {loaded.opset} with "
-                f"onnx.version_converter; outputs unchanged on a check input ({_db(loaded.conversion_sqnr_db)} SQNR)")
+                f"onnx.version_converter; outputs on a check input {_db(loaded.conversion_sqnr_db)}")
         layout.notes.insert(0, note)
         log.info(note)
     wscales = weight_scales(cleaned, layout)
