@@ -79,3 +79,38 @@ def test_bad_onnx_inputs_exit_2_and_write_nothing(torch_export, user_model, tmp_
         code, text = run("export", *args, "--out", str(out), "--no-cache")
         assert code == 2 and message in text, text
         assert not out.exists()
+
+
+def test_bundled_detector_at_opset_12_with_free_dims(tmp_path):
+    """ONNX as people have it (issue 22): the bundled detector exported by torch at opset 12 with free N/H/W.
+    The route converts it to opset 13, fixes H/W from --input-size, and model.onnx still computes what the
+    torch module computes."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from quantkit.data.images import list_images, load_image
+    from quantkit.data.preprocess import Preprocess, preprocess_image
+    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.models.bundled import tree_detector
+    from quantkit.paths import BUNDLED_CALIBRATION
+
+    net = tree_detector().eval()
+    src = tmp_path / "det12.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 320, 320), src, input_names=["images"], opset_version=12, dynamo=False,
+                      dynamic_axes={"images": {0: "N", 2: "H", 3: "W"}})
+    out = tmp_path / "out"
+    code, text = run("export", str(src), "--calib", str(BUNDLED_CALIBRATION), "--input-size", "320x320", "--set",
+                     "calibration.max_images=8", "--out", str(out), "--no-cache")
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["opset_converted_from"] == 12 and report["model"]["opset"] == 13
+    assert all(not f for f in report["lint"].values()), report["lint"]
+    assert report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"] > 15
+    tile = list_images(BUNDLED_CALIBRATION)[-1]  # not among the 8 calibration images
+    x = preprocess_image(load_image(tile), Preprocess(size=(320, 320)))[0][None].astype(np.float32)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    with torch.no_grad():
+        want = net(torch.from_numpy(x))
+    want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else [want])]
+    assert len(got) == len(want) and sqnr_db(want, got) > 60
