@@ -66,12 +66,16 @@ def embed_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> tupl
         where = f"{p}: tensor {short_repr(t.name)} stores its data in {short_repr(loc)}"
         why = _escapes(loc) if loc else "no file name"
         target = folder / loc
-        if why is None and not str(target.resolve()).startswith(str(folder) + os.sep):
-            why = "a link leading outside the model's folder"
+        try:
+            if why is None and not str(target.resolve()).startswith(str(folder) + os.sep):
+                why = "a link leading outside the model's folder"
+            is_file = why is None and target.is_file()
+        except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a name over NAME_MAX, a link loop
+            why = f"not a usable file name ({type(exc).__name__})"
         if why is not None:
             raise UsageError(f"{where}, {why}: quantkit reads external data only from the model's own folder "
                              f"{folder}; {fix}")
-        if not target.is_file():
+        if not is_file:
             raise UsageError(f"{where}, which is not a file in the model's folder {folder}: copy the data file "
                              f"next to {p.name}, or {fix}")
         try:

@@ -321,13 +321,14 @@ def _point_at(p, location: str):
     p.write_bytes(m.SerializeToString())
 
 
-@pytest.mark.parametrize("case", ["absolute", "dotdot", "link", "missing", "past_end"])
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "link", "missing", "past_end", "nul", "long", "loop"])
 def test_external_data_outside_the_models_folder_is_refused(tmp_path, case):
     p, _ = save_external(tmp_path / "m")
     secret = tmp_path / "secret.bin"
     secret.write_bytes((p.parent / "weights.bin").read_bytes())  # a valid data file, but outside the folder
     match = {"absolute": "an absolute path", "dotdot": "a path with '..'", "link": "a link leading outside",
-             "missing": "not a file in the model's folder", "past_end": "cannot be read"}[case]
+             "missing": "not a file in the model's folder", "past_end": "cannot be read",
+             "nul": "not a usable file name", "long": "not a usable file name", "loop": "not a usable file name"}[case]
     if case == "absolute":
         _point_at(p, str(secret))
     elif case == "dotdot":
@@ -337,6 +338,13 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path, case):
         _point_at(p, "link.bin")
     elif case == "missing":
         _point_at(p, "nothere.bin")
+    elif case == "nul":
+        _point_at(p, "weights.bin\0.txt")
+    elif case == "long":
+        _point_at(p, "w" * 5000)
+    elif case == "loop":
+        os.symlink("loop.bin", p.parent / "loop.bin")
+        _point_at(p, "loop.bin")
     else:
         (p.parent / "weights.bin").write_bytes(b"\0" * 8)  # shorter than the offsets it declares
     before = {f: sha(f) for f in (secret, p)}
