@@ -114,3 +114,40 @@ def test_bundled_detector_at_opset_12_with_free_dims(tmp_path):
         want = net(torch.from_numpy(x))
     want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else [want])]
     assert len(got) == len(want) and sqnr_db(want, got) > 60
+
+
+def test_sigterm_during_onnx_calibration_leaves_nothing(tmp_path):
+    """A real `kill -TERM` mid-run on the ONNX route (the test hook signals after the first calibration batch):
+    exit 143, no output folder, nothing left under TMPDIR (onnxruntime's telemetry `.ses` file included), the
+    model file untouched."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the unit tests' toy ONNX builder
+    from onnx_toy import toy_data, toy_onnx
+
+    def sha(f):
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+
+    p = tmp_path / "toy.onnx"
+    p.write_bytes(toy_onnx(fold=False))
+    npy = tmp_path / "c.npy"
+    np.save(npy, toy_data(16))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TMPDIR=str(tmp), QUANTKIT_TEST_INTERRUPT="calibration:TERM", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    before = sha(p)
+    res = subprocess.run([sys.executable, "-m", "quantkit", "export", str(p), "--calib", str(npy), "--out",
+                          str(tmp_path / "out"), "--no-cache", "--set", "calibration.batch_size=4"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert "interrupted (SIGTERM)" in res.stderr
+    assert not (tmp_path / "out").exists() and list(tmp.iterdir()) == [] and sha(p) == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.npy", "tmp", "toy.onnx"]  # no staging folder either
