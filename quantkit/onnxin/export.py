@@ -140,6 +140,15 @@ def _param_count(model) -> int:
                    if t.data_type in (1, 10, 11)))
 
 
+def _conversion(res: OnnxQuantResult) -> dict:
+    """The opset conversion, when one ran (absent otherwise: reports of opset-13+ files are unchanged)."""
+    c = res.loaded
+    if c.converted_from is None:
+        return {}
+    return {"opset_converted_from": c.converted_from,
+            "opset_conversion_sqnr_db": "inf" if c.conversion_sqnr_db == float("inf") else _r(c.conversion_sqnr_db, 3)}
+
+
 def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checked: dict | None, strong: dict | None,
                  lint_out: dict, metrics: dict | None) -> dict:
     """report.json content, with the torch route's keys where the renderers read them."""
@@ -151,6 +160,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
         "quantkit_version": __version__,
         "route": "onnx",
         "model": {"name": Path(res.loaded.path).name, "source": "onnx", "opset": res.loaded.opset,
+                  **_conversion(res),
                   "sha256_of_file": __import__("hashlib").sha256(res.loaded.raw).hexdigest(),
                   "parameters": _param_count(res.loaded.model), "parameters_deploy": _param_count(res.fp32),
                   "int8_layers": len(res.layout.int8), "quantizable_layers": len(res.layout.candidates)},

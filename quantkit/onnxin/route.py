@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,6 +26,7 @@ from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import OnnxLayout, build_layout
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
 from quantkit.recipe import Recipe
+from quantkit.utils.preflight import check_model_input_memory
 
 log = logging.getLogger("quantkit")
 
@@ -76,6 +78,22 @@ def _r(v, nd: int = 6):
     return None if v is None else round(float(v), nd)
 
 
+def npy_shape(data) -> tuple[int, ...] | None:
+    """(C, H, W) of a float32 NCHW .npy's samples (read from its header), else None: free model dims take it."""
+    p = Path(str(data)) if data is not None else None
+    if p is None or p.suffix.lower() != ".npy" or not p.is_file():
+        return None
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):
+        return None  # open_data reports an unreadable .npy with its own message
+    return tuple(int(s) for s in arr.shape[1:]) if arr.ndim == 4 else None
+
+
+def _db(v: float | None) -> str:
+    return "identical" if v == float("inf") else f"unchanged ({v:.1f} dB SQNR)"
+
+
 def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
     """The recipe's preprocessing at the graph's input size; a .npy must match the graph's C, H, W."""
     from quantkit.data import open_data as open_calibration
@@ -98,7 +116,9 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     if data is None and trt_cache is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
                          "FILE; quantkit never calibrates on random data")
-    loaded = load_onnx(path, recipe.input.size)
+    loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data),
+                       check_memory=lambda where, shape: check_model_input_memory(
+                           recipe, where, shape, batch=None if data is not None else 1))
     cleaned = cleanup(loaded.model)
     pp = Preprocess.at_size(recipe.preprocess, loaded.size)
     cal = None
@@ -109,6 +129,11 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
     q = recipe.quantization
     layout = build_layout(cleaned, tuple(q.quantize), tuple(q.skip), q.residual_add)
+    if loaded.converted_from is not None:  # said in the report and the log, never done silently
+        note = (f"ONNX route: the model's opset {loaded.converted_from} was converted to opset {loaded.opset} with "
+                f"onnx.version_converter; outputs on a check input {_db(loaded.conversion_sqnr_db)}")
+        layout.notes.insert(0, note)
+        log.info(note)
     wscales = weight_scales(cleaned, layout)
     settings = recipe.calibration.settings
     needed = layout.activation_tensors(only_int8=True)
@@ -122,14 +147,13 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         act_scales = {t: float(np.float32(scales[t])) for t in needed}
         trt = {"path": str(trt_cache), "header": header}
         import hashlib
-        from pathlib import Path
 
         cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
     else:
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
         calib_result, cache_info = ocal.calibrate_onnx_cached(
-            calib_graph, loaded.raw, layout.activation_tensors(), int8_weights, cal, settings,
+            calib_graph, loaded.content, layout.activation_tensors(), int8_weights, cal, settings,
             cache_path=recipe.calibration.cache, use_cache=recipe.calibration.use_cache, progress=progress,
             threads=1 if recipe.calibration.deterministic else None)
         amax = ocal.chosen_amax(calib_result, needed, settings)
