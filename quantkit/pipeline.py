@@ -274,6 +274,17 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, 
     spec = consented_model(recipe.model.name, model, trust_recipe, recipe_file)  # before anything is imported
     if spec != recipe.model.name:
         recipe = replace(recipe, model=replace(recipe.model, name=spec))
+    from quantkit.onnxin.load import is_onnx_path
+
+    if is_onnx_path(recipe.model.name):  # an ONNX-route folder: score its graphs; there is no torch model
+        from quantkit.eval.folder import evaluate_onnx_folder
+
+        data_path = data or recipe.evaluation.data
+        if not data_path:
+            raise UsageError("no evaluation data: pass --eval DIR (COCO: annotations.json + images/) or "
+                             "--eval data.yaml")
+        check_optional_deps(recipe, evaluation=True)
+        return evaluate_onnx_folder(folder, recipe, data_path, max_images)
     calib_path, default_eval = resolve_inputs(recipe)
     data_path = data or default_eval
     if not data_path:

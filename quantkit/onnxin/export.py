@@ -90,26 +90,17 @@ def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: 
     return fp16
 
 
-def evaluate_onnx(recipe: Recipe, eval_path: str | None, res: OnnxQuantResult, int8_bytes: bytes,
+def evaluate_onnx(recipe: Recipe, eval_path: str | None, dataset, res: OnnxQuantResult, int8_bytes: bytes,
                   *, progress: bool, threads: int | None) -> dict | None:
-    """mAP of the FP32 and INT8 graphs in onnxruntime (the torch route's decode + NMS + COCO eval), or None."""
+    """mAP of the FP32 and INT8 graphs in onnxruntime with the torch route's evaluation (one decode + NMS + COCO
+    eval; the FP32 torch row says there is no torch model), or None without evaluation data. ``dataset``: the
+    one opened from ``eval_path`` before calibration (``eval.plan.open_evaluation``)."""
     if not eval_path:
         return None
-    from quantkit.eval.coco import CocoDataset
-    from quantkit.eval.detection import evaluate_detection, onnx_predictor
+    from quantkit.eval import evaluate_export
 
-    ev = recipe.evaluation
-    ds = CocoDataset(eval_path, max_images=ev.max_images or None)
-    kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
-    out = {"data": paths.display_path(eval_path),
-           "fp32_torch": {"map50_95": None, "map50": None, "note": "ONNX route: there is no torch model"},
-           "fp32_onnx": evaluate_detection(onnx_predictor(res.fp32_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict(),
-           "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict()}
-    out["drop_map50_95_points"] = round(100.0 * (out["fp32_onnx"]["map50_95"] - out["int8_onnx"]["map50_95"]), 4)
-    out["drop_map50_points"] = round(100.0 * (out["fp32_onnx"]["map50"] - out["int8_onnx"]["map50"]), 4)
-    return out
+    return evaluate_export(dataset, recipe, res.pp, None, res.fp32_bytes, int8_bytes, source=eval_path,
+                           progress=progress, threads=threads)
 
 
 def calibration_json(res: OnnxQuantResult) -> dict:
@@ -195,6 +186,20 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
     }
 
 
+def _open_evaluation(recipe: Recipe):
+    """(evaluation data path, its opened data set) or (None, None): the torch route's plan, dependency check and
+    opening (``quantkit.eval.plan``), so a COCO folder, images + annotations JSON and a dataset YAML all work and
+    fail the same way, before any calibration."""
+    from quantkit.eval.plan import open_evaluation, plan_evaluation
+    from quantkit.utils.optional_deps import check_optional_deps
+
+    plan = plan_evaluation(recipe)
+    check_optional_deps(recipe, evaluation=bool(plan.path))
+    if not plan.path:
+        return None, None
+    return plan.path, open_evaluation(recipe, plan.path, recipe.evaluation.max_images)
+
+
 def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
                     command_line: list[str] | None = None, trt_cache: str | None = None,
                     inputs: list[str] = ()) -> ExportResult:
@@ -212,6 +217,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         raise UsageError("--nms is not wired on the ONNX route yet: append NMS to model.int8.onnx yourself")
     if recipe.sensitivity.enabled:
         raise UsageError("--sensitivity is not available on the ONNX route yet; use --skip with node names")
+    eval_path, eval_dataset = _open_evaluation(recipe)  # bad evaluation data: exit 2 before calibrating
     res = quantize_onnx(recipe.model.name, recipe.calibration.data, recipe, trt_cache=trt_cache, progress=progress)
     threads = 1 if recipe.calibration.deterministic else None
     int8_bytes = res.int8.SerializeToString()
@@ -243,7 +249,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
             stage.write_bytes("model.int8.strong.onnx", strong_bytes)
         stage.write_text("calibration.cache", cache_text_for(res.int8))
         fp16 = write_build_script(stage, recipe, res, strong_bytes is not None)
-        metrics = evaluate_onnx(recipe, recipe.evaluation.data, res, int8_bytes, progress=progress, threads=threads)
+        metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
         if recipe.gates.max_drop is not None:
