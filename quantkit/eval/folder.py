@@ -23,7 +23,8 @@ def _input_size(model_path: Path, fallback) -> tuple[int, int]:
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a damaged file
-        raise UsageError(f"{model_path} is not a readable ONNX model ({type(exc).__name__}): re-run the export") from exc
+        raise UsageError(f"{model_path} is not a readable ONNX model ({type(exc).__name__}): re-run the "
+                         "export") from exc
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     dims = inputs[0].type.tensor_type.shape.dim if inputs else []
     hw = [d.dim_value for d in dims[2:4]] if len(dims) == 4 else []

@@ -115,7 +115,7 @@ def calibration_json(res: OnnxQuantResult) -> dict:
          "all_methods": ({k: {m: _r(v, 8) for m, v in sorted(d.items())} for k, d in sorted(res.calib.tensors.items())}
                          if res.calib is not None else {})}
     if res.trt_cache:
-        d["trt_cache"] = {"file": Path(res.trt_cache["path"]).name, "header": res.trt_cache["header"]}
+        d["trt_cache"] = res.trt_cache["import"]  # which tensors came from it, were kept FP16 or calibrated
     return d
 
 
@@ -164,6 +164,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             "num_samples": res.calib.num_samples if res.calib is not None else 0,
             "data_fingerprint": res.data.fingerprint() if res.data is not None else "none (no data given)",
             "cache_key": res.cache_info.get("key"),
+            **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
         "layers": res.layer_table(),
         "notes": list(res.layout.notes),
@@ -263,7 +264,8 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                                            "the automatic FP16 choice (sensitivity.min_int8_share)")) if on]
         if not_here:  # said, not silently skipped: these passes work on the torch module
             msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
-                   "calibrated only, every supported layer INT8 (keep nodes float with --skip NODE_NAME_GLOB)")
+                   "calibrated only, every supported layer INT8 unless --skip or a TensorRT cache without its "
+                   "scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")
             report["notes"].append(msg)
             log.info(msg)
         failures = check_gates(recipe, report)

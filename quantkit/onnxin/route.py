@@ -139,16 +139,22 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     needed = layout.activation_tensors(only_int8=True)
     calib_result, cache_info, trt = None, {"key": None, "hit": False, "path": None, "reason": None}, None
     if trt_cache is not None:
-        from quantkit.engine.calib_cache import amax_from_cache, read_cache
+        from quantkit.onnxin.trt_import import import_cache
 
-        header, scales = read_cache(trt_cache)
-        tensors = {i.name for i in cleaned.graph.input} | {t for n in cleaned.graph.node for t in (*n.input, *n.output)}
-        amax = amax_from_cache(scales, needed, tensors, source=str(trt_cache))
-        act_scales = {t: float(np.float32(scales[t])) for t in needed}
-        trt = {"path": str(trt_cache), "header": header}
-        import hashlib
+        def calibrate_missing(tensors: list[str]):  # only for calibration.trt_cache_missing=calibrate
+            graph = with_fake_quant_weights(cleaned, layout, wscales)
+            weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
+            result, info = ocal.calibrate_onnx_cached(
+                graph, loaded.content, tensors, weights, cal, settings, cache_path=recipe.calibration.cache,
+                use_cache=recipe.calibration.use_cache, progress=progress,
+                threads=1 if recipe.calibration.deterministic else None)
+            return ocal.chosen_amax(result, tensors, settings), result, info
 
-        cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
+        imported = import_cache(str(trt_cache), cleaned, layout, calibrate_missing,
+                                mode=recipe.calibration.trt_cache_missing, data=cal)
+        amax, act_scales, calib_result, cache_info = (imported.amax, imported.act_scales, imported.calib,
+                                                      imported.cache_info)
+        trt = {"path": str(trt_cache), "header": imported.header, "import": imported.as_dict(str(trt_cache))}
     else:
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
