@@ -18,7 +18,15 @@ Examples:
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
   quantkit export --recipe yolo_nas_s --set calibration.method=mse --out out/   # a shipped recipe, by name
   quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
+  quantkit export yolo_nas_s --data data.yaml --out out/   # dataset YAML: calibrate on train, score on val
+  quantkit export model.onnx --calib images/ --eval coco/ --out out/         # FP32 ONNX in, scored in onnxruntime
   quantkit export --full-int8 --set ptq.bias_correction=false --set calibration.method=entropy   # plain PTQ
+
+\b
+Data flags (the same on export, sensitivity and eval): --calib DATA calibrates; --eval DATA is held-out
+evaluation data (COCO folder, images + --eval-annotations, or a dataset YAML's val split); --data data.yaml is
+a dataset YAML feeding both (train split -> calibration, val split -> evaluation) unless --calib / --eval say
+otherwise.
 
 \b
 Default accuracy methods (each can be turned off): mse calibration, empirical bias correction
@@ -52,12 +60,14 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
               "detector: 320x320]")
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")
-@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for "
-              "mAP. [default: the bundled held-out set for the bundled model, else none]")
+@click.option("--eval", "eval_data", type=click.Path(), help="Held-out evaluation data for mAP: COCO folder "
+              "(annotations.json + images/), images folder with --eval-annotations, or a dataset YAML (val split). "
+              "[default: the bundled held-out set for the bundled model, else none]")
 @click.option("--eval-annotations", type=click.Path(dir_okay=False),
               help="COCO annotations JSON for --eval IMAGES_DIR (when it is not IMAGES_DIR/annotations.json).")
 @click.option("--data", "data_yaml", type=click.Path(dir_okay=False),
-              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val.")
+              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val "
+              "(--calib / --eval override either).")
 @click.option("--device", help="Where calibration, sensitivity and torch evaluation run: cpu or cuda[:N]. "
               "[default: cpu]")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")

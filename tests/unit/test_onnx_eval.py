@@ -57,7 +57,7 @@ def test_quantkit_eval_on_an_onnx_route_folder(exported, det, tmp_path):
     got = json.loads(js.read_text())
     assert {k: got[k] for k in ("fp32_onnx", "int8_onnx")} == {k: report[k] for k in ("fp32_onnx", "int8_onnx")}
     # other images, other size: the letterbox maps the same detection onto them (mAP 1.0 only if it is right)
-    code, text = run("eval", exported, "--data", coco96, "--json", js)
+    code, text = run("eval", exported, "--eval", coco96, "--json", js)
     assert code == 0, text
     assert json.loads(js.read_text())["fp32_onnx"]["map50_95"] == 1.0
 
@@ -124,3 +124,54 @@ def test_bad_evaluation_data_fails_before_calibration(det, tmp_path, monkeypatch
         code, text = run("export", model, *args, "--out", out, "--no-cache", "-q")
         assert code == 2, text
         assert "calibration ran" not in text and not out.exists(), text
+
+
+# ----------------------------------------------------------- one meaning per evaluation-data flag (issue 22)
+
+
+def test_eval_flags(exported, det, tmp_path):
+    """eval --eval DIR / images + --eval-annotations / --data data.yaml; --data DIR is a deprecated alias."""
+    coco96 = det[3]
+    code, text = run("eval", exported, "--eval", coco96 / "images", "--eval-annotations", coco96 / "annotations.json")
+    assert code == 0 and "fp32_onnx   mAP50:95 1.0000" in text and "deprecated" not in text, text
+    code, text = run("eval", exported, "--data", coco96)
+    assert code == 0 and "fp32_onnx   mAP50:95 1.0000" in text, text
+    assert "deprecated: use --eval" in text, text
+    yaml_path = det_yolo_yaml(tmp_path / "ds")
+    code, text = run("eval", exported, "--data", yaml_path)
+    assert code == 0 and "fp32_onnx   mAP50:95 1.0000" in text and "deprecated" not in text, text
+    for args, message in ((("--eval", coco96, "--data", yaml_path), "give one"),
+                          (("--eval-annotations", coco96 / "annotations.json"), "needs --eval")):
+        code, text = run("eval", exported, *args)
+        assert code == 2 and message in text, text
+
+
+def test_every_command_spells_evaluation_data_the_same():
+    """export, sensitivity and eval all take --eval (held-out data), --eval-annotations and --data (YAML)."""
+    from quantkit.cli.engine import eval_cmd
+    from quantkit.cli.export import export_cmd
+    from quantkit.cli.sensitivity import sensitivity_cmd
+
+    for cmd in (export_cmd, sensitivity_cmd, eval_cmd):
+        opts = {o for p in cmd.params for o in p.opts}
+        assert {"--eval", "--eval-annotations", "--data"} <= opts, cmd.name
+        helps = {o: p.help for p in cmd.params for o in p.opts}
+        assert "YAML" in helps["--data"] and "YAML" in helps["--eval"], cmd.name
+
+
+def test_sensitivity_data_yaml_feeds_calibration_and_evaluation(monkeypatch, tmp_path):
+    import quantkit.pipeline as pipeline
+
+    seen = {}
+
+    def fake(recipe, out_dir, **kw):
+        seen["recipe"] = recipe
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "run_sensitivity", fake)
+    y = tmp_path / "d.yaml"
+    y.write_text("path: .\ntrain: a\nval: b\nnames: [x]\n")
+    run("sensitivity", "--data", y, "--out", tmp_path / "s")
+    assert seen["recipe"].calibration.data == str(y) and seen["recipe"].evaluation.data == str(y)
+    run("sensitivity", "--data", y, "--eval", tmp_path, "--out", tmp_path / "s")
+    assert seen["recipe"].calibration.data == str(y) and seen["recipe"].evaluation.data == str(tmp_path)
