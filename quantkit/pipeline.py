@@ -263,6 +263,7 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, 
     ``annotations``: COCO JSON for a ``data`` images folder (a new ``data`` never reuses the recorded one's)."""
     from dataclasses import replace
 
+    from quantkit.calibrate.driver import fixed_threads
     from quantkit.data import open_data
     from quantkit.eval import evaluate_export
     from quantkit.models.consent import consented_model
@@ -289,7 +290,9 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, 
             raise UsageError("no evaluation data: pass --eval DIR (COCO: annotations.json + images/) or "
                              "--data data.yaml")
         check_optional_deps(recipe, evaluation=True)
-        return evaluate_onnx_folder(folder, recipe, data_path, max_images)
+        # one onnxruntime thread when the export used one: the same figures as its report
+        return evaluate_onnx_folder(folder, recipe, data_path, max_images,
+                                    threads=1 if recipe.calibration.deterministic else None)
     calib_path, default_eval = resolve_inputs(recipe)
     data_path = data or default_eval
     if not data_path:
@@ -298,8 +301,10 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, 
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
     _, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
     dataset = _open_eval(recipe, data_path, max_images)
-    return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
-                           str(folder / "model.int8.onnx"), source=data_path)
+    threads = 1 if recipe.calibration.deterministic else None  # the export's figures, reproduced on any machine
+    with fixed_threads(threads):
+        return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
+                               str(folder / "model.int8.onnx"), source=data_path, threads=threads)
 
 
 def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = None,

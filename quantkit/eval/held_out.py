@@ -19,7 +19,7 @@ log = logging.getLogger("quantkit")
 ModelSource = bytes | str | os.PathLike  # serialized ONNX, or a path to one
 
 
-NO_TORCH = "ONNX route: there is no torch model (the export started from an FP32 ONNX file)"
+NO_TORCH = "ONNX route: there is no torch model; the export started from an FP32 ONNX file"
 
 
 def evaluate_export(dataset: CocoDataset, recipe: Recipe, pp: Preprocess, fp32_model: nn.Module | None,

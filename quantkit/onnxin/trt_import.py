@@ -46,14 +46,13 @@ class CacheImport:
     calibrated: list[str] = field(default_factory=list)
     calib: CalibrationResult | None = None
     cache_info: dict = field(default_factory=dict)
+    mode: str = "fp16"  # calibration.trt_cache_missing
 
     def as_dict(self, path: str) -> dict:
         """The report's / calibration.json's description of where each scale came from."""
         return {"file": Path(path).name, "header": self.header, "missing": self.mode,
                 "from_cache": sorted(self.from_cache), "kept_fp16_nodes": sorted(self.kept_fp16),
                 "kept_fp16_tensors": sorted(self.kept_fp16_tensors), "calibrated": sorted(self.calibrated)}
-
-    mode: str = "fp16"
 
 
 def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibrate_missing, *, mode: str,
@@ -80,9 +79,7 @@ def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibr
         out.kept_fp16 = [n for n in layout.int8 if layout.candidates[n].act_input[1] in gone]
         out.kept_fp16_tensors = sorted(gone)
         layout.int8 = [n for n in layout.int8 if n not in set(out.kept_fp16)]
-        if not layout.int8 and not any(t in graph_tensors for t in scales):
-            pass  # amax_from_cache says "for another model" below
-        elif not layout.int8:
+        if not layout.int8 and any(t in graph_tensors for t in scales):  # else: "for another model" below
             raise UsageError(f"{path} has no scale for any tensor quantkit quantizes in this graph: nothing would be "
                              "INT8. Pass the cache written for this ONNX file, or calibrate with --calib")
     from_cache = [t for t in layout.activation_tensors(only_int8=True) if t in scales]

@@ -91,3 +91,14 @@ def test_calibrate_mode_without_data_and_bad_mode_are_exit_2(full, tmp_path):
     with pytest.raises(QuantkitError, match="trt_cache_missing") as e:
         _recipe(model, npy, "calibration.trt_cache_missing=int8")
     assert e.value.exit_code == 2
+
+
+def test_cache_with_no_scale_for_any_quantized_tensor_is_exit_2(full, tmp_path):
+    """Every quantized tensor missing would leave nothing INT8: refused, not a silently FP16 'INT8' export."""
+    model, npy, _, _, _, _ = full
+    cache = tmp_path / "outputs_only.cache"
+    cache.write_text(format_cache({"boxes": 0.01}))  # a real tensor of the graph, but no quantized layer's input
+    out = tmp_path / "o5"
+    with pytest.raises(QuantkitError, match="nothing would be INT8") as e:
+        run_onnx_export(_recipe(model, npy), out, progress=False, trt_cache=str(cache))
+    assert e.value.exit_code == 2 and not out.exists()
