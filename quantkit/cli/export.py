@@ -50,7 +50,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--model", "model_opt", help="Registered model name (see `quantkit models`) or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
-@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy (MODEL.onnx: "
+              "also a .npz keyed by the ONNX input name).")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),

@@ -94,11 +94,21 @@ def _db(v: float | None) -> str:
     return "identical" if v == float("inf") else f"unchanged ({v:.1f} dB SQNR)"
 
 
-def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
-    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's C, H, W."""
-    from quantkit.data import open_data as open_calibration
+def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int,
+              input_name: str = "images") -> tuple[CalibrationData, Preprocess]:
+    """The recipe's preprocessing at the graph's input size; a .npy / .npz must match the graph's C, H, W.
+    A .npz's array is the one keyed by ``input_name`` (``onnxin.npz``)."""
+    from dataclasses import replace
 
-    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
+    from quantkit.data import open_data as open_calibration
+    from quantkit.onnxin.npz import is_npz, npz_array
+
+    if is_npz(calib):
+        arr = npz_array(calib, [input_name])
+        data, pp = open_calibration(arr, recipe.calibration, recipe.preprocess, tuple(size))
+        data = replace(data, source=Path(calib), kind="npz")  # the report names the file, not "<ndarray>"
+    else:
+        data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
     if tuple(data.input_shape) != (channels, *size):
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
                         f"takes {(channels, *size)}: pass data of the model's input shape")
@@ -116,7 +126,9 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     if data is None and trt_cache is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
                          "FILE; quantkit never calibrates on random data")
-    loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data),
+    from quantkit.onnxin.npz import npz_shape
+
+    loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data) or npz_shape(data),
                        check_memory=lambda where, shape: check_model_input_memory(
                            recipe, where, shape, batch=None if data is not None else 1))
     cleaned = cleanup(loaded.model)
@@ -124,7 +136,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     cal = None
     sqnr = None
     if data is not None:
-        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]))
+        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]), loaded.input_name)
         batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
     q = recipe.quantization
