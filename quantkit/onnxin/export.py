@@ -104,9 +104,9 @@ def evaluate_onnx(recipe: Recipe, eval_path: str | None, res: OnnxQuantResult, i
     out = {"data": paths.display_path(eval_path),
            "fp32_torch": {"map50_95": None, "map50": None, "note": "ONNX route: there is no torch model"},
            "fp32_onnx": evaluate_detection(onnx_predictor(res.fp32_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict(),
+                                           label="FP32 ONNX", **kw).as_dict(),
            "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict()}
+                                           label="INT8 ONNX", **kw).as_dict()}
     out["drop_map50_95_points"] = round(100.0 * (out["fp32_onnx"]["map50_95"] - out["int8_onnx"]["map50_95"]), 4)
     out["drop_map50_points"] = round(100.0 * (out["fp32_onnx"]["map50"] - out["int8_onnx"]["map50"]), 4)
     return out
