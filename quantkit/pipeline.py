@@ -116,7 +116,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
     if inputs is None:
         inputs = run_inputs(recipe, calib=str(state.data.source), eval_path=state.eval_path)
     with StagedOutput(out_dir, force, inputs) as stage:
-        graphs = exporter.write_graphs(stage, state)
+        graphs = exporter.write_graphs(stage, state, progress=progress)
         engine.write_calibration_cache(stage, graphs.int8)
         engine.write_build_script(stage, recipe, graphs, state.model, batch)
         built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
@@ -127,7 +127,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
                                           state.model.fp32, graphs.fp32_bytes, graphs.int8_bytes,
                                           source=state.eval_path, progress=progress, threads=threads)
         inputs = report.ReportInputs(state, graphs, metrics, built, command_line or [])
-        content, failures = report.write(stage, inputs)
+        content, failures = report.write(stage, inputs, progress=progress)
         files = sorted(stage.files)
     if failures:
         raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")

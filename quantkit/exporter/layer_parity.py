@@ -357,40 +357,58 @@ def _sqnr(ref: np.ndarray | None, test: np.ndarray) -> float:
 
 
 def layer_parity(qmodel: nn.Module, int8_onnx: onnx.ModelProto, x: torch.Tensor, fp32: nn.Module | None = None,
-                 *, threads: int | None = None) -> LayerParity:
+                 *, threads: int | None = None, progress: bool = False) -> LayerParity:
     """Compare every quantized layer of ``qmodel`` with its node in ``int8_onnx`` on the images ``x`` (NCHW).
 
     ``fp32`` (the float model with the same module names) adds the per-layer INT8-vs-FP32 column. Keep ``x``
-    small (one or two images): every layer's input and output are held in memory.
+    small (one or two images): every layer's input and output are held in memory. ``progress``: progress lines
+    (``quantkit.utils.progress``): on a large detector this check runs for minutes.
     """
-    calls = _torch_calls(qmodel, fp32, x)
-    graph = _Graph(int8_onnx)
-    pairs, unmatched = _match(graph, calls)
-    checked = []
-    for call, node in pairs:
-        problems, floats = _check_data(graph, call, node)
-        problems += _check_weight(graph, call, node)
-        checked.append((call, node, problems, floats, graph.output_of(node)))
-    wanted = [t for _, _, _, floats, out in checked for t in (*floats, out)]
-    values = _ort_values(int8_onnx, wanted, x.detach().float().numpy(), threads)
-    rows = []
-    for call, node, problems, floats, out in checked:
-        y_ort = values[out]
-        row = LayerRow(layer=call.name, op=node.op_type, node=node.name or out,
-                       int8=bool(call.module._input_quantizer.enabled), problems=problems)
-        with torch.no_grad():
-            y_torch = call.module(*[torch.from_numpy(np.ascontiguousarray(values[f])) for f in floats])
-        y_torch = y_torch.float().numpy()
-        if y_torch.shape == y_ort.shape:
-            step = float(np.max(np.abs(y_ort))) / 127.0
-            row.replay_db = sqnr_db(y_ort, y_torch)
-            row.over_step = float(np.mean(np.abs(y_torch - y_ort) > step)) if step > 0 else 0.0
-        else:
-            row.problems.append(f"output shape {tuple(y_ort.shape)} in the graph, torch {tuple(y_torch.shape)}")
-        row.run_db = _sqnr(call.out_q, y_ort)
-        row.int8_vs_fp32_db = _sqnr(call.out_fp32, y_ort)
-        rows.append(row)
+    from quantkit.utils.progress import progress_bar
+
+    with progress_bar(None, "checking parity layer by layer", "step", enabled=progress) as bar:
+        calls = _torch_calls(qmodel, fp32, x)
+        graph = _Graph(int8_onnx)
+        pairs, unmatched = _match(graph, calls)
+        # steps: the torch passes and the match (done), onnxruntime's pass, one replay per layer; each setup step
+        # weighs about a third of all replays (a guess that only shapes the ETA)
+        setup = max(len(pairs), 3) / 3.0
+        bar.set_total(2 + len(pairs), weights=(setup, setup, *([1.0] * len(pairs))))
+        bar.update()
+        checked = []
+        for call, node in pairs:
+            problems, floats = _check_data(graph, call, node)
+            problems += _check_weight(graph, call, node)
+            checked.append((call, node, problems, floats, graph.output_of(node)))
+        wanted = [t for _, _, _, floats, out in checked for t in (*floats, out)]
+        values = _ort_values(int8_onnx, wanted, x.detach().float().numpy(), threads)
+        bar.update()
+        rows = []
+        for call, node, problems, floats, out in checked:
+            rows.append(_replay_row(call, node, problems, floats, out, values))
+            bar.update()
     claimed = {id(node) for _, node in pairs}
     unclaimed = [n.name for n in graph.nodes if id(n) not in claimed and n.op_type in ("Conv", "ConvTranspose", "Gemm")
                  or (n.op_type == "MatMul" and id(n) not in claimed and graph.qdq(n.input[1])[0] is not None)]
     return LayerParity(rows=rows, unmatched=unmatched, unclaimed=unclaimed)
+
+
+def _replay_row(call: _Call, node: onnx.NodeProto, problems: list[str], floats: list[str], out: str,
+                values: dict[str, np.ndarray]) -> LayerRow:
+    """One layer's row: the torch module run on the tensors onnxruntime fed the node, against the node's output
+    ``out`` (``values``: onnxruntime's tensors by name)."""
+    y_ort = values[out]
+    row = LayerRow(layer=call.name, op=node.op_type, node=node.name or out,
+                   int8=bool(call.module._input_quantizer.enabled), problems=problems)
+    with torch.no_grad():
+        y_torch = call.module(*[torch.from_numpy(np.ascontiguousarray(values[f])) for f in floats])
+    y_torch = y_torch.float().numpy()
+    if y_torch.shape == y_ort.shape:
+        step = float(np.max(np.abs(y_ort))) / 127.0
+        row.replay_db = sqnr_db(y_ort, y_torch)
+        row.over_step = float(np.mean(np.abs(y_torch - y_ort) > step)) if step > 0 else 0.0
+    else:
+        row.problems.append(f"output shape {tuple(y_ort.shape)} in the graph, torch {tuple(y_torch.shape)}")
+    row.run_db = _sqnr(call.out_q, y_ort)
+    row.int8_vs_fp32_db = _sqnr(call.out_fp32, y_ort)
+    return row

@@ -65,6 +65,7 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
     from quantkit.sensitivity.analysis import Metric, analyze, make_measure
     from quantkit.sensitivity.cost_model import layer_costs
     from quantkit.sensitivity.select import choose_fp16_layers
+    from quantkit.utils.progress import heartbeat
 
     recipe, s = state.recipe, state.recipe.sensitivity
     budget = budget_of(recipe, dataset is not None) if s.auto else None
@@ -81,7 +82,8 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
     dev = recipe.runtime.device
     result = analyze(state, num_images=s.num_images, dataset=analysis_dataset if full else None,
                      progress=progress, device=dev, damage=full)
-    costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
+    with heartbeat("estimating per-layer T4 costs", enabled=progress):  # shape pass at the optimal batch
+        costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
     section = {"analysis": result.as_dict(), "selection": None,
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
     if budget:
@@ -95,10 +97,10 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
 
             sel = choose_for_int8_share(result, weighted_macs(costs), value, fixed_fp16=fixed)
         elif kind == "max_drop":
-            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev)
+            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev, progress=progress)
             sel = choose_fp16_layers(result, costs, max_drop_points=value, measure=measure, fixed_fp16=fixed)
         else:
-            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev)
+            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev, progress=progress)
             sel = choose_fp16_layers(result, costs, sqnr_floor_db=value, measure=measure, fixed_fp16=fixed)
         set_precision(state.model.qmodel, set(sel.int8))
         layout.int8 = [n for n in layout.layers if n in set(sel.int8)]

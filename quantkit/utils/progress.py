@@ -108,6 +108,10 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.done += n
 
+    def set_total(self, total: int | None, weights: Sequence[float] | None = None) -> None:
+        """The step count (and relative step costs) once known, e.g. after a setup that finds the layers."""
+        self.total = total
+
     def close(self) -> None:
         pass
 
@@ -131,6 +135,11 @@ class BarProgress(Progress):
         super().update(n)
         self._bar.update(n)
 
+    def set_total(self, total: int | None, weights: Sequence[float] | None = None) -> None:
+        super().set_total(total)
+        self._bar.total = total
+        self._bar.refresh()
+
     def close(self) -> None:
         self._bar.close()
 
@@ -151,6 +160,8 @@ class LineProgress(Progress):
         self._t0 = clock()
         self._cum = list(itertools.accumulate(float(w) for w in weights)) if weights is not None else None
         self._said_finishing = False
+        self._failed = False
+        self._t_last = 0.0  # elapsed seconds at the last update
         self.ticks = 0  # periodic lines written so far
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -159,21 +170,47 @@ class LineProgress(Progress):
             self._thread = threading.Thread(target=self._run, name=f"quantkit-progress-{desc}", daemon=True)
             self._thread.start()
 
+    def set_total(self, total: int | None, weights: Sequence[float] | None = None) -> None:
+        super().set_total(total)
+        self._cum = list(itertools.accumulate(float(w) for w in weights)) if weights is not None else None
+
     def elapsed_s(self) -> float:
         return self._clock() - self._t0
 
+    def update(self, n: int = 1) -> None:
+        super().update(n)
+        self._t_last = self.elapsed_s()
+
+    def _weight(self, k: int) -> float:
+        """Weight of the first ``k`` steps (``k`` without weights)."""
+        cum = self._cum
+        if cum is None or len(cum) < (self.total or 0):
+            return float(k)
+        return cum[k - 1] if k > 0 else 0.0
+
     def eta_s(self, elapsed_s: float) -> float | None:
-        """Seconds left: elapsed x remaining / finished weight (steps count 1 each without weights)."""
-        done, total, cum = self.done, self.total, self._cum
+        """Seconds left: the time per unit of weight at the last finished step times the weight left, less the
+        time already spent in the current step (but never less than the steps after it need)."""
+        done, total = self.done, self.total
         if not total or not done:
             return None
-        if cum is None or len(cum) < total:
-            return elapsed_s / done * max(total - done, 0)
-        finished = cum[min(done, total) - 1]
-        return elapsed_s / finished * (cum[total - 1] - finished) if finished > 0 else None
+        finished = self._weight(min(done, total))
+        if finished <= 0:
+            return None
+        rate = self._t_last / finished
+        remaining = self._weight(total) - finished
+        current = self._weight(min(done + 1, total)) - finished
+        in_step = max(elapsed_s - self._t_last, 0.0)
+        return max(rate * remaining - in_step, rate * (remaining - current))
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._failed = exc_type is not None  # the closing line must not say "done" when the phase failed
+        self.close()
 
     def line(self, final: bool = False) -> str:
         elapsed = self.elapsed_s()
+        if final and self._failed:
+            return f"quantkit: {self.desc} stopped after {_fmt_s(elapsed)}"
         return format_line(self.desc, self.done, self.total, self.unit, elapsed, final=final,
                            eta_s=None if final else self.eta_s(elapsed))
 
@@ -215,6 +252,8 @@ class LineHeartbeat(LineProgress):
         super().__init__(None, desc, "", **kw)
 
     def line(self, final: bool = False) -> str:
+        if final and self._failed:
+            return f"quantkit: {self.desc} stopped after {_fmt_s(self.elapsed_s())}"
         return format_heartbeat(self.desc, self.elapsed_s(), final=final)
 
     def close(self) -> None:

@@ -352,3 +352,30 @@ def test_each_evaluation_gets_one_labelled_closing_line(stderr):
         "quantkit: evaluating FP32 torch", "quantkit: evaluating FP32 ONNX", "quantkit: evaluating INT8 ONNX"]
     assert all(line.startswith("quantkit: evaluating ") and line.split()[2] in ("FP32", "INT8")
                for _, line in stderr.lines if line.startswith("quantkit: evaluating") and " img" in line)
+
+
+def test_a_failed_phase_does_not_say_done_and_a_late_total_gets_an_eta():
+    clock, out = FakeClock(), io.StringIO()
+    with pytest.raises(RuntimeError):
+        with pg.LineProgress(None, "checking parity layer by layer", "step", stream=out, clock=clock,
+                             background=False) as bar:
+            clock.t += 2
+            bar.set_total(3, weights=(2, 1, 1))  # known only after a setup step (the layers are found)
+            bar.update()
+            bar.tick()
+            raise RuntimeError("parity failed")
+    assert _lines(out) == ["quantkit: checking parity layer by layer 1/3 step (33%), 2.0 s elapsed, ETA 2.0 s",
+                           "quantkit: checking parity layer by layer stopped after 2.0 s"]
+
+
+def test_eta_counts_down_inside_a_long_step_instead_of_growing():
+    # 1 of 2 equal steps took 10 s; 4 s into the second the ETA is 6 s (it used to grow to 14 s: elapsed/done)
+    clock, out = FakeClock(), io.StringIO()
+    bar = pg.LineProgress(2, "exporting ONNX", "graph", stream=out, clock=clock, background=False)
+    clock.t += 10
+    bar.update()
+    clock.t += 4
+    assert bar.eta_s(bar.elapsed_s()) == pytest.approx(6.0)
+    clock.t += 20  # far over the estimate: the remaining step still needs something, never a negative ETA
+    assert bar.eta_s(bar.elapsed_s()) == pytest.approx(0.0)
+    bar.close()
