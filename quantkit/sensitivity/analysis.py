@@ -190,21 +190,19 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     n_images = sum(int(b.shape[0]) for b in batches)
     items = [] if dataset is None else list(dataset)
     eval_chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-    if progress and batches:  # say up front how long this will take (one measured forward x replays)
-        from quantkit.sensitivity.plan import estimate_analysis
-
-        estimate_analysis(qmodel, batches[0], len(names), len(batches) + len(eval_chunks),
-                          configs=2 if damage else 1)
     saved = _quantizer_flags(qmodel)
     full = SqnrAccumulator()
     dmg = {n: SqnrAccumulator() for n in names}
     rec_ = {n: SqnrAccumulator() for n in names}
     dets: dict[str, dict] = {}
     order: dict[str, int] = {}
-    bar = progress_bar((len(batches) + len(eval_chunks)) * len(names), "sensitivity", "layer", enabled=progress)
-    counted = "d" if damage else "r"  # the progress bar counts one replay per layer and chunk
+    configs = 2 if damage else 1
+    chunks = len(batches) + len(eval_chunks)
+    bar = progress_bar(None, "sensitivity", "replay", enabled=False)
     try:
         with on_device(dev, qmodel), Replayer(qmodel, list(modules.values())) as rp:
+            if progress and batches:  # say up front how long this will take, and weight the ETA by it
+                bar = _estimated_bar(rp, qmodel, modules, everything, batches[0].to(dev), chunks, configs)
             for x in batches:
                 x = x.to(dev)
                 for n, out in _configs(rp, qmodel, modules, everything, x, order, damage):
@@ -214,12 +212,12 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
                         full.update(ref, out)
                     else:
                         (dmg if n[0] == "d" else rec_)[n[1]].update(ref, out)
-                        bar.update(n[0] == counted)
+                        bar.update()
             for chunk in eval_chunks:
                 x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk])).to(dev)
                 for n, out in _configs(rp, qmodel, modules, everything, x, order, damage):
                     _collect_dets(dets, n, out, chunk, state)
-                    bar.update(isinstance(n, tuple) and n[0] == counted)
+                    bar.update(isinstance(n, tuple))
     finally:
         bar.close()
         for q, disabled in saved:
@@ -238,6 +236,24 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
         layers[n] = LayerSensitivity(n, layout.layers[n], i, d_db, w_db, w_db - int8_db, dm, rm)
     return SensitivityResult(layers, int8_db, n_images, maps.get("fp32"), maps.get("int8"), len(items),
                              time.perf_counter() - t0, notes)
+
+
+def _estimated_bar(rp: Replayer, qmodel, modules, everything, x, chunks: int, configs: int):
+    """Time one recorded all-INT8 forward of ``x``, log the analysis' expected duration (see
+    ``quantkit.sensitivity.plan``) and return its progress bar: one step per replay (``configs`` per called layer
+    and chunk), weighted by the share of a forward each replays, a record's full forward on each block's first."""
+    import logging
+
+    from quantkit.sensitivity.plan import estimate_from_record
+    from quantkit.utils.progress import progress_bar
+
+    set_precision(qmodel, everything)  # the dearer configuration (fake-quant); _configs sets its own
+    rec = rp.record(x)
+    rec.nodes.clear()  # only the timings are kept
+    est, tails = estimate_from_record(rec, [id(m) for m in modules.values()], chunks, configs)
+    logging.getLogger("quantkit").info("%s", est.message())
+    block = [t + (1.0 if i == 0 else 0.0) for i, t in enumerate(tails)]  # a block opens with its record
+    return progress_bar(chunks * configs * len(tails), "sensitivity", "replay", weights=block * (chunks * configs))
 
 
 def _configs(rp: Replayer, qmodel, modules, everything, x, order, damage: bool = True):
