@@ -210,10 +210,17 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         strong_bytes = None
         lint_out = {"model.int8.onnx": [f.as_dict() for f in lint(res.int8)]}
         if res.data is not None:
+            from quantkit.utils.progress import progress_bar
+
             batches = [b.numpy() for b in res.data.batches(limit=PARITY_SAMPLES)]
-            checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
-            if ExportTarget.STRONG in recipe.export.targets:
-                strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads)
+            want_strong = ExportTarget.STRONG in recipe.export.targets
+            # steps: three graphs in onnxruntime, then (strong) two FP16 graphs: seconds to minutes, silent inside
+            with progress_bar(1 + want_strong, "checking parity", "step", enabled=progress, weights=(3, 2)) as bar:
+                checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
+                bar.update()
+                if want_strong:
+                    strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads)
+                    bar.update()
         elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
             from quantkit.exporter.strong import to_strongly_typed
 
