@@ -14,6 +14,8 @@ power falls by ``2 <e, J delta_L> - |J delta_L|^2``; to first order, and when L'
 (noise power over signal power). It is negative when L's error cancels others' — the layers whose replayed
 recovery is negative. On the bundled detector its top 16 by gain per MAC hold the 4 layers the full replay's
 greedy choice keeps (predicted 26.70 dB, against 26.72 dB from replaying all 90 layers and keeping 10).
+A model no gradient flows through (an op without a derivative) is ranked by each layer's local noise-to-signal
+ratio instead, the additive-noise model's estimate, with a warning.
 
 Candidates: layers with a positive estimated gain whose cost (MACs plus the MAC-equivalent charge of a residual
 Add's broken conv+add fusion) fits the MAC-share budget left, best gain per cost first, at most
@@ -23,6 +25,7 @@ backward per chunk — about four forwards, against one forward per candidate fo
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +39,8 @@ from quantkit.sensitivity.replay import _tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from quantkit.state import QuantState
+
+log = logging.getLogger("quantkit")
 
 # How many layers the default FP16 choice replays. 16 keeps the choice's cost at ~16 forwards per chunk of
 # images whatever the network's depth (240 layers on YOLO-NAS S: a 15x cut), and is several times the FP16 slots
@@ -98,6 +103,7 @@ def one_pass_signals(state: QuantState, *, num_images: int = 8, chunk_size: int 
 
     saved, params = _quantizer_flags(qmodel), [(p, p.requires_grad) for p in qmodel.parameters()]
     handles = []
+    backward_ran = False
     try:
         with torch.no_grad(), on_device(dev, fp32):
             refs = [_flat(fp32(x.to(dev))) for x in batches]
@@ -115,8 +121,15 @@ def one_pass_signals(state: QuantState, *, num_images: int = 8, chunk_size: int 
                 # SQNR the selection reads is one of these, and each output counts at its own scale
                 loss = sum(0.5 * torch.sum((o.float() - r.float()) ** 2) / max(pw, 1e-30)
                            for o, r, pw in zip(outs, ref, power) if o.requires_grad)
-                if isinstance(loss, torch.Tensor) and loss.requires_grad:
-                    loss.backward()
+                try:
+                    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                        loss.backward()
+                        backward_ran = True
+                except RuntimeError as exc:  # an op without a derivative: rank by local error alone
+                    log.warning("FP16 choice: no gradient through the model (%s); ranking candidates by each "
+                                "layer's local INT8 error instead", str(exc).splitlines()[0][:200])
+                    backward_ran = False
+                    break
     finally:
         for h in handles:
             h.remove()
@@ -124,6 +137,9 @@ def one_pass_signals(state: QuantState, *, num_images: int = 8, chunk_size: int 
             q._disabled = disabled
         for p, rg in params:
             p.requires_grad_(rg)
+    if not backward_ran:  # no gradient reached the layers (detached outputs, no derivative): local NSR as the gain,
+        # the additive-noise model's estimate, so candidates are still the noisiest layers rather than none
+        return {n: Signal(_db(signal[n], noise[n]), noise[n] / signal[n] if signal[n] > 0 else 0.0) for n in names}
     return {n: Signal(_db(signal[n], noise[n]), dot[n]) for n in names}
 
 

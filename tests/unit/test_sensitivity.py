@@ -444,3 +444,21 @@ def test_an_fp16_add_is_charged_for_the_conv_add_fusion_it_breaks():
     sel = choose_for_int8_share(res, macs, roomy, charges=charge)
     assert sel.fp16 == ["add"] and sel.int8_share == 1.0  # the reported share counts conv MACs only
     assert "fusion" in sel.reasons["add"]
+
+
+def test_without_a_gradient_the_signal_falls_back_to_each_layers_local_noise(state, monkeypatch, caplog):
+    from quantkit.sensitivity.candidates import one_pass_signals
+
+    def no_derivative(*_a, **_k):
+        raise RuntimeError("derivative for aten::something is not implemented")
+
+    monkeypatch.setattr(torch.Tensor, "backward", no_derivative)
+    q = state.model.qmodel
+    before = _flags(q)
+    sig = one_pass_signals(state, num_images=4)
+    assert _flags(q) == before and all(p.requires_grad for p in q.parameters())
+    assert "local INT8 error" in caplog.text
+    for s in sig.values():  # the gain is the local noise-to-signal ratio, 10^(-dB/10)
+        assert s.gain == pytest.approx(10 ** (-s.local_sqnr_db / 10), rel=1e-9) if math.isfinite(s.local_sqnr_db) \
+            else s.gain == 0.0
+    assert max(sig, key=lambda n: sig[n].gain) == "fragile"
