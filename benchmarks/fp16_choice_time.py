@@ -109,7 +109,7 @@ def main() -> None:
             "`quantkit export` (the whole command: calibration with a fresh cache, automatic FP16 choice or none, "
             "PTQ passes, ONNX export, parity, lint, held-out evaluation when there is data, report), alternating runs "
             f"in one session, `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`. "
-            f"Common arguments: `{' '.join(common) or '(none)'}`. 'layers replayed': the candidates the FP16 choice "
+            f"Common arguments: `{' '.join(common).replace(str(ROOT) + '/', '') or '(none)'}`. 'layers replayed': the candidates the FP16 choice "
             "measured by replay; est. T4 ms: report.json `latency_estimate` (roofline, not measured).\n\n"
             + "\n".join(rows) + f"\n\n**Ratio of medians, default / --full-int8: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU** "
             "(issue 23 allows <= 2x)." + (f"\n\n{args.note}" if args.note else ""))
