@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.calibrate.driver import CalibrationResult
+from quantkit.ptq.default_passes import default_passes
 from quantkit.ptq.equalize import ChannelClip, EqualizePair, equalize
+from quantkit.ptq.passes import PassResult, PtqPass, register_pass, registered_passes
 from quantkit.ptq.sequential import LayerPtq, SequentialOptions, sequential_pass
 from quantkit.quant.tensor_quantizer import TensorQuantizer, weight_amax
 
@@ -144,5 +146,22 @@ def ptq_for_state(state) -> PtqReport:
     return report
 
 
-__all__ = ["PtqReport", "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip", "sequential_pass",
+def run_default_passes(state, *, dataset=None, analysis_dataset=None, progress: bool = True) -> list:
+    """The registered passes (calibration-method choice, FP16 choice, bias correction, then any a user
+    registered), each kept only when it raises the output SQNR on held-out calibration images
+    (``quantkit.ptq.guard``). ``dataset``/``analysis_dataset``: evaluation data for an mAP budget of the FP16 choice.
+    Returns the per-pass results (also ``state.passes``)."""
+    from quantkit.calibrate.driver import fixed_threads
+    from quantkit.ptq.guard import run_passes
+
+    with fixed_threads(1 if state.recipe.calibration.deterministic else None):
+        return run_passes(state, registered_passes(), {"dataset": dataset, "analysis_dataset": analysis_dataset,
+                                                       "progress": progress})
+
+
+for _p in default_passes():  # the ordered registry starts with the defaults
+    register_pass(_p)
+
+
+__all__ = ["PtqReport", "run_default_passes", "register_pass", "registered_passes", "PassResult", "PtqPass", "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip", "sequential_pass",
            "SequentialOptions", "options_from_spec", "weight_amax"]
