@@ -90,6 +90,7 @@ class QuantState:
     ptq: PtqReport | None = None  # what the accuracy passes (recipe.ptq) did, once they ran
     eval_dataset: CocoDataset | None = None  # the evaluation set at evaluation.max_images, opened once
     passes: dict | None = None  # the guarded PTQ steps (``ptq.guard.run_passes``): tried, kept/reverted, dB
+    passes_seconds: dict | None = None  # wall time per guarded step and of the guard (run record only)
 
 
 @dataclass

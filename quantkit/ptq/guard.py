@@ -128,6 +128,7 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
     """Run ``passes`` (enabled ones, in order) on ``state``, each fitted on the fit images and kept only when
     the check SQNR rises; returns one result per pass (also set as ``state.passes``). With too few images to
     split, the passes run unchecked (said in each verdict)."""
+    t_start = time.perf_counter()
     fit_rows, check_rows = split_rows(state.data.num_samples)
     checker = Checker(state, check_rows) if check_rows else None
     data = PassData(fit=RowView(state.data, fit_rows), measure=checker, extras=dict(extras or {}))
@@ -139,15 +140,17 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
             results.append(PassResult(label, tried=False, verdict="off in the recipe"))
             continue
         needs = p.needs_for(state.recipe) if hasattr(p, "needs_for") else p.needs
-        check_needs(type("_P", (), {"name": label, "needs": needs})(), state)
+        check_needs(label, needs, state)
         snap = _snapshot(state) if checker else None
         t0 = time.perf_counter()
         with _data_view(state, data.fit):
             res = p.apply(state, data)
         res.name, res.seconds = label, time.perf_counter() - t0
-        if checker is None:
-            res.kept, res.verdict = True, f"kept unchecked: {state.data.num_samples} calibration image(s) are too " \
-                                          f"few to hold {1 + FIT_PER_CHECK} out"
+        if not res.changed and checker is None:
+            res.kept, res.verdict = False, "no change"
+        elif checker is None:
+            res.kept, res.verdict = True, (f"kept unchecked: {state.data.num_samples} calibration image(s) are too "
+                                           f"few to hold any out (needs {1 + FIT_PER_CHECK})")
         else:
             res.db_before, res.db_after = current, checker()
             if not res.changed:
@@ -163,6 +166,10 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
                 res.kept, res.verdict = False, "reverted: no gain on the check images"
         log.info("PTQ step %s", res.log_line())
         results.append(res)
+    # wall times (the run record's, not report.json's): each step, and the guard's own cost (FP32 references,
+    # check forwards, snapshots; the calibration-method pass's forwards count as its own)
+    state.passes_seconds = {"guard": time.perf_counter() - t_start - sum(r.seconds for r in results),
+                            **{r.name: r.seconds for r in results if r.tried}}
     state.passes = {"check_images": len(check_rows), "fit_images": len(fit_rows),
                     "measure": "worst output's SQNR (dB) of the fake-quant model against FP32",
                     "forwards": checker.count if checker else 0, "steps": results}

@@ -122,11 +122,11 @@ def target_capabilities(target) -> set[str]:
     return {"torch", "autograd"} if hasattr(getattr(target, "model", None), "qmodel") else set()
 
 
-def check_needs(p: PtqPass, target) -> None:
-    """UsageError naming the pass and what the target lacks, before the pass runs."""
-    missing = [n for n in p.needs if n not in target_capabilities(target)]
+def check_needs(name: str, needs, target) -> None:
+    """UsageError naming the pass ``name`` and what ``target`` lacks of ``needs``, before the pass runs."""
+    missing = [n for n in needs if n not in target_capabilities(target)]
     if missing:
-        raise UsageError(f"PTQ pass {p.name!r} needs {', '.join(missing)}, which this model route cannot provide "
+        raise UsageError(f"PTQ pass {name!r} needs {', '.join(missing)}, which this model route cannot provide "
                          f"(e.g. learned rounding needs autograd): turn the pass off in the recipe")
 
 

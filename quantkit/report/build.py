@@ -100,6 +100,8 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
     report["_run"] = {"seconds": round(seconds, 2), "cache_hit": cal.cache["hit"], "cache_path": cal.cache["path"]}
     if ptq_seconds:
         report["_run"]["ptq_seconds"] = ptq_seconds
+    if getattr(state, "passes_seconds", None):  # wall time of each guarded step and of the guard itself
+        report["_run"]["passes_seconds"] = {k: round(v, 2) for k, v in state.passes_seconds.items()}
     return report
 
 

@@ -77,7 +77,7 @@ class _Scale:
     def apply(self, target, data):
         # the pass fits on the fit rows only: the state's data is that view while it runs
         assert target.data is data.fit and not set(data.fit.rows) & set(target.passes_check_rows)
-        assert data.fit.num_samples + len(target.passes_check_rows) == 12
+        assert data.fit.num_samples + len(target.passes_check_rows) == data.fit._data.num_samples
         target.model.qmodel.get_submodule("4").weight.data.mul_(self.factor)
         return PassResult(self.name, changed=f"scaled by {self.factor}", measured={"factor": self.factor})
 
@@ -143,3 +143,36 @@ def test_a_fixed_method_is_honoured_and_auto_is_no_calibrator_rule(tmp_path):
     with pytest.raises(UsageError, match="auto"):
         MethodSettings(CalibMethod.AUTO)
     assert load_recipe(None).calibration.settings.method is CalibMethod.MSE  # where a route cannot choose
+
+
+def test_the_default_export_steps_run_guarded_in_order_and_chain_their_db(tmp_path):
+    """quantize_and_select runs calibration_method -> fp16_choice -> bias_correction; a kept step's 'after' is
+    the next step's 'before', a reverted one leaves the state as measured before it."""
+    from quantkit.pipeline import quantize_and_select
+
+    torch.manual_seed(1)
+    np.save(tmp_path / "c.npy", torch.randn(12, 3, 16, 16).numpy())
+    recipe = load_recipe(None, ["calibration.use_cache=false", "sensitivity.min_int8_share=0.8",
+                                "sensitivity.num_images=4", "ptq.num_images=8"])
+    state = quantize_and_select(recipe, model=_net(), calib=str(tmp_path / "c.npy"), progress=False)
+    steps = state.passes["steps"]
+    assert [s.name for s in steps] == ["calibration_method", "fp16_choice", "bias_correction"]
+    assert all(s.tried and s.db_before is not None for s in steps)
+    for a, b in zip(steps, steps[1:]):  # each step is judged against the state the previous one left
+        assert b.db_before == (a.db_after if a.kept else a.db_before)
+    assert all(s.db_after > s.db_before for s in steps if s.kept)
+    assert all(s.kept or s.verdict in ("no change", "reverted: no gain on the check images") for s in steps)
+    from quantkit.ptq.guard import Checker
+
+    last = steps[-1]  # the state left is the one last kept: measured afresh, its check SQNR is the same (to
+    # float summation order: a restored copy's tensors sit at other addresses, and kernels may sum differently)
+    assert Checker(state, split_rows(12)[1])() == pytest.approx(last.db_after if last.kept else last.db_before,
+                                                                abs=1e-3)
+
+
+def test_too_few_images_to_hold_out_runs_the_steps_unchecked_and_says_so(tmp_path):
+    state = _state(tmp_path, n=3)
+    state.passes_check_rows = []
+    (r,) = run_passes(state, [_Scale("double", 2.0)])
+    assert r.kept and r.verdict.startswith("kept unchecked: 3 calibration image(s)") and r.db_before is None
+    assert state.passes["check_images"] == 0 and state.passes["fit_images"] == 3
