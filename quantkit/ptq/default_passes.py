@@ -48,13 +48,14 @@ class CalibrationMethodPass:
             except CalibrationError as exc:  # e.g. a percentile of 0 on a mostly-zero tensor: not a candidate
                 log.info("calibration method %s skipped: %s", key, exc)
                 continue
-            scores[key] = float(data.measure())
+            # the starting rule is what the guard just measured: no forward for it
+            scores[key] = data.current_db if key == start and data.current_db is not None else float(data.measure())
         best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))  # ties: earlier candidate
         apply_calibration(qmodel, cal.result, _settings_for(best, base))
         cal.chosen_amax, cal.method = chosen[best], best
         return PassResult(self.name, changed=None if best == start else f"method {start} -> {best}",
                           measured={"check_sqnr_db_by_method": {k: round(v, 3) for k, v in scores.items()},
-                                    "method": best})
+                                    "method": best}, db_after=scores[best])
 
 
 def _settings_for(key: str, base: MethodSettings) -> MethodSettings:

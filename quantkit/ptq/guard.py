@@ -143,6 +143,7 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
         check_needs(label, needs, state)
         snap = _snapshot(state) if checker else None
         t0 = time.perf_counter()
+        data.current_db = current
         with _data_view(state, data.fit):
             res = p.apply(state, data)
         res.name, res.seconds = label, time.perf_counter() - t0
@@ -152,7 +153,7 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
             res.kept, res.verdict = True, (f"kept unchecked: {state.data.num_samples} calibration image(s) are too "
                                            f"few to hold any out (needs {1 + FIT_PER_CHECK})")
         else:
-            res.db_before, res.db_after = current, checker()
+            res.db_before, res.db_after = current, checker() if res.db_after is None else res.db_after
             if not res.changed:
                 res.kept, res.verdict = False, "no change"
             elif res.required:

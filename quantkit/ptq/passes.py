@@ -33,7 +33,8 @@ from quantkit.errors import UsageError
 class PassResult:
     """What one pass did. ``changed``: what it changed, in words ("" or None: nothing). ``measured``: what it
     measured (JSON-ready). The guard fills ``db_before``/``db_after`` (worst-output SQNR in dB against FP32 on the
-    check images), ``kept`` and ``verdict``; ``seconds`` is wall time (run record only, not in report.json)."""
+    check images; a pass that measured its final state with ``data.measure`` may set ``db_after`` itself, saving a
+    forward), ``kept`` and ``verdict``; ``seconds`` is wall time (run record only, not in report.json)."""
 
     name: str
     changed: str | None = None
@@ -72,6 +73,7 @@ class PassData:
     fit: Any
     measure: Callable[[], float] | None = None
     extras: dict = field(default_factory=dict)
+    current_db: float | None = None  # the check SQNR of the state as the pass receives it (already measured)
 
 
 @runtime_checkable
