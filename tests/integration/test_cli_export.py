@@ -86,12 +86,14 @@ def test_second_run_hits_cache_and_is_byte_identical(user_model, exported, tmp_p
 
 def test_changed_method_uses_same_pass_but_new_amax(user_model, exported, tmp_path):
     out, _ = exported
-    code, text = run(*export_args(user_model, tmp_path / "o", "--method", "max"))
-    assert code == 0 and "cache hit" in text  # every method comes from the one cached pass
     a = json.loads((out / "calibration.json").read_text())
+    other = "mse" if a["method"] == "max" else "max"  # the default chose a["method"] for this network (auto)
+    code, text = run(*export_args(user_model, tmp_path / "o", "--method", other))
+    assert code == 0 and "cache hit" in text  # every method comes from the one cached pass
     b = json.loads((tmp_path / "o" / "calibration.json").read_text())
-    assert a["all_methods"] == b["all_methods"] and a["amax"] != b["amax"]
-    assert all(b["amax"][k] == b["all_methods"][k]["max"] for k in b["amax"])
+    assert b["method"] == other and a["all_methods"] == b["all_methods"] and a["amax"] != b["amax"]
+    assert all(b["amax"][k] == b["all_methods"][k][other] for k in b["amax"])
+    assert all(a["amax"][k] == a["all_methods"][k][a["method"]] for k in a["amax"])  # the chosen one, applied
 
 
 def test_gate_failure_exit_3_after_writing(user_model, tmp_path):
