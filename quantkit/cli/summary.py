@@ -32,7 +32,8 @@ def configure_output(*, quiet: bool = False, json_summary: bool = False, verbose
 
 def export_summary(result) -> dict:
     """The ``--json`` summary of a finished export (an ``ExportResult``): where the files are, the measured
-    SQNR (dB), parity (dB), sizes (bytes), held-out mAP50:95 (fractions) and drop (points), gates, notes."""
+    SQNR (dB), parity (dB), sizes (bytes), the INT8 share of weighted-op MACs in model.int8.onnx (0..1), held-out
+    mAP50:95 (fractions) and drop (points), gates, notes."""
     r = result.report
     ev = r.get("evaluation")
     evaluation = None
@@ -52,6 +53,7 @@ def export_summary(result) -> dict:
         "parity_int8_onnx_vs_fakequant_db": r["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"],
         "sizes_bytes": r["onnx"]["sizes_bytes"],
         "int8_size_ratio": r["onnx"]["int8_size_ratio"],
+        "int8_mac_share": (r.get("int8_mac_share") or {}).get("share"),  # from model.int8.onnx's weighted ops
         "evaluation": evaluation,
         "gates": {"passed": gates.get("passed", True), "failures": gates.get("failures", [])},
         "notes": list(r.get("notes", [])),
