@@ -82,7 +82,7 @@ def fp16_reasons(layout: QuantLayout, quantize: tuple[str, ...], skip: tuple[str
     for name in layout.layers:
         if name in int8:
             continue
-        if name in layout.reasons:
+        if name in getattr(layout, "reasons", {}):  # the ONNX route's layout records no selection reasons
             out[name] = layout.reasons[name]
             continue
         hits = [p for p in skip if name in layout.pattern_hits.get(p, ())]

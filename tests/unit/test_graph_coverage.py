@@ -212,3 +212,26 @@ def test_decode_math_on_a_softmax_output_is_float_by_rule():
     (op,) = cov.ops
     assert (op.layer, op.int8, op.macs) == ("heads", False, 2 * 6 * 4)
     assert op.reason == "rule: reads a Softmax output (score / decode math stays float)" and not cov.unexplained()
+
+
+def test_onnx_route_reports_the_graph_share_with_reasons(tmp_path):
+    from onnx_toy import toy_data, toy_onnx
+
+    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.onnxin.placement import build_layout
+    from quantkit.recipe import load_recipe
+
+    model, npy = tmp_path / "toy.onnx", tmp_path / "calib.npy"
+    model.write_bytes(toy_onnx(fold=False))
+    np.save(npy, toy_data(8))
+    layout = build_layout(onnx.load(str(model)))
+    conv = next(n for n, c in layout.candidates.items() if c.op_type == "Conv")
+    recipe = load_recipe(None, [f"model.name='{model}'", f"calibration.data='{npy}'", "calibration.use_cache=false",
+                                f"quantization.skip=['{conv}']", "export.targets=['weak']"])
+    res = run_onnx_export(recipe, tmp_path / "out", progress=False)
+    cov, share = res.report["coverage"], res.report["int8_mac_share"]
+    assert cov["error"] is None and cov["unexplained"] == []
+    skipped = [o for o in cov["float_ops"] if o["node"] == conv]
+    assert skipped and skipped[0]["reason"] == f"recipe: matches quantization.skip '{conv}'"
+    int8 = onnx.load(str(tmp_path / "out" / "model.int8.onnx"))
+    assert share["share"] == round(graph_coverage(int8).share, 4) and 0 < share["share"] < 1
