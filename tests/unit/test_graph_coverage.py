@@ -235,3 +235,54 @@ def test_onnx_route_reports_the_graph_share_with_reasons(tmp_path):
     assert skipped and skipped[0]["reason"] == f"recipe: matches quantization.skip '{conv}'"
     int8 = onnx.load(str(tmp_path / "out" / "model.int8.onnx"))
     assert share["share"] == round(graph_coverage(int8).share, 4) and 0 < share["share"] < 1
+
+
+NET_PY = '''
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, padding=1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.planted = FunctionalConv()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.planted(x)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+'''
+
+
+def test_cli_exit_2_and_json_summary_for_a_planted_float_conv(tmp_path, calib):
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    (tmp_path / "net.py").write_text(NET_PY)
+    np.save(tmp_path / "calib.npy", calib)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(main, ["export", "--model", f"{tmp_path / 'net.py'}:build", "--calib",
+                                    str(tmp_path / "calib.npy"), "--out", str(out), "--no-cache", "--full-int8",
+                                    "--json", "--quiet", "--set", "export.targets=['weak']"])
+    assert run.exit_code == 2, run.output
+    summary = json.loads(next(s for s in run.stdout.splitlines() if s.startswith("{")))  # stderr may be mixed in
+    assert summary["ok"] is False and summary["exit_code"] == 2
+    assert "run in float with no reason: planted (Conv)" in summary["error"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["coverage"]["unexplained"] == ["planted"] and report["int8_mac_share"]["share"] < 0.5
