@@ -171,7 +171,8 @@ class StdConv(nn.Conv2d):
     """Standardizes its weight before the conv: the op never sees self.weight itself."""
 
     def forward(self, x):
-        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        mean, std = self.weight.mean((1, 2, 3), keepdim=True), self.weight.std((1, 2, 3), keepdim=True)
+        w = (self.weight - mean) / (std + 1e-5)
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
