@@ -280,6 +280,36 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
+def check_option_conflicts(user_sets, option_sets, flags: dict[str, str]) -> None:
+    """UsageError when a command-line option and a ``--set`` give one recipe key different values.
+
+    Options become ``--set`` strings applied after the user's own, so without this check ``--method mse`` would
+    silently beat ``--set calibration.method=entropy``. ``flags``: recipe key -> the option(s) that set it, for
+    the message. Equal values (``0.3`` and ``0.30``) agree; a ``--set`` value that does not parse is left to
+    the recipe loader, which names it."""
+    def parsed(raw: str):
+        return load_yaml(raw) if raw.strip() else None
+
+    given = {}
+    for item in option_sets:
+        key, _, raw = item.partition("=")
+        given[key.strip()] = raw
+    for item in user_sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in given:
+            continue
+        try:
+            mine, theirs = parsed(raw), parsed(given[key])
+        except YAML_VALUE_ERRORS:
+            continue
+        if mine != theirs:
+            option = flags.get(key, "a command-line option")
+            shown = item if len(item) <= 120 else item[:117] + "..."
+            raise UsageError(f"{option} and --set {shown} disagree ({option} gives {key} = {short_repr(theirs)}): "
+                             "give the setting once")
+
+
 def recipe_list() -> str:
     """The shipped recipes, one per line with their description (``quantkit recipes``)."""
     from quantkit.recipe_library import format_recipe_list
@@ -287,5 +317,5 @@ def recipe_list() -> str:
     return format_recipe_list()
 
 
-__all__ = ["recipe_list", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
+__all__ = ["recipe_list", "check_option_conflicts", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
            "ExportTarget", "NmsFlavor"]

@@ -8,7 +8,7 @@ import click
 
 from quantkit.cli.common import EXIT_CODES_HELP, one_model, overrides, run_guarded, setup_logging, yaml_str
 from quantkit.errors import UsageError
-from quantkit.recipe import CalibMethod
+from quantkit.recipe import CalibMethod, check_option_conflicts
 
 EXPORT_EPILOG = """\b
 Examples:
@@ -93,6 +93,19 @@ def export_cmd(**a):
     run_guarded(_export, a)
 
 
+# recipe key -> the export option(s) that set it (for the message when a --set disagrees with one)
+OPTION_KEYS = {
+    "model.name": "MODEL / --model", "model.weights": "--weights", "model.num_classes": "--num-classes",
+    "calibration.data": "--calib / --data", "calibration.method": "--method", "input.batch": "--batch",
+    "evaluation.data": "--eval / --data", "gates.max_drop": "--max-drop", "gates.min_sqnr": "--min-sqnr",
+    "calibration.cache": "--calib-cache", "calibration.trt_cache": "--trt-calib-cache", "export.target": "--target",
+    "sensitivity.min_int8_share": "--min-int8-share / --full-int8", "evaluation.annotations": "--eval-annotations",
+    "runtime.device": "--device", "input.size": "--input-size", "quantization.skip": "--skip",
+    "calibration.use_cache": "--no-cache", "export.engine": "--engine", "export.nms": "--nms",
+    "sensitivity.enabled": "--sensitivity",
+}
+
+
 def recipe_overrides(a: dict) -> list[str]:
     """The ``--set`` strings equivalent to the export options that were given."""
     sets = overrides((
@@ -133,7 +146,9 @@ def _export(a: dict) -> None:
     from quantkit.recipe import load_recipe
 
     try:
-        recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
+        options = recipe_overrides(a)
+        check_option_conflicts(a["sets"], options, OPTION_KEYS)
+        recipe = load_recipe(a["recipe_path"], [*a["sets"], *options])
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
                             recipe_path=a["recipe_path"])
     except QuantkitError as exc:
