@@ -39,7 +39,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--model", "model_opt", help="Registered model name (see `quantkit models`) or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
-@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy. Fewer than "
+              "32 images (calibration.max_images included) calibrate with a warning: ranges from so few vary.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
@@ -152,8 +153,12 @@ def _export(a: dict) -> None:
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
                             recipe_path=a["recipe_path"])
     except QuantkitError as exc:
+        written = getattr(exc, "result", None)  # a failed gate: the artifacts and report were written
         if a["json_out"]:
-            click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))
+            click.echo(summary_line(export_summary(written, str(exc)) if written is not None
+                                    else error_summary("export", exc.exit_code, str(exc))))
+        elif written is not None:
+            _print_summary(written)
         raise
     if a["json_out"]:
         click.echo(summary_line(export_summary(result)))
@@ -162,6 +167,8 @@ def _export(a: dict) -> None:
 
 
 def _print_summary(result) -> None:
+    from quantkit.cli.summary import gate_verdict
+
     r = result.report
     acc = r["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
     par = r["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"]
@@ -175,3 +182,8 @@ def _print_summary(result) -> None:
         click.echo(f"held-out mAP50:95 / mAP50: FP32 {ev['fp32_onnx']['map50_95']:.4f} / {ev['fp32_onnx']['map50']:.4f}"
                    f"  INT8 {ev['int8_onnx']['map50_95']:.4f} / {ev['int8_onnx']['map50']:.4f}"
                    f"  (drop {ev['drop_map50_95_points']:.2f} mAP50:95 points)")
+    fp16 = [row["name"] for row in r.get("layers", []) if row.get("precision") != "int8"]
+    share = (r.get("int8_mac_share") or {}).get("share")
+    click.echo(f"FP16 layers: {len(fp16)}" + (f" (INT8 share of conv/linear MACs {100 * share:.2f} %)"
+                                               if share is not None else "") + "; report.md lists them and why")
+    click.echo(gate_verdict(r)[1])  # always the last line: CI logs end with the verdict

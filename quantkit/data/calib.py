@@ -111,6 +111,21 @@ class CalibrationData:
         return h.hexdigest()
 
 
+# Below this many calibration images quantkit warns (issue 24). On the bundled detector, held-out mAP50:95 and
+# output SQNR vary most from set to set below it (benchmarks/calib_count.py, benchmarks/RESULTS.md calib-count).
+MIN_CALIBRATION_IMAGES = 32
+
+
+def small_set_note(data: CalibrationData) -> str | None:
+    """The warning for a calibration set of fewer than MIN_CALIBRATION_IMAGES samples, or None."""
+    n = data.num_samples
+    if n >= MIN_CALIBRATION_IMAGES:
+        return None
+    return (f"calibration uses only {n} image{'s' if n != 1 else ''} (fewer than {MIN_CALIBRATION_IMAGES}): ranges "
+            "from so few inputs vary from set to set and miss rare large activations; pass at least "
+            f"{MIN_CALIBRATION_IMAGES} representative images (--calib, calibration.max_images)")
+
+
 def open_calibration_data(
     path: str | Path, preprocess: Preprocess, batch_size: int = 8, max_images: int = 0
 ) -> CalibrationData:

@@ -73,3 +73,32 @@ def test_every_option_key_is_a_recipe_field():
                                       "device": "cpu", "input_size": "64x64", "skip": ("x",), "no_cache": True,
                                       "engine": True, "nms": True, "sensitivity_flag": True}))
     assert {s.split("=")[0] for s in every} == set(OPTION_KEYS)  # the message can name the option of every key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--bogus"], "error: No such option '--bogus'"),
+    (["nosuch"], "error: No such command 'nosuch'"),
+    (["export", "--num-classes", "x"], "error: Invalid value for '--num-classes'"),
+    (["eval"], "error: Missing argument 'OUT_DIR'"),
+    (["export", "--method", "mse", "--set", "calibration.method=entropy"], "error: --method and --set"),
+])
+def test_every_error_starts_with_lowercase_error(args, message):
+    """click's own parser errors and quantkit's errors share one prefix (issue 24: both 'error:' and 'Error:')."""
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and message in res.output and "Error:" not in res.output, res.output
+    assert [ln for ln in res.output.splitlines() if ln.lower().startswith("error:")] == \
+        [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+
+
+def test_cache_miss_message_names_its_path_once(tmp_path, caplog):
+    import logging
+
+    from quantkit.calibrate.cache import CalibrationCache
+
+    path = tmp_path / "cal.json"
+    with caplog.at_level(logging.INFO, logger="quantkit"):
+        assert CalibrationCache(path).load("k" * 64) is None
+        path.mkdir()  # unreadable as a file: OSError, whose text repeats the path
+        assert CalibrationCache(path).load("k" * 64) is None
+    messages = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(messages) == 2 and all(m.count(str(path)) == 1 for m in messages), messages
