@@ -86,7 +86,7 @@ def reading(rows: dict[int, list[dict]], fp32_map: float) -> str:
     return (f"Reading: the smallest count whose every subset stays within 0.1 mAP50:95 point of FP32 with an SQNR "
             f"spread of at most 0.5 dB is {first}; below {MIN_CALIBRATION_IMAGES} the worst subset loses up to "
             f"{worst_below:.2f} points. On this small detector the effect is small and the 16-image held-out set is "
-            f"itself noisy (one box moves mAP50:95 by ~0.1 point), so the threshold is provisional: re-measure on a "
+            f"itself noisy, so the threshold is provisional: re-measure on a "
             f"larger model and held-out set before tightening or relaxing it.")
 
 
