@@ -66,9 +66,14 @@ class EngineError(QuantkitError):
 
 
 class GateFailure(QuantkitError):
-    """An accuracy gate (--max-drop, --min-sqnr) failed. Artifacts and report are still written."""
+    """An accuracy gate (--max-drop, --min-sqnr) failed. Artifacts and report are still written; ``result``: the
+    export's result (``ExportResult``), so the CLI can still print its summary."""
 
     exit_code = 3
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def require(module: str, extra: str):

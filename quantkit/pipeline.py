@@ -81,6 +81,7 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
         prepared.layout.notes.append(plan.note)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
     data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
+    _note_small_set(data, prepared.layout.notes)
     example = next(data.batches(limit=1))[:1]
     check_float32(prepared.fp32)  # a half/double model is told so, not to fix input.size
     try:
@@ -97,6 +98,16 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     if post_ptq:
         ptq_for_state(state)
     return state
+
+
+def _note_small_set(data, notes: list[str]) -> None:
+    """Warn (log and report note) when calibrating on fewer than MIN_CALIBRATION_IMAGES images."""
+    from quantkit.data.calib import small_set_note
+
+    note = small_set_note(data)
+    if note:
+        log.warning(note)
+        notes.append(note)
 
 
 def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -129,9 +140,10 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         inputs = report.ReportInputs(state, graphs, metrics, built, command_line or [])
         content, failures = report.write(stage, inputs)
         files = sorted(stage.files)
+    result = ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
     if failures:
-        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")
-    return ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
+        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})", result)
+    return result
 
 
 def _open_eval(recipe: Recipe, path, max_images: int):
@@ -329,7 +341,7 @@ def list_layers(model: str, num_classes: int | None = None) -> dict[str, str]:
     from quantkit import models, reparam
     from quantkit.quant.insert import quantizable_layers
 
-    m, _ = models.build_model(model, num_classes=num_classes)
+    m, _ = models.build_model(model, num_classes=num_classes, warn_random_init=False)  # names need no weights
     return quantizable_layers(reparam.reparameterize(m.eval()))
 
 
@@ -340,8 +352,10 @@ def list_models() -> list[dict]:
 
     rows = []
     for e in models.list_models():
-        try:  # exact counts, from the built module (raw, as super-gradients counts them)
-            count, why = models.count_parameters(models.build_model(e.name)[0]), None
+        try:  # exact counts (raw, as super-gradients counts them): the registry's, else from the built module
+            count = e.parameters if e.parameters is not None else models.count_parameters(
+                models.build_model(e.name, warn_random_init=False)[0])
+            why = None
         except Exception as exc:  # noqa: BLE001 - a missing asset must not hide the other models
             count, why = None, type(exc).__name__
         rows.append({"name": e.name, "parameters": count, "error": why, "input_size": e.input_size,

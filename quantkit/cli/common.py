@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import traceback
@@ -22,6 +23,42 @@ Exit codes:
   4  verify/lint found problems"""
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _lowercase_show(exc: click.ClickException):
+    """``exc.show`` writing click's ``Error: ...`` line as ``error: ...``, the form of every quantkit error."""
+    original = exc.show
+
+    def show(file=None) -> None:
+        buf = io.StringIO()
+        original(file=buf)
+        lines = buf.getvalue().split("\n")
+        for i, line in enumerate(lines):  # click's line follows its usage lines; the message itself is kept
+            if line.startswith("Error: "):
+                lines[i] = "error: " + line[len("Error: "):]
+                break
+        click.echo("\n".join(lines), file=file or sys.stderr, nl=False)
+
+    return show
+
+
+class QuantkitGroup(click.Group):
+    """click's own usage errors (unknown option, bad value) print ``Error: ...``; quantkit's print ``error: ...``.
+    This group gives click's the same lowercase prefix, so every error starts the same way."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.show = _lowercase_show(exc)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            exc.show = _lowercase_show(exc)
+            raise
 
 
 def setup_logging(verbose: bool) -> None:

@@ -9,7 +9,7 @@ import click
 from quantkit.cli.common import (EXIT_CODES_HELP, as_user_error, names_model, one_model, overrides, run_guarded,
                                  setup_logging, yaml_str)
 from quantkit.errors import UsageError
-from quantkit.recipe import CalibMethod
+from quantkit.recipe import CalibMethod, check_option_conflicts
 
 EXPORT_EPILOG = """\b
 Examples:
@@ -42,7 +42,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--model", "model_opt", help="Registered model name (see `quantkit models`) or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
-@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy. Fewer than "
+              "32 images (calibration.max_images included) calibrate with a warning: ranges from so few vary.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
@@ -98,6 +99,19 @@ def export_cmd(**a):
     run_guarded(_export, a)
 
 
+# recipe key -> the export option(s) that set it (for the message when a --set disagrees with one)
+OPTION_KEYS = {
+    "model.name": "MODEL / --model", "model.weights": "--weights", "model.num_classes": "--num-classes",
+    "calibration.data": "--calib / --data", "calibration.method": "--method", "input.batch": "--batch",
+    "evaluation.data": "--eval / --data", "gates.max_drop": "--max-drop", "gates.min_sqnr": "--min-sqnr",
+    "calibration.cache": "--calib-cache", "calibration.trt_cache": "--trt-calib-cache", "export.target": "--target",
+    "sensitivity.min_int8_share": "--min-int8-share / --full-int8", "evaluation.annotations": "--eval-annotations",
+    "runtime.device": "--device", "input.size": "--input-size", "quantization.skip": "--skip",
+    "calibration.use_cache": "--no-cache", "export.engine": "--engine", "export.nms": "--nms",
+    "sensitivity.enabled": "--sensitivity",
+}
+
+
 def recipe_overrides(a: dict) -> list[str]:
     """The ``--set`` strings equivalent to the export options that were given."""
     sets = overrides((
@@ -138,14 +152,20 @@ def _export(a: dict) -> None:
     from quantkit.recipe import load_recipe
 
     try:
-        recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
+        options = recipe_overrides(a)
+        check_option_conflicts(a["sets"], options, OPTION_KEYS)
+        recipe = load_recipe(a["recipe_path"], [*a["sets"], *options])
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
                             recipe_path=a["recipe_path"], trust_recipe=a["trust_recipe"],
                             model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
     except Exception as exc:  # noqa: BLE001 - re-raised; a full disk outside --out is a user error too
         err = as_user_error(exc)
+        written = getattr(err, "result", None)  # a failed gate: the artifacts and report were written
         if a["json_out"] and isinstance(err, QuantkitError):
-            click.echo(summary_line(error_summary("export", err.exit_code, str(err))))
+            click.echo(summary_line(export_summary(written, str(err)) if written is not None
+                                    else error_summary("export", err.exit_code, str(err))))
+        elif written is not None:
+            _print_summary(written)
         raise
     if a["json_out"]:
         click.echo(summary_line(export_summary(result)))
@@ -154,6 +174,8 @@ def _export(a: dict) -> None:
 
 
 def _print_summary(result) -> None:
+    from quantkit.cli.summary import gate_verdict
+
     r = result.report
     acc = r["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
     par = r["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"]
@@ -167,3 +189,8 @@ def _print_summary(result) -> None:
         click.echo(f"held-out mAP50:95 / mAP50: FP32 {ev['fp32_onnx']['map50_95']:.4f} / {ev['fp32_onnx']['map50']:.4f}"
                    f"  INT8 {ev['int8_onnx']['map50_95']:.4f} / {ev['int8_onnx']['map50']:.4f}"
                    f"  (drop {ev['drop_map50_95_points']:.2f} mAP50:95 points)")
+    fp16 = [row["name"] for row in r.get("layers", []) if row.get("precision") != "int8"]
+    share = (r.get("int8_mac_share") or {}).get("share")
+    click.echo(f"FP16 layers: {len(fp16)}" + (f" (INT8 share of conv/linear MACs {100 * share:.2f} %)"
+                                               if share is not None else "") + "; report.md lists them and why")
+    click.echo(gate_verdict(r)[1])  # always the last line: CI logs end with the verdict

@@ -54,7 +54,7 @@ def sensitivity_cmd(**a):
 
 def _sensitivity(a: dict) -> None:
     from quantkit.pipeline import run_sensitivity
-    from quantkit.recipe import load_recipe
+    from quantkit.recipe import check_option_conflicts, load_recipe
 
     for opt, low in (("num_images", 1), ("eval_images", 0), ("top", 1)):
         if a[opt] is not None and a[opt] < low:
@@ -66,6 +66,10 @@ def _sensitivity(a: dict) -> None:
         ("gates.max_drop", a["max_drop"]),
         ("sensitivity.sqnr_floor", a["sqnr_floor"]), ("runtime.device", a["device"]),
     ))
+    check_option_conflicts(a["sets"], sets, {
+        "model.name": "MODEL / --model", "model.weights": "--weights", "calibration.data": "--calib",
+        "evaluation.data": "--eval", "sensitivity.num_images": "--num-images", "sensitivity.eval_images": "--eval-images",
+        "gates.max_drop": "--max-drop", "sensitivity.sqnr_floor": "--sqnr-floor", "runtime.device": "--device"})
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
     run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"],
                           trust_recipe=a["trust_recipe"],

@@ -269,6 +269,6 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         files = sorted(stage.files)
     result = ExportResult(out_dir=out_dir, report=report, files=files, gate_failures=failures)
     if failures:
-        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")
+        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})", result)
     return result
 

@@ -17,7 +17,7 @@ import onnx
 
 from quantkit.calibrate.driver import CalibrationResult, method_key
 from quantkit.calibrate.methods import MethodSettings
-from quantkit.data.calib import CalibrationData
+from quantkit.data.calib import CalibrationData, small_set_note
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
 from quantkit.exporter.passes import normalize
@@ -150,6 +150,10 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
 
         cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
     else:
+        note = small_set_note(cal)
+        if note:  # a TensorRT cache brings its own ranges: the data then only serves checks
+            log.warning(note)
+            layout.notes.append(note)
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
         calib_result, cache_info = ocal.calibrate_onnx_cached(
