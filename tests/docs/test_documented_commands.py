@@ -62,7 +62,7 @@ def help_examples() -> list[str]:
 
 
 COMMANDS = list(dict.fromkeys(readme_commands() + help_examples()))
-READS_OUT = re.compile(r"\bout/(model\.int8\.onnx)?(\s|$)")  # reads a previous export's folder
+READS_OUT = re.compile(r"(?<!--out )(?<![\w/.-])out/(model\.int8\.onnx)?(\s|$)")  # reads a previous export
 
 
 def _tiny_net(folder: Path) -> None:
