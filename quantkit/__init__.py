@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os as _os
 
-__version__ = "0.1.0"
+from quantkit.version import __version__  # noqa: E402  (one place for the number)
 
 # onnxruntime's Linux wheels (seen with 1.32) start a telemetry SDK on import that leaves a `.ses` file in $TMPDIR
 # after every run; nothing in quantkit asked for it. Off unless the user set the variable themselves.

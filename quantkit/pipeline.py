@@ -29,7 +29,7 @@ from quantkit.models.checks import check_float32, check_outputs
 from quantkit.recipe import Recipe, load_recipe, parse_batch
 from quantkit.state import ExportResult, QuantState
 from quantkit.utils.optional_deps import check_optional_deps
-from quantkit.utils.preflight import check_cache, preflight, run_inputs
+from quantkit.preflight import check_cache, preflight, run_inputs
 
 log = logging.getLogger("quantkit")
 

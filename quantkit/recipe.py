@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from quantkit.calibrate.methods import CalibMethod  # noqa: F401  (re-exported)
+from quantkit.calib_methods import CalibMethod  # noqa: F401  (re-exported)
 from quantkit.errors import UsageError
 from quantkit.recipe_limits import MAX_INT_BITS, YAML_VALUE_ERRORS, OversizedNumber, check_ranges, check_size, load_yaml, short_repr
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from quantkit.calibrate.methods import MIN_NUM_BINS
+from quantkit.calib_methods import MIN_NUM_BINS
 from quantkit.errors import UsageError
 
 MAX_RECIPE_NODES = 10_000  # a real recipe has ~100 values; YAML aliases can expand to billions

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from quantkit.calibrate.methods import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibMethod, MethodSettings
+from quantkit.calib_methods import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibMethod, MethodSettings
 
 
 class ExportTarget(str, enum.Enum):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from quantkit import __version__
+from quantkit.version import __version__
 from quantkit.cli.common import CONTEXT, EXIT_CODES_HELP, QuantkitGroup
 from quantkit.cli.engine import build_cmd, eval_cmd
 from quantkit.cli.export import export_cmd

@@ -74,7 +74,7 @@ def setup_logging(verbose: bool) -> None:
 def as_user_error(exc: BaseException) -> BaseException:
     """A full disk or quota met outside the output folder (the calibration cache, TMPDIR, a library's scratch
     file) is the environment, not a bug: a StorageError naming the file and the fix. Other errors unchanged."""
-    from quantkit.utils.quote import cap
+    from quantkit.quote import cap
 
     if is_disk_full(exc):
         where = f" writing {cap(exc.filename)}" if exc.filename else ""
@@ -84,7 +84,7 @@ def as_user_error(exc: BaseException) -> BaseException:
 
 
 def _fail(exc: BaseException) -> None:
-    from quantkit.utils.quote import printable
+    from quantkit.quote import printable
 
     exc = as_user_error(exc)
     if isinstance(exc, QuantkitError):  # a non-UTF-8 file name in the message shows its bytes as \xNN
@@ -116,7 +116,7 @@ def yaml_str(s: str) -> str:
 
 def overrides(pairs) -> list[str]:
     """``section.key=value`` strings for the options that were given (None = not given)."""
-    from quantkit.utils.quote import cap, printable
+    from quantkit.quote import cap, printable
 
     out = []
     for key, value in pairs:

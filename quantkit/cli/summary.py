@@ -86,7 +86,7 @@ def export_summary(result, error: str | None = None) -> dict:
 
 def error_summary(command: str, exit_code: int, message: str) -> dict:
     """The ``--json`` summary of a command that failed with ``exit_code`` (the message names the fix)."""
-    from quantkit.utils.quote import printable
+    from quantkit.quote import printable
 
     message = printable(message)  # UTF-8-clean: a non-UTF-8 file name shows its bytes as \xNN
     return {"summary_version": SUMMARY_VERSION, "command": command, "ok": False, "exit_code": exit_code,

@@ -104,9 +104,9 @@ def open_calibration_source(source, preprocess: Preprocess, batch_size: int = 8,
 
 def open_eval_dataset(data: str | Path, *, annotations: str | Path | None = None, split: str = "val",
                       max_images: int | None = None):
-    """A :class:`~quantkit.eval.coco.CocoDataset` from a COCO folder, an images folder + ``annotations`` JSON,
+    """A :class:`~quantkit.data.coco.CocoDataset` from a COCO folder, an images folder + ``annotations`` JSON,
     or a dataset YAML with YOLO labels (``split``, default ``val``; converted to COCO ground truth)."""
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
 
     if is_dataset_yaml(data):
         if annotations is not None:

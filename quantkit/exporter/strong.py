@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quantkit.errors import ExportError
 from quantkit.exporter.graph import DQ_OP, Q_OP, GraphIndex
 from quantkit.exporter.lint import FP16_MAX, FP16_MIN_NORMAL, STRONG_MIN_OPSET, get_attr
-from quantkit.utils.quote import qcap
+from quantkit.quote import qcap
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 # Ops that must see float32 (ONNX NonMaxSuppression takes float only; the TRT plugin too; Range has no float16

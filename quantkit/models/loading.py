@@ -30,7 +30,7 @@ from torch import nn
 
 from quantkit.errors import ModelError, QuantkitError, WeightsError
 from quantkit.models.registry import count_parameters, get_entry, import_factory
-from quantkit.utils.quote import cap, qcap
+from quantkit.quote import cap, qcap
 
 #: Where a super-gradients trainer checkpoint keeps the weights, most preferred first.
 CHECKPOINT_SECTIONS = ("ema_net", "net", "state_dict", "model")

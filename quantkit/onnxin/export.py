@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantkit import __version__, paths
+from quantkit import paths
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads, method_key
 from quantkit.errors import ExportError, GateFailure, UsageError
 from quantkit.exporter import parity
@@ -95,7 +96,7 @@ def evaluate_onnx(recipe: Recipe, eval_path: str | None, res: OnnxQuantResult, i
     """mAP of the FP32 and INT8 graphs in onnxruntime (the torch route's decode + NMS + COCO eval), or None."""
     if not eval_path:
         return None
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import evaluate_detection, onnx_predictor
 
     ev = recipe.evaluation

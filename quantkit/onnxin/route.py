@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from quantkit.calibrate.driver import CalibrationResult, method_key
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.data.calib import CalibrationData, small_set_note
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
@@ -26,7 +26,7 @@ from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import OnnxLayout, build_layout
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
 from quantkit.recipe import Recipe
-from quantkit.utils.preflight import check_model_input_memory
+from quantkit.preflight import check_model_input_memory
 
 log = logging.getLogger("quantkit")
 

@@ -18,7 +18,7 @@ from torch import nn
 from quantkit.errors import UsageError
 from quantkit.quant.modules import QUANT_MODULES, QUANT_TYPES
 from quantkit.quant.tensor_quantizer import TensorQuantizer
-from quantkit.utils.quote import cap
+from quantkit.quote import cap
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from quantkit import __version__
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, method_key
 from quantkit.exporter.passes import qdq_summary
 from quantkit.paths import display_path

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantkit import __version__
+from quantkit.version import __version__
 from quantkit.errors import UsageError
 
 MANIFEST = "manifest.json"

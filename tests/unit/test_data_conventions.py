@@ -17,7 +17,7 @@ from quantkit.data.preprocess import Preprocess
 from quantkit.data.sources import open_calibration_source, open_eval_dataset
 from quantkit.data.yolo import label_path, load_dataset_yaml
 from quantkit.errors import DataError
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.eval.detection import coco_map
 
 PP = Preprocess(size=(64, 64))
