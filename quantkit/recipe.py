@@ -26,6 +26,7 @@ from quantkit.recipe_limits import check_ranges, check_size, short_repr
 
 from quantkit.recipe_specs import (  # noqa: F401  (re-exported: the recipe is where sections are imported from)
     ExportTarget,
+    Fp16Overflow,
     NmsFlavor,
     ModelSpec,
     InputSpec,
@@ -278,4 +279,4 @@ def recipe_list() -> str:
 
 
 __all__ = ["recipe_list", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
-           "ExportTarget", "NmsFlavor"]
+           "ExportTarget", "Fp16Overflow", "NmsFlavor"]

@@ -55,6 +55,7 @@ def export_summary(result) -> dict:
         "evaluation": evaluation,
         "gates": {"passed": gates.get("passed", True), "failures": gates.get("failures", [])},
         "notes": list(r.get("notes", [])),
+        "strong": ({k: r["strong"].get(k) for k in ("status", "file", "failure")} if r.get("strong") else None),
     }
 
 
