@@ -39,7 +39,9 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--model", "model_opt", help="Registered model name (see `quantkit models`) or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
-@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, a float32 .npy (N, ...) such as NCHW "
+              "images or (N, L) audio frames, or a .npz of float32 arrays named after the model's forward arguments "
+              "(several inputs).")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),

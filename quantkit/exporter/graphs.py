@@ -39,8 +39,8 @@ def write_graphs(stage, state: QuantState) -> Graphs:
     example = next(data.batches(limit=1))[:1]
     log.info("exporting ONNX (FP32 and INT8 Q/DQ)")
     opset = recipe.export.opset
-    fp32_onnx = finalize_fp32(export_onnx(model.fp32, example, opset=opset, dynamic_batch=dynamic))
-    int8_onnx = finalize_int8(export_onnx(model.qmodel, example, opset=opset, dynamic_batch=dynamic))
+    fp32_onnx = finalize_fp32(export_onnx(model.fp32, example, opset=opset, dynamic_batch=dynamic, inputs=data.inputs))
+    int8_onnx = finalize_int8(export_onnx(model.qmodel, example, opset=opset, dynamic_batch=dynamic, inputs=data.inputs))
     fp32_bytes, int8_bytes = fp32_onnx.SerializeToString(), int8_onnx.SerializeToString()
 
     log.info("checking parity in onnxruntime")

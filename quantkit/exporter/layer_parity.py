@@ -30,6 +30,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from quantkit.data.inputs import ort_feeds
 from quantkit.eval.sqnr import sqnr_db
 from quantkit.quant.modules import QUANT_TYPES, QuantAdd, QuantConvTranspose2d, QuantLinear
 
@@ -349,9 +350,9 @@ def _ort_values(model: onnx.ModelProto, names: list[str], x: np.ndarray, threads
     outs = [o.name for o in sess.get_outputs()]
     batch = inp.shape[0]
     step = batch if isinstance(batch, int) else x.shape[0]
-    parts = [sess.run(outs, {inp.name: x[i:i + step]}) for i in range(0, x.shape[0], step)]
+    parts = [sess.run(outs, ort_feeds(sess.get_inputs(), x[i:i + step])) for i in range(0, x.shape[0], step)]
     values = {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(outs)}
-    values.update({n: x for n in inputs})
+    values.update(ort_feeds(sess.get_inputs(), x))
     return values
 
 

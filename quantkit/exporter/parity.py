@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from quantkit.data.inputs import ort_feeds
 from quantkit.eval.sqnr import sqnr_db
 
 
@@ -34,15 +35,15 @@ def session(model: onnx.ModelProto | bytes, threads: int | None = None, *, liter
 
 
 def run_session(sess: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
-    """Run ``x`` (NCHW float32); a graph with a fixed batch of 1 is run one image at a time."""
+    """Run ``x`` (float32 (N, ...); packed (N, F) for a graph with several inputs); a graph with a fixed batch
+    of 1 is run one sample at a time."""
     inp = sess.get_inputs()[0]
     batch_dim = inp.shape[0]
-    want = np.float16 if inp.type == "tensor(float16)" else np.float32
-    x = x.astype(want, copy=False)
+    inputs = sess.get_inputs()  # several: x is packed (N, F), see quantkit.data.inputs
     if isinstance(batch_dim, int) and batch_dim != x.shape[0]:
-        parts = [sess.run(None, {inp.name: x[i : i + batch_dim]}) for i in range(0, x.shape[0], batch_dim)]
+        parts = [sess.run(None, ort_feeds(inputs, x[i : i + batch_dim])) for i in range(0, x.shape[0], batch_dim)]
         return [np.concatenate([p[k] for p in parts]).astype(np.float32) for k in range(len(parts[0]))]
-    return [o.astype(np.float32) for o in sess.run(None, {inp.name: x})]
+    return [o.astype(np.float32) for o in sess.run(None, ort_feeds(inputs, x))]
 
 
 def torch_outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:

@@ -63,10 +63,13 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
     if written:
         sizes["model.int8.strong.onnx"] = strong["size_bytes"]
     model_info = {**model.info, "int8_layers": len(model.layout.int8), "quantizable_layers": len(model.layout.layers)}
+    inp = {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()}
+    if data.inputs:  # several named inputs (a .npz): shape is their packed form, inputs what the graphs take
+        inp["inputs"] = {name: [1, *shape] for name, shape in data.inputs}
     report = {
         "quantkit_version": __version__,
         "model": model_info,
-        "input": {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()},
+        "input": inp,
         "calibration": {
             "method": method_key(recipe.calibration.settings),
             "data": display_path(data.source),
