@@ -27,7 +27,8 @@ CLEANUP_MIN_SQNR_DB = 80.0  # cleaned vs original FP32 outputs: folding may only
 class LoadedOnnx:
     """A validated FP32 ONNX model. ``raw`` are the file's bytes (the calibration cache keys on them).
 
-    ``input_shape``: [N, C, H, W] with N None when the batch is symbolic; H, W always concrete.
+    ``input_shape``: [N, C, H, W] with N None when the batch is symbolic; H, W always concrete. Inputs that are
+    not images ((N, L) audio frames, (N, T, D) features) have any rank >= 2, every dim but N fixed.
     """
 
     path: str
@@ -38,9 +39,14 @@ class LoadedOnnx:
     opset: int
 
     @property
-    def size(self) -> tuple[int, int]:
-        """Input (H, W) in pixels."""
-        return int(self.input_shape[2]), int(self.input_shape[3])
+    def is_image(self) -> bool:
+        """An NCHW input (images folders and input.size apply)."""
+        return len(self.input_shape) == 4
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """Input (H, W) in pixels; None for an input that is not NCHW."""
+        return (int(self.input_shape[2]), int(self.input_shape[3])) if self.is_image else None
 
 
 def is_onnx_path(name: str | None) -> bool:
@@ -96,10 +102,16 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
         raise UsageError(f"input '{inp.name}' of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
                          "quantizes FP32 models: export the model in float32")
     dims = list(tt.shape.dim)
-    if len(dims) != 4:
-        raise UsageError(f"input '{inp.name}' of {p} has rank {len(dims)}; quantkit's ONNX route takes an NCHW "
-                         "image input [N, C, H, W]")
     shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(dims) != 4:  # (N, L) audio frames, (N, T, D) features: the calibration .npy gives the samples
+        if len(dims) < 2 or any(v is None or v <= 0 for v in shape[1:]):
+            raise UsageError(f"input '{inp.name}' of {p} has shape {[d.dim_param or d.dim_value for d in dims]}; "
+                             "quantkit's ONNX route takes [N, C, H, W] images or a rank >= 2 input whose dims "
+                             "after the batch are fixed: export the model with a fixed sample shape")
+        if input_size is not None:
+            raise UsageError(f"--input-size (H x W) applies to NCHW image inputs; input '{inp.name}' of {p} has "
+                             f"shape {shape}: drop --input-size")
+        return LoadedOnnx(str(p), raw, model, inp.name, shape, opset)
     if shape[1] is None:
         raise UsageError(f"input '{inp.name}' of {p} has a free channel dimension: export it with a fixed C")
     if input_size is not None:

@@ -76,14 +76,19 @@ def _r(v, nd: int = 6):
     return None if v is None else round(float(v), nd)
 
 
-def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
-    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's C, H, W."""
+def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Preprocess]:
+    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's per-sample shape
+    (C, H, W for images, any rank otherwise)."""
     from quantkit.data import open_data as open_calibration
 
-    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
-    if tuple(data.input_shape) != (channels, *size):
+    sample = tuple(int(d) for d in loaded.input_shape[1:])
+    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(loaded.size or (640, 640)))
+    if data.inputs is not None:
+        raise DataError(f"calibration data {calib} is a .npz of several inputs; the ONNX route takes models with one "
+                        "input for now: pass a .npy, or export the torch module (which takes .npz)")
+    if tuple(data.input_shape) != sample:
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
-                        f"takes {(channels, *size)}: pass data of the model's input shape")
+                        f"takes {sample}: pass data of the model's input shape")
     return data, pp
 
 
@@ -100,11 +105,11 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                          "FILE; quantkit never calibrates on random data")
     loaded = load_onnx(path, recipe.input.size)
     cleaned = cleanup(loaded.model)
-    pp = Preprocess.at_size(recipe.preprocess, loaded.size)
+    pp = Preprocess.at_size(recipe.preprocess, loaded.size or (640, 640))  # not used for non-image inputs
     cal = None
     sqnr = None
     if data is not None:
-        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]))
+        cal, pp = open_data(recipe, str(data), loaded)
         batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
     q = recipe.quantization

@@ -172,3 +172,27 @@ def test_bad_arrays_are_exit_2_naming_the_fix(work, tmp_path, make, expect):
                                     str(tmp_path / "out"), "--no-cache", "-q"])
     assert res.exit_code == 2 and expect in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_route_takes_audio_frames_from_npy(work, tmp_path):
+    """The ONNX front end: an FP32 .onnx with a (1, L) input, calibrated from a (N, L) .npy."""
+    d, nets = work
+    x = _sines(16, 1024, seed=5)
+    np.save(tmp_path / "frames.npy", x)
+    with torch.no_grad():
+        torch.onnx.export(nets.frames(), (torch.from_numpy(x[:1]),), str(tmp_path / "frames.onnx"), dynamo=False,
+                          opset_version=17, input_names=["pcm"], output_names=["logits"])
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "frames.onnx"), "--calib", str(tmp_path / "frames.npy"),
+                                    "--out", str(tmp_path / "o"), "--no-cache", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    int8 = onnx.load(str(tmp_path / "o" / "model.int8.onnx"))
+    assert [i.name for i in int8.graph.input] == ["pcm"] and _conv_inputs_quantized(int8) == [True, True]
+    held = _sines(8, 1024, seed=11)
+    with torch.no_grad():
+        ref = nets.frames()(torch.from_numpy(held)).numpy()
+    assert _sqnr(ref, _ort(tmp_path / "o" / "model.int8.onnx", {"pcm": held})) > 25.0
+    # the calibration data must have the graph's sample shape
+    np.save(tmp_path / "short.npy", x[:, :512])
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "frames.onnx"), "--calib", str(tmp_path / "short.npy"),
+                                    "--out", str(tmp_path / "o2"), "--no-cache", "-q"])
+    assert res.exit_code == 2 and "takes (1024,)" in res.output and not (tmp_path / "o2").exists()
