@@ -74,6 +74,9 @@ def render_html(report: dict, folder: Path | None = None) -> str:
             ["FP32 ONNX vs torch", _num(par["fp32_onnx_vs_torch"]["worst_db"], 2) + " dB"]]
     if par.get("strong_onnx_vs_torch_fakequant"):
         rows.append(["strong FP16 ONNX vs torch fake-quant", _num(par["strong_onnx_vs_torch_fakequant"]["worst_db"], 2) + " dB"])
+    strong = report.get("strong")
+    if strong and strong.get("status") == "failed":  # the weak graph and the rest are written; say why this is not
+        rows.append(["strong FP16 ONNX", "<b>not written</b>: " + _e(strong.get("failure") or "")])
     parts.append("<h2>Accuracy</h2>" + _table(["measure", "value"], rows, {1}))
     ev = report.get("evaluation")
     if ev:
