@@ -112,27 +112,34 @@ def _write_strong(stage, graphs: Graphs, fp32_onnx, threads: int | None, policy,
         report.update(converted.changes())
         f16 = convert_strongly_typed(fp32_onnx, overflow=OverflowPolicy.KEEP_FP32).model  # FP16 noise reference
     except ExportError as exc:
-        report["failure"] = f"cannot convert: {exc}"
-        log.warning("%s not written (the weak graph is): %s", STRONG_FILE, report["failure"])
-        return
+        return _not_written(report, [f"cannot convert: {exc}"])
     for line in converted.kept_fp32_constants + converted.clamped_constants:
         log.info("strong graph, FP16 range: %s", line)
     strong, strong_bytes = converted.model, converted.model.SerializeToString()
-    sp, s_fp32 = graphs.refs.check(parity.session(strong_bytes, threads))
-    f16_fp32 = graphs.refs.check(parity.session(f16.SerializeToString(), threads))[1]
-    layers = check_layers(strong)
+    try:
+        sp, s_fp32 = graphs.refs.check(parity.session(strong_bytes, threads))
+        f16_fp32 = graphs.refs.check(parity.session(f16.SerializeToString(), threads))[1]
+        layers = check_layers(strong)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; a graph it cannot run is a failure
+        return _not_written(report, [f"onnxruntime cannot run it: {type(exc).__name__}: {str(exc)[:300]}"])
     report.update({"parity_vs_fakequant": sp.as_dict(), "vs_fp32": s_fp32.as_dict(),
                    "fp16_alone_vs_fp32": f16_fp32.as_dict(),
                    "layers": {"checked": len(layers.rows), "disagreeing": [r.layer for r in layers.rows if r.disagrees]}})
     failures = parity.strong_failures(layers, graphs.refs.quantization(), s_fp32, f16_fp32)
+    findings = lint(strong, strong=True)
+    failures += [f"lint {f.node}: {f.message}" for f in findings if f.severity is Severity.ERROR]
     if failures:
-        report["failure"] = "; ".join(failures[:5]) + (f" (+{len(failures) - 5} more)" if len(failures) > 5 else "")
-        log.warning("%s not written (the weak graph is): %s", STRONG_FILE, report["failure"])
-        return
+        return _not_written(report, failures)
     stage.write_bytes(STRONG_FILE, strong_bytes)
     report.update({"status": "written", "file": STRONG_FILE, "size_bytes": len(strong_bytes)})
     graphs.strong = strong
-    graphs.lint[STRONG_FILE] = lint(strong, strong=True)
+    graphs.lint[STRONG_FILE] = findings
+
+
+def _not_written(report: dict, failures: list[str]) -> None:
+    """Record why the strong graph is not written (the weak one and the rest are) and warn once."""
+    report["failure"] = "; ".join(failures[:5]) + (f" (+{len(failures) - 5} more)" if len(failures) > 5 else "")
+    log.warning("%s not written (model.int8.onnx and the rest are): %s", STRONG_FILE, report["failure"])
 
 
 def _write_nms(stage, spec, graphs: Graphs, sample: list[torch.Tensor]) -> dict:
