@@ -196,3 +196,12 @@ def test_onnx_route_takes_audio_frames_from_npy(work, tmp_path):
     res = CliRunner().invoke(main, ["export", str(tmp_path / "frames.onnx"), "--calib", str(tmp_path / "short.npy"),
                                     "--out", str(tmp_path / "o2"), "--no-cache", "-q"])
     assert res.exit_code == 2 and "takes (1024,)" in res.output and not (tmp_path / "o2").exists()
+
+
+def test_several_inputs_with_dynamic_batch_is_exit_2(work, tmp_path):
+    """build_engine.sh writes one shape profile: a dynamic batch over several inputs is refused up front."""
+    d, _ = work
+    np.savez(tmp_path / "ok.npz", audio=_sines(4, 64), side=np.zeros((4, 6), np.float32))
+    res = CliRunner().invoke(main, ["export", f"{d / 'nets.py'}:two", "--calib", str(tmp_path / "ok.npz"), "--out",
+                                    str(tmp_path / "out"), "--no-cache", "-q", "--batch", "1:4:8"])
+    assert res.exit_code == 2 and "--batch 1" in res.output and not (tmp_path / "out").exists()
