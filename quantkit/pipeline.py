@@ -46,12 +46,21 @@ def resolve_inputs(recipe: Recipe, plan: EvalPlan | None = None) -> tuple[str, s
     return calib, (ev or None)
 
 
-def _prepared(recipe: Recipe, model: nn.Module | None):
+def _prepared(recipe: Recipe, model: nn.Module | None, inputs=None):
+    """Build (or take) the model and prepare it; ``inputs`` (a .npz's named inputs): its forward takes them packed
+    (``quantkit.data.inputs.adapt_model``), so every stage keeps one tensor per batch."""
     from quantkit import models, quant
+    from quantkit.data.inputs import adapt_model
 
     if model is None:
         built, info, size = models.build(recipe.model)
+        if inputs:
+            adapt_model(built, inputs)
         return quant.prepare(built, recipe.quantization, info, size)
+    if inputs:
+        import copy
+
+        model = adapt_model(copy.deepcopy(model), inputs)  # the user's object keeps its class
     return quant.prepare(model, recipe.quantization)
 
 
@@ -76,11 +85,20 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     check_optional_deps(recipe, evaluation=bool(eval_path))  # fail before any work, with the install hint
     # opened now so bad labels / a YAML without the split fail before calibrating; kept for evaluation
     eval_dataset = _open_eval(recipe, eval_path, recipe.evaluation.max_images) if eval_path else None
-    prepared = _prepared(recipe, model)
+    data = None
+    if isinstance(calib_path, (str, Path)) and str(calib_path).lower().endswith(".npz"):
+        # several named inputs: the model must take them packed before it is prepared (traced, copied)
+        data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, recipe.input.size or (640, 640))
+        bmin, _, bmax = parse_batch(recipe.input.batch)
+        if bmin != bmax:
+            raise UsageError("a dynamic batch (input.batch min:opt:max) with several inputs (.npz) is not supported "
+                             "yet: build_engine.sh writes one shape profile; use a fixed batch such as --batch 1")
+    prepared = _prepared(recipe, model, data.inputs if data is not None else None)
     if plan.note:  # report.json's notes say why there is no held-out evaluation
         prepared.layout.notes.append(plan.note)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
-    data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
+    if data is None:
+        data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
     _note_small_set(data, prepared.layout.notes)
     example = next(data.batches(limit=1))[:1]
     check_float32(prepared.fp32)  # a half/double model is told so, not to fix input.size
@@ -88,8 +106,10 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
         with torch.no_grad():
             outputs = prepared.fp32(example)
     except (RuntimeError, ValueError) as exc:
-        raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
-                         "Set input.size (or the .npy shape) to what the model expects") from exc
+        shape = (f"inputs {', '.join(f'{n} {(1, *s)}' for n, s in data.inputs)}" if data.inputs
+                 else f"input of shape {tuple(example.shape)}")
+        raise ModelError(f"the model rejects {shape}: {exc}. Set input.size (or the .npy/.npz shapes) to what the "
+                         "model expects") from exc
     check_outputs(outputs)  # outputs need a batch axis
     prepared, ptq_report = equalize_state_model(prepared, data, recipe)  # exact FP32 rescale, before calibration
     calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress,

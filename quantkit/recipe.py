@@ -26,6 +26,7 @@ from quantkit.recipe_limits import MAX_INT_BITS, YAML_VALUE_ERRORS, OversizedNum
 
 from quantkit.recipe_specs import (  # noqa: F401  (re-exported: the recipe is where sections are imported from)
     ExportTarget,
+    Fp16Overflow,
     NmsFlavor,
     ModelSpec,
     InputSpec,
@@ -317,5 +318,5 @@ def recipe_list() -> str:
     return format_recipe_list()
 
 
-__all__ = ["recipe_list", "check_option_conflicts", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
-           "ExportTarget", "NmsFlavor"]
+__all__ = ["recipe_list", "check_option_conflicts", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict",
+           "parse_batch", "replace", "CalibMethod", "ExportTarget", "Fp16Overflow", "NmsFlavor"]

@@ -42,8 +42,10 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--model", "model_opt", help="Registered model name (see `quantkit models`) or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
-@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy. Fewer than "
-              "32 images (calibration.max_images included) calibrate with a warning: ranges from so few vary.")
+@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, a float32 .npy (N, ...) such as NCHW "
+              "images or (N, L) audio frames, or a .npz of float32 arrays named after the model's forward arguments "
+              "(several inputs). Fewer than 32 images (calibration.max_images included) calibrate with a warning: "
+              "ranges from so few vary.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
@@ -73,6 +75,11 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--full-int8", is_flag=True, help="No automatic FP16 layers under the INT8-share budget: every "
               "quantizable layer INT8 unless --skip or an accuracy budget keeps it float.")
 @click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
+@click.option("--fp16-overflow", type=click.Choice(["keep_fp32", "clamp", "error"]), help="Strong (FP16) graph: "
+              "float constants beyond FP16's 65504 (a BatchNorm's running_var) keep their ops FP32, are clipped, or "
+              "drop the strong graph (reported; the weak graph is written either way). [default: keep_fp32]")
+@click.option("--require-strong", is_flag=True, help="Gate: fail (exit 3, artifacts written) if the strongly typed "
+              "graph fails its check or cannot be converted.")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs. "
               "[default: $QUANTKIT_CACHE_DIR or ~/.cache/quantkit/calibration/<key>.json]")
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
@@ -121,6 +128,7 @@ def recipe_overrides(a: dict) -> list[str]:
         ("gates.max_drop", a["max_drop"]), ("gates.min_sqnr", a["min_sqnr"]), ("calibration.cache", a["calib_cache"]),
         ("calibration.trt_cache", a["trt_calib_cache"]),
         ("export.target", a["target"]), ("sensitivity.min_int8_share", a["min_int8_share"]),
+        ("export.fp16_overflow", a["fp16_overflow"]),
     ))
     if a["full_int8"] and a["min_int8_share"] is not None:
         raise UsageError("--full-int8 and --min-int8-share contradict each other: give one")
@@ -138,6 +146,7 @@ def recipe_overrides(a: dict) -> list[str]:
         sets.append("quantization.skip=[" + ", ".join(yaml_str(s) for s in a["skip"]) + "]")
     for flag, setting in (("no_cache", "calibration.use_cache=false"), ("engine", "export.engine=true"),
                           ("nms", "export.nms=true"), ("sensitivity_flag", "sensitivity.enabled=true"),
+                          ("require_strong", "gates.require_strong=true"),
                           ("full_int8", "sensitivity.min_int8_share=null")):
         if a[flag]:
             sets.append(setting)

@@ -28,7 +28,7 @@ only when you name that model again with --model, or pass --trust-recipe."""
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @click.option("--model", "model_opt", help="Registered model name or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
-@click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of images, a float32 .npy (N, ...), or a .npz of named inputs.")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder for mAP sensitivities.")
 @click.option("--eval-images", type=int, help="Images of --eval scored per layer (0: all). [default: recipe's "
               "sensitivity.eval_images, 8]")

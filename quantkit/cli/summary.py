@@ -78,6 +78,7 @@ def export_summary(result, error: str | None = None) -> dict:
         "fp16_layers": [row["name"] for row in r.get("layers", []) if row.get("precision") != "int8"],
         "int8_mac_share": share.get("share"),
         "notes": list(r.get("notes", [])),
+        "strong": ({k: r["strong"].get(k) for k in ("status", "file", "failure")} if r.get("strong") else None),
     }
     if error is not None:
         out["error"] = error

@@ -7,7 +7,7 @@ from quantkit import paths
 from quantkit.recipe import Recipe
 from quantkit.state import Graphs, PreparedModel
 
-WEIGHTED_TYPES = ("Conv2d", "ConvTranspose2d", "Linear")
+WEIGHTED_TYPES = ("Conv1d", "Conv2d", "ConvTranspose2d", "Linear")
 
 
 def check_possible(recipe: Recipe) -> None:

@@ -79,7 +79,8 @@ def _r(v, nd: int = 6):
 
 
 def npy_shape(data) -> tuple[int, ...] | None:
-    """(C, H, W) of a float32 NCHW .npy's samples (read from its header), else None: free model dims take it."""
+    """The per-sample shape ((C, H, W) for images, any rank otherwise) of a float32 .npy (read from its header),
+    else None: free model dims take it."""
     p = Path(str(data)) if data is not None else None
     if p is None or p.suffix.lower() != ".npy" or not p.is_file():
         return None
@@ -87,21 +88,26 @@ def npy_shape(data) -> tuple[int, ...] | None:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
         return None  # open_data reports an unreadable .npy with its own message
-    return tuple(int(s) for s in arr.shape[1:]) if arr.ndim == 4 else None
+    return tuple(int(s) for s in arr.shape[1:]) if arr.ndim >= 2 else None
 
 
 def _db(v: float | None) -> str:
     return "identical" if v == float("inf") else f"unchanged ({v:.1f} dB SQNR)"
 
 
-def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
-    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's C, H, W."""
+def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Preprocess]:
+    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's per-sample shape
+    (C, H, W for images, any rank otherwise)."""
     from quantkit.data import open_data as open_calibration
 
-    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
-    if tuple(data.input_shape) != (channels, *size):
+    sample = tuple(int(d) for d in loaded.input_shape[1:])
+    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(loaded.size or (640, 640)))
+    if data.inputs is not None:
+        raise DataError(f"calibration data {calib} is a .npz of several inputs; the ONNX route takes models with one "
+                        "input for now: pass a .npy, or export the torch module (which takes .npz)")
+    if tuple(data.input_shape) != sample:
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
-                        f"takes {(channels, *size)}: pass data of the model's input shape")
+                        f"takes {sample}: pass data of the model's input shape")
     return data, pp
 
 
@@ -120,11 +126,11 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                        check_memory=lambda where, shape: check_model_input_memory(
                            recipe, where, shape, batch=None if data is not None else 1))
     cleaned = cleanup(loaded.model)
-    pp = Preprocess.at_size(recipe.preprocess, loaded.size)
+    pp = Preprocess.at_size(recipe.preprocess, loaded.size or (640, 640))  # not used for non-image inputs
     cal = None
     sqnr = None
     if data is not None:
-        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]))
+        cal, pp = open_data(recipe, str(data), loaded)
         batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
     q = recipe.quantization

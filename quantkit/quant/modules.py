@@ -45,6 +45,13 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return self._conv_forward(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
 
 
+class QuantConv1d(_QuantMixin, nn.Conv1d):
+    """Conv1d (audio, sequences) with quantized input and per-output-channel weights (axis 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
+
+
 class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
     """ConvTranspose2d; its weight is [in, out/groups, kH, kW], so output channels sit on axis 1.
 
@@ -90,6 +97,7 @@ class QuantAdd(_QuantMixin, Add):
 # implicitly; register them here).
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: QuantConv2d,
+    nn.Conv1d: QuantConv1d,
     nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.Linear: QuantLinear,
     Add: QuantAdd,

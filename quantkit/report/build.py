@@ -58,13 +58,18 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
     state, graphs = inputs.state, inputs.graphs
     recipe, model, data, cal = state.recipe, state.model, state.data, state.calibration
     sizes = {"model.onnx": len(graphs.fp32_bytes), "model.int8.onnx": len(graphs.int8_bytes)}
-    if graphs.strong_report:
-        sizes["model.int8.strong.onnx"] = graphs.strong_report["size_bytes"]
+    strong = graphs.strong_report or {}
+    written = strong.get("status") == "written"
+    if written:
+        sizes["model.int8.strong.onnx"] = strong["size_bytes"]
     model_info = {**model.info, "int8_layers": len(model.layout.int8), "quantizable_layers": len(model.layout.layers)}
+    inp = {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()}
+    if data.inputs:  # several named inputs (a .npz): shape is their packed form, inputs what the graphs take
+        inp["inputs"] = {name: [1, *shape] for name, shape in data.inputs}
     report = {
         "quantkit_version": __version__,
         "model": model_info,
-        "input": {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()},
+        "input": inp,
         "calibration": {
             "method": method_key(recipe.calibration.settings),
             "data": display_path(data.source),
@@ -80,13 +85,15 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
         "parity": {
             "int8_onnx_vs_torch_fakequant": graphs.fq_parity.as_dict(),
             "fp32_onnx_vs_torch": graphs.fp32_parity.as_dict(),
-            "strong_onnx_vs_torch_fakequant": (graphs.strong_report or {}).get("parity_vs_fakequant"),
+            "strong_onnx_vs_torch_fakequant": strong.get("parity_vs_fakequant") if written else None,
         },
         "accuracy": {"int8_vs_fp32_sqnr_db": graphs.int8_vs_fp32.as_dict(), "sqnr_data": "calibration inputs"},
         "lint": {name: [f.as_dict() for f in findings] for name, findings in graphs.lint.items()},
         "evaluation": inputs.metrics,
         "engine": inputs.engine,
     }
+    if graphs.strong_report is not None:  # written or why not (the weak graph is written either way)
+        report["strong"] = graphs.strong_report
     ptq_seconds = None
     if state.ptq is not None and any(state.ptq.enabled.values()):  # what the accuracy passes did
         report["ptq"] = state.ptq.as_dict()

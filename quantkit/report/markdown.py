@@ -71,6 +71,12 @@ def render_markdown(report: dict) -> str:
         f"| INT8 vs FP32 output SQNR | {fmt_number(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
         f"| torch fake-quant vs onnxruntime | {fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
     ]
+    strong = report.get("strong")
+    if strong:
+        lines.append(f"| strongly typed FP16 graph | " + (f"`{strong['file']}`" if strong["status"] == "written" else
+                     f"**not written** (model.int8.onnx is): {strong['failure']}") + " |")
+        for line in strong.get("kept_fp32_constants", []) + strong.get("clamped_constants", []):
+            lines.append(f"| FP16 range | {line} |")
     share = mac_share_text(report.get("int8_mac_share"))
     if share:
         lines.append(f"| INT8 share of MACs | {share} |")

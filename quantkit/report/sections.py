@@ -17,7 +17,7 @@ from torch import nn
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads
 from quantkit.quant.insert import QuantLayout
 
-WEIGHTED_TYPES = ("Conv2d", "ConvTranspose2d", "Linear")
+WEIGHTED_TYPES = ("Conv1d", "Conv2d", "ConvTranspose2d", "Linear")
 LAYER_CHART, CALIB_CHART = "layer_sqnr.png", "calibration.png"
 
 
@@ -101,7 +101,7 @@ def int8_mac_share(costs, layout: QuantLayout) -> dict:
     total = sum(c.flops for c in costs.layers.values() if c.type in WEIGHTED_TYPES) / 2
     q = sum(c.flops for n, c in costs.layers.items() if c.type in WEIGHTED_TYPES and n in int8) / 2
     return {"int8_macs": int(q), "total_macs": int(total), "share": _r(q / total if total else None, 4),
-            "batch": costs.batch, "counted": "Conv2d, ConvTranspose2d and Linear layers (residual Adds excluded)"}
+            "batch": costs.batch, "counted": "Conv1d, Conv2d, ConvTranspose2d and Linear layers (residual Adds excluded)"}
 
 
 def _worst_tensors(rows: list[dict], hists, calib: CalibrationResult, n: int) -> list[dict]:

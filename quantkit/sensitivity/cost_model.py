@@ -3,7 +3,7 @@
 For every quantizable layer the model records, with forward hooks on one input, the shapes it sees and
 derives closed-form work:
 
-* FLOPs = 2 x MACs (Conv2d: N·Cout·Hout·Wout·(Cin/groups)·kh·kw; ConvTranspose2d: N·Cin·Hin·Win·(Cout/groups)·kh·kw;
+* FLOPs = 2 x MACs (Conv1d/Conv2d: N·Cout·Lout|Hout·Wout·(Cin/groups)·kernel; ConvTranspose2d: N·Cin·Hin·Win·(Cout/groups)·kh·kw;
   Linear: rows·in·out; residual Add: one op per output element);
 * bytes moved = (input + weights (+ bias) + output) elements x element size: 2 B at FP16, 1 B at INT8.
 
@@ -166,9 +166,8 @@ def _closed_form(name: str, m: nn.Module, inputs: tuple, output) -> LayerCost:
     if isinstance(m, nn.ConvTranspose2d):
         n, cin, h, w = x.shape
         macs = n * cin * h * w * (m.out_channels // m.groups) * math.prod(m.kernel_size)
-    elif isinstance(m, nn.Conv2d):
-        n, _, ho, wo = output.shape
-        macs = n * m.out_channels * ho * wo * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    elif isinstance(m, (nn.Conv1d, nn.Conv2d)):  # every output element: (Cin/groups)·kernel MACs
+        macs = output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     elif isinstance(m, nn.Linear):
         macs = (x.numel() // m.in_features) * m.in_features * m.out_features
     else:

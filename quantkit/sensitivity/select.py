@@ -179,7 +179,7 @@ def _reason(result: SensitivityResult, metric: Metric, name: str, gain: float, e
 
 # ---- selection under a compute budget: "best accuracy with >= X % of the MACs in INT8" ----------------------
 
-_WEIGHTED = ("Conv2d", "ConvTranspose2d", "Linear")
+_WEIGHTED = ("Conv1d", "Conv2d", "ConvTranspose2d", "Linear")
 
 
 @dataclass
