@@ -16,7 +16,7 @@ Examples:
   quantkit export                                   # bundled tree detector + bundled calibration tiles
   quantkit export yolo_nas_s --weights ckpt.pth --calib images/ --out out/
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
-  quantkit export --recipe yolo_nas_s --set calibration.method=mse --out out/   # a shipped recipe, by name
+  quantkit export --recipe yolo_nas_s --calib images/ --set calibration.method=mse --out out/   # a shipped recipe
   quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
   quantkit export --full-int8 --set ptq.bias_correction=false --set calibration.method=entropy   # plain PTQ
 
