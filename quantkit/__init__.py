@@ -9,7 +9,13 @@ Public API (imported lazily so that ``import quantkit`` stays cheap)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import os as _os
+
+from quantkit.version import __version__  # noqa: E402  (one place for the number)
+
+# onnxruntime's Linux wheels (seen with 1.32) start a telemetry SDK on import that leaves a `.ses` file in $TMPDIR
+# after every run; nothing in quantkit asked for it. Off unless the user set the variable themselves.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __all__ = ["__version__", "quantize", "export", "load_recipe", "Recipe", "register_quant_module"]
 

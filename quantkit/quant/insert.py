@@ -20,6 +20,7 @@ from quantkit.errors import UsageError
 from quantkit.quant.modules import QUANT_TYPES
 from quantkit.quant.registry import QuantWrapper, quant_module_for, wrap
 from quantkit.quant.tensor_quantizer import TensorQuantizer
+from quantkit.quote import cap
 
 
 @dataclass
@@ -62,7 +63,7 @@ def _closest(pattern: str, names: list[str], types: list[str]) -> str:
         return ", ".join(f"type:{c}" for c in close) or ", ".join(f"type:{t}" for t in sorted(set(types)))
     stem = pattern.replace("*", "").replace("?", "")
     close = difflib.get_close_matches(stem, names, n=5, cutoff=0.3)
-    return ", ".join(close) or ", ".join(names[:5])
+    return ", ".join(cap(c, 80) for c in close or names[:5])  # names come from the user's model: bounded
 
 
 def select_layers(candidates: dict[str, str], quantize: tuple[str, ...], skip: tuple[str, ...]) -> tuple[list[str], dict]:
@@ -77,7 +78,7 @@ def select_layers(candidates: dict[str, str], quantize: tuple[str, ...], skip: t
         matched = [n for n, t in candidates.items() if _matches(pattern, n, t)]
         if not matched:
             raise UsageError(
-                f"pattern '{pattern}' matches no quantizable layer; closest: {_closest(pattern, names, types)}. "
+                f"pattern '{cap(pattern, 80)}' matches no quantizable layer; closest: {_closest(pattern, names, types)}. "
                 "Run `quantkit layers MODEL` to list layer names"
             )
         hits[pattern] = matched

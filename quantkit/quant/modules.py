@@ -64,6 +64,15 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         return self._conv_forward(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
 
 
+class QuantConv1d(QuantModule, nn.Conv1d):
+    """Conv1d (audio, sequences) with quantized input and per-output-channel weights (axis 0)."""
+
+    exact_only = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
+
+
 class QuantConvTranspose2d(QuantModule, nn.ConvTranspose2d):
     """ConvTranspose2d; its weight is [in, out/groups, kH, kW], so output channels sit on axis 1.
 

@@ -2,11 +2,11 @@
 
 Lookup walks the module's class hierarchy (most specific first) for a registered float type:
 
-* ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear`` and quantkit's ``Add`` have dedicated wrappers
+* ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear`` and quantkit's ``Add`` have dedicated wrappers
   (``quantkit.quant.modules``) for exactly those types;
 * every other subclass of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` — the "same"
-  padding convs of EfficientNet ports and timm (``Conv2dSame``), a library's ``Linear`` with extra methods, a
-  plain ``nn.Conv1d`` — gets :class:`QuantWrapper`, which keeps the module's own ``forward``;
+  padding convs of EfficientNet ports and timm (``Conv2dSame``), a library's ``Linear`` with extra methods, a 3-D or
+  1-D transposed conv — gets :class:`QuantWrapper`, which keeps the module's own ``forward``;
 * a type registered with :func:`register_quant_module` gets that wrapper, and so do its subclasses.
 
 :class:`QuantWrapper` runs the float class's ``forward`` unchanged and quantizes at the op: when that forward
@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from quantkit.errors import ModelError, UsageError
 from quantkit.models.ops import Add
-from quantkit.quant.modules import QuantAdd, QuantConv2d, QuantConvTranspose2d, QuantLinear, QuantModule
+from quantkit.quant.modules import QuantAdd, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear, QuantModule
 
 # the torch bases whose subclasses are quantized without registration (their weight feeds one of _OPS)
 WEIGHTED_BASES: tuple[type[nn.Module], ...] = (
@@ -41,6 +41,7 @@ _OPS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_trans
 # The swap table: float type -> wrapper. Subclasses of a type whose wrapper is ``exact_only`` go to QuantWrapper
 # when they are convs / linears (see the module docstring).
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.Linear: QuantLinear,

@@ -10,7 +10,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from quantkit import __version__
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, method_key
 from quantkit.exporter.passes import qdq_summary
 from quantkit.paths import display_path
@@ -61,13 +61,18 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
     state, graphs = inputs.state, inputs.graphs
     recipe, model, data, cal = state.recipe, state.model, state.data, state.calibration
     sizes = {"model.onnx": len(graphs.fp32_bytes), "model.int8.onnx": len(graphs.int8_bytes)}
-    if graphs.strong_report:
-        sizes["model.int8.strong.onnx"] = graphs.strong_report["size_bytes"]
+    strong = graphs.strong_report or {}
+    written = strong.get("status") == "written"
+    if written:
+        sizes["model.int8.strong.onnx"] = strong["size_bytes"]
     model_info = {**model.info, "int8_layers": len(model.layout.int8), "quantizable_layers": len(model.layout.layers)}
+    inp = {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()}
+    if data.inputs:  # several named inputs (a .npz): shape is their packed form, inputs what the graphs take
+        inp["inputs"] = {name: [1, *shape] for name, shape in data.inputs}
     report = {
         "quantkit_version": __version__,
         "model": model_info,
-        "input": {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()},
+        "input": inp,
         "calibration": {
             "method": method_key(recipe.calibration.settings),
             "data": display_path(data.source),
@@ -83,13 +88,15 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
         "parity": {
             "int8_onnx_vs_torch_fakequant": graphs.fq_parity.as_dict(),
             "fp32_onnx_vs_torch": graphs.fp32_parity.as_dict(),
-            "strong_onnx_vs_torch_fakequant": (graphs.strong_report or {}).get("parity_vs_fakequant"),
+            "strong_onnx_vs_torch_fakequant": strong.get("parity_vs_fakequant") if written else None,
         },
         "accuracy": {"int8_vs_fp32_sqnr_db": graphs.int8_vs_fp32.as_dict(), "sqnr_data": "calibration inputs"},
         "lint": {name: [f.as_dict() for f in findings] for name, findings in graphs.lint.items()},
         "evaluation": inputs.metrics,
         "engine": inputs.engine,
     }
+    if graphs.strong_report is not None:  # written or why not (the weak graph is written either way)
+        report["strong"] = graphs.strong_report
     ptq_seconds = None
     if state.ptq is not None and any(state.ptq.enabled.values()):  # what the accuracy passes did
         report["ptq"] = state.ptq.as_dict()
@@ -123,7 +130,11 @@ def write_reports(stage, recipe, report: dict, command_line: list[str], *, calib
     from quantkit.report.manifest import build_manifest
     from quantkit.report.markdown import render_markdown
 
+    from quantkit.report.next_steps import next_steps
+
     run = report.pop("_run", {})
+    report["next_steps"] = next_steps(target=recipe.export.target, files=sorted(stage.files),
+                                      has_eval=bool(report.get("evaluation")))
     if calib is not None:
         stage.write_json("calibration.json", calibration_json(calib, chosen_amax, recipe.calibration.settings, data))
     stage.write_text("recipe.resolved.yaml", recipe.to_yaml())

@@ -91,6 +91,12 @@ def render_markdown(report: dict) -> str:
         f"| INT8 vs FP32 output SQNR | {fmt_number(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
         f"| torch fake-quant vs onnxruntime | {fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
     ]
+    strong = report.get("strong")
+    if strong:
+        lines.append(f"| strongly typed FP16 graph | " + (f"`{strong['file']}`" if strong["status"] == "written" else
+                     f"**not written** (model.int8.onnx is): {strong['failure']}") + " |")
+        for line in strong.get("kept_fp32_constants", []) + strong.get("clamped_constants", []):
+            lines.append(f"| FP16 range | {line} |")
     share = mac_share_text(report.get("int8_mac_share"))
     if share:
         lines.append(f"| INT8 share of MACs | {share} |")
@@ -163,4 +169,7 @@ def render_markdown(report: dict) -> str:
     for name, findings in lint.items():
         lines.append(f"- `{name}`: {len(findings)} finding(s)" + ("" if not findings else ": " + "; ".join(
             f"{f['severity']} {f['rule']} at {f['node']}" for f in findings[:10])))
+    if report.get("next_steps"):
+        lines += ["", "## Next steps", "", "From inside this folder:", ""]
+        lines += [f"- {s['what']}: `{s['command']}`" for s in report["next_steps"]]
     return "\n".join(lines) + "\n"
