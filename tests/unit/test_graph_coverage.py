@@ -21,7 +21,7 @@ from torch import nn
 
 import quantkit
 from quantkit.calibrate.driver import apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.errors import CoverageError
 from quantkit.exporter.coverage import coverage_failure, graph_coverage
 from quantkit.exporter.onnx_export import export_onnx

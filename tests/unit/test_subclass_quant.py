@@ -15,7 +15,7 @@ from torch import nn
 
 import quantkit
 from quantkit.calibrate.driver import apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.errors import ModelError, UsageError
 from quantkit.eval.sqnr import sqnr_db
 from quantkit.exporter import parity
