@@ -65,6 +65,11 @@ class EngineError(QuantkitError):
     """TensorRT or the GPU is missing or unsuitable for the requested engine build."""
 
 
+class CoverageError(QuantkitError):
+    """Weighted ops of the exported graph run in float with no reason (a layer quantkit did not quantize).
+    The artifacts and report are still written, so the graph can be inspected; exit code 2."""
+
+
 class GateFailure(QuantkitError):
     """An accuracy gate (--max-drop, --min-sqnr) failed. Artifacts and report are still written; ``result``: the
     export's result (``ExportResult``), so the CLI can still print its summary."""

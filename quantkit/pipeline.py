@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from quantkit import paths
-from quantkit.errors import GateFailure, ModelError, UsageError
+from quantkit.errors import CoverageError, GateFailure, ModelError, UsageError
 from quantkit.eval.plan import EvalPlan, plan_evaluation
 from quantkit.models.checks import check_float32, check_outputs
 from quantkit.recipe import Recipe, load_recipe, parse_batch
@@ -161,6 +161,10 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         content, failures = report.write(stage, inputs)
         files = sorted(stage.files)
     result = ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
+    uncovered = (content.get("coverage") or {}).get("error")
+    if uncovered:  # never an "INT8" model with float convs nobody chose: exit 2, the files kept to inspect
+        raise CoverageError(uncovered + (f"; gates failed too: {'; '.join(failures)}" if failures else "")
+                            + f" (artifacts and report written to {out_dir})")
     if failures:
         raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})", result)
     return result
@@ -209,7 +213,8 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     ``model_named`` (False: the model comes from ``recipe_path`` alone) and ``trust_recipe``: consent to import
     a ``file.py:factory`` that an output folder's recipe names (``quantkit.models.consent.check_recipe_file``).
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
-    written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
+    written), CoverageError after the artifacts are written when a weighted op of model.int8.onnx runs in float
+    with no reason, GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     from quantkit import engine
     from quantkit.models.consent import check_recipe_file

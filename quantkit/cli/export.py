@@ -191,6 +191,9 @@ def _print_summary(result) -> None:
     click.echo(f"artifacts: {result.out_dir}/ ({', '.join(result.files)})")
     ref = "float Q/DQ reference" if r.get("route") == "onnx" else "torch fake-quant"
     click.echo(f"INT8 vs FP32 output SQNR: {acc} dB (calibration inputs); onnxruntime vs {ref}: {par} dB")
+    share = (r.get("int8_mac_share") or {}).get("share")
+    if share is not None:
+        click.echo(f"INT8 share of conv/linear MACs (counted in model.int8.onnx): {100 * share:.2f} %")
     click.echo(f"sizes: model.onnx {r['onnx']['sizes_bytes']['model.onnx']:,} B, model.int8.onnx "
                f"{r['onnx']['sizes_bytes']['model.int8.onnx']:,} B (ratio {r['onnx']['int8_size_ratio']})")
     ev = r.get("evaluation")

@@ -50,8 +50,8 @@ def gate_verdict(report: dict) -> tuple[str, str]:
 def export_summary(result, error: str | None = None) -> dict:
     """The ``--json`` summary of a finished export (an ``ExportResult``): where the files are, the measured
     SQNR (dB), parity (dB), sizes (bytes), held-out mAP50:95 (fractions) and drop (points), the layers kept FP16
-    (names), the INT8 share of the conv/linear MACs (0..1, null where not measured), the gates with their
-    verdict, notes. ``error``: the gate failure's message when a gate failed (exit 3)."""
+    (names), the INT8 share of the weighted-op MACs counted on model.int8.onnx (0..1, null where not measured),
+    the gates with their verdict, notes. ``error``: the gate failure's message when a gate failed (exit 3)."""
     r = result.report
     ev = r.get("evaluation")
     evaluation = None
@@ -76,7 +76,7 @@ def export_summary(result, error: str | None = None) -> dict:
         "gates": {"passed": gates.get("passed", True), "failures": gates.get("failures", []),
                   "verdict": gate_verdict(r)[0], "max_drop": gates.get("max_drop"), "min_sqnr": gates.get("min_sqnr")},
         "fp16_layers": [row["name"] for row in r.get("layers", []) if row.get("precision") != "int8"],
-        "int8_mac_share": share.get("share"),
+        "int8_mac_share": share.get("share"),  # from model.int8.onnx's weighted ops
         "notes": list(r.get("notes", [])),
         "strong": ({k: r["strong"].get(k) for k in ("status", "file", "failure")} if r.get("strong") else None),
     }

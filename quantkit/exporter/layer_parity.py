@@ -32,12 +32,13 @@ from torch import nn
 
 from quantkit.data.inputs import ort_feeds
 from quantkit.eval.sqnr import sqnr_db
-from quantkit.quant.modules import QUANT_TYPES, QuantAdd, QuantConvTranspose2d, QuantLinear
+from quantkit.quant.modules import QUANT_TYPES, QuantAdd
 
 MAX_FRACTION_OVER_STEP = 0.01  # more than 1 % of a layer's outputs off by > 1 step: not rounding
 SCALE_RTOL = 1e-5  # float32 scales written from the same amax agree to the last bit; allow float noise
 
-_OPS = {QuantAdd: ("Add",), QuantConvTranspose2d: ("ConvTranspose",), QuantLinear: ("Gemm", "MatMul")}
+# by float base class, so generic wrappers of subclasses (QuantConv2dSame, a Linear subclass) match too
+_OPS = {QuantAdd: ("Add",), nn.modules.conv._ConvTransposeNd: ("ConvTranspose",), nn.Linear: ("Gemm", "MatMul")}
 _DEFAULT_OPS = ("Conv",)
 
 
@@ -389,7 +390,9 @@ def layer_parity(qmodel: nn.Module, int8_onnx: onnx.ModelProto, x: torch.Tensor,
         row = LayerRow(layer=call.name, op=node.op_type, node=node.name or out,
                        int8=bool(call.module._input_quantizer.enabled), problems=problems)
         with torch.no_grad():
-            y_torch = call.module(*[torch.from_numpy(np.ascontiguousarray(values[f], np.float32)) for f in floats])
+            # replay: the op on the tensors that reach the node (a subclass's own padding already done)
+            y_torch = call.module.replay(*[torch.from_numpy(np.ascontiguousarray(values[f], np.float32))
+                                           for f in floats])
         y_torch, y_ort = y_torch.float().numpy(), y_ort.astype(np.float32)
         if y_torch.shape == y_ort.shape and np.any(np.isfinite(y_torch) & ~np.isfinite(y_ort)):
             row.problems.append("non-finite outputs where torch's are finite (an FP16 overflow?)")

@@ -217,6 +217,33 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
     }
 
 
+def add_coverage(report: dict, res: OnnxQuantResult, recipe: Recipe) -> None:
+    """The torch route's coverage from the exported graph (``exporter.coverage``): the INT8 MAC share of
+    model.int8.onnx and every float weighted op with its reason (the recipe's patterns, the placement's notes).
+    A float op without a reason is reported (report, log) but not fatal here yet: the placement decides which
+    nodes it can quantize, and an unplaced one has no ``--skip`` to name it."""
+    from quantkit.exporter.coverage import coverage_failure, graph_coverage
+    from quantkit.report.sections import fp16_reasons
+
+    q = recipe.quantization
+    reasons = fp16_reasons(res.layout, tuple(q.quantize), tuple(q.skip))
+    for note in res.layout.notes:  # "<node>: <why it stays float>"
+        node, sep, why = note.partition(": ")
+        if sep and node not in reasons:
+            reasons[node] = "rule: " + why
+    cov = graph_coverage(res.int8, reasons=reasons)
+    report["int8_mac_share"] = cov.mac_share()
+    report["coverage"] = cov.as_dict()
+    report["coverage"]["error"] = coverage_failure(cov, wrapped=set(res.layout.candidates))
+    share = cov.share
+    log.info("INT8 share of weighted-op MACs in model.int8.onnx: %s (%d of %d weighted ops INT8)",
+             "n/a" if share is None else f"{100 * share:.2f} %", report["coverage"]["int8_ops"], len(cov.ops))
+    if report["coverage"]["error"]:
+        msg = "ONNX route: " + report["coverage"]["error"].split(". Fix:")[0]
+        report["notes"].append(msg)
+        log.warning(msg)
+
+
 def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
                     command_line: list[str] | None = None, trt_cache: str | None = None,
                     inputs: list[str] = ()) -> ExportResult:
@@ -265,6 +292,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         metrics = evaluate_onnx(recipe, recipe.evaluation.data, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
+        add_coverage(report, res, recipe)
         if recipe.gates.max_drop is not None:
             report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "
                                    "torch route for now); keep layers float with --skip NODE_NAME_GLOB")

@@ -6,6 +6,7 @@ to run (wall time, timestamps, cache hit or miss, host) lives in manifest.json's
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ from quantkit.exporter.passes import qdq_summary
 from quantkit.paths import display_path
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.state import Graphs, QuantState
+
+log = logging.getLogger("quantkit")
 
 
 @dataclass
@@ -180,6 +183,29 @@ def add_visual_sections(stage, inputs: ReportInputs, report: dict) -> None:
     add_to_report(report, vis)
 
 
+def add_coverage_section(inputs: ReportInputs, report: dict) -> None:
+    """Coverage from the exported graph (``exporter.coverage``): every weighted op of model.int8.onnx INT8 or
+    float with a reason; ``int8_mac_share`` becomes the graph's (the torch layers' estimate is kept beside it).
+    A float op without a reason leaves its message in ``coverage.error`` (the pipeline then exits 2)."""
+    from quantkit.exporter.coverage import coverage_failure, graph_coverage
+    from quantkit.report.sections import fp16_reasons
+
+    state = inputs.state
+    layout, q = state.model.layout, state.recipe.quantization
+    reasons = fp16_reasons(layout, tuple(q.quantize), tuple(q.skip))
+    names = {n for n, _ in state.model.qmodel.named_modules() if n}
+    cov = graph_coverage(inputs.graphs.int8, layers=names, reasons=reasons)
+    torch_share = report.get("int8_mac_share")
+    report["int8_mac_share"] = cov.mac_share()
+    if torch_share:
+        report["int8_mac_share"]["torch_layers_share"] = torch_share.get("share")
+    report["coverage"] = cov.as_dict()
+    report["coverage"]["error"] = coverage_failure(cov, wrapped=set(layout.layers))
+    share = report["int8_mac_share"]["share"]
+    log.info("INT8 share of weighted-op MACs in model.int8.onnx: %s (%d of %d weighted ops INT8)",
+             "n/a" if share is None else f"{100 * share:.2f} %", report["coverage"]["int8_ops"], len(cov.ops))
+
+
 def write(stage, inputs: ReportInputs) -> tuple[dict, list[str]]:
     """The report stage's entry: build report.json's content, judge the recipe's gates, write every report
     file (calibration.json, recipe.resolved.yaml, report.json/.md/.html, plots, manifest.json) into ``stage``.
@@ -192,6 +218,7 @@ def write(stage, inputs: ReportInputs) -> tuple[dict, list[str]]:
     report = build_report(inputs, seconds=time.perf_counter() - state.t0)
     add_selection_sections(stage, state, report)
     add_visual_sections(stage, inputs, report)
+    add_coverage_section(inputs, report)
     failures = check_gates(state.recipe, report)
     report["gates"] = gates_section(state.recipe, failures)
     write_reports(stage, state.recipe, report, inputs.command_line, calib=state.calibration.result,
