@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from quantkit.calibrate.driver import CalibrationResult
     from quantkit.data.calib import CalibrationData
     from quantkit.data.preprocess import Preprocess
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.exporter.layer_parity import LayerParity
     from quantkit.exporter.parity import ParityResult, References
     from quantkit.ptq import PtqReport

@@ -19,8 +19,28 @@ def mac_share_text(share: dict | None) -> str | None:
     """'87.50% (1,234,567 of 1,411,000 MACs per image)' or None when the report has no MAC share."""
     if not share or share.get("share") is None:
         return None
+    where = f", counted in {share['source']}" if share.get("source") else ""
     return (f"{100 * share['share']:.2f}% ({share['int8_macs']:,} of {share['total_macs']:,} conv/linear MACs "
-            f"at batch {share['batch']})")
+            f"at batch {share['batch']}{where})")
+
+
+def coverage_lines(cov: dict | None, max_rows: int = 40) -> list[str]:
+    """The weighted ops of the exported graph left in float, each with its reason; the error when one has none."""
+    if not cov:
+        return []
+    lines = ["", "## Coverage of the exported graph", "",
+             f"{cov['int8_ops']} of {cov['weighted_ops']} weighted ops (Conv / ConvTranspose / Gemm / MatMul with a "
+             f"constant weight) in `{cov['source']}` run INT8; _{cov['rule']}_.", ""]
+    if cov.get("error"):
+        lines += [f"**Error: {cov['error']}**", ""]
+    rows = cov.get("float_ops") or []
+    if rows:
+        lines += ["| float op | layer | MACs | why |", "|---|---|---|---|"]
+        lines += [f"| `{r['node']}` ({r['op']}) | `{r['layer']}` | {r['macs']:,} | {r['reason'] or '**no reason**'} |"
+                  for r in rows[:max_rows]]
+        if len(rows) > max_rows:
+            lines.append(f"\n({len(rows) - max_rows} more in report.json)")
+    return lines
 
 
 def worst_tensor_rows(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -90,11 +110,18 @@ def render_markdown(report: dict) -> str:
         f"| INT8 vs FP32 output SQNR | {fmt_number(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
         f"| torch fake-quant vs onnxruntime | {fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
     ]
+    strong = report.get("strong")
+    if strong:
+        lines.append(f"| strongly typed FP16 graph | " + (f"`{strong['file']}`" if strong["status"] == "written" else
+                     f"**not written** (model.int8.onnx is): {strong['failure']}") + " |")
+        for line in strong.get("kept_fp32_constants", []) + strong.get("clamped_constants", []):
+            lines.append(f"| FP16 range | {line} |")
     share = mac_share_text(report.get("int8_mac_share"))
     if share:
         lines.append(f"| INT8 share of MACs | {share} |")
     if report.get("runtime"):
         lines.append(f"| torch device | {report['runtime']['device']} (ONNX checks on CPU) |")
+    lines += coverage_lines(report.get("coverage"))
     lines.append("")
     ev = report.get("evaluation")
     if ev:
@@ -162,4 +189,7 @@ def render_markdown(report: dict) -> str:
     for name, findings in lint.items():
         lines.append(f"- `{name}`: {len(findings)} finding(s)" + ("" if not findings else ": " + "; ".join(
             f"{f['severity']} {f['rule']} at {f['node']}" for f in findings[:10])))
+    if report.get("next_steps"):
+        lines += ["", "## Next steps", "", "From inside this folder:", ""]
+        lines += [f"- {s['what']}: `{s['command']}`" for s in report["next_steps"]]
     return "\n".join(lines) + "\n"

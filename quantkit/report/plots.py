@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 
 from quantkit.errors import require
@@ -80,12 +81,11 @@ def sensitivity_bar_chart_bytes(result, top: int = 20, fp16=()) -> bytes:
         y = range(len(chosen))
         ax.barh(y, [value(s) for s in chosen], color=["tab:orange" if s.name in fp16 else color for s in chosen])
         ax.set_yticks(y)
-        ax.set_yticklabels([(n if len(n) <= 40 else "…" + n[-39:]) + (" [FP16]" if n in fp16 else "")
-                            for n in (s.name for s in chosen)], fontsize=7)
+        ax.set_yticklabels([n + (" [FP16]" if n in fp16 else "") for n in (s.name for s in chosen)], fontsize=7)
         for label, s in zip(ax.get_yticklabels(), chosen):
             if s.name in fp16:
                 label.set_color("tab:orange")
-        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_xlabel("\n".join(textwrap.wrap(xlabel, 55)), fontsize=8)
         ax.set_ylabel("layer (worst on top)")
         ax.grid(axis="x", alpha=0.3)
     if math.isfinite(result.int8_sqnr_db) and not recovery_only:
@@ -98,6 +98,8 @@ def sensitivity_bar_chart_bytes(result, top: int = 20, fp16=()) -> bytes:
                         label=f"noise: ±{noise:.2f} pt (1.48·median |drop| over {len(layers)} layers)")
         axes[1].axvline(0.0, color="black", lw=0.8)
         axes[1].legend(fontsize=7, loc="lower right")
+    longest = max((len(s.name) for p in panels for s in p[1]), default=10) + 7
+    fig.set_size_inches(len(panels) * (4.2 + longest * 0.6 * 7 / 72.0), fig.get_size_inches()[1])
     fig.suptitle(f"Per-layer INT8 sensitivity ({result.num_images} calibration images"
                  + (f", mAP on {result.num_eval_images} images" if result.has_map else "")
                  + ("; orange = kept FP16)" if fp16 else ")"), fontsize=10)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from quantkit.errors import UsageError
+from quantkit.quant.registry import WEIGHTED_KINDS
 from quantkit.sensitivity.analysis import Metric, SensitivityResult, _r
 from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, CostTable, estimate_latency_ms
 
@@ -179,7 +180,7 @@ def _reason(result: SensitivityResult, metric: Metric, name: str, gain: float, e
 
 # ---- selection under a compute budget: "best accuracy with >= X % of the MACs in INT8" ----------------------
 
-_WEIGHTED = ("Conv2d", "ConvTranspose2d", "Linear")
+_WEIGHTED = WEIGHTED_KINDS  # conv / linear layers of any dimension, subclasses included (cost table kinds)
 
 
 @dataclass

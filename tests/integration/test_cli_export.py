@@ -220,7 +220,7 @@ def test_environment_errors_exit_2_before_calibration(user_model, tmp_path, case
     elif case == "out_under_file":
         out, match = tmp_path / "afile" / "sub", "is a file, not a folder"
     else:
-        extra, match = ["--input-size", "32000x32000"], "GiB of memory"
+        extra, match = ["--input-size", "16384x16384"], "GiB of memory"  # the largest size a recipe accepts
     code, text = run(*export_args(user_model, out, *extra), env=env)
     assert code == 2 and match in text and "calibrating" not in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

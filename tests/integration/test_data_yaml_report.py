@@ -1,6 +1,7 @@
 """A dataset YAML with YOLO labels calibrates and evaluates end to end through `quantkit export --data`; its
 report holds the per-layer and calibration charts, and report.html shows them in a real headless browser."""
 
+import html as _html
 import json
 import os
 import re
@@ -56,7 +57,7 @@ def yaml_export(tmp_path_factory):
 
 def test_yaml_calibrates_on_train_and_evaluates_on_val(yaml_export):
     from quantkit.data.preprocess import Preprocess
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import evaluate_detection, onnx_predictor
 
     root, out, rep = yaml_export
@@ -104,6 +105,21 @@ def test_bad_dataset_exits_2_before_calibrating_and_writes_nothing(tmp_path, cas
     assert not out.exists()
 
 
+def test_report_html_carries_every_report_md_section_and_next_steps(yaml_export):
+    _, out, rep = yaml_export
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    sections = [line[3:].strip() for line in md.splitlines() if line.startswith("## ")]
+    assert "Automatic FP16 selection" in sections and "Layers kept FP16, and why" in sections
+    for title in sections:
+        assert f"<h2>{_html.escape(title)}</h2>" in page, title
+    assert sections[-1] == "Next steps" and page.rstrip().endswith("</body></html>")
+    commands = [s["command"] for s in rep["next_steps"]]
+    assert "quantkit verify ." in commands and any(c.startswith("quantkit build model.int8") for c in commands)
+    assert "bash build_engine.sh" in commands and (out / "build_engine.sh").is_file()
+    tail = page[page.index("<h2>Next steps</h2>"):]
+    assert "<code>quantkit verify .</code>" in tail and "--target t4" in tail
+
+
 # ---- report.html in a real browser ------------------------------------------------------------------------
 
 PROBE = """<script>
@@ -113,6 +129,8 @@ window.addEventListener('load', function () {
   imgs.forEach(function (im) {
     im.setAttribute('data-natural', im.complete + ':' + im.naturalWidth + 'x' + im.naturalHeight);
   });
+  var doc = document.documentElement;
+  document.body.setAttribute('data-overflow', doc.scrollWidth + ':' + doc.clientWidth);
 });
 </script>"""
 
@@ -152,8 +170,16 @@ def test_report_html_images_decode_in_headless_chromium(yaml_export, tmp_path):
     for name in want:
         w, h = Image.open(out / name).size
         assert decoded.get(name) == f"{w}x{h}", (name, decoded)
+    # fits a 1400-px-wide window: the page is no wider than the window (no horizontal scroll bar)
+    res = _browser("--dump-dom", "--window-size=1400,1000", page.as_uri())
+    assert res.returncode == 0, res.stderr[-2000:]
+    scroll, client = map(int, re.search(r'data-overflow="(\d+):(\d+)"', res.stdout).groups())
+    assert client <= 1400 and scroll <= client, (scroll, client)
+    # charts sized to their content: at most ~40 bars (about 0.17 in each at 100 dpi) in the per-layer chart
+    for name in want:
+        assert Image.open(out / name).size[1] <= 1000, (name, Image.open(out / name).size)
     shot = Path(os.environ.get("QK_SCREENSHOT_DIR", tmp_path)) / "report.png"
-    res = _browser(f"--screenshot={shot}", "--window-size=1280,2400", (out / "report.html").as_uri())
+    res = _browser(f"--screenshot={shot}", "--window-size=1400,2400", (out / "report.html").as_uri())
     assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     assert pixels.std() > 10  # a rendered page, not a blank one

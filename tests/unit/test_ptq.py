@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.exporter.onnx_export import export_onnx
 from quantkit.exporter.passes import finalize_int8
 from quantkit.ptq import ChannelClip, apply_ptq, equalize, equalize_prepared
