@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from quantkit.calibrate.driver import apply_calibration, method_key
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError
 from quantkit.ptq.passes import PassData, PassResult
 

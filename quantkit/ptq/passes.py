@@ -23,6 +23,8 @@ Adding a pass::
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -48,12 +50,10 @@ class PassResult:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        def r(v):
-            return None if v is None else round(float(v), 3)
-
+        """JSON-ready: dB rounded to 0.001, an infinite SQNR (outputs identical to FP32) as "inf"."""
         return {"name": self.name, "tried": self.tried, "kept": self.kept, "verdict": self.verdict,
-                "changed": self.changed or None, "check_sqnr_db_before": r(self.db_before),
-                "check_sqnr_db_after": r(self.db_after), "measured": self.measured}
+                "changed": self.changed or None, "check_sqnr_db_before": json_db(self.db_before),
+                "check_sqnr_db_after": json_db(self.db_after), "measured": json_db(self.measured)}
 
     def log_line(self) -> str:
         if not self.tried:
@@ -61,6 +61,21 @@ class PassResult:
         if self.db_before is None or self.db_after is None:
             return f"{self.name}: {self.verdict}"
         return f"{self.name}: {self.verdict} ({self.db_before:.2f} -> {self.db_after:.2f} dB on the check images)"
+
+
+def json_db(v):
+    """``v`` with every float rounded to 0.001 and made JSON-safe (+/-inf as "inf"/"-inf", NaN as None), through
+    nested dicts and lists."""
+    if isinstance(v, dict):
+        return {k: json_db(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_db(x) for x in v]
+    if isinstance(v, float) or (hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0):
+        f = float(v)
+        if math.isnan(f):
+            return None
+        return ("inf" if f > 0 else "-inf") if math.isinf(f) else round(f, 3)
+    return v
 
 
 @dataclass

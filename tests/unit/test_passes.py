@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from quantkit.calibrate.driver import apply_calibration
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import UsageError
 from quantkit.eval.sqnr import sqnr_db
 from quantkit.ptq import registered_passes
