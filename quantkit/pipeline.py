@@ -190,18 +190,17 @@ def _eval_dataset(state: QuantState, max_images: int):
 def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib=None, progress: bool = True,
                         plan: EvalPlan | None = None) -> QuantState:
     """What ``quantkit export`` and ``quantkit.quantize`` do before writing anything: :func:`quantize_recipe`,
-    then the automatic FP16 selection under the recipe's budget (``sensitivity.min_int8_share``, ``gates.max_drop``
+    then the registered PTQ passes (``ptq.run_default_passes``: calibration-method choice, the automatic FP16
+    selection under the recipe's budget (``sensitivity.min_int8_share``, ``gates.max_drop``
     or ``sensitivity.sqnr_floor``; measured on ``sensitivity.num_images`` calibration inputs spread over the set
     and, for an mAP budget, on the evaluation data), then the post-calibration accuracy passes (``recipe.ptq``), which
-    correct INT8 layers only and so run after the selection."""
-    from quantkit import sensitivity
-    from quantkit.ptq import ptq_for_state
+    correct INT8 layers only and so run after the selection), each kept only when it raises the output SQNR on
+    held-out calibration images."""
+    from quantkit.ptq import run_default_passes
 
     state = quantize_recipe(recipe, model=model, calib=calib, progress=progress, post_ptq=False, plan=plan)
-    sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
-                                   analysis_dataset=_eval_dataset(state, recipe.sensitivity.eval_images),
-                                   progress=progress)
-    ptq_for_state(state)
+    run_default_passes(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
+                       analysis_dataset=_eval_dataset(state, recipe.sensitivity.eval_images), progress=progress)
     return state
 
 

@@ -64,7 +64,8 @@ class PreprocessSpec:
 class CalibrationSpec:
     """Post-training calibration. ``data``: a folder of images (sub-folders included), a float32 NCHW ``.npy``, or
     an Ultralytics dataset YAML (its ``split`` images, ``train`` by default) (null: the bundled calibration set of
-    the bundled model). ``method``: max | percentile | entropy | mse. ``max_images``: how many
+    the bundled model). ``method``: auto | max | percentile | entropy | mse; ``auto`` (default) starts from mse
+    and keeps, per network, the rule with the best output SQNR on held-out calibration images. ``max_images``: how many
     images/rows to use (0: all). ``cache``: calibration cache file (null: ``$QUANTKIT_CACHE_DIR`` or
     ``~/.cache/quantkit/calibration/<key>.json``). ``deterministic``: run the calibration pass on one CPU thread
     so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores).
@@ -72,7 +73,7 @@ class CalibrationSpec:
     used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation)."""
 
     data: str | None = None
-    method: CalibMethod = CalibMethod.MSE
+    method: CalibMethod = CalibMethod.AUTO
     percentile: float = DEFAULT_PERCENTILE
     num_bins: int = DEFAULT_NUM_BINS
     batch_size: int = 8
@@ -85,8 +86,10 @@ class CalibrationSpec:
 
     @property
     def settings(self) -> MethodSettings:
-        """The amax rule this section selects (validated when the recipe is built)."""
-        return MethodSettings(method=self.method, percentile=self.percentile, num_bins=self.num_bins)
+        """The amax rule this section selects (validated when the recipe is built); for ``auto``, the rule the
+        per-network choice starts from (mse), which is also what a route without that choice uses."""
+        method = CalibMethod.MSE if self.method is CalibMethod.AUTO else self.method
+        return MethodSettings(method=method, percentile=self.percentile, num_bins=self.num_bins)
 
 
 @dataclass(frozen=True)

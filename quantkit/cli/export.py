@@ -21,7 +21,8 @@ Examples:
   quantkit export --full-int8 --set ptq.bias_correction=false --set calibration.method=entropy   # plain PTQ
 
 \b
-Default accuracy methods (each can be turned off): mse calibration, empirical bias correction
+Default accuracy methods (each can be turned off; each kept only when it raises the output SQNR on held-out
+calibration images): calibration method chosen per network, empirical bias correction
 (ptq.bias_correction), and automatic FP16 for the layers with the most measured output-SQNR gain per MAC while
 >= 95 % of the conv/linear MACs stay INT8 (sensitivity.min_int8_share; --full-int8 turns it off). The report
 lists the INT8 share, every FP16 layer and why.
@@ -51,7 +52,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="YAML recipe file, or a shipped recipe's name (trees, yolo_nas_s, ...: `quantkit recipes`).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field; repeatable.")
-@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, mse]")
+@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, auto: the best by "
+              "held-out output SQNR]")
 @click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
               "detector: 320x320]")
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")

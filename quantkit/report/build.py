@@ -74,7 +74,7 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
         "model": model_info,
         "input": inp,
         "calibration": {
-            "method": method_key(recipe.calibration.settings),
+            "method": cal.method or method_key(recipe.calibration.settings),
             "data": display_path(data.source),
             "kind": data.kind,
             "num_samples": cal.result.num_samples,
@@ -101,19 +101,26 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
     if state.ptq is not None and any(state.ptq.enabled.values()):  # what the accuracy passes did
         report["ptq"] = state.ptq.as_dict()
         ptq_seconds = report["ptq"].pop("seconds")  # wall times vary run to run: the manifest's run record
+    if state.passes is not None:  # the guarded steps: tried, kept or reverted, check-image SQNR before/after
+        report["passes"] = {**{k: v for k, v in state.passes.items() if k != "steps"},
+                            "steps": [r.as_dict() for r in state.passes["steps"]]}
     if graphs.layers is not None:  # per-layer table, with torch's INT8-vs-FP32 beside onnxruntime's
         report["parity_layers"] = {**graphs.layers.as_dict(),
                                    "torch_int8_vs_fp32_sqnr_db": graphs.refs.quantization().as_dict()}
     report["_run"] = {"seconds": round(seconds, 2), "cache_hit": cal.cache["hit"], "cache_path": cal.cache["path"]}
     if ptq_seconds:
         report["_run"]["ptq_seconds"] = ptq_seconds
+    if getattr(state, "passes_seconds", None):  # wall time of each guarded step and of the guard itself
+        report["_run"]["passes_seconds"] = {k: round(v, 2) for k, v in state.passes_seconds.items()}
     return report
 
 
-def calibration_json(calib: CalibrationResult, chosen_amax: dict[str, float], settings, data) -> dict:
+def calibration_json(calib: CalibrationResult, chosen_amax: dict[str, float], settings, data,
+                     method: str | None = None) -> dict:
+    """calibration.json's content; ``method``: the method key chosen per network (None: ``settings``')."""
     return {
         "quantkit_version": __version__,
-        "method": method_key(settings),
+        "method": method or method_key(settings),
         "num_bins": settings.num_bins,
         "data_fingerprint": data.fingerprint(),
         "num_samples": calib.num_samples,
@@ -123,7 +130,7 @@ def calibration_json(calib: CalibrationResult, chosen_amax: dict[str, float], se
 
 
 def write_reports(stage, recipe, report: dict, command_line: list[str], *, calib: CalibrationResult | None = None,
-                  chosen_amax: dict[str, float] | None = None, data=None) -> None:
+                  chosen_amax: dict[str, float] | None = None, data=None, method: str | None = None) -> None:
     """Write every report file into the staging folder, manifest last (it hashes the others).
     ``calibration.json`` is written when ``calib`` is given."""
     from quantkit.report.html import render_html
@@ -136,7 +143,8 @@ def write_reports(stage, recipe, report: dict, command_line: list[str], *, calib
     report["next_steps"] = next_steps(target=recipe.export.target, files=sorted(stage.files),
                                       has_eval=bool(report.get("evaluation")))
     if calib is not None:
-        stage.write_json("calibration.json", calibration_json(calib, chosen_amax, recipe.calibration.settings, data))
+        stage.write_json("calibration.json", calibration_json(calib, chosen_amax, recipe.calibration.settings, data,
+                                                              method))
     stage.write_text("recipe.resolved.yaml", recipe.to_yaml())
     stage.write_json("report.json", report)
     stage.write_text("report.md", render_markdown(report))
@@ -174,7 +182,7 @@ def add_visual_sections(stage, inputs: ReportInputs, report: dict) -> None:
     r, cal = state.recipe, state.calibration
     vis = build_visual_sections(VisualInputs(
         fp32=state.model.fp32, qmodel=state.model.qmodel, layout=state.model.layout, calib=cal.result,
-        chosen_amax=cal.chosen_amax, method=method_key(r.calibration.settings), batches=inputs.graphs.refs.batches,
+        chosen_amax=cal.chosen_amax, method=cal.method or method_key(r.calibration.settings), batches=inputs.graphs.refs.batches,
         quantize=tuple(r.quantization.quantize), skip=tuple(r.quantization.skip),
         costs=state.selection.costs if state.selection else None, device=r.runtime.device,
         threads=1 if r.calibration.deterministic else None))
@@ -222,5 +230,5 @@ def write(stage, inputs: ReportInputs) -> tuple[dict, list[str]]:
     failures = check_gates(state.recipe, report)
     report["gates"] = gates_section(state.recipe, failures)
     write_reports(stage, state.recipe, report, inputs.command_line, calib=state.calibration.result,
-                  chosen_amax=state.calibration.chosen_amax, data=state.data)
+                  chosen_amax=state.calibration.chosen_amax, data=state.data, method=state.calibration.method)
     return report, failures

@@ -74,6 +74,25 @@ def parity_layer_lines(pl: dict | None, max_rows: int = 60) -> list[str]:
     return lines
 
 
+def pass_lines(passes: dict | None) -> list[str]:
+    """The guarded accuracy steps: tried, kept or reverted, with the check-image SQNR before and after."""
+    if not passes:
+        return []
+    lines = ["## Accuracy steps, each checked on held-out calibration images", "",
+             f"Fitted on {passes['fit_images']} calibration images, judged on {passes['check_images']} others "
+             f"({passes['measure']}); a step is kept only when it raises it.", "",
+             "| step | result | dB before | dB after | changed |", "|---|---|---|---|---|"]
+    for s in passes["steps"]:
+        lines.append(f"| {s['name']} | {s['verdict']} | {fmt_number(s['check_sqnr_db_before'], 2)} | "
+                     f"{fmt_number(s['check_sqnr_db_after'], 2)} | {s['changed'] or ''} |")
+    by = next((s["measured"].get("check_sqnr_db_by_method") for s in passes["steps"]
+               if s["measured"].get("check_sqnr_db_by_method")), None)
+    if by:
+        lines += ["", "Calibration methods on the check images: "
+                  + ", ".join(f"{k} {fmt_number(v, 2)} dB" for k, v in by.items()) + "."]
+    return lines + [""]
+
+
 def render_markdown(report: dict) -> str:
     """Render report.json's content as Markdown (deterministic)."""
     m, c, acc = report["model"], report["calibration"], report["accuracy"]["int8_vs_fp32_sqnr_db"]
@@ -119,6 +138,7 @@ def render_markdown(report: dict) -> str:
     if lat:
         lines += ["## Estimated T4 latency (roofline estimate, NOT measured)", "", "| configuration | estimated ms |",
                   "|---|---|"] + [f"| {k} | {fmt_number(v, 3)} |" for k, v in lat["ms"].items()] + ["", f"_{lat['note']}_", ""]
+    lines += pass_lines(report.get("passes"))
     sel = (report.get("sensitivity") or {}).get("selection")
     if sel:
         lines += ["## Automatic FP16 selection", "",
