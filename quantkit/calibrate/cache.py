@@ -7,7 +7,12 @@ component changed; the key is the hash of those per-component digests.
 The cache file is deterministic JSON, written atomically, and carries its schema, its key, the
 per-component digests and a sha256 over all of them plus the payload. ``load`` trusts nothing it
 cannot verify: a missing, unreadable, corrupt, foreign-schema, mismatched or edited file is a miss,
-with a human-readable reason in ``last_reason`` and a log line on ``logging.getLogger("quantkit")``.
+with a human-readable reason in ``last_reason`` and a log line on ``logging.getLogger("quantkit")``. Corrupt
+includes what the json module itself chokes on: NaN/Infinity, integers past Python's digit limit, nesting
+past the recursion limit.
+
+A cache file is written only where ``check_cache_target`` allows: nothing there yet, or a file that is
+recognizably a quantkit calibration cache by its content (``is_ours``), and never one of the run's inputs.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+import re
+import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -27,6 +35,11 @@ SCHEMA = "quantkit.calibration-cache/1"
 _KEY_SCHEME = 1  # bump when the canonical serialisation below changes
 
 log = logging.getLogger("quantkit")
+
+# What makes a file ours: the schema field, found in the raw bytes so that a damaged file of ours (truncated,
+# edited, unparseable) is still recognized, while a user's weights, image or text file never is.
+_MARKER = re.compile(rb'"schema"\s*:\s*"quantkit\.calibration-cache/')
+_MARKER_SCAN_BYTES = 64 << 20  # a cache of 2048-bin histograms for a few hundred tensors is a few MB
 
 Component = Union[str, bytes, int, float, dict]
 
@@ -125,24 +138,31 @@ class CalibrationCache:
         self.last_reason = reason
         log.log(level, "calibration cache %s not used: %s", self.path, reason)
 
-    def load(self, key: str, components: Mapping[str, Component] | None = None) -> dict | None:
-        """The payload saved under ``key``, or None with the reason in ``last_reason``.
+    def load(self, key: str, components: Mapping[str, Component] | None = None,
+             parse: Callable[[dict], Any] | None = None) -> Any:
+        """The payload saved under ``key`` (``parse(payload)`` with ``parse``), or None with the reason in
+        ``last_reason``.
 
-        Pass the same ``components`` that made ``key`` to have a key mismatch name what changed.
+        Pass the same ``components`` that made ``key`` to have a key mismatch name what changed. A ``parse``
+        that raises KeyError, TypeError, ValueError or AttributeError marks the payload malformed: a miss.
         """
         self.last_reason = None
         if not self.path.exists():
-            self._miss(f"no cache file at {self.path} (first run)", logging.INFO)
+            self._miss("no cache file there yet (first run)", logging.INFO)  # _miss names the path once
             return None
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO or device would block or never end
+                self._miss("not a regular file")
+                return None
             raw = self.path.read_bytes()
         except OSError as exc:
-            self._miss(f"cannot read the file ({exc})")
+            self._miss(f"cannot read the file ({exc.strerror or type(exc).__name__})")  # str(exc) repeats the path
             return None
         try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._miss(f"corrupt JSON ({exc}); it will be recomputed and overwritten")
+            doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # ValueError: bad JSON, NaN/Infinity, an integer past the digit limit; RecursionError: deep nesting
+            self._miss(f"corrupt JSON ({_short(exc)}); it will be recomputed and overwritten")
             return None
         problem = _schema_problem(doc)
         if problem:
@@ -154,11 +174,22 @@ class CalibrationCache:
                 what = explain_key(doc["components"], component_digests(components))
             self._miss(f"key mismatch: cached for other inputs ({what})")
             return None
-        if _checksum(doc["key"], doc["components"], doc["payload"]) != doc["sha256"]:
+        try:
+            intact = _checksum(doc["key"], doc["components"], doc["payload"]) == doc["sha256"]
+        except (TypeError, ValueError, RecursionError):
+            intact = False
+        if not intact:
             self._miss("checksum mismatch: the file was edited or damaged; it will be recomputed")
             return None
+        payload = doc["payload"]
+        if parse is not None:
+            try:
+                payload = parse(payload)
+            except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+                self._miss(f"malformed payload ({type(exc).__name__}: {_short(exc)}); it will be recomputed")
+                return None
         log.info("calibration cache hit: %s", self.path)
-        return doc["payload"]
+        return payload
 
     def save(self, key: str, payload: dict, components: Mapping[str, Component] | None = None) -> Path:
         """Write ``payload`` (plain JSON data, no NaN/Inf) under ``key``, atomically and deterministically.
@@ -177,6 +208,9 @@ class CalibrationCache:
             plain = json.loads(dumps_json(_plain(payload)))  # what a reader will see after a round trip
         except (TypeError, ValueError) as exc:
             raise UsageError(f"cache payload is not plain JSON data without NaN/Inf ({exc})") from exc
+        if (self.path.exists() or self.path.is_symlink()) and not is_ours(self.path):  # last line of defence
+            raise UsageError(f"calibration cache {self.path} already exists and is not a quantkit calibration cache: "
+                             "it was left untouched; pass a new file path for the cache, or --no-cache")
         doc = {
             "schema": SCHEMA,
             "key": key,
@@ -185,6 +219,76 @@ class CalibrationCache:
             "payload": plain,
         }
         return atomic_write_text(self.path, dumps_json(doc))
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a calibration cache may hold")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message capped at ``limit`` characters (it may quote the file's content)."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_ours(path: str | os.PathLike) -> bool:
+    """True when the regular file at ``path`` is a quantkit calibration cache, possibly a damaged one: its bytes
+    hold the cache's schema field. Reads at most 64 MiB from each end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not block
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return False
+        with os.fdopen(fd, "rb") as fh:
+            head = fh.read(_MARKER_SCAN_BYTES)
+            tail = b""
+            size = os.fstat(fh.fileno()).st_size
+            if size > _MARKER_SCAN_BYTES:  # the schema key sorts near the end of the file
+                fh.seek(max(_MARKER_SCAN_BYTES, size - _MARKER_SCAN_BYTES))
+                tail = fh.read()
+    except OSError:
+        return False
+    return bool(_MARKER.search(head) or _MARKER.search(tail))
+
+
+def check_cache_target(path: str | os.PathLike, inputs: list[str | os.PathLike | None] | tuple = (),
+                       what: str = "--calib-cache") -> None:
+    """UsageError, before any work, unless the calibration cache may be written at ``path``: nothing is there
+    yet, or a quantkit calibration cache (``is_ours``) is; and ``path`` is none of the run's ``inputs`` (files
+    or folders, compared by identity after resolving links) nor lies inside an input folder."""
+    p = Path(path)
+    fix = "pass a new file path for the cache (e.g. calib-cache.json beside your --out), or --no-cache"
+    real = Path(os.path.realpath(os.path.abspath(p)))
+    for raw in inputs:
+        if raw is None or str(raw) == "":
+            continue
+        q = Path(raw)
+        same = False
+        try:
+            same = p.exists() and q.exists() and os.path.samefile(p, q)
+        except OSError:
+            pass
+        q_real = Path(os.path.realpath(os.path.abspath(q)))
+        if same or real == q_real:
+            raise UsageError(f"{what} {p} is an input of this run ({raw}): quantkit would overwrite it with its "
+                             f"calibration cache; {fix}")
+        if q_real.is_dir() and real.is_relative_to(q_real):
+            raise UsageError(f"{what} {p} lies inside an input folder of this run ({raw}): the cache would "
+                             f"overwrite or add to its files; {fix}")
+    if not p.exists() and not p.is_symlink():
+        return
+    if p.is_dir():
+        raise UsageError(f"{what} {p} is a folder: pass a file path (e.g. {p / 'calib.json'}), or --no-cache")
+    if not is_ours(p):
+        raise UsageError(f"{what} {p} already exists and is not a quantkit calibration cache: quantkit would "
+                         f"overwrite it; {fix} (delete or move the file yourself if you no longer need it)")
 
 
 def _schema_problem(doc: Any) -> str | None:

@@ -15,9 +15,10 @@ import logging
 import torch
 from torch import nn
 
-from quantkit import __version__, paths
+from quantkit import paths
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.data.calib import CalibrationData
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.recipe import CalibrationSpec
@@ -90,7 +91,7 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, spec: Calibrat
                      progress: bool = True, device: str = "cpu") -> tuple[CalibrationResult, dict]:
     """Calibrate on ``device`` ("cpu", "cuda"), reusing a cached result with the same content key.
     Returns (result, cache info for the report)."""
-    from quantkit.calibrate.cache import CalibrationCache, cache_key
+    from quantkit.calibrate.cache import CalibrationCache, cache_key, check_cache_target
 
     settings = spec.settings
     components = calibration_key_components(model, data, settings, device=device)
@@ -99,12 +100,14 @@ def calibrate_cached(model: PreparedModel, data: CalibrationData, spec: Calibrat
     cache = None
     if spec.use_cache:
         path = spec.cache or str(paths.cache_dir() / "calibration" / f"{key[:24]}.json")
+        if spec.cache:  # a file the user named: written only when absent or one of ours (before any work)
+            check_cache_target(path)
         cache = CalibrationCache(path)
         info["path"] = str(path)
-        payload = cache.load(key, components)
+        payload = cache.load(key, components, parse=CalibrationResult.from_dict)
         if payload is not None:  # the cache logs the hit, or the reason for a miss
             info["hit"] = True
-            return CalibrationResult.from_dict(payload), info
+            return payload, info
         info["reason"] = getattr(cache, "last_reason", None)
     log.info("calibrating on %d inputs from %s", data.num_samples, data.source)
     result = run_calibration(model.qmodel, data.batches(), settings, total=len(data), progress=progress,

@@ -10,18 +10,28 @@ from quantkit.cli.common import run_guarded
 @click.command("eval", epilog="""\b
 Examples:
   quantkit eval out/                                # bundled model: uses the bundled held-out set
-  quantkit eval out/ --data my_coco/ --json out_eval.json""")
+  quantkit eval out/ --data my_coco/ --json out_eval.json
+  quantkit eval out/ --model net.py:build           # a user model: name its file again to run it
+
+\b
+Security: loading a model given as module.py:factory (or package.module:function) imports and runs that
+code with your permissions. eval never runs code named in OUT_DIR/recipe.resolved.yaml on its own: name the
+same model with --model (you vouch for the file you name), or pass --trust-recipe to run the recorded one.""")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(), help="COCO folder (annotations.json + images/); default: the recipe's.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
 @click.option("--max-images", type=int, default=0, show_default=True, help="Evaluate only the first N images (0 = all).")
-def eval_cmd(out_dir, data, json_path, max_images):
+@click.option("--model", "model", help="The recorded user model (path/to/file.py:factory) named again: needed to "
+              "rebuild a user model, since loading it executes that file's code.")
+@click.option("--trust-recipe", is_flag=True, help="Import and run the model code named in OUT_DIR's recipe without "
+              "naming it (only for folders you made or trust).")
+def eval_cmd(out_dir, data, json_path, max_images, model, trust_recipe):
     """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder, with one decode + NMS."""
     def _run():
         from quantkit.pipeline import run_eval
         from quantkit.utils.atomic import atomic_write_json
 
-        results = run_eval(out_dir, data, max_images)
+        results = run_eval(out_dir, data, max_images, model=model, trust_recipe=trust_recipe)
         for key in ("fp32_torch", "fp32_onnx", "int8_onnx"):
             click.echo(f"{key:<11} mAP50:95 {results[key]['map50_95']:.4f}  mAP50 {results[key]['map50']:.4f}")
         click.echo(f"INT8 drop: {results['drop_map50_95_points']:.2f} mAP50:95 points")

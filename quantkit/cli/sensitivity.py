@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from quantkit.cli.common import one_model, overrides, run_guarded, setup_logging
+from quantkit.cli.common import names_model, one_model, overrides, run_guarded, setup_logging
 from quantkit.errors import GateFailure, UsageError
 
 SENSITIVITY_EPILOG = """\b
@@ -16,14 +16,19 @@ Examples:
 
 \b
 Writes sensitivity.json (analysis, cost estimate, selection) and sensitivity.png into --out.
-Latencies are ESTIMATES from a T4 roofline model, not measurements."""
+Latencies are ESTIMATES from a T4 roofline model, not measurements.
+
+\b
+Security: a model given as module.py:factory (on the command line or in a --recipe) imports and runs that
+file's code with your permissions. A recipe from an output folder (recipe.resolved.yaml) runs its model code
+only when you name that model again with --model, or pass --trust-recipe."""
 
 
 @click.command("sensitivity", epilog=SENSITIVITY_EPILOG)
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @click.option("--model", "model_opt", help="Registered model name or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
-@click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of images, a float32 .npy (N, ...), or a .npz of named inputs.")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder for mAP sensitivities.")
 @click.option("--eval-images", type=int, help="Images of --eval scored per layer (0: all). [default: recipe's "
               "sensitivity.eval_images, 8]")
@@ -38,6 +43,8 @@ Latencies are ESTIMATES from a T4 roofline model, not measurements."""
 @click.option("--device", help="Where calibration and the per-layer measurements run: cpu or cuda[:N]. [default: cpu]")
 @click.option("--top", type=int, default=15, show_default=True, help="Rows of the printed table and bars of the plot.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--trust-recipe", is_flag=True, help="Run the model code (file.py:factory) named by a --recipe from an "
+              "output folder (recipe.resolved.yaml) without naming it again with --model.")
 @click.option("-v", "--verbose", is_flag=True, help="Verbose: also log debug messages to stderr.")
 def sensitivity_cmd(**a):
     """Rank MODEL's layers by INT8 damage and recovery; estimate T4 latency; optionally choose FP16 layers."""
@@ -47,7 +54,7 @@ def sensitivity_cmd(**a):
 
 def _sensitivity(a: dict) -> None:
     from quantkit.pipeline import run_sensitivity
-    from quantkit.recipe import load_recipe
+    from quantkit.recipe import check_option_conflicts, load_recipe
 
     for opt, low in (("num_images", 1), ("eval_images", 0), ("top", 1)):
         if a[opt] is not None and a[opt] < low:
@@ -59,8 +66,14 @@ def _sensitivity(a: dict) -> None:
         ("gates.max_drop", a["max_drop"]),
         ("sensitivity.sqnr_floor", a["sqnr_floor"]), ("runtime.device", a["device"]),
     ))
+    check_option_conflicts(a["sets"], sets, {
+        "model.name": "MODEL / --model", "model.weights": "--weights", "calibration.data": "--calib",
+        "evaluation.data": "--eval", "sensitivity.num_images": "--num-images", "sensitivity.eval_images": "--eval-images",
+        "gates.max_drop": "--max-drop", "sensitivity.sqnr_floor": "--sqnr-floor", "runtime.device": "--device"})
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
-    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"])
+    run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"],
+                          trust_recipe=a["trust_recipe"],
+                          model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
     click.echo(run.table)
     for line in run.summary:
         click.echo(line)

@@ -19,9 +19,10 @@ import onnx
 import torch
 from torch import nn
 
-from quantkit import __version__, paths
+from quantkit import paths
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.data.calib import CalibrationData
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 
@@ -125,7 +126,7 @@ def calibrate_onnx_cached(model: onnx.ModelProto, onnx_bytes: bytes, tensors: li
                           use_cache: bool, progress: bool = True, threads: int | None = 1
                           ) -> tuple[CalibrationResult, dict]:
     """``calibrate_onnx`` behind the content-keyed calibration cache. Returns (result, cache info)."""
-    from quantkit.calibrate.cache import CalibrationCache, cache_key
+    from quantkit.calibrate.cache import CalibrationCache, cache_key, check_cache_target
 
     components = key_components(onnx_bytes, tensors, int8_weights, data, settings)
     key = cache_key(components)
@@ -133,12 +134,14 @@ def calibrate_onnx_cached(model: onnx.ModelProto, onnx_bytes: bytes, tensors: li
     cache = None
     if use_cache:
         path = cache_path or str(paths.cache_dir() / "calibration" / f"{key[:24]}.json")
+        if cache_path:  # a file the user named: written only when absent or one of ours (before any work)
+            check_cache_target(path)
         cache = CalibrationCache(path)
         info["path"] = str(path)
-        payload = cache.load(key, components)
+        payload = cache.load(key, components, parse=CalibrationResult.from_dict)
         if payload is not None:
             info["hit"] = True
-            return CalibrationResult.from_dict(payload), info
+            return payload, info
         info["reason"] = cache.last_reason
     log.info("calibrating in onnxruntime on %d inputs from %s (%d tensors)", data.num_samples, data.source,
              len(tensors))

@@ -33,7 +33,7 @@ from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.sensitivity.replay import Replayer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.state import QuantState
 
 

@@ -4,7 +4,7 @@ For every quantizable layer the model records, with forward hooks on one input, 
 derives closed-form work:
 
 * FLOPs = 2 x MACs (Conv2d: N·Cout·Hout·Wout·(Cin/groups)·kh·kw; ConvTranspose2d: N·Cin·Hin·Win·(Cout/groups)·kh·kw;
-  Linear: rows·in·out; residual Add: one op per output element);
+  1-D / 3-D convs alike; Linear: rows·in·out; residual Add: one op per output element);
 * bytes moved = (input + weights (+ bias) + output) elements x element size: 2 B at FP16, 1 B at INT8; except a
   residual Add (see below).
 
@@ -38,6 +38,7 @@ from torch import nn
 
 from quantkit.errors import ModelError, UsageError
 from quantkit.models.ops import Add
+from quantkit.quant.registry import weighted_kind
 
 ESTIMATE_LABEL = "estimated T4 latency (roofline model, not measured)"
 
@@ -194,18 +195,18 @@ def _closed_form(name: str, m: nn.Module, inputs: tuple, output) -> LayerCost:
     if isinstance(m, Add) or type(m).__name__ == "Add":
         return LayerCost(name, "Add", float(out_n), _numel(inputs), 0, out_n)
     x = inputs[0]
-    if isinstance(m, nn.ConvTranspose2d):
-        n, cin, h, w = x.shape
-        macs = n * cin * h * w * (m.out_channels // m.groups) * math.prod(m.kernel_size)
-    elif isinstance(m, nn.Conv2d):
-        n, _, ho, wo = output.shape
-        macs = n * m.out_channels * ho * wo * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    # by base class, so subclasses (a "same"-padding Conv2d) and 1-D / 3-D convs are charged like their base;
+    # the output's and weight's shapes hold what a subclass's own padding did
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # N·Cin·(in positions)·(Cout/groups)·k
+        macs = x.numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
+    elif isinstance(m, nn.modules.conv._ConvNd):  # N·Cout·(out positions)·(Cin/groups)·k
+        macs = output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     elif isinstance(m, nn.Linear):
         macs = (x.numel() // m.in_features) * m.in_features * m.out_features
     else:
         raise ModelError(f"no cost formula for layer {name} of type {type(m).__name__}: "
                          "add one in quantkit/sensitivity/cost_model.py")
-    return LayerCost(name, type(m).__name__.removeprefix("Quant"), 2.0 * macs, x.numel(), w_n, out_n)
+    return LayerCost(name, weighted_kind(m), 2.0 * macs, x.numel(), w_n, out_n)
 
 
 def _op_flops(func, args, out) -> float:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from quantkit.errors import UsageError
+from quantkit.quant.registry import WEIGHTED_KINDS
 from quantkit.sensitivity.analysis import Metric, SensitivityResult, _r
 from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, CostTable, estimate_latency_ms
 
@@ -179,7 +180,7 @@ def _reason(result: SensitivityResult, metric: Metric, name: str, gain: float, e
 
 # ---- selection under a compute budget: "best accuracy with >= X % of the MACs in INT8" ----------------------
 
-_WEIGHTED = ("Conv2d", "ConvTranspose2d", "Linear")
+_WEIGHTED = WEIGHTED_KINDS  # conv / linear layers of any dimension, subclasses included (cost table kinds)
 
 # A layer stays FP16 under ``min_int8_share`` only if keeping it float recovers at least this much output SQNR.
 # 0.05 dB is 1.2 % of the output noise power: smaller gains are below what 8 calibration images measure

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from quantkit.errors import UsageError
-from quantkit.output import StagedOutput, check_output_dir, remove_stale_staging
+from quantkit.output import STAGING_MARKER, StagedOutput, _mark, check_output_dir, remove_stale_staging
 from quantkit.utils import interrupt
 from quantkit.utils.outlock import OutputLock
 
@@ -175,13 +175,18 @@ def test_stale_staging_of_dead_processes_is_removed_and_a_lost_previous_output_r
                           text=True).stdout.strip()
     (tmp_path / f".out.partial-{dead}").mkdir()
     (tmp_path / f".out.partial-{dead}" / "model.onnx").write_bytes(b"8 MB of half an export")
+    _mark(tmp_path / f".out.partial-{dead}")
     (tmp_path / f".other.partial-{dead}").mkdir()  # another target's: not ours to judge
+    _mark(tmp_path / f".other.partial-{dead}")
     alive = tmp_path / f".out.partial-{os.getppid()}"
     alive.mkdir()
+    _mark(alive)
     previous_output(tmp_path / f".out.old-{dead}")  # killed between moving the old output aside and the rename
+    _mark(tmp_path / f".out.old-{dead}")
     removed = remove_stale_staging(tmp_path / "out")
     assert len(removed) == 2
     assert (tmp_path / "out" / "model.onnx").read_bytes() == b"previous"
+    assert not (tmp_path / "out" / STAGING_MARKER).exists()  # the restored output is as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, f".other.partial-{dead}", "out"])
 
 
@@ -238,3 +243,54 @@ def test_own_files_mark_a_previous_output_of_a_command_without_manifest(tmp_path
     (out / "notes.md").write_text("mine")
     with pytest.raises(UsageError, match="did not write: notes.md"):
         check_output_dir(out, force=True, own_files=own)
+
+
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_user_folders_named_like_staging_survive_an_export(tmp_path):
+    dead = _dead_pid()
+    partial, old = tmp_path / f".out.partial-{dead}", tmp_path / f".out.old-{dead}"
+    for d in (partial, old):
+        d.mkdir()
+        (d / "thesis.tex").write_text("years of work\n")
+    fake = tmp_path / f".out.partial-{int(dead) + 1}"  # a marker that is not ours: a folder, not our text
+    fake.mkdir()
+    (fake / STAGING_MARKER).mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / STAGING_MARKER).write_text("x")
+    (tmp_path / f".out.old-{int(dead) + 2}").symlink_to(tmp_path / "elsewhere")  # a link is never ours
+    before = _tree(tmp_path)
+    with StagedOutput(tmp_path / "out") as stage:  # target missing: a stale .old would be restored into it
+        assert (stage.staging / STAGING_MARKER).is_file()
+        stage.write_text("a.txt", "new")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt"]  # no marker in the output
+    after = _tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("out")} == before
+
+
+def test_a_killed_commit_leaves_a_marked_old_that_the_next_run_restores(tmp_path, monkeypatch):
+    out = previous_output(tmp_path / "out")
+    stage = StagedOutput(out, force=True)
+    stage.__enter__()
+    stage.write_text("model.onnx", "new")
+
+    def die(point):
+        if point == "rename":
+            raise SystemExit("killed")  # stands for SIGKILL between moving the old output aside and the rename
+    monkeypatch.setattr(interrupt, "test_point", die)
+    with pytest.raises(SystemExit):
+        stage.commit()
+    monkeypatch.undo()
+    stage._lock.release()
+    old = tmp_path / f".out.old-{os.getpid()}"
+    assert old.is_dir() and (old / STAGING_MARKER).is_file() and not out.exists()
+    removed = remove_stale_staging(out)  # our own pid counts as dead here: that run has ended
+    assert old in removed and not old.exists() and not stage.staging.exists()
+    assert (out / "model.onnx").read_bytes() == b"previous" and not (out / STAGING_MARKER).exists()

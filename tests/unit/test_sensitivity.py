@@ -13,7 +13,7 @@ from torch import nn
 
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.models.ops import Add
 from quantkit.paths import BUNDLED_CALIBRATION, BUNDLED_EVAL
 from quantkit.pipeline import quantize_recipe
