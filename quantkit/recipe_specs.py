@@ -176,7 +176,8 @@ class SensitivitySpec:
     the rest on the FP16 layers with the most measured SQNR gain per MAC
     (``sensitivity.select.choose_for_int8_share``); it drives the automatic choice when no accuracy budget
     (``gates.max_drop`` with evaluation data, ``sqnr_floor``) is given. null (or ``auto: false``): no automatic
-    FP16 layers without an accuracy budget; 1.0 still keeps MAC-free layers (residual adds) FP16 where they gain."""
+    FP16 layers without an accuracy budget. A residual Add kept FP16 spends the MAC-equivalent of the conv+add
+    fusion it breaks, and a layer is kept only if it recovers >= 0.05 dB (``sensitivity.select.MIN_RECOVERY_DB``)."""
 
     enabled: bool = False
     num_images: int = 8
