@@ -156,7 +156,7 @@ class CalibrationCache:
                 return None
             raw = self.path.read_bytes()
         except OSError as exc:
-            self._miss(f"cannot read the file ({exc})")
+            self._miss(f"cannot read the file ({exc.strerror or type(exc).__name__})")  # str(exc) repeats the path
             return None
         try:
             doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)

@@ -28,7 +28,7 @@ only when you name that model again with --model, or pass --trust-recipe."""
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @click.option("--model", "model_opt", help="Registered model name or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
-@click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of images, a float32 .npy (N, ...), or a .npz of named inputs.")
 @click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder for mAP sensitivities.")
 @click.option("--eval-images", type=int, help="Images of --eval scored per layer (0: all). [default: recipe's "
               "sensitivity.eval_images, 8]")
@@ -57,7 +57,7 @@ def _sensitivity(a: dict) -> None:
 
     with heartbeat("loading torch"):  # 5-30 s on a busy machine, before any stage can say anything
         from quantkit.pipeline import run_sensitivity
-    from quantkit.recipe import load_recipe
+    from quantkit.recipe import check_option_conflicts, load_recipe
 
     for opt, low in (("num_images", 1), ("eval_images", 0), ("top", 1)):
         if a[opt] is not None and a[opt] < low:
@@ -69,6 +69,10 @@ def _sensitivity(a: dict) -> None:
         ("gates.max_drop", a["max_drop"]),
         ("sensitivity.sqnr_floor", a["sqnr_floor"]), ("runtime.device", a["device"]),
     ))
+    check_option_conflicts(a["sets"], sets, {
+        "model.name": "MODEL / --model", "model.weights": "--weights", "calibration.data": "--calib",
+        "evaluation.data": "--eval", "sensitivity.num_images": "--num-images", "sensitivity.eval_images": "--eval-images",
+        "gates.max_drop": "--max-drop", "sensitivity.sqnr_floor": "--sqnr-floor", "runtime.device": "--device"})
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
     run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"],
                           trust_recipe=a["trust_recipe"],

@@ -15,7 +15,7 @@ import numpy as np
 
 from quantkit.data.preprocess import LetterboxInfo, Preprocess, preprocess_image
 from quantkit.errors import DataError, ModelError, UsageError, require
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.eval.nms import DEFAULT_IOU, DEFAULT_MAX_DET, DEFAULT_TOP_K, EVAL_CONF, postprocess
 
 Predictor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -10,7 +10,7 @@ from torch import nn
 
 from quantkit import paths
 from quantkit.data.preprocess import Preprocess
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.recipe import Recipe
 
 log = logging.getLogger("quantkit")

@@ -30,13 +30,15 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from quantkit.data.inputs import ort_feeds
 from quantkit.eval.sqnr import sqnr_db
-from quantkit.quant.modules import QUANT_TYPES, QuantAdd, QuantConvTranspose2d, QuantLinear
+from quantkit.quant.modules import QUANT_TYPES, QuantAdd
 
 MAX_FRACTION_OVER_STEP = 0.01  # more than 1 % of a layer's outputs off by > 1 step: not rounding
 SCALE_RTOL = 1e-5  # float32 scales written from the same amax agree to the last bit; allow float noise
 
-_OPS = {QuantAdd: ("Add",), QuantConvTranspose2d: ("ConvTranspose",), QuantLinear: ("Gemm", "MatMul")}
+# by float base class, so generic wrappers of subclasses (QuantConv2dSame, a Linear subclass) match too
+_OPS = {QuantAdd: ("Add",), nn.modules.conv._ConvTransposeNd: ("ConvTranspose",), nn.Linear: ("Gemm", "MatMul")}
 _DEFAULT_OPS = ("Conv",)
 
 
@@ -178,8 +180,10 @@ def _torch_calls(qmodel: nn.Module, fp32: nn.Module | None, x: torch.Tensor) -> 
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, fp16: bool = False):
+        self.model, self.fp16 = model, fp16
+        # FP16-stored scales: a float32 scale one ulp off torch's may round to the neighbouring FP16 value
+        self.rtol = 2.0 ** -10 if fp16 else SCALE_RTOL
         self.nodes = list(model.graph.node)
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -187,6 +191,10 @@ class _Graph:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.inits = {t.name: t for t in model.graph.initializer}
+
+    def want(self, scale: np.ndarray) -> np.ndarray:
+        """torch's scale as this graph must store it: the strong converter's FP16 (raised to the smallest normal)."""
+        return np.maximum(scale, np.float32(2.0 ** -14)).astype(np.float16) if self.fp16 else scale
 
     def const(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
@@ -258,14 +266,14 @@ def _weight_axis(node: onnx.NodeProto, rank: int) -> int:
     return rank - 1  # MatMul [..., K, N]
 
 
-def _scale_problem(what: str, got: np.ndarray | None, want: np.ndarray) -> str | None:
+def _scale_problem(what: str, got: np.ndarray | None, want: np.ndarray, rtol: float = SCALE_RTOL) -> str | None:
     if got is None:
         return f"{what} scale is not a constant"
     got, want = np.ravel(got).astype(np.float64), np.ravel(want).astype(np.float64)
     if got.shape != want.shape:
         return f"{what} has {got.size} scale(s), torch {want.size}"
     rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
-    if np.any(rel > SCALE_RTOL):
+    if np.any(rel > rtol):
         i = int(np.argmax(rel))
         return f"wrong {what} scale: {got[i]:.6g} in the graph, torch {want[i]:.6g}"
     return None
@@ -288,11 +296,11 @@ def _check_data(graph: _Graph, call: _Call, node: onnx.NodeProto) -> tuple[list[
     elif not iq.enabled and dq is not None:
         problems.append("extra Q/DQ on the data input (torch keeps this layer in float)")
     elif iq.enabled:
-        want = iq.scale().detach().numpy()
+        want = graph.want(iq.scale().detach().numpy())
         if q is None:
             problems.append("the data DequantizeLinear has no QuantizeLinear in front of it")
         for which, n in (("data QuantizeLinear", q), ("data DequantizeLinear", dq)):
-            p = _scale_problem(which, graph.const(n.input[1]), want) if n is not None else None
+            p = _scale_problem(which, graph.const(n.input[1]), want, graph.rtol) if n is not None else None
             if p:
                 problems.append(p)
     return problems, floats
@@ -311,7 +319,7 @@ def _check_weight(graph: _Graph, call: _Call, node: onnx.NodeProto) -> list[str]
     if weight is None and q is not None:
         weight = graph.const(q.input[0])
     scale = graph.const(dq.input[1])
-    want = wq.scale().detach().numpy()
+    want = graph.want(wq.scale().detach().numpy())
     if weight is None or scale is None:
         return ["weight Q/DQ does not read constants"]
     if want.size > 1 and scale.size == 1:
@@ -322,7 +330,7 @@ def _check_weight(graph: _Graph, call: _Call, node: onnx.NodeProto) -> list[str]
         expect = _weight_axis(node, weight.ndim)
         if axis != expect:
             return [f"weight scales on axis {axis}, but its output channels are axis {expect}"]
-    p = _scale_problem("weight", scale, want)
+    p = _scale_problem("weight", scale, want, graph.rtol)
     return [p] if p else []
 
 
@@ -338,15 +346,16 @@ def _ort_values(model: onnx.ModelProto, names: list[str], x: np.ndarray, threads
     have = {o.name for o in m.graph.output}
     inputs = {i.name for i in m.graph.input}
     extra = [n for n in dict.fromkeys(names) if n not in have and n not in inputs]
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    for n in extra:  # untyped: onnxruntime infers float32 or (strong graph) float16
+        m.graph.output.add().name = n
     sess = session(m, threads)
     inp = sess.get_inputs()[0]
     outs = [o.name for o in sess.get_outputs()]
     batch = inp.shape[0]
     step = batch if isinstance(batch, int) else x.shape[0]
-    parts = [sess.run(outs, {inp.name: x[i:i + step]}) for i in range(0, x.shape[0], step)]
+    parts = [sess.run(outs, ort_feeds(sess.get_inputs(), x[i:i + step])) for i in range(0, x.shape[0], step)]
     values = {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(outs)}
-    values.update({n: x for n in inputs})
+    values.update(ort_feeds(sess.get_inputs(), x))
     return values
 
 
@@ -357,18 +366,20 @@ def _sqnr(ref: np.ndarray | None, test: np.ndarray) -> float:
 
 
 def layer_parity(qmodel: nn.Module, int8_onnx: onnx.ModelProto, x: torch.Tensor, fp32: nn.Module | None = None,
-                 *, threads: int | None = None, progress: bool = False) -> LayerParity:
-    """Compare every quantized layer of ``qmodel`` with its node in ``int8_onnx`` on the images ``x`` (NCHW).
+                 *, threads: int | None = None, fp16: bool = False, progress: bool = False) -> LayerParity:
+    """Compare every quantized layer of ``qmodel`` with its node in ``int8_onnx`` on the inputs ``x``.
 
     ``fp32`` (the float model with the same module names) adds the per-layer INT8-vs-FP32 column. Keep ``x``
-    small (one or two images): every layer's input and output are held in memory. ``progress``: progress lines
-    (``quantkit.utils.progress``): on a large detector this check runs for minutes.
+    small (one or two images): every layer's input and output are held in memory. ``fp16``: ``int8_onnx`` is the
+    strongly typed graph: scales are expected as the converter writes them (FP16) and the layer is replayed in
+    float32 on its FP16 input, so one quantization step still bounds an honest layer's difference. ``progress``:
+    progress lines (``quantkit.utils.progress``): on a large detector this check runs for minutes.
     """
     from quantkit.utils.progress import progress_bar
 
     with progress_bar(None, "checking parity layer by layer", "step", enabled=progress) as bar:
         calls = _torch_calls(qmodel, fp32, x)
-        graph = _Graph(int8_onnx)
+        graph = _Graph(int8_onnx, fp16)
         pairs, unmatched = _match(graph, calls)
         # steps: the torch passes and the match (done), onnxruntime's pass, one replay per layer; each setup step
         # weighs about a third of all replays (a guess that only shapes the ETA)
@@ -401,8 +412,11 @@ def _replay_row(call: _Call, node: onnx.NodeProto, problems: list[str], floats: 
     row = LayerRow(layer=call.name, op=node.op_type, node=node.name or out,
                    int8=bool(call.module._input_quantizer.enabled), problems=problems)
     with torch.no_grad():
-        y_torch = call.module(*[torch.from_numpy(np.ascontiguousarray(values[f])) for f in floats])
-    y_torch = y_torch.float().numpy()
+        # replay: the op on the tensors that reach the node (a subclass's own padding already done)
+        y_torch = call.module.replay(*[torch.from_numpy(np.ascontiguousarray(values[f], np.float32)) for f in floats])
+    y_torch, y_ort = y_torch.float().numpy(), y_ort.astype(np.float32)
+    if y_torch.shape == y_ort.shape and np.any(np.isfinite(y_torch) & ~np.isfinite(y_ort)):
+        row.problems.append("non-finite outputs where torch's are finite (an FP16 overflow?)")
     if y_torch.shape == y_ort.shape:
         step = float(np.max(np.abs(y_ort))) / 127.0
         row.replay_db = sqnr_db(y_ort, y_torch)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from quantkit.calibrate.driver import CalibrationResult, method_key
-from quantkit.calibrate.methods import MethodSettings
-from quantkit.data.calib import CalibrationData
+from quantkit.calib_methods import MethodSettings
+from quantkit.data.calib import CalibrationData, small_set_note
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
 from quantkit.exporter.passes import normalize
@@ -25,6 +26,7 @@ from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import OnnxLayout, build_layout
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
 from quantkit.recipe import Recipe
+from quantkit.preflight import check_model_input_memory
 
 log = logging.getLogger("quantkit")
 
@@ -76,14 +78,36 @@ def _r(v, nd: int = 6):
     return None if v is None else round(float(v), nd)
 
 
-def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
-    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's C, H, W."""
+def npy_shape(data) -> tuple[int, ...] | None:
+    """The per-sample shape ((C, H, W) for images, any rank otherwise) of a float32 .npy (read from its header),
+    else None: free model dims take it."""
+    p = Path(str(data)) if data is not None else None
+    if p is None or p.suffix.lower() != ".npy" or not p.is_file():
+        return None
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):
+        return None  # open_data reports an unreadable .npy with its own message
+    return tuple(int(s) for s in arr.shape[1:]) if arr.ndim >= 2 else None
+
+
+def _db(v: float | None) -> str:
+    return "identical" if v == float("inf") else f"unchanged ({v:.1f} dB SQNR)"
+
+
+def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Preprocess]:
+    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's per-sample shape
+    (C, H, W for images, any rank otherwise)."""
     from quantkit.data import open_data as open_calibration
 
-    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
-    if tuple(data.input_shape) != (channels, *size):
+    sample = tuple(int(d) for d in loaded.input_shape[1:])
+    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(loaded.size or (640, 640)))
+    if data.inputs is not None:
+        raise DataError(f"calibration data {calib} is a .npz of several inputs; the ONNX route takes models with one "
+                        "input for now: pass a .npy, or export the torch module (which takes .npz)")
+    if tuple(data.input_shape) != sample:
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
-                        f"takes {(channels, *size)}: pass data of the model's input shape")
+                        f"takes {sample}: pass data of the model's input shape")
     return data, pp
 
 
@@ -98,17 +122,24 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     if data is None and trt_cache is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
                          "FILE; quantkit never calibrates on random data")
-    loaded = load_onnx(path, recipe.input.size)
+    loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data),
+                       check_memory=lambda where, shape: check_model_input_memory(
+                           recipe, where, shape, batch=None if data is not None else 1))
     cleaned = cleanup(loaded.model)
-    pp = Preprocess.at_size(recipe.preprocess, loaded.size)
+    pp = Preprocess.at_size(recipe.preprocess, loaded.size or (640, 640))  # not used for non-image inputs
     cal = None
     sqnr = None
     if data is not None:
-        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]))
+        cal, pp = open_data(recipe, str(data), loaded)
         batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
     q = recipe.quantization
     layout = build_layout(cleaned, tuple(q.quantize), tuple(q.skip), q.residual_add)
+    if loaded.converted_from is not None:  # said in the report and the log, never done silently
+        note = (f"ONNX route: the model's opset {loaded.converted_from} was converted to opset {loaded.opset} with "
+                f"onnx.version_converter; outputs on a check input {_db(loaded.conversion_sqnr_db)}")
+        layout.notes.insert(0, note)
+        log.info(note)
     wscales = weight_scales(cleaned, layout)
     settings = recipe.calibration.settings
     needed = layout.activation_tensors(only_int8=True)
@@ -122,14 +153,17 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         act_scales = {t: float(np.float32(scales[t])) for t in needed}
         trt = {"path": str(trt_cache), "header": header}
         import hashlib
-        from pathlib import Path
 
         cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
     else:
+        note = small_set_note(cal)
+        if note:  # a TensorRT cache brings its own ranges: the data then only serves checks
+            log.warning(note)
+            layout.notes.append(note)
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
         calib_result, cache_info = ocal.calibrate_onnx_cached(
-            calib_graph, loaded.raw, layout.activation_tensors(), int8_weights, cal, settings,
+            calib_graph, loaded.content, layout.activation_tensors(), int8_weights, cal, settings,
             cache_path=recipe.calibration.cache, use_cache=recipe.calibration.use_cache, progress=progress,
             threads=1 if recipe.calibration.deterministic else None)
         amax = ocal.chosen_amax(calib_result, needed, settings)

@@ -7,15 +7,13 @@
 Every pass only changes numbers the existing export already writes (input amax -> activation Q/DQ scales,
 weights -> int8 initializers, biases -> float Conv/Gemm biases); the Q/DQ structure is unchanged.
 
-Where they go in the pipeline (``recipe.ptq``)::
+After calibration they run as objects behind one protocol (``quantkit.ptq.passes``), in the order of its
+registry: calibration-method choice, the automatic FP16 choice, then the sequential pass (``default_passes``), each
+kept only when it raises the output SQNR on held-out calibration images (``quantkit.ptq.guard``)::
 
-    prepared, info = prepare_module(model, recipe)            # stages.py
-    prepared, report = equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)   # NEW
-    calib, cache_info = calibrate_cached(prepared, data, settings, recipe)
-    chosen = apply_calibration(prepared.qmodel, calib, settings)
-    report = apply_ptq(prepared, calib, batches, recipe.ptq, report)                           # NEW
-    chosen = report.amax or chosen                             # amax the report/calibration.json should show
-    ... export_state(...)
+    prepared, report = equalize_state_model(prepared, data, recipe)   # before calibration (recipe.ptq.equalize)
+    state = QuantState(..., calibrate.calibrate(prepared, data, recipe.calibration), ptq=report)
+    run_default_passes(state)                                          # state.passes: what was kept, with dB
 """
 
 from __future__ import annotations
@@ -26,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.calibrate.driver import CalibrationResult
+from quantkit.ptq.default_passes import default_passes
 from quantkit.ptq.equalize import ChannelClip, EqualizePair, equalize
+from quantkit.ptq.passes import PassResult, PtqPass, register_pass, registered_passes
 from quantkit.ptq.sequential import LayerPtq, SequentialOptions, sequential_pass
 from quantkit.quant.tensor_quantizer import TensorQuantizer, weight_amax
 
@@ -144,5 +144,24 @@ def ptq_for_state(state, *, progress: bool = True) -> PtqReport:
     return report
 
 
-__all__ = ["PtqReport", "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip", "sequential_pass",
-           "SequentialOptions", "options_from_spec", "weight_amax"]
+def run_default_passes(state, *, dataset=None, analysis_dataset=None, progress: bool = True) -> list:
+    """The registered passes (calibration-method choice, FP16 choice, bias correction, then any a user
+    registered), each kept only when it raises the output SQNR on held-out calibration images
+    (``quantkit.ptq.guard``). ``dataset``/``analysis_dataset``: evaluation data for an mAP budget of the FP16 choice.
+    Returns the per-pass results (also ``state.passes``)."""
+    from quantkit.calibrate.driver import fixed_threads
+    from quantkit.ptq.guard import run_passes
+
+    with fixed_threads(1 if state.recipe.calibration.deterministic else None):
+        return run_passes(state, registered_passes(), {"dataset": dataset, "analysis_dataset": analysis_dataset,
+                                                       "progress": progress})
+
+
+for _p in default_passes():  # the ordered registry starts with the defaults (once, even if re-imported)
+    if _p.name not in {q.name for q in registered_passes()}:
+        register_pass(_p)
+
+
+__all__ = ["PtqReport", "run_default_passes", "register_pass", "registered_passes", "PassResult", "PtqPass",
+           "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip",
+           "sequential_pass", "SequentialOptions", "options_from_spec", "weight_amax"]

@@ -72,6 +72,6 @@ def analysis_dataset(eval_path: str | None, eval_images: int):
     (0: all), or None without evaluation data."""
     if not eval_path:
         return None
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
 
     return CocoDataset(eval_path, max_images=eval_images or None)

@@ -191,7 +191,7 @@ def test_sensitivity_estimates_up_front_and_prints_lines_while_slow(stderr, cali
 
 def test_evaluation_prints_lines_while_slow(stderr):
     from quantkit.data.preprocess import Preprocess
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import predict_dataset
     from quantkit.paths import BUNDLED_EVAL
 
