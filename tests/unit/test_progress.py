@@ -335,7 +335,7 @@ class TinyDetector(nn.Module):
 def test_each_evaluation_gets_one_labelled_closing_line(stderr):
     # the export evaluates three models in a row; each must be told apart in the log, and say its end once
     from quantkit.data.preprocess import Preprocess
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.held_out import evaluate_export
     from quantkit.exporter.onnx_export import export_onnx
     from quantkit.paths import BUNDLED_EVAL
