@@ -147,7 +147,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
     if inputs is None:
         inputs = run_inputs(recipe, calib=str(state.data.source), eval_path=state.eval_path)
     with StagedOutput(out_dir, force, inputs) as stage:
-        graphs = exporter.write_graphs(stage, state)
+        graphs = exporter.write_graphs(stage, state, progress=progress)
         engine.write_calibration_cache(stage, graphs.int8)
         engine.write_build_script(stage, recipe, graphs, state.model, batch)
         built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
@@ -158,7 +158,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
                                           state.model.fp32, graphs.fp32_bytes, graphs.int8_bytes,
                                           source=state.eval_path, progress=progress, threads=threads)
         inputs = report.ReportInputs(state, graphs, metrics, built, command_line or [])
-        content, failures = report.write(stage, inputs)
+        content, failures = report.write(stage, inputs, progress=progress)
         files = sorted(stage.files)
     result = ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
     uncovered = (content.get("coverage") or {}).get("error")
@@ -260,8 +260,9 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                     progress: bool = True, recipe_path: str | None = None, model_named: bool = True,
                     trust_recipe: bool = False) -> SensitivityRun:
     """Per-layer sensitivity of ``recipe``'s model, the T4 cost estimate and, with a budget, the FP16 choice;
-    writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. mAP sensitivities and an mAP
-    budget use ``sensitivity.eval_images`` evaluation images (0: all)."""
+    writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. mAP sensitivities use
+    ``sensitivity.eval_images`` evaluation images (0: all); an mAP budget is checked on the whole evaluation set
+    (``evaluation.max_images``), as ``export`` checks it, so both keep the same FP16 layers."""
     from quantkit import sensitivity
     from quantkit.models.consent import check_recipe_file
     from quantkit.output import StagedOutput, check_output_dir
@@ -274,10 +275,12 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     check_output_dir(out, force, inputs, own_files=own)  # never replace inputs or foreign files
     check_cache(recipe, inputs)  # never overwrite an input or a foreign file with the calibration cache
     check_optional_deps(recipe, evaluation=False, plot=True)  # sensitivity.png needs matplotlib
-    state = quantize_recipe(recipe, progress=progress)
+    # as in export (quantize_and_select): the analysis and the FP16 choice see the calibrated model before the
+    # PTQ passes, and an mAP budget is checked on the whole evaluation set, so both keep the same FP16 layers
+    state = quantize_recipe(recipe, progress=progress, post_ptq=False)
     subset = _eval_dataset(state, recipe.sensitivity.eval_images)
-    outcome = sensitivity.analyze_and_select(state, dataset=subset, analysis_dataset=subset, analyze_always=True,
-                                             progress=progress)
+    outcome = sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
+                                             analysis_dataset=subset, analyze_always=True, progress=progress)
     choice = outcome.choice
     doc = {"model": state.model.info, "sensitivity": outcome.sensitivity.as_dict(),
            "cost_model": outcome.costs.as_dict(), "selection": choice.as_dict() if choice else None}

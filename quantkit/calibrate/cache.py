@@ -148,7 +148,7 @@ class CalibrationCache:
         """
         self.last_reason = None
         if not self.path.exists():
-            self._miss("no cache file there yet (first run)", logging.INFO)  # _miss names the path once
+            self._miss("no cache file yet (first run)", logging.INFO)  # _miss names the path once
             return None
         try:
             if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO or device would block or never end

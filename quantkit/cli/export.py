@@ -159,7 +159,10 @@ def _export(a: dict) -> None:
     """With --json, one summary line on stdout, also for a failed run (then the error propagates)."""
     from quantkit.cli.summary import error_summary, export_summary, summary_line
     from quantkit.errors import QuantkitError
-    from quantkit.pipeline import run_export
+    from quantkit.utils.progress import heartbeat
+
+    with heartbeat("loading torch"):  # 5-30 s on a busy machine, before any stage can say anything
+        from quantkit.pipeline import run_export
     from quantkit.recipe import load_recipe
 
     try:

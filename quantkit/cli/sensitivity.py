@@ -53,7 +53,10 @@ def sensitivity_cmd(**a):
 
 
 def _sensitivity(a: dict) -> None:
-    from quantkit.pipeline import run_sensitivity
+    from quantkit.utils.progress import heartbeat
+
+    with heartbeat("loading torch"):  # 5-30 s on a busy machine, before any stage can say anything
+        from quantkit.pipeline import run_sensitivity
     from quantkit.recipe import check_option_conflicts, load_recipe
 
     for opt, low in (("num_images", 1), ("eval_images", 0), ("top", 1)):

@@ -126,9 +126,9 @@ def evaluate_onnx(recipe: Recipe, eval_path: str | None, res: OnnxQuantResult, i
     out = {"data": paths.display_path(eval_path),
            "fp32_torch": {"map50_95": None, "map50": None, "note": "ONNX route: there is no torch model"},
            "fp32_onnx": evaluate_detection(onnx_predictor(res.fp32_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict(),
+                                           label="FP32 ONNX", **kw).as_dict(),
            "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict()}
+                                           label="INT8 ONNX", **kw).as_dict()}
     out["drop_map50_95_points"] = round(100.0 * (out["fp32_onnx"]["map50_95"] - out["int8_onnx"]["map50_95"]), 4)
     out["drop_map50_points"] = round(100.0 * (out["fp32_onnx"]["map50"] - out["int8_onnx"]["map50"]), 4)
     return out
@@ -269,11 +269,18 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         strong_bytes = None
         lint_out = {"model.int8.onnx": [f.as_dict() for f in lint(res.int8)]}
         if res.data is not None:
+            from quantkit.utils.progress import progress_bar
+
             batches = [b.numpy() for b in res.data.batches(limit=PARITY_SAMPLES)]
-            checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
-            if ExportTarget.STRONG in recipe.export.targets:
-                strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads,
-                                                                    recipe.export.fp16_overflow)
+            want_strong = ExportTarget.STRONG in recipe.export.targets
+            # steps: three graphs in onnxruntime, then (strong) two FP16 graphs: seconds to minutes, silent inside
+            with progress_bar(1 + want_strong, "checking parity", "step", enabled=progress, weights=(3, 2)) as bar:
+                checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
+                bar.update()
+                if want_strong:
+                    strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads,
+                                                                        recipe.export.fp16_overflow)
+                    bar.update()
         elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
             strong_model, strong_bytes, strong = strong_variant(res, None, None, threads, recipe.export.fp16_overflow)
             log.warning("no calibration data given: parity and SQNR are not measured (pass --calib to check them)")

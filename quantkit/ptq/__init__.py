@@ -92,7 +92,7 @@ def equalize_prepared(prepared, batches: list[torch.Tensor], spec, quantization)
 
 
 def apply_ptq(prepared, calib: CalibrationResult, batches: list[torch.Tensor], spec,
-              report: PtqReport | None = None) -> PtqReport:
+              report: PtqReport | None = None, *, progress: bool = True) -> PtqReport:
     """The post-calibration passes (range choice, learned rounding, bias correction) on ``prepared.qmodel``,
     in place, on the first ``spec.num_images`` rows of ``batches``. Call after ``apply_calibration``.
     Returns the report (extending ``report`` from :func:`equalize_prepared` when given)."""
@@ -104,7 +104,7 @@ def apply_ptq(prepared, calib: CalibrationResult, batches: list[torch.Tensor], s
         return report
     x = torch.cat(list(batches), 0)[: spec.num_images]
     t0 = time.perf_counter()
-    report.layers = sequential_pass(prepared.qmodel, prepared.fp32, x, calib, opts)
+    report.layers = sequential_pass(prepared.qmodel, prepared.fp32, x, calib, opts, progress=progress)
     report.seconds["sequential"] = time.perf_counter() - t0
     if opts.range_choice:
         report.amax = {n: float(q.amax) for n, q in prepared.qmodel.named_modules()
@@ -124,7 +124,7 @@ def equalize_state_model(prepared, data, recipe):
         return equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)
 
 
-def ptq_for_state(state) -> PtqReport:
+def ptq_for_state(state, *, progress: bool = True) -> PtqReport:
     """Pipeline hook after calibration AND after any automatic FP16 selection (the passes only touch INT8
     layers, and a layer switched to FP16 afterwards would keep an INT8-only correction): :func:`apply_ptq` on a
     ``state.QuantState``; updates ``state.calibration.chosen_amax`` with the chosen ranges, sets ``state.ptq``."""
@@ -136,7 +136,7 @@ def ptq_for_state(state) -> PtqReport:
         return report
     with fixed_threads(1 if state.recipe.calibration.deterministic else None):
         batches = list(state.data.batches(limit=spec.num_images, spread=True))
-        report = apply_ptq(state.model, state.calibration.result, batches, spec, report)
+        report = apply_ptq(state.model, state.calibration.result, batches, spec, report, progress=progress)
     if report.amax:
         cal = state.calibration
         cal.chosen_amax = {n: report.amax.get(n, a) for n, a in cal.chosen_amax.items()}

@@ -207,21 +207,19 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     n_images = sum(int(b.shape[0]) for b in batches)
     items = [] if dataset is None else list(dataset)
     eval_chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-    if progress and batches:  # say up front how long this will take (one measured forward x replays)
-        from quantkit.sensitivity.plan import estimate_analysis
-
-        estimate_analysis(qmodel, batches[0], len(chosen), len(batches) + len(eval_chunks),
-                          configs=2 if damage else 1)
     saved = _quantizer_flags(qmodel)
     full = SqnrAccumulator()
     dmg = {n: SqnrAccumulator() for n in chosen}
     rec_ = {n: SqnrAccumulator() for n in chosen}
     dets: dict[str, dict] = {}
     order: dict[str, int] = {}
-    bar = progress_bar((len(batches) + len(eval_chunks)) * len(chosen), "sensitivity", "layer", enabled=progress)
-    counted = "d" if damage else "r"  # the progress bar counts one replay per layer and chunk
+    configs = 2 if damage else 1
+    chunks = len(batches) + len(eval_chunks)
+    bar = progress_bar(None, "sensitivity", "replay", enabled=False)
     try:
         with on_device(dev, qmodel), Replayer(qmodel, list(modules.values())) as rp:
+            if progress and batches:  # say up front how long this will take, and weight the ETA by it
+                bar = _estimated_bar(rp, qmodel, modules, everything, batches[0].to(dev), chunks, configs)
             for x in batches:
                 x = x.to(dev)
                 for n, out in _configs(rp, qmodel, modules, everything, x, order, damage, others):
@@ -231,12 +229,12 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
                         full.update(ref, out)
                     else:
                         (dmg if n[0] == "d" else rec_)[n[1]].update(ref, out)
-                        bar.update(n[0] == counted)
+                        bar.update()
             for chunk in eval_chunks:
                 x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk])).to(dev)
                 for n, out in _configs(rp, qmodel, modules, everything, x, order, damage, others):
                     _collect_dets(dets, n, out, chunk, state)
-                    bar.update(isinstance(n, tuple) and n[0] == counted)
+                    bar.update(isinstance(n, tuple))
     finally:
         bar.close()
         for q, disabled in saved:
@@ -262,6 +260,24 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
         layers[n] = LayerSensitivity(n, layout.layers[n], i, d_db, w_db, w_db - int8_db, dm, rm)
     return SensitivityResult(layers, int8_db, n_images, maps.get("fp32"), maps.get("int8"), len(items),
                              time.perf_counter() - t0, notes)
+
+
+def _estimated_bar(rp: Replayer, qmodel, modules, everything, x, chunks: int, configs: int):
+    """Time one recorded all-INT8 forward of ``x``, log the analysis' expected duration (see
+    ``quantkit.sensitivity.plan``) and return its progress bar: one step per replay (``configs`` per called layer
+    and chunk), weighted by the share of a forward each replays, a record's full forward on each block's first."""
+    import logging
+
+    from quantkit.sensitivity.plan import estimate_from_record
+    from quantkit.utils.progress import progress_bar
+
+    set_precision(qmodel, everything)  # the dearer configuration (fake-quant); _configs sets its own
+    rec = rp.record(x)
+    rec.nodes.clear()  # only the timings are kept
+    est, tails = estimate_from_record(rec, [id(m) for m in modules.values()], chunks, configs)
+    logging.getLogger("quantkit").info("%s", est.message())
+    block = [t + (1.0 if i == 0 else 0.0) for i, t in enumerate(tails)]  # a block opens with its record
+    return progress_bar(chunks * configs * len(tails), "sensitivity", "replay", weights=block * (chunks * configs))
 
 
 def _configs(rp: Replayer, qmodel, modules, everything, x, order, damage: bool = True, unreplayed=None):
@@ -334,16 +350,23 @@ def _maps(dets: dict, dataset) -> dict:
 
 
 def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dataset: CocoDataset | None = None,
-                 device: str | torch.device | None = None) -> Callable[[set[str]], float]:
+                 device: str | torch.device | None = None, progress: bool = False) -> Callable[[set[str]], float]:
     """A callable ``measure(int8_layers) -> value`` for :func:`quantkit.sensitivity.select.choose_fp16_layers`.
 
     Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.
     Metric.MAP_DROP_POINTS: FP32 minus INT8 mAP50:95 on ``dataset``, in points (needs ``dataset``).
     Each call sets the precision, measures, and restores the qmodel's previous precision. ``device``: where the
     forwards run (None/``"cpu"``: the CPU path); the models are moved there per call and back after.
+    ``progress``: one labelled progress line per measurement (each is a pass over the data).
     """
     from quantkit.eval.detection import evaluate_detection, torch_predictor
     from quantkit.utils.device import module_device, on_device, resolve_device
+    from quantkit.utils.progress import progress_bar
+
+    layers = len(state.model.layout.layers)
+
+    def label(int8: set[str]) -> str:
+        return f"torch fake-quant with {layers - len(int8)} FP16 layer(s)"
 
     qmodel, fp32 = state.model.qmodel, state.model.fp32
     dev = module_device(qmodel) if device is None else resolve_device(device)
@@ -351,14 +374,15 @@ def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dat
         if dataset is None:
             raise UsageError("an mAP budget needs evaluation data: pass --eval DATA (or use an SQNR floor)")
         ev = state.recipe.evaluation
-        kw = {"conf": ev.conf, "iou": ev.iou, "progress": False}
+        kw = {"conf": ev.conf, "iou": ev.iou, "progress": progress}
         with on_device(dev, fp32):
-            base = evaluate_detection(torch_predictor(fp32, dev), dataset, state.pp, **kw).map50_95
+            base = evaluate_detection(torch_predictor(fp32, dev), dataset, state.pp, label="FP32 torch (budget)",
+                                      **kw).map50_95
 
         def run(int8: set[str]) -> float:
             with on_device(dev, qmodel):
                 return 100.0 * (base - evaluate_detection(torch_predictor(qmodel, dev), dataset, state.pp,
-                                                          **kw).map50_95)
+                                                          label=label(int8), **kw).map50_95)
     else:
         batches = [b.to(dev) for b in state.data.batches(limit=num_images, spread=True)]
         with torch.no_grad(), on_device(dev, fp32):
@@ -366,9 +390,11 @@ def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dat
 
         def run(int8: set[str]) -> float:
             acc = SqnrAccumulator()
-            with torch.no_grad(), on_device(dev, qmodel):
+            with torch.no_grad(), on_device(dev, qmodel), \
+                    progress_bar(len(batches), f"measuring SQNR of {label(int8)}", "batch", enabled=progress) as bar:
                 for b, r in zip(batches, refs):
                     acc.update(r, qmodel(b))
+                    bar.update()
             return _worst_db(acc)
 
     def measure(int8_layers) -> float:

@@ -67,6 +67,7 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
     from quantkit.sensitivity.candidates import MAX_CANDIDATES
     from quantkit.sensitivity.cost_model import layer_costs, mac_equivalents
     from quantkit.sensitivity.select import choose_fp16_layers
+    from quantkit.utils.progress import heartbeat
 
     recipe, s = state.recipe, state.recipe.sensitivity
     budget = budget_of(recipe, dataset is not None) if s.auto else None
@@ -80,11 +81,13 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
     # (sensitivity.enabled, the sensitivity command) it skips the damage replays and the per-layer mAP
     full = analyze_always or s.enabled or (budget is not None and budget[0] != "min_int8_share")
     dev = recipe.runtime.device
-    costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
+    with heartbeat("estimating per-layer T4 costs", enabled=progress):  # shape pass at the optimal batch
+        costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
     fixed = [n for n in layout.layers if n not in layout.int8]
     local = None
     if budget and budget[0] == "min_int8_share" and not full:  # replay only the best few (candidates.py)
-        local, replay = _candidates(state, costs, budget[1], fixed, dev)
+        with heartbeat("ranking FP16 candidates (one forward and backward)", enabled=progress):
+            local, replay = _candidates(state, costs, budget[1], fixed, dev)
         log.info("sensitivity analysis: replaying %d of %d layers, the most promising by estimated SQNR gain per "
                  "MAC from one forward and backward (cap %d)", len(replay), len(layout.layers), MAX_CANDIDATES)
     else:
@@ -107,10 +110,10 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
             sel = choose_for_int8_share(result, weighted_macs(costs), value, fixed_fp16=fixed,
                                         charges=mac_equivalents(costs))
         elif kind == "max_drop":
-            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev)
+            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev, progress=progress)
             sel = choose_fp16_layers(result, costs, max_drop_points=value, measure=measure, fixed_fp16=fixed)
         else:
-            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev)
+            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev, progress=progress)
             sel = choose_fp16_layers(result, costs, sqnr_floor_db=value, measure=measure, fixed_fp16=fixed)
         set_precision(state.model.qmodel, set(sel.int8))
         layout.int8 = [n for n in layout.layers if n in set(sel.int8)]
