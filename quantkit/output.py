@@ -33,7 +33,7 @@ from quantkit.errors import StorageError, UsageError, is_disk_full
 from quantkit.utils import interrupt
 from quantkit.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quantkit.utils.outlock import OutputLock
-from quantkit.utils.quote import cap, qcap
+from quantkit.quote import cap, qcap
 
 PathLike = str | os.PathLike
 

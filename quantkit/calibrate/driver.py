@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from quantkit.calibrate.histogram import HistogramCollector, SharedBatchStats
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, ModelError
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.utils import interrupt
 from quantkit.utils.progress import progress_bar
-from quantkit.utils.quote import cap
+from quantkit.quote import cap
 
 PERCENTILES = (99.9, 99.99, 99.999)
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from quantkit.calibrate import search
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, UsageError
-from quantkit.utils.quote import qcap
+from quantkit.quote import qcap
 
 _STATE_VERSION = 1
 _CHUNK = 1 << 18  # elements per scratch chunk (1 MiB of float32: stays in cache between the passes over it)

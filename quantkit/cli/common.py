@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import traceback
@@ -24,6 +25,42 @@ Exit codes:
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
+def _lowercase_show(exc: click.ClickException):
+    """``exc.show`` writing click's ``Error: ...`` line as ``error: ...``, the form of every quantkit error."""
+    original = exc.show
+
+    def show(file=None) -> None:
+        buf = io.StringIO()
+        original(file=buf)
+        lines = buf.getvalue().split("\n")
+        for i, line in enumerate(lines):  # click's line follows its usage lines; the message itself is kept
+            if line.startswith("Error: "):
+                lines[i] = "error: " + line[len("Error: "):]
+                break
+        click.echo("\n".join(lines), file=file or sys.stderr, nl=False)
+
+    return show
+
+
+class QuantkitGroup(click.Group):
+    """click's own usage errors (unknown option, bad value) print ``Error: ...``; quantkit's print ``error: ...``.
+    This group gives click's the same lowercase prefix, so every error starts the same way."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.show = _lowercase_show(exc)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            exc.show = _lowercase_show(exc)
+            raise
+
+
 def setup_logging(verbose: bool) -> None:
     """Log lines ``quantkit: ...`` to stderr; DEBUG with ``-v``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -37,7 +74,7 @@ def setup_logging(verbose: bool) -> None:
 def as_user_error(exc: BaseException) -> BaseException:
     """A full disk or quota met outside the output folder (the calibration cache, TMPDIR, a library's scratch
     file) is the environment, not a bug: a StorageError naming the file and the fix. Other errors unchanged."""
-    from quantkit.utils.quote import cap
+    from quantkit.quote import cap
 
     if is_disk_full(exc):
         where = f" writing {cap(exc.filename)}" if exc.filename else ""
@@ -47,7 +84,7 @@ def as_user_error(exc: BaseException) -> BaseException:
 
 
 def _fail(exc: BaseException) -> None:
-    from quantkit.utils.quote import printable
+    from quantkit.quote import printable
 
     exc = as_user_error(exc)
     if isinstance(exc, QuantkitError):  # a non-UTF-8 file name in the message shows its bytes as \xNN
@@ -79,7 +116,7 @@ def yaml_str(s: str) -> str:
 
 def overrides(pairs) -> list[str]:
     """``section.key=value`` strings for the options that were given (None = not given)."""
-    from quantkit.utils.quote import cap, printable
+    from quantkit.quote import cap, printable
 
     out = []
     for key, value in pairs:

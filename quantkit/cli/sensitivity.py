@@ -33,7 +33,7 @@ only when you name that model again with --model, or pass --trust-recipe."""
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @click.option("--model", "model_opt", help="Registered model name or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
-@click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of images, a float32 .npy (N, ...), or a .npz of named inputs.")
 @click.option("--eval", "eval_data", type=click.Path(), help="Held-out evaluation data for mAP sensitivities: COCO "
               "folder, images folder with --eval-annotations, or a dataset YAML (val split).")
 @click.option("--eval-annotations", type=click.Path(dir_okay=False),
@@ -63,8 +63,11 @@ def sensitivity_cmd(**a):
 
 
 def _sensitivity(a: dict) -> None:
-    from quantkit.pipeline import run_sensitivity
-    from quantkit.recipe import load_recipe
+    from quantkit.utils.progress import heartbeat
+
+    with heartbeat("loading torch"):  # 5-30 s on a busy machine, before any stage can say anything
+        from quantkit.pipeline import run_sensitivity
+    from quantkit.recipe import check_option_conflicts, load_recipe
 
     for opt, low in (("num_images", 1), ("eval_images", 0), ("top", 1)):
         if a[opt] is not None and a[opt] < low:
@@ -80,6 +83,12 @@ def _sensitivity(a: dict) -> None:
         sets += overrides((("calibration.data", a["data_yaml"] if a["calib"] is None else None),
                            ("evaluation.data", a["data_yaml"] if a["eval_data"] is None else None)))
     sets += overrides((("evaluation.annotations", a["eval_annotations"]),))
+    check_option_conflicts(a["sets"], sets, {
+        "model.name": "MODEL / --model", "model.weights": "--weights", "calibration.data": "--calib / --data",
+        "evaluation.data": "--eval / --data", "sensitivity.num_images": "--num-images",
+        "sensitivity.eval_images": "--eval-images", "gates.max_drop": "--max-drop",
+        "sensitivity.sqnr_floor": "--sqnr-floor", "runtime.device": "--device",
+        "evaluation.annotations": "--eval-annotations"})
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
     run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"],
                           trust_recipe=a["trust_recipe"],

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from quantkit.errors import DataError
-from quantkit.utils.quote import cap, printable
+from quantkit.quote import cap, printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from quantkit.data.images import IMAGE_SUFFIXES, list_images
 from quantkit.errors import DataError
-from quantkit.utils.quote import cap, qcap
+from quantkit.quote import cap, qcap
 
 YAML_SUFFIXES = (".yaml", ".yml")
 

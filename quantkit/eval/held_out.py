@@ -11,7 +11,7 @@ from torch import nn
 
 from quantkit import paths
 from quantkit.data.preprocess import Preprocess
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.recipe import Recipe
 
 log = logging.getLogger("quantkit")
@@ -41,12 +41,15 @@ def evaluate_export(dataset: CocoDataset, recipe: Recipe, pp: Preprocess, fp32_m
         fp32_torch = {"map50_95": None, "map50": None, "note": NO_TORCH}
     else:
         with on_device(recipe.runtime.device, fp32_model) as dev:
-            fp32_torch = evaluate_detection(torch_predictor(fp32_model, dev), dataset, pp, **kw).as_dict()
+            fp32_torch = evaluate_detection(torch_predictor(fp32_model, dev), dataset, pp, label="FP32 torch",
+                                            **kw).as_dict()
     res = {
         "data": paths.display_path(source),
         "fp32_torch": fp32_torch,
-        "fp32_onnx": evaluate_detection(onnx_predictor(fp32_onnx, intra_op_threads=threads), dataset, pp, **kw).as_dict(),
-        "int8_onnx": evaluate_detection(onnx_predictor(int8_onnx, intra_op_threads=threads), dataset, pp, **kw).as_dict(),
+        "fp32_onnx": evaluate_detection(onnx_predictor(fp32_onnx, intra_op_threads=threads), dataset, pp,
+                                        label="FP32 ONNX", **kw).as_dict(),
+        "int8_onnx": evaluate_detection(onnx_predictor(int8_onnx, intra_op_threads=threads), dataset, pp,
+                                        label="INT8 ONNX", **kw).as_dict(),
     }
     base = res["fp32_onnx"]["map50_95"]
     res["drop_map50_95_points"] = round(100.0 * (base - res["int8_onnx"]["map50_95"]), 4)

@@ -14,7 +14,7 @@ import onnx
 from quantkit.errors import ExportError
 from quantkit.exporter.graph import GraphIndex
 from quantkit.exporter.lint import node_label
-from quantkit.utils.quote import qcap
+from quantkit.quote import qcap
 
 
 def make_batch_dynamic(model: onnx.ModelProto, dim_name: str = "batch") -> onnx.ModelProto:

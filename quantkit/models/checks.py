@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import ModelError
-from quantkit.utils.quote import qcap
+from quantkit.quote import qcap
 
 
 def check_float32(model: nn.Module) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from quantkit.errors import ModelError, QuantkitError, WeightsError
 from quantkit.models.registry import count_parameters, get_entry, import_factory
-from quantkit.utils.quote import cap, qcap
+from quantkit.quote import cap, qcap
 
 #: Where a super-gradients trainer checkpoint keeps the weights, most preferred first.
 CHECKPOINT_SECTIONS = ("ema_net", "net", "state_dict", "model")
@@ -70,8 +70,12 @@ class ModelInfo:
     random_init: bool = False
 
 
-def build_model(spec: str, *, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, ModelInfo]:
+def build_model(spec: str, *, weights: str | None = None, num_classes: int | None = None,
+                warn_random_init: bool = True) -> tuple[nn.Module, ModelInfo]:
     """Build the model named by ``spec`` (see the module docstring), optionally load ``weights``, set eval mode.
+
+    ``warn_random_init=False``: no RANDOM-weights warning, for callers that only read the structure (layer names,
+    ``quantkit layers``), where the weights do not matter.
 
     ``num_classes`` is passed to the factory as a keyword only when given; a factory that does not accept it
     raises ModelError. Raises UsageError for unknown names, ModelError for factory problems and WeightsError
@@ -99,7 +103,7 @@ def build_model(spec: str, *, weights: str | None = None, num_classes: int | Non
         load_weights(model, weights)
     model.eval()
     random_init = entry is not None and not entry.ships_weights and weights is None
-    if random_init:
+    if random_init and warn_random_init:
         log.warning(RANDOM_INIT_NOTE.format(name=entry.name))
     input_size = getattr(model, "default_input_size", None) or (entry.input_size if entry else None)
     classes = num_classes or getattr(model, "num_classes", None) or (entry.num_classes if entry else None)

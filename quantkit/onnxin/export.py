@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantkit import __version__, paths
+from quantkit import paths
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads, method_key
 from quantkit.errors import ExportError, GateFailure, UsageError
 from quantkit.exporter import parity
@@ -38,8 +39,9 @@ def check_parity(res: OnnxQuantResult, batches: list[np.ndarray], floor: float, 
     names = [o.name for o in res.int8.graph.output]
     run = lambda model: [parity.run_session(parity.session(model, threads), b) for b in batches]  # noqa: E731
     fp32, sim, int8 = run(res.fp32_bytes), run(res.sim), run(res.int8)
-    fq = parity.compare_outputs(sim, int8, names)
-    ort_q, sim_q = parity.compare_outputs(fp32, int8, names), parity.compare_outputs(fp32, sim, names)
+    sig = parity.sigmoid_outputs(res.int8)  # judged on clipped logits (parity.ParityResult.judged_db)
+    fq = parity.compare_outputs(sim, int8, names, sig)
+    ort_q, sim_q = parity.compare_outputs(fp32, int8, names, sig), parity.compare_outputs(fp32, sim, names, sig)
     # the torch route's rule (parity.judge: at most 3 dB below the reference, SQNRs capped at float agreement
     # so a graph with nothing INT8 is not "inf dB worse"), plus the output floor
     failures = parity.judge(None, ort_q, sim_q)
@@ -48,28 +50,48 @@ def check_parity(res: OnnxQuantResult, batches: list[np.ndarray], floor: float, 
     if failures:
         raise ExportError("model.int8.onnx disagrees with its float Q/DQ reference: " + "; ".join(failures)
                           + ". Nothing was written; please report this with the model")
-    return {"fq": fq, "int8_vs_fp32": ort_q, "reference_vs_fp32": sim_q, "fp32": fp32, "names": names}
+    return {"fq": fq, "int8_vs_fp32": ort_q, "reference_vs_fp32": sim_q, "fp32": fp32, "names": names,
+            "sigmoid": sig}
 
 
-def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray], checked: dict, threads: int | None):
-    """(strong ModelProto, bytes, report section); ExportError when it is further from FP32 than the reference's
-    INT8 noise plus FP16's own noise explain (the torch route's rule, ``parity.strong_failure``)."""
-    from quantkit.exporter.strong import to_strongly_typed
+def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray] | None, checked: dict | None,
+                   threads: int | None, policy=None):
+    """(strong ModelProto, bytes, report section), or (None, None, report section saying why) when it cannot be
+    converted or is further from FP32 than the reference's INT8 noise plus FP16's own noise explain (the torch
+    route's output rule, ``parity.strong_failure``): the weak graph is written either way. No ``batches``:
+    converted and linted only. ``policy``: recipe ``export.fp16_overflow`` (None: keep_fp32)."""
+    from quantkit.exporter.strong import OverflowPolicy, convert_strongly_typed
 
-    strong = to_strongly_typed(res.int8)
+    overflow = OverflowPolicy(getattr(policy, "value", policy) or OverflowPolicy.KEEP_FP32.value)
+    report = {"status": "failed", "file": None, "failure": None, "fp16_overflow": overflow.value}
+    try:
+        converted = convert_strongly_typed(res.int8, overflow=overflow)
+        fp16_model = convert_strongly_typed(res.fp32, overflow=OverflowPolicy.KEEP_FP32).model if batches else None
+    except ExportError as exc:
+        report["failure"] = f"cannot convert: {exc}"
+        log.warning("model.int8.strong.onnx not written (the weak graph is): %s", report["failure"])
+        return None, None, report
+    report.update(converted.changes())
+    strong = converted.model
     data = strong.SerializeToString()
+    written = {"status": "written", "file": "model.int8.strong.onnx", "size_bytes": len(data)}
+    if not batches:
+        return strong, data, {**report, **written, "vs_fp32": None, "note": "no data: parity not measured"}
     names = checked["names"]
 
     def vs_fp32(model_bytes: bytes) -> parity.ParityResult:
         got = [parity.run_session(parity.session(model_bytes, threads), b) for b in batches]
-        return parity.compare_outputs(checked["fp32"], got, names)
+        return parity.compare_outputs(checked["fp32"], got, names, checked["sigmoid"])
 
     s_fp32 = vs_fp32(data)
-    fp16_only = vs_fp32(to_strongly_typed(res.fp32).SerializeToString())  # FP16 noise, same converter
+    fp16_only = vs_fp32(fp16_model.SerializeToString())  # FP16 noise, same converter
+    report.update({"vs_fp32": s_fp32.as_dict(), "fp16_alone_vs_fp32": fp16_only.as_dict()})
     failure = parity.strong_failure(checked["reference_vs_fp32"], s_fp32, fp16_only)
     if failure:
-        raise ExportError(f"{failure}. Nothing was written")
-    return strong, data, {"vs_fp32": s_fp32.as_dict(), "size_bytes": len(data)}
+        report["failure"] = failure
+        log.warning("model.int8.strong.onnx not written (the weak graph is): %s", failure)
+        return None, None, report
+    return strong, data, {**report, **written}
 
 
 def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: bool) -> list[str]:
@@ -144,7 +166,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
                  lint_out: dict, metrics: dict | None) -> dict:
     """report.json content, with the torch route's keys where the renderers read them."""
     sizes = {"model.onnx": len(res.fp32_bytes), "model.int8.onnx": len(int8_bytes)}
-    if strong:
+    if strong and strong.get("status") == "written":
         sizes["model.int8.strong.onnx"] = strong["size_bytes"]
     none = {"per_output_db": {}, "overall_db": None, "worst_db": None}
     return {
@@ -201,6 +223,33 @@ def _open_evaluation(recipe: Recipe):
     return plan.path, open_evaluation(recipe, plan.path, recipe.evaluation.max_images)
 
 
+def add_coverage(report: dict, res: OnnxQuantResult, recipe: Recipe) -> None:
+    """The torch route's coverage from the exported graph (``exporter.coverage``): the INT8 MAC share of
+    model.int8.onnx and every float weighted op with its reason (the recipe's patterns, the placement's notes).
+    A float op without a reason is reported (report, log) but not fatal here yet: the placement decides which
+    nodes it can quantize, and an unplaced one has no ``--skip`` to name it."""
+    from quantkit.exporter.coverage import coverage_failure, graph_coverage
+    from quantkit.report.sections import fp16_reasons
+
+    q = recipe.quantization
+    reasons = fp16_reasons(res.layout, tuple(q.quantize), tuple(q.skip))
+    for note in res.layout.notes:  # "<node>: <why it stays float>"
+        node, sep, why = note.partition(": ")
+        if sep and node not in reasons:
+            reasons[node] = "rule: " + why
+    cov = graph_coverage(res.int8, reasons=reasons)
+    report["int8_mac_share"] = cov.mac_share()
+    report["coverage"] = cov.as_dict()
+    report["coverage"]["error"] = coverage_failure(cov, wrapped=set(res.layout.candidates))
+    share = cov.share
+    log.info("INT8 share of weighted-op MACs in model.int8.onnx: %s (%d of %d weighted ops INT8)",
+             "n/a" if share is None else f"{100 * share:.2f} %", report["coverage"]["int8_ops"], len(cov.ops))
+    if report["coverage"]["error"]:
+        msg = "ONNX route: " + report["coverage"]["error"].split(". Fix:")[0]
+        report["notes"].append(msg)
+        log.warning(msg)
+
+
 def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
                     command_line: list[str] | None = None, trt_cache: str | None = None,
                     inputs: list[str] = ()) -> ExportResult:
@@ -227,16 +276,20 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         strong_bytes = None
         lint_out = {"model.int8.onnx": [f.as_dict() for f in lint(res.int8)]}
         if res.data is not None:
-            batches = [b.numpy() for b in res.data.batches(limit=PARITY_SAMPLES)]
-            checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
-            if ExportTarget.STRONG in recipe.export.targets:
-                strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads)
-        elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
-            from quantkit.exporter.strong import to_strongly_typed
+            from quantkit.utils.progress import progress_bar
 
-            strong_model = to_strongly_typed(res.int8)
-            strong_bytes = strong_model.SerializeToString()
-            strong = {"vs_fp32": None, "size_bytes": len(strong_bytes), "note": "no data: parity not measured"}
+            batches = [b.numpy() for b in res.data.batches(limit=PARITY_SAMPLES)]
+            want_strong = ExportTarget.STRONG in recipe.export.targets
+            # steps: three graphs in onnxruntime, then (strong) two FP16 graphs: seconds to minutes, silent inside
+            with progress_bar(1 + want_strong, "checking parity", "step", enabled=progress, weights=(3, 2)) as bar:
+                checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
+                bar.update()
+                if want_strong:
+                    strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads,
+                                                                        recipe.export.fp16_overflow)
+                    bar.update()
+        elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
+            strong_model, strong_bytes, strong = strong_variant(res, None, None, threads, recipe.export.fp16_overflow)
             log.warning("no calibration data given: parity and SQNR are not measured (pass --calib to check them)")
         if strong_bytes is not None:
             lint_out["model.int8.strong.onnx"] = [f.as_dict() for f in lint(strong_model, strong=True)]
@@ -253,6 +306,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
+        add_coverage(report, res, recipe)
         if recipe.gates.max_drop is not None:
             report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "
                                    "torch route for now); keep layers float with --skip NODE_NAME_GLOB")
@@ -277,6 +331,6 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         files = sorted(stage.files)
     result = ExportResult(out_dir=out_dir, report=report, files=files, gate_failures=failures)
     if failures:
-        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")
+        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})", result)
     return result
 

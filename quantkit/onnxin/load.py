@@ -37,7 +37,8 @@ log = logging.getLogger("quantkit")
 class LoadedOnnx:
     """A validated FP32 ONNX model. ``raw`` are the file's bytes (the report hashes them).
 
-    ``input_shape``: [N, C, H, W] with N None when the batch is symbolic; H, W always concrete.
+    ``input_shape``: [N, C, H, W] with N None when the batch is symbolic; H, W always concrete. Inputs that are
+    not images ((N, L) audio frames, (N, T, D) features) have any rank >= 2, every dim but N fixed.
     ``external_data``: the data files (beside the model) whose tensors were read into ``model``.
     ``content``: what the calibration cache keys on: ``raw``, or with external data the model with its data
     embedded (so changed weights in the data file never hit a stale cache).
@@ -59,9 +60,14 @@ class LoadedOnnx:
             self.content = self.raw
 
     @property
-    def size(self) -> tuple[int, int]:
-        """Input (H, W) in pixels."""
-        return int(self.input_shape[2]), int(self.input_shape[3])
+    def is_image(self) -> bool:
+        """An NCHW input (images folders and input.size apply)."""
+        return len(self.input_shape) == 4
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """Input (H, W) in pixels; None for an input that is not NCHW."""
+        return (int(self.input_shape[2]), int(self.input_shape[3])) if self.is_image else None
 
 
 def is_onnx_path(name: str | None) -> bool:
@@ -145,9 +151,6 @@ def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | Non
         raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
                          "quantizes FP32 models: export the model in float32")
     dims = list(tt.shape.dim)
-    if len(dims) != 4:
-        raise UsageError(f"input {qin} of {p} has rank {len(dims)}; quantkit's ONNX route takes an NCHW "
-                         "image input [N, C, H, W]")
     shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if any(v is not None and v < 1 for v in shape):
         raise UsageError(f"input {qin} of {p} has the shape {shape} with a dimension below 1: re-export it "
@@ -159,6 +162,20 @@ def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | Non
         dims[k].dim_value = v
         shape[k] = v
 
+    if len(dims) != 4:  # (N, L) audio frames, (N, T, D) features: the calibration .npy gives the samples
+        if input_size is not None:
+            raise UsageError(f"--input-size (H x W) applies to NCHW image inputs; input {qin} of {p} has "
+                             f"shape {shape}: drop --input-size")
+        if len(dims) >= 2 and data_shape is not None and len(data_shape) == len(dims) - 1:
+            for k in range(1, len(dims)):
+                if shape[k] is None:
+                    fix(k, int(data_shape[k - 1]))
+        if len(dims) < 2 or any(v is None for v in shape[1:]):
+            raise UsageError(f"input {qin} of {p} has shape {[d.dim_param or d.dim_value for d in dims]}; "
+                             "quantkit's ONNX route takes [N, C, H, W] images or a rank >= 2 input whose dims "
+                             "after the batch are fixed (or given by the calibration .npy's shape): export the "
+                             "model with a fixed sample shape")
+        return inp.name, shape
     if input_size is not None:
         h, w = (int(v) for v in input_size)
         for k, v in ((2, h), (3, w)):

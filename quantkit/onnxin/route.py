@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 
 from quantkit.calibrate.driver import CalibrationResult, method_key
-from quantkit.calibrate.methods import MethodSettings
-from quantkit.data.calib import CalibrationData
+from quantkit.calib_methods import MethodSettings
+from quantkit.data.calib import CalibrationData, small_set_note
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
 from quantkit.exporter.passes import normalize
@@ -26,7 +26,7 @@ from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import OnnxLayout, build_layout
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
 from quantkit.recipe import Recipe
-from quantkit.utils.preflight import check_model_input_memory
+from quantkit.preflight import check_model_input_memory
 
 log = logging.getLogger("quantkit")
 
@@ -79,7 +79,8 @@ def _r(v, nd: int = 6):
 
 
 def npy_shape(data) -> tuple[int, ...] | None:
-    """(C, H, W) of a float32 NCHW .npy's samples (read from its header), else None: free model dims take it."""
+    """The per-sample shape ((C, H, W) for images, any rank otherwise) of a float32 .npy (read from its header),
+    else None: free model dims take it."""
     p = Path(str(data)) if data is not None else None
     if p is None or p.suffix.lower() != ".npy" or not p.is_file():
         return None
@@ -87,31 +88,36 @@ def npy_shape(data) -> tuple[int, ...] | None:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
         return None  # open_data reports an unreadable .npy with its own message
-    return tuple(int(s) for s in arr.shape[1:]) if arr.ndim == 4 else None
+    return tuple(int(s) for s in arr.shape[1:]) if arr.ndim >= 2 else None
 
 
 def _db(v: float | None) -> str:
     return "identical" if v == float("inf") else f"unchanged ({v:.1f} dB SQNR)"
 
 
-def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int,
-              input_name: str = "images") -> tuple[CalibrationData, Preprocess]:
-    """The recipe's preprocessing at the graph's input size; a .npy / .npz must match the graph's C, H, W.
-    A .npz's array is the one keyed by ``input_name`` (``onnxin.npz``)."""
+def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Preprocess]:
+    """The recipe's preprocessing at the graph's input size; a .npy / .npz must match the graph's per-sample
+    shape (C, H, W for images, any rank otherwise). A .npz's array is the one keyed by the graph's input name
+    (``onnxin.npz``)."""
     from dataclasses import replace
 
     from quantkit.data import open_data as open_calibration
     from quantkit.onnxin.npz import is_npz, npz_array
 
+    sample = tuple(int(d) for d in loaded.input_shape[1:])
+    size = tuple(loaded.size or (640, 640))
     if is_npz(calib):
-        arr = npz_array(calib, [input_name])
-        data, pp = open_calibration(arr, recipe.calibration, recipe.preprocess, tuple(size))
+        arr = npz_array(calib, [loaded.input_name])
+        data, pp = open_calibration(arr, recipe.calibration, recipe.preprocess, size)
         data = replace(data, source=Path(calib), kind="npz")  # the report names the file, not "<ndarray>"
     else:
-        data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
-    if tuple(data.input_shape) != (channels, *size):
+        data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, size)
+    if data.inputs is not None:
+        raise DataError(f"calibration data {calib} is a .npz of several inputs; the ONNX route takes models with one "
+                        "input for now: pass a .npy, or export the torch module (which takes .npz)")
+    if tuple(data.input_shape) != sample:
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
-                        f"takes {(channels, *size)}: pass data of the model's input shape")
+                        f"takes {sample}: pass data of the model's input shape")
     return data, pp
 
 
@@ -132,11 +138,11 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                        check_memory=lambda where, shape: check_model_input_memory(
                            recipe, where, shape, batch=None if data is not None else 1))
     cleaned = cleanup(loaded.model)
-    pp = Preprocess.at_size(recipe.preprocess, loaded.size)
+    pp = Preprocess.at_size(recipe.preprocess, loaded.size or (640, 640))  # not used for non-image inputs
     cal = None
     sqnr = None
     if data is not None:
-        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]), loaded.input_name)
+        cal, pp = open_data(recipe, str(data), loaded)
         batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
     q = recipe.quantization
@@ -168,6 +174,10 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                                                       imported.cache_info)
         trt = {"path": str(trt_cache), "header": imported.header, "import": imported.as_dict(str(trt_cache))}
     else:
+        note = small_set_note(cal)
+        if note:  # a TensorRT cache brings its own ranges: the data then only serves checks
+            log.warning(note)
+            layout.notes.append(note)
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
         calib_result, cache_info = ocal.calibrate_onnx_cached(

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from quantkit.cli import main
 from quantkit.errors import DataError, QuantkitError, WeightsError
 from quantkit.models.loading import read_state_dict
-from quantkit.utils.quote import MESSAGE_LIMIT, QUOTE_LIMIT, bound_message
+from quantkit.quote import MESSAGE_LIMIT, QUOTE_LIMIT, bound_message
 from onnx_toy import toy_data, toy_onnx
 
 BIG = 1_000_000  # characters of the hostile name: 1 MB (the field saw 50 MB; the bound is the same)

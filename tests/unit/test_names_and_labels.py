@@ -19,7 +19,7 @@ from quantkit.data.preprocess import Preprocess
 from quantkit.data.yolo import read_labels
 from quantkit.errors import DataError
 from quantkit.recipe import PreprocessSpec
-from quantkit.utils.quote import cap, printable, qcap
+from quantkit.quote import cap, printable, qcap
 
 NET_PY = """
 import torch

@@ -246,7 +246,7 @@ def test_huge_fixed_input_dims_fail_the_memory_preflight(tmp_path):
 
 def test_memory_estimate_takes_the_larger_of_fixed_and_calibration_batch():
     from quantkit.recipe import load_recipe
-    from quantkit.utils.preflight import check_model_input_memory, estimate_calibration_bytes
+    from quantkit.preflight import check_model_input_memory, estimate_calibration_bytes
 
     r = load_recipe(None, ["calibration.batch_size=4"])
     need = estimate_calibration_bytes((640, 640), 32, 3)  # the fixed N=32 wins over batch_size 4

@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 
 from quantkit.calibrate.histogram import HistogramCollector
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import QuantkitError, UsageError
 from quantkit.eval.sqnr import sqnr_db
 from quantkit.exporter import parity

@@ -119,12 +119,15 @@ def check_memory(recipe, available: int | None = None) -> None:
 
 def check_model_input_memory(recipe, where: str, shape: list, available: int | None = None,
                              batch: int | None = None) -> None:
-    """UsageError when a model's own fixed input ``shape`` [N, C, H, W] (N None when free) cannot be calibrated
+    """UsageError when a model's own fixed input ``shape`` [N, ...] (N None when free) cannot be calibrated
     in ``available`` bytes; ``where`` names the input (e.g. "input 'images' of model.onnx"). The batch is the
     larger of the model's fixed N and ``batch`` (default ``calibration.batch_size``)."""
-    n, c, h, w = shape
+    n, sample = shape[0], [int(d) for d in shape[1:]]  # any rank: (N, C, H, W) images, (N, L) audio frames
     batch = max(int(n or 0), calibration_batch(recipe) if batch is None else batch)
-    need = estimate_calibration_bytes((int(h), int(w)), batch, int(c))
+    per_sample = 1
+    for d in sample:
+        per_sample *= d
+    need = batch * per_sample * 4 * ACTIVATION_FACTOR  # estimate_calibration_bytes for any sample shape
     available = available_memory_bytes() if available is None else available
     if available is not None and need > available:
         gb = 1024 ** 3

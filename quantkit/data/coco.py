@@ -11,7 +11,7 @@ import numpy as np
 
 from quantkit.data.images import load_image
 from quantkit.errors import DataError
-from quantkit.utils.quote import cap
+from quantkit.quote import cap
 
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIR = "images"
