@@ -293,14 +293,16 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
 
 
 def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, *, model: str | None = None,
-             trust_recipe: bool = False) -> dict:
+             trust_recipe: bool = False, annotations: str | None = None) -> dict:
     """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder (the recipe it was
     made with rebuilds the torch model); ``data`` defaults to the recipe's (or the bundled) evaluation set.
 
     A recorded ``file.py:factory`` / ``module:function`` model is imported only when ``model`` names the same
-    one again or ``trust_recipe`` is set (``quantkit.models.consent``): reading a folder never runs its code."""
+    one again or ``trust_recipe`` is set (``quantkit.models.consent``): reading a folder never runs its code.
+    ``annotations``: COCO JSON for a ``data`` images folder (a new ``data`` never reuses the recorded one's)."""
     from dataclasses import replace
 
+    from quantkit.calibrate.driver import fixed_threads
     from quantkit.data import open_data
     from quantkit.eval import evaluate_export
     from quantkit.models.consent import consented_model
@@ -313,16 +315,35 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, 
     spec = consented_model(recipe.model.name, model, trust_recipe, recipe_file)  # before anything is imported
     if spec != recipe.model.name:
         recipe = replace(recipe, model=replace(recipe.model, name=spec))
+    if annotations and not data:
+        raise UsageError("--eval-annotations needs --eval IMAGES_DIR (the images those annotations describe)")
+    if data:  # new evaluation data: the recorded annotations JSON belongs to the recorded data
+        recipe = replace(recipe, evaluation=replace(recipe.evaluation, data=str(data), annotations=annotations))
+    from quantkit.onnxin.load import is_onnx_path
+
+    if is_onnx_path(recipe.model.name):  # an ONNX-route folder: score its graphs; there is no torch model
+        from quantkit.eval.folder import evaluate_onnx_folder
+
+        data_path = data or recipe.evaluation.data
+        if not data_path:
+            raise UsageError("no evaluation data: pass --eval DIR (COCO: annotations.json + images/) or "
+                             "--data data.yaml")
+        check_optional_deps(recipe, evaluation=True)
+        # one onnxruntime thread when the export used one: the same figures as its report
+        return evaluate_onnx_folder(folder, recipe, data_path, max_images,
+                                    threads=1 if recipe.calibration.deterministic else None)
     calib_path, default_eval = resolve_inputs(recipe)
     data_path = data or default_eval
     if not data_path:
-        raise UsageError("no evaluation data: pass --data DIR (COCO: annotations.json + images/)")
+        raise UsageError("no evaluation data: pass --eval DIR (COCO: annotations.json + images/) or --data data.yaml")
     prepared = _prepared(recipe, None)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
     _, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
     dataset = _open_eval(recipe, data_path, max_images)
-    return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
-                           str(folder / "model.int8.onnx"), source=data_path)
+    threads = 1 if recipe.calibration.deterministic else None  # the export's figures, reproduced on any machine
+    with fixed_threads(threads):
+        return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
+                               str(folder / "model.int8.onnx"), source=data_path, threads=threads)
 
 
 def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = None,

@@ -194,6 +194,9 @@ def validate(recipe: Recipe) -> Recipe:
     for where, split in (("calibration.split", c.split), ("evaluation.split", recipe.evaluation.split)):
         if split not in ("train", "val", "test"):
             raise UsageError(f"{where} must be train, val or test (a split of the dataset YAML), got {split!r}")
+    if c.trt_cache_missing not in ("fp16", "calibrate"):
+        raise UsageError("calibration.trt_cache_missing must be fp16 (keep layers without a cache scale FP16) or "
+                         f"calibrate (calibrate them from --calib), got {c.trt_cache_missing!r}")
     if recipe.evaluation.annotations is not None and recipe.evaluation.data is None:
         raise UsageError("evaluation.annotations needs evaluation.data (the images folder): pass --eval IMAGES "
                          "with --eval-annotations FILE.json")

@@ -70,7 +70,10 @@ class CalibrationSpec:
     ``~/.cache/quantkit/calibration/<key>.json``). ``deterministic``: run the calibration pass on one CPU thread
     so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores).
     ``trt_cache``: a TensorRT calibration cache (text, ``TRT-<version>-EntropyCalibration2``) whose scales are
-    used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation)."""
+    used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation).
+    ``trt_cache_missing``: what becomes of a quantizable tensor the cache has no scale for (a hybrid export's
+    cache lists only its INT8 layers' tensors): ``fp16`` (default) keeps the node that reads it FP16, as the
+    source did; ``calibrate`` calibrates it from ``data`` (required then). The report lists which."""
 
     data: str | None = None
     method: CalibMethod = CalibMethod.AUTO
@@ -83,6 +86,7 @@ class CalibrationSpec:
     deterministic: bool = True
     split: str = "train"
     trt_cache: str | None = None
+    trt_cache_missing: str = "fp16"
 
     @property
     def settings(self) -> MethodSettings:

@@ -18,7 +18,15 @@ Examples:
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
   quantkit export --recipe yolo_nas_s --calib images/ --set calibration.method=mse --out out/   # a shipped recipe
   quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
+  quantkit export yolo_nas_s --data data.yaml --out out/   # dataset YAML: calibrate on train, score on val
+  quantkit export model.onnx --calib images/ --eval coco/ --out out/         # FP32 ONNX in, scored in onnxruntime
   quantkit export --full-int8 --set ptq.bias_correction=false --set calibration.method=entropy   # plain PTQ
+
+\b
+Data flags (the same on export, sensitivity and eval): --calib DATA calibrates; --eval DATA is held-out
+evaluation data (COCO folder, images + --eval-annotations, or a dataset YAML's val split); --data data.yaml is
+a dataset YAML feeding both (train split -> calibration, val split -> evaluation) unless --calib / --eval say
+otherwise.
 
 \b
 Default accuracy methods (each can be turned off; each kept only when it raises the output SQNR on held-out
@@ -45,8 +53,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
 @click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, a float32 .npy (N, ...) such as NCHW "
               "images or (N, L) audio frames, or a .npz of float32 arrays named after the model's forward arguments "
-              "(several inputs). Fewer than 32 images (calibration.max_images included) calibrate with a warning: "
-              "ranges from so few vary.")
+              "(several inputs; MODEL.onnx: keyed by the ONNX input name). Fewer than 32 images "
+              "(calibration.max_images included) calibrate with a warning: ranges from so few vary.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
@@ -57,12 +65,14 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
               "detector: 320x320]")
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")
-@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for "
-              "mAP. [default: the bundled held-out set for the bundled model, else none]")
+@click.option("--eval", "eval_data", type=click.Path(), help="Held-out evaluation data for mAP: COCO folder "
+              "(annotations.json + images/), images folder with --eval-annotations, or a dataset YAML (val split). "
+              "[default: the bundled held-out set for the bundled model, else none]")
 @click.option("--eval-annotations", type=click.Path(dir_okay=False),
               help="COCO annotations JSON for --eval IMAGES_DIR (when it is not IMAGES_DIR/annotations.json).")
 @click.option("--data", "data_yaml", type=click.Path(dir_okay=False),
-              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val.")
+              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val "
+              "(--calib / --eval override either).")
 @click.option("--device", help="Where calibration, sensitivity and torch evaluation run: cpu or cuda[:N]. "
               "[default: cpu]")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
@@ -87,7 +97,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
 @click.option("--trt-calib-cache", type=click.Path(dir_okay=False),
               help="TensorRT calibration cache (TRT-<ver>-EntropyCalibration2 text): use its scales instead of "
-              "calibrating (MODEL.onnx only).")
+              "calibrating (MODEL.onnx only). Layers whose input has no scale (a hybrid export's FP16 layers) stay "
+              "FP16; --set calibration.trt_cache_missing=calibrate calibrates them from --calib instead.")
 @click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
 @click.option("--target", help="Engine target GPU: t4 (compute capability 7.5) or any. [default: t4]")
 @click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")

@@ -112,26 +112,17 @@ def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: 
     return fp16
 
 
-def evaluate_onnx(recipe: Recipe, eval_path: str | None, res: OnnxQuantResult, int8_bytes: bytes,
+def evaluate_onnx(recipe: Recipe, eval_path: str | None, dataset, res: OnnxQuantResult, int8_bytes: bytes,
                   *, progress: bool, threads: int | None) -> dict | None:
-    """mAP of the FP32 and INT8 graphs in onnxruntime (the torch route's decode + NMS + COCO eval), or None."""
+    """mAP of the FP32 and INT8 graphs in onnxruntime with the torch route's evaluation (one decode + NMS + COCO
+    eval; the FP32 torch row says there is no torch model), or None without evaluation data. ``dataset``: the
+    one opened from ``eval_path`` before calibration (``eval.plan.open_evaluation``)."""
     if not eval_path:
         return None
-    from quantkit.data.coco import CocoDataset
-    from quantkit.eval.detection import evaluate_detection, onnx_predictor
+    from quantkit.eval import evaluate_export
 
-    ev = recipe.evaluation
-    ds = CocoDataset(eval_path, max_images=ev.max_images or None)
-    kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
-    out = {"data": paths.display_path(eval_path),
-           "fp32_torch": {"map50_95": None, "map50": None, "note": "ONNX route: there is no torch model"},
-           "fp32_onnx": evaluate_detection(onnx_predictor(res.fp32_bytes, intra_op_threads=threads), ds, res.pp,
-                                           label="FP32 ONNX", **kw).as_dict(),
-           "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, res.pp,
-                                           label="INT8 ONNX", **kw).as_dict()}
-    out["drop_map50_95_points"] = round(100.0 * (out["fp32_onnx"]["map50_95"] - out["int8_onnx"]["map50_95"]), 4)
-    out["drop_map50_points"] = round(100.0 * (out["fp32_onnx"]["map50"] - out["int8_onnx"]["map50"]), 4)
-    return out
+    return evaluate_export(dataset, recipe, res.pp, None, res.fp32_bytes, int8_bytes, source=eval_path,
+                           progress=progress, threads=threads)
 
 
 def calibration_json(res: OnnxQuantResult) -> dict:
@@ -146,7 +137,7 @@ def calibration_json(res: OnnxQuantResult) -> dict:
          "all_methods": ({k: {m: _r(v, 8) for m, v in sorted(d.items())} for k, d in sorted(res.calib.tensors.items())}
                          if res.calib is not None else {})}
     if res.trt_cache:
-        d["trt_cache"] = {"file": Path(res.trt_cache["path"]).name, "header": res.trt_cache["header"]}
+        d["trt_cache"] = res.trt_cache["import"]  # which tensors came from it, were kept FP16 or calibrated
     return d
 
 
@@ -195,6 +186,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             "num_samples": res.calib.num_samples if res.calib is not None else 0,
             "data_fingerprint": res.data.fingerprint() if res.data is not None else "none (no data given)",
             "cache_key": res.cache_info.get("key"),
+            **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
         "layers": res.layer_table(),
         "notes": list(res.layout.notes),
@@ -215,6 +207,20 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
         "evaluation": metrics,
         "engine": None,
     }
+
+
+def _open_evaluation(recipe: Recipe):
+    """(evaluation data path, its opened data set) or (None, None): the torch route's plan, dependency check and
+    opening (``quantkit.eval.plan``), so a COCO folder, images + annotations JSON and a dataset YAML all work and
+    fail the same way, before any calibration."""
+    from quantkit.eval.plan import open_evaluation, plan_evaluation
+    from quantkit.utils.optional_deps import check_optional_deps
+
+    plan = plan_evaluation(recipe)
+    check_optional_deps(recipe, evaluation=bool(plan.path))
+    if not plan.path:
+        return None, None
+    return plan.path, open_evaluation(recipe, plan.path, recipe.evaluation.max_images)
 
 
 def add_coverage(report: dict, res: OnnxQuantResult, recipe: Recipe) -> None:
@@ -261,6 +267,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         raise UsageError("--nms is not wired on the ONNX route yet: append NMS to model.int8.onnx yourself")
     if recipe.sensitivity.enabled:
         raise UsageError("--sensitivity is not available on the ONNX route yet; use --skip with node names")
+    eval_path, eval_dataset = _open_evaluation(recipe)  # bad evaluation data: exit 2 before calibrating
     res = quantize_onnx(recipe.model.name, recipe.calibration.data, recipe, trt_cache=trt_cache, progress=progress)
     threads = 1 if recipe.calibration.deterministic else None
     int8_bytes = res.int8.SerializeToString()
@@ -296,7 +303,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
             stage.write_bytes("model.int8.strong.onnx", strong_bytes)
         stage.write_text("calibration.cache", cache_text_for(res.int8))
         fp16 = write_build_script(stage, recipe, res, strong_bytes is not None)
-        metrics = evaluate_onnx(recipe, recipe.evaluation.data, res, int8_bytes, progress=progress, threads=threads)
+        metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
         add_coverage(report, res, recipe)
@@ -311,7 +318,8 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                                            "the automatic FP16 choice (sensitivity.min_int8_share)")) if on]
         if not_here:  # said, not silently skipped: these passes work on the torch module
             msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
-                   "calibrated only, every supported layer INT8 (keep nodes float with --skip NODE_NAME_GLOB)")
+                   "calibrated only, every supported layer INT8 unless --skip or a TensorRT cache without its "
+                   "scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")
             report["notes"].append(msg)
             log.info(msg)
         failures = check_gates(recipe, report)

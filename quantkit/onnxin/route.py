@@ -96,12 +96,22 @@ def _db(v: float | None) -> str:
 
 
 def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Preprocess]:
-    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's per-sample shape
-    (C, H, W for images, any rank otherwise)."""
+    """The recipe's preprocessing at the graph's input size; a .npy / .npz must match the graph's per-sample
+    shape (C, H, W for images, any rank otherwise). A .npz's array is the one keyed by the graph's input name
+    (``onnxin.npz``)."""
+    from dataclasses import replace
+
     from quantkit.data import open_data as open_calibration
+    from quantkit.onnxin.npz import is_npz, npz_array
 
     sample = tuple(int(d) for d in loaded.input_shape[1:])
-    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(loaded.size or (640, 640)))
+    size = tuple(loaded.size or (640, 640))
+    if is_npz(calib):
+        arr = npz_array(calib, [loaded.input_name])
+        data, pp = open_calibration(arr, recipe.calibration, recipe.preprocess, size)
+        data = replace(data, source=Path(calib), kind="npz")  # the report names the file, not "<ndarray>"
+    else:
+        data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, size)
     if data.inputs is not None:
         raise DataError(f"calibration data {calib} is a .npz of several inputs; the ONNX route takes models with one "
                         "input for now: pass a .npy, or export the torch module (which takes .npz)")
@@ -122,7 +132,9 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     if data is None and trt_cache is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
                          "FILE; quantkit never calibrates on random data")
-    loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data),
+    from quantkit.onnxin.npz import npz_shape
+
+    loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data) or npz_shape(data),
                        check_memory=lambda where, shape: check_model_input_memory(
                            recipe, where, shape, batch=None if data is not None else 1))
     cleaned = cleanup(loaded.model)
@@ -145,16 +157,22 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     needed = layout.activation_tensors(only_int8=True)
     calib_result, cache_info, trt = None, {"key": None, "hit": False, "path": None, "reason": None}, None
     if trt_cache is not None:
-        from quantkit.engine.calib_cache import amax_from_cache, read_cache
+        from quantkit.onnxin.trt_import import import_cache
 
-        header, scales = read_cache(trt_cache)
-        tensors = {i.name for i in cleaned.graph.input} | {t for n in cleaned.graph.node for t in (*n.input, *n.output)}
-        amax = amax_from_cache(scales, needed, tensors, source=str(trt_cache))
-        act_scales = {t: float(np.float32(scales[t])) for t in needed}
-        trt = {"path": str(trt_cache), "header": header}
-        import hashlib
+        def calibrate_missing(tensors: list[str]):  # only for calibration.trt_cache_missing=calibrate
+            graph = with_fake_quant_weights(cleaned, layout, wscales)
+            weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
+            result, info = ocal.calibrate_onnx_cached(
+                graph, loaded.content, tensors, weights, cal, settings, cache_path=recipe.calibration.cache,
+                use_cache=recipe.calibration.use_cache, progress=progress,
+                threads=1 if recipe.calibration.deterministic else None)
+            return ocal.chosen_amax(result, tensors, settings), result, info
 
-        cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
+        imported = import_cache(str(trt_cache), cleaned, layout, calibrate_missing,
+                                mode=recipe.calibration.trt_cache_missing, data=cal)
+        amax, act_scales, calib_result, cache_info = (imported.amax, imported.act_scales, imported.calib,
+                                                      imported.cache_info)
+        trt = {"path": str(trt_cache), "header": imported.header, "import": imported.as_dict(str(trt_cache))}
     else:
         note = small_set_note(cal)
         if note:  # a TensorRT cache brings its own ranges: the data then only serves checks
