@@ -189,6 +189,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
         "layers": res.layer_table(),
+        **({"passes": res.passes} if res.passes else {}),
         "notes": list(res.layout.notes),
         "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(int8_bytes) / len(res.fp32_bytes), 4),
                  "qdq": qdq_summary(res.int8), "cleanup_sqnr_db": "inf" if res.cleanup_sqnr_db == float("inf")
@@ -318,7 +319,8 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                                            "the automatic FP16 choice (sensitivity.min_int8_share)")) if on]
         if not_here:  # said, not silently skipped: these passes work on the torch module
             msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
-                   "calibrated only, every supported layer INT8 unless --skip or a TensorRT cache without its "
+                   "calibrated (the calibration method chosen per network when calibration.method is auto), every "
+                   "supported layer INT8 unless --skip or a TensorRT cache without its "
                    "scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")
             report["notes"].append(msg)
             log.info(msg)
