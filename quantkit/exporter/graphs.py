@@ -168,6 +168,7 @@ def _not_written(report: dict, failures: list[str]) -> None:
 
 def _write_nms(stage, spec, graphs: Graphs, sample: list[torch.Tensor]) -> dict:
     """Write model.int8.nms.onnx (the recipe's flavor) and model.int8.strong.nms.onnx (ONNX NMS); check they run."""
-    from quantkit.exporter.nms import write_nms_files
+    from quantkit.exporter.nms import check_detector_outputs, write_nms_files
 
+    check_detector_outputs(graphs.int8, "the model")  # a message that names the fix, not a Python argument
     return write_nms_files(stage, spec, graphs.int8, graphs.strong, sample[0].numpy())
