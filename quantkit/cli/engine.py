@@ -13,7 +13,7 @@ Examples:
   quantkit eval out/ --eval my_coco/ --json out_eval.json
   quantkit eval out/ --eval images/ --eval-annotations labels.json
   quantkit eval out/ --data data.yaml               # a dataset YAML: its val split (evaluation.split)
-  quantkit eval out/ --model net.py:build           # a user model: name its file again to run it
+  quantkit eval out/ --model net.py:build --eval my_coco/   # a user model: name its file again to run it
 
 \b
 Evaluation data flags mean the same on export, sensitivity and eval: --eval DATA is held-out evaluation data

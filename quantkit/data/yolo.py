@@ -142,10 +142,13 @@ def load_dataset_yaml(path: str | Path) -> YoloDataset:
 
 def label_path(image: Path) -> Path:
     """Ultralytics' rule: the last ``/images/`` folder of the image path becomes ``/labels/``, suffix ``.txt``."""
-    s = image.as_posix()
-    head, sep, tail = s.rpartition("/images/")
-    s = head + "/labels/" + tail if sep else s
-    return Path(s).with_suffix(".txt")
+    parts = list(image.parts)
+    # by path component, so a relative "images/val/x.jpg" (a YAML's `path: .`) finds labels/val/x.txt too
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
 
 
 def read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:

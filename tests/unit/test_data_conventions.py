@@ -90,6 +90,9 @@ def test_label_path_follows_ultralytics():
     assert label_path(Path("/d/images/train/a.b.jpg")) == Path("/d/labels/train/a.b.txt")
     assert label_path(Path("/images/x/images/val/a.png")) == Path("/images/x/labels/val/a.txt")
     assert label_path(Path("/flat/a.jpg")) == Path("/flat/a.txt")
+    # relative paths, as a YAML with `path: .` gives them (the rule missed them: every label unread, "no boxes")
+    assert label_path(Path("images/val/a.png")) == Path("labels/val/a.txt")
+    assert label_path(Path("./images/a.png")) == Path("labels/a.txt")
 
 
 def test_txt_lists_polygons_and_unlabelled_images(tmp_path):
