@@ -13,7 +13,8 @@ Examples:
   quantkit sensitivity yolo_nas_s --weights ckpt.pth --calib images/ --out sens/ --num-images 8
   quantkit sensitivity --eval evaldata/trees_holdout --max-drop 0.5 --out sens/   # also pick FP16 layers
   quantkit sensitivity --model net.py:build --calib data.npy --sqnr-floor 30 --out sens/
-  quantkit sensitivity yolo_nas_s --data data.yaml --out sens/    # dataset YAML: train -> calib, val -> mAP
+  quantkit sensitivity yolo_nas_s --weights ckpt.pth --data data.yaml --num-images 8 --eval-images 4 --out sens/
+                                                     # dataset YAML: train -> calib, val -> mAP
 
 \b
 Data flags mean the same as on export and eval: --calib DATA calibrates, --eval DATA is held-out evaluation
