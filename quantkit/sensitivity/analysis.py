@@ -17,7 +17,6 @@ the calls that finished before L are taken from one recorded all-float pass (dam
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -368,66 +367,3 @@ def _maps(dets: dict, dataset) -> dict:
     from quantkit.eval.detection import coco_map
 
     return {k: coco_map(dataset, v["dets"], num_classes=v["classes"]).map50_95 for k, v in dets.items()}
-
-
-# ---- measuring one configuration (the verification step) ----------------------------------------------
-
-
-def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dataset: CocoDataset | None = None,
-                 device: str | torch.device | None = None, progress: bool = False) -> Callable[[set[str]], float]:
-    """A callable ``measure(int8_layers) -> value`` for :func:`quantkit.sensitivity.select.choose_fp16_layers`.
-
-    Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.
-    Metric.MAP_DROP_POINTS: FP32 minus INT8 mAP50:95 on ``dataset``, in points (needs ``dataset``).
-    Each call sets the precision, measures, and restores the qmodel's previous precision. ``device``: where the
-    forwards run (None/``"cpu"``: the CPU path); the models are moved there per call and back after.
-    ``progress``: one labelled progress line per measurement (each is a pass over the data).
-    """
-    from quantkit.eval.detection import evaluate_detection, torch_predictor
-    from quantkit.utils.device import module_device, on_device, resolve_device
-    from quantkit.utils.progress import progress_bar
-
-    layers = len(state.model.layout.layers)
-
-    def label(int8: set[str]) -> str:
-        return f"torch fake-quant with {layers - len(int8)} FP16 layer(s)"
-
-    qmodel, fp32 = state.model.qmodel, state.model.fp32
-    dev = module_device(qmodel) if device is None else resolve_device(device)
-    if metric is Metric.MAP_DROP_POINTS:
-        if dataset is None:
-            raise UsageError("an mAP budget needs evaluation data: pass --eval DATA (or use an SQNR floor)")
-        ev = state.recipe.evaluation
-        kw = {"conf": ev.conf, "iou": ev.iou, "progress": progress}
-        with on_device(dev, fp32):
-            base = evaluate_detection(torch_predictor(fp32, dev), dataset, state.pp, label="FP32 torch (budget)",
-                                      **kw).map50_95
-
-        def run(int8: set[str]) -> float:
-            with on_device(dev, qmodel):
-                return 100.0 * (base - evaluate_detection(torch_predictor(qmodel, dev), dataset, state.pp,
-                                                          label=label(int8), **kw).map50_95)
-    else:
-        batches = [b.to(dev) for b in state.data.batches(limit=num_images, spread=True)]
-        with torch.no_grad(), on_device(dev, fp32):
-            refs = [fp32(b) for b in batches]
-
-        def run(int8: set[str]) -> float:
-            acc = SqnrAccumulator()
-            with torch.no_grad(), on_device(dev, qmodel), \
-                    progress_bar(len(batches), f"measuring SQNR of {label(int8)}", "batch", enabled=progress) as bar:
-                for b, r in zip(batches, refs):
-                    acc.update(r, qmodel(b))
-                    bar.update()
-            return _worst_db(acc)
-
-    def measure(int8_layers) -> float:
-        saved = _quantizer_flags(qmodel)
-        try:
-            set_precision(qmodel, set(int8_layers))
-            return run(set(int8_layers))
-        finally:
-            for q, disabled in saved:
-                q._disabled = disabled
-
-    return measure

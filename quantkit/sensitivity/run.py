@@ -63,7 +63,8 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
     Returns None when neither analysis nor selection was asked for; also sets ``state.selection``.
     """
     from quantkit.quant.insert import set_precision
-    from quantkit.sensitivity.analysis import Metric, analyze, make_measure
+    from quantkit.sensitivity.analysis import Metric, analyze
+    from quantkit.sensitivity.measure import make_measure
     from quantkit.sensitivity.candidates import MAX_CANDIDATES
     from quantkit.sensitivity.cost_model import layer_costs, mac_equivalents
     from quantkit.sensitivity.select import choose_fp16_layers

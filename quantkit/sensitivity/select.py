@@ -114,7 +114,7 @@ def choose_fp16_layers(result: SensitivityResult, costs: CostTable, *, max_drop_
 
     Give exactly one budget: ``max_drop_points`` (mAP50:95 points; needs a result with mAP) or
     ``sqnr_floor_db`` (output SQNR in dB). ``measure(int8_layers)`` returns the metric of a configuration
-    (see ``quantkit.sensitivity.analysis.make_measure``); without it the selection is only predicted.
+    (see ``quantkit.sensitivity.measure.make_measure``); without it the selection is only predicted.
     ``fixed_fp16``: layers that stay FP16 whatever the budget (e.g. the recipe's ``quantization.skip``).
     """
     if (max_drop_points is None) == (sqnr_floor_db is None):

@@ -21,7 +21,8 @@ from quantkit.quant.insert import set_precision
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.recipe import load_recipe
 from quantkit.sensitivity import analysis
-from quantkit.sensitivity.analysis import Metric, Replayer, analyze, make_measure
+from quantkit.sensitivity.analysis import Metric, Replayer, analyze
+from quantkit.sensitivity.measure import make_measure
 from quantkit.sensitivity.cost_model import layer_costs
 from quantkit.sensitivity.select import choose_fp16_layers
 from quantkit.utils.atomic import dumps_json
