@@ -141,21 +141,29 @@ def weighted_macs(model_bytes: bytes, x: np.ndarray) -> dict:
             inits.setdefault(n.output[0], n.attribute[0].t)
     passthru = {"Identity", "Reshape", "Transpose", "Cast", "Unsqueeze", "Squeeze", "Flatten"}
 
-    def origin(name):  # ("const", TensorProto) | ("dq", TensorProto-of-int8) | (None, None)
-        seen = 0
-        while seen < 16:
-            seen += 1
+    def origin(name):
+        """("const", dims) | ("int8", dims) for a weight; ("act8", None) for a dequantized activation."""
+        for _ in range(16):
             if name in inits:
-                return "const", inits[name]
+                return "const", list(inits[name].dims)
             n = prod.get(name)
             if n is None:
                 return None, None
             if n.op_type == "DequantizeLinear":
-                src = n.input[0]
-                while src not in inits and src in prod and prod[src].op_type in passthru:
-                    src = prod[src].input[0]
+                src = n.input[0]  # an int8 initializer, or QuantizeLinear(float initializer) (modelopt's form)
+                while src not in inits and src in prod and prod[src].op_type in passthru | {"QuantizeLinear"}:
+                    q = prod[src]
+                    if q.op_type == "QuantizeLinear":
+                        zp = inits.get(q.input[2]) if len(q.input) > 2 else None
+                        eight = zp is None or zp.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                        if q.input[0] in inits:
+                            return ("int8" if eight else "const"), list(inits[q.input[0]].dims)
+                    src = q.input[0]
                 t = inits.get(src)
-                return ("dq", t) if t is not None else ("dq-act", None)
+                if t is not None:
+                    return ("int8" if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) else "const",
+                            list(t.dims))
+                return "act8", None
             if n.op_type not in passthru:
                 return None, None
             name = n.input[0]
@@ -165,13 +173,11 @@ def weighted_macs(model_bytes: bytes, x: np.ndarray) -> dict:
     for n in g.node:
         if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(n.input) < 2:
             continue
-        kind, w = origin(n.input[1])
-        if w is None:
+        kind, dims = origin(n.input[1])
+        if dims is None:
             continue
         dkind, _ = origin(n.input[0])
-        data_q = dkind == "dq-act" or dkind == "dq"
-        int8 = kind == "dq" and data_q and w.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-        ops.append((n, list(w.dims), int8))
+        ops.append((n, dims, kind == "int8" and dkind in ("act8", "int8")))
     want = sorted({t for n, _, _ in ops for t in (n.input[0], n.output[0])})
     have = {o.name for o in g.output}
     for t in want:
