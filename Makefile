@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-gpu wheel-smoke clean
+.PHONY: demo test docs-check test-gpu wheel-smoke clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/quantkit export --force
 
 test: $(VENV)/.dev
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q tests --ignore=tests/docs
+
+# every command of the README's command block and of the --help examples, run as written (15-25 min: CI runs it
+# after the suite; tests/docs is not part of `make test`)
+docs-check: $(VENV)/.dev
+	$(VENV)/bin/pytest -q tests/docs
 
 test-gpu: $(VENV)/.dev
 	$(VENV)/bin/pytest -q tests/gpu -rs

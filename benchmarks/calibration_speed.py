@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from quantkit.calibrate import histogram as qk_hist  # noqa: E402
 from quantkit.calibrate.driver import calibration_mode, run_calibration  # noqa: E402
-from quantkit.calibrate.methods import CalibMethod, MethodSettings  # noqa: E402
+from quantkit.calib_methods import CalibMethod, MethodSettings  # noqa: E402
 from quantkit.data.calib import open_calibration_data  # noqa: E402
 from quantkit.data.preprocess import Preprocess  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402

@@ -64,7 +64,7 @@ def first_batch_widths(fp32: Path, tensors: list[str], batch: np.ndarray, bins: 
 
 def evaluate(path: Path, pp) -> dict:
     from quantkit import paths
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import evaluate_detection, onnx_predictor
 
     return evaluate_detection(onnx_predictor(str(path), intra_op_threads=1), CocoDataset(paths.BUNDLED_EVAL), pp,

@@ -62,7 +62,7 @@ def build_tiles(src: Path, dst: Path) -> list[int]:
     index per image id."""
     from PIL import Image
 
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
 
     ds = CocoDataset(src)
     (dst / "images").mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def reference(dst: Path, dets: dict, thr: float = 0.25) -> None:
 
 
 def score(dst: Path, dets: dict, which: list[int]) -> tuple[float, float]:
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import coco_map
 
     per = []
@@ -123,7 +123,7 @@ def main() -> None:
     import torch
 
     from quantkit import paths
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import onnx_predictor, predict_dataset
     from quantkit.exporter.onnx_export import export_onnx
     from quantkit.exporter.passes import finalize_fp32, finalize_int8

@@ -37,7 +37,7 @@ import mobilenet_v2  # noqa: E402
 from ptq_data import build_sets, normalize  # noqa: E402
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration  # noqa: E402
-from quantkit.calibrate.methods import MethodSettings  # noqa: E402
+from quantkit.calib_methods import MethodSettings  # noqa: E402
 from quantkit.exporter.onnx_export import INPUT_NAME, export_onnx  # noqa: E402
 from quantkit.exporter.passes import finalize_fp32, finalize_int8  # noqa: E402
 from quantkit.ptq import apply_ptq, equalize_prepared  # noqa: E402

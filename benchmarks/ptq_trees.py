@@ -299,7 +299,7 @@ def modelopt_graph(ctx: Context, method: str) -> Graph:
 def evaluate(ctx: Context, g: Graph, *, cached_only: bool = False) -> dict | None:
     """Held-out COCO mAP of ``g.path`` (cached by the graph's sha256); ``cached_only``: None when not cached."""
     from quantkit import paths
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import evaluate_detection, onnx_predictor
 
     cache_file = ctx.dir / "metrics.json"

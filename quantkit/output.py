@@ -13,6 +13,11 @@ manifest.json lists every file in it — and never a folder that is, contains or
 inputs (calibration/evaluation data, weights, recipe, model file, calibration cache). A symlinked ``--out`` is
 followed: the link's target is checked and replaced, the link itself stays. One run at a time writes a
 target (``quantkit.utils.outlock``): a second one fails with exit 2 instead of silently replacing the first.
+
+A full disk (ENOSPC, EDQUOT) while the folder is staged is a StorageError naming the folder and the fix; the
+staging folder is removed and the previous output stays as it was. An ``--out`` whose path (with the staging
+folder's and the artifacts' names added) would pass PATH_MAX, or with a component over NAME_MAX, is refused
+before any work.
 """
 
 from __future__ import annotations
@@ -24,15 +29,69 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from quantkit.errors import UsageError
+from quantkit.errors import StorageError, UsageError, is_disk_full
 from quantkit.utils import interrupt
 from quantkit.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from quantkit.utils.outlock import OutputLock
+from quantkit.quote import cap, qcap
 
 PathLike = str | os.PathLike
 
 STAGING_MARKER = ".quantkit-staging"  # inside a staging folder quantkit made; proof that it may remove it
 _MARKER_TEXT = "quantkit staging folder: removed by the next quantkit run on this --out\n"
+
+# The longest name quantkit writes inside --out, as atomic_write's temp file: ".NAME.<8 random>.tmp".
+_LONGEST_ARTIFACT = len(".model.int8.strong.nms.onnx.abcdefgh.tmp")
+
+
+def disk_full_error(out: PathLike, folder: PathLike, exc: OSError) -> StorageError:
+    """The StorageError for a full disk while writing ``out`` (its staging folder lies in ``folder``)."""
+    usage = ""
+    try:
+        st = os.statvfs(folder)
+        usage = f", {st.f_bavail * st.f_frsize / 1e6:,.1f} MB free there now"
+    except OSError:
+        pass
+    return StorageError(f"no space left on the disk holding --out {cap(out)} ({exc.strerror}{usage}): free space "
+                        f"in {cap(folder)} or choose an --out on a disk with room, then rerun. Nothing was written: "
+                        "the partial output was removed and any previous output there is unchanged")
+
+
+def _pathconf(path: str, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return value if value and value > 0 else default
+
+
+def check_path_limits(out: PathLike) -> None:
+    """StorageError, before any work, when ``out`` cannot be written for its length: a component longer than
+    NAME_MAX (the last one with the staging folder's ``.NAME.partial-PID`` decoration), or a path that with the
+    staging folder and the longest artifact name passes PATH_MAX (bytes, as the file system counts them)."""
+    for absolute in dict.fromkeys((os.path.abspath(out), str(resolve_target(out)))):
+        probe = absolute
+        while probe and not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        name_max = _pathconf(probe, "PC_NAME_MAX", 255)
+        path_max = _pathconf(probe, "PC_PATH_MAX", 4096)
+        parts = [c for c in absolute.split(os.sep) if c]
+        for part in parts:
+            n = len(os.fsencode(part))
+            if n > name_max:
+                raise StorageError(f"--out {cap(out)}: the name {qcap(part, 60)} is {n} bytes, longer than this "
+                                   f"file system allows for one name (NAME_MAX {name_max}): choose a shorter --out")
+        staging = f".{parts[-1]}.partial-{os.getpid()}" if parts else ""
+        extra = len(os.fsencode(staging)) - len(os.fsencode(parts[-1] if parts else ""))
+        if len(os.fsencode(staging)) > name_max:
+            raise StorageError(f"--out {cap(out)}: its last name is too long for quantkit's staging folder beside it "
+                               f"(.NAME.partial-PID, {extra} bytes more; NAME_MAX {name_max}): keep the folder name "
+                               f"under {name_max - extra} bytes")
+        longest = len(os.fsencode(os.path.join(os.path.dirname(absolute), staging))) + 1 + _LONGEST_ARTIFACT
+        if longest >= path_max:
+            raise StorageError(f"--out {cap(out)} is {len(os.fsencode(absolute))} bytes long; with quantkit's staging "
+                               f"folder and file names in it a path would reach {longest} bytes, past this system's "
+                               f"PATH_MAX of {path_max}: choose a shorter --out")
 
 
 def resolve_target(out: PathLike) -> Path:
@@ -51,6 +110,7 @@ def check_output_dir(out: PathLike, force: bool, inputs: Iterable[PathLike | Non
     files a command writes (for commands without a manifest). The nearest existing parent must be a writable
     folder (probed by creating a temporary folder there, which also catches read-only mounts and /sys).
     """
+    check_path_limits(out)
     target = resolve_target(out)
     if target.parent == target:
         raise UsageError(f"--out {out} is the file system root: pass a new folder such as ./out")
@@ -239,8 +299,10 @@ class StagedOutput:
             staging.mkdir()
             self.staging = staging
             _mark(staging)
-        except BaseException:
+        except BaseException as exc:
             self._release()
+            if is_disk_full(exc):
+                raise disk_full_error(self.out, self.target.parent, exc) from None
             raise
         return self
 
@@ -308,8 +370,14 @@ class StagedOutput:
         try:
             if exc_type is None:
                 self.commit()
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            exc = err
         finally:
             self._release()
+        if is_disk_full(exc):  # after _release: the staging folder is gone when the message says so
+            raise disk_full_error(self.out, self.target.parent, exc) from None
         return False
 
 

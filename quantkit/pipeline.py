@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from quantkit import paths
-from quantkit.errors import GateFailure, ModelError, UsageError
+from quantkit.errors import CoverageError, GateFailure, ModelError, UsageError
 from quantkit.eval.plan import EvalPlan, plan_evaluation
 from quantkit.models.checks import check_float32, check_outputs
 from quantkit.recipe import Recipe, load_recipe, parse_batch
 from quantkit.state import ExportResult, QuantState
 from quantkit.utils.optional_deps import check_optional_deps
-from quantkit.utils.preflight import check_cache, preflight, run_inputs
+from quantkit.preflight import check_cache, preflight, run_inputs
 
 log = logging.getLogger("quantkit")
 
@@ -46,12 +46,21 @@ def resolve_inputs(recipe: Recipe, plan: EvalPlan | None = None) -> tuple[str, s
     return calib, (ev or None)
 
 
-def _prepared(recipe: Recipe, model: nn.Module | None):
+def _prepared(recipe: Recipe, model: nn.Module | None, inputs=None):
+    """Build (or take) the model and prepare it; ``inputs`` (a .npz's named inputs): its forward takes them packed
+    (``quantkit.data.inputs.adapt_model``), so every stage keeps one tensor per batch."""
     from quantkit import models, quant
+    from quantkit.data.inputs import adapt_model
 
     if model is None:
         built, info, size = models.build(recipe.model)
+        if inputs:
+            adapt_model(built, inputs)
         return quant.prepare(built, recipe.quantization, info, size)
+    if inputs:
+        import copy
+
+        model = adapt_model(copy.deepcopy(model), inputs)  # the user's object keeps its class
     return quant.prepare(model, recipe.quantization)
 
 
@@ -76,19 +85,31 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     check_optional_deps(recipe, evaluation=bool(eval_path))  # fail before any work, with the install hint
     # opened now so bad labels / a YAML without the split fail before calibrating; kept for evaluation
     eval_dataset = _open_eval(recipe, eval_path, recipe.evaluation.max_images) if eval_path else None
-    prepared = _prepared(recipe, model)
+    data = None
+    if isinstance(calib_path, (str, Path)) and str(calib_path).lower().endswith(".npz"):
+        # several named inputs: the model must take them packed before it is prepared (traced, copied)
+        data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, recipe.input.size or (640, 640))
+        bmin, _, bmax = parse_batch(recipe.input.batch)
+        if bmin != bmax:
+            raise UsageError("a dynamic batch (input.batch min:opt:max) with several inputs (.npz) is not supported "
+                             "yet: build_engine.sh writes one shape profile; use a fixed batch such as --batch 1")
+    prepared = _prepared(recipe, model, data.inputs if data is not None else None)
     if plan.note:  # report.json's notes say why there is no held-out evaluation
         prepared.layout.notes.append(plan.note)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
-    data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
+    if data is None:
+        data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
+    _note_small_set(data, prepared.layout.notes)
     example = next(data.batches(limit=1))[:1]
     check_float32(prepared.fp32)  # a half/double model is told so, not to fix input.size
     try:
         with torch.no_grad():
             outputs = prepared.fp32(example)
     except (RuntimeError, ValueError) as exc:
-        raise ModelError(f"the model rejects input of shape {tuple(example.shape)}: {exc}. "
-                         "Set input.size (or the .npy shape) to what the model expects") from exc
+        shape = (f"inputs {', '.join(f'{n} {(1, *s)}' for n, s in data.inputs)}" if data.inputs
+                 else f"input of shape {tuple(example.shape)}")
+        raise ModelError(f"the model rejects {shape}: {exc}. Set input.size (or the .npy/.npz shapes) to what the "
+                         "model expects") from exc
     check_outputs(outputs)  # outputs need a batch axis
     prepared, ptq_report = equalize_state_model(prepared, data, recipe)  # exact FP32 rescale, before calibration
     calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress,
@@ -97,6 +118,16 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     if post_ptq:
         ptq_for_state(state)
     return state
+
+
+def _note_small_set(data, notes: list[str]) -> None:
+    """Warn (log and report note) when calibrating on fewer than MIN_CALIBRATION_IMAGES images."""
+    from quantkit.data.calib import small_set_note
+
+    note = small_set_note(data)
+    if note:
+        log.warning(note)
+        notes.append(note)
 
 
 def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False, progress: bool = True,
@@ -116,7 +147,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
     if inputs is None:
         inputs = run_inputs(recipe, calib=str(state.data.source), eval_path=state.eval_path)
     with StagedOutput(out_dir, force, inputs) as stage:
-        graphs = exporter.write_graphs(stage, state)
+        graphs = exporter.write_graphs(stage, state, progress=progress)
         engine.write_calibration_cache(stage, graphs.int8)
         engine.write_build_script(stage, recipe, graphs, state.model, batch)
         built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
@@ -127,11 +158,16 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
                                           state.model.fp32, graphs.fp32_bytes, graphs.int8_bytes,
                                           source=state.eval_path, progress=progress, threads=threads)
         inputs = report.ReportInputs(state, graphs, metrics, built, command_line or [])
-        content, failures = report.write(stage, inputs)
+        content, failures = report.write(stage, inputs, progress=progress)
         files = sorted(stage.files)
+    result = ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
+    uncovered = (content.get("coverage") or {}).get("error")
+    if uncovered:  # never an "INT8" model with float convs nobody chose: exit 2, the files kept to inspect
+        raise CoverageError(uncovered + (f"; gates failed too: {'; '.join(failures)}" if failures else "")
+                            + f" (artifacts and report written to {out_dir})")
     if failures:
-        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")
-    return ExportResult(out_dir=out_dir, report=content, files=files, gate_failures=failures)
+        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})", result)
+    return result
 
 
 def _open_eval(recipe: Recipe, path, max_images: int):
@@ -154,18 +190,17 @@ def _eval_dataset(state: QuantState, max_images: int):
 def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib=None, progress: bool = True,
                         plan: EvalPlan | None = None) -> QuantState:
     """What ``quantkit export`` and ``quantkit.quantize`` do before writing anything: :func:`quantize_recipe`,
-    then the automatic FP16 selection under the recipe's budget (``sensitivity.min_int8_share``, ``gates.max_drop``
+    then the registered PTQ passes (``ptq.run_default_passes``: calibration-method choice, the automatic FP16
+    selection under the recipe's budget (``sensitivity.min_int8_share``, ``gates.max_drop``
     or ``sensitivity.sqnr_floor``; measured on ``sensitivity.num_images`` calibration inputs spread over the set
     and, for an mAP budget, on the evaluation data), then the post-calibration accuracy passes (``recipe.ptq``), which
-    correct INT8 layers only and so run after the selection."""
-    from quantkit import sensitivity
-    from quantkit.ptq import ptq_for_state
+    correct INT8 layers only and so run after the selection), each kept only when it raises the output SQNR on
+    held-out calibration images."""
+    from quantkit.ptq import run_default_passes
 
     state = quantize_recipe(recipe, model=model, calib=calib, progress=progress, post_ptq=False, plan=plan)
-    sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
-                                   analysis_dataset=_eval_dataset(state, recipe.sensitivity.eval_images),
-                                   progress=progress)
-    ptq_for_state(state)
+    run_default_passes(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
+                       analysis_dataset=_eval_dataset(state, recipe.sensitivity.eval_images), progress=progress)
     return state
 
 
@@ -177,7 +212,8 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     ``model_named`` (False: the model comes from ``recipe_path`` alone) and ``trust_recipe``: consent to import
     a ``file.py:factory`` that an output folder's recipe names (``quantkit.models.consent.check_recipe_file``).
     Raises a QuantkitError subclass on bad input (nothing written), ExportError when parity fails (nothing
-    written), GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
+    written), CoverageError after the artifacts are written when a weighted op of model.int8.onnx runs in float
+    with no reason, GateFailure after the artifacts are written when a gate in ``recipe.gates`` fails.
     """
     from quantkit import engine
     from quantkit.models.consent import check_recipe_file
@@ -224,8 +260,9 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                     progress: bool = True, recipe_path: str | None = None, model_named: bool = True,
                     trust_recipe: bool = False) -> SensitivityRun:
     """Per-layer sensitivity of ``recipe``'s model, the T4 cost estimate and, with a budget, the FP16 choice;
-    writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. mAP sensitivities and an mAP
-    budget use ``sensitivity.eval_images`` evaluation images (0: all)."""
+    writes sensitivity.json and sensitivity.png into ``out_dir`` atomically. mAP sensitivities use
+    ``sensitivity.eval_images`` evaluation images (0: all); an mAP budget is checked on the whole evaluation set
+    (``evaluation.max_images``), as ``export`` checks it, so both keep the same FP16 layers."""
     from quantkit import sensitivity
     from quantkit.models.consent import check_recipe_file
     from quantkit.output import StagedOutput, check_output_dir
@@ -238,10 +275,12 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     check_output_dir(out, force, inputs, own_files=own)  # never replace inputs or foreign files
     check_cache(recipe, inputs)  # never overwrite an input or a foreign file with the calibration cache
     check_optional_deps(recipe, evaluation=False, plot=True)  # sensitivity.png needs matplotlib
-    state = quantize_recipe(recipe, progress=progress)
+    # as in export (quantize_and_select): the analysis and the FP16 choice see the calibrated model before the
+    # PTQ passes, and an mAP budget is checked on the whole evaluation set, so both keep the same FP16 layers
+    state = quantize_recipe(recipe, progress=progress, post_ptq=False)
     subset = _eval_dataset(state, recipe.sensitivity.eval_images)
-    outcome = sensitivity.analyze_and_select(state, dataset=subset, analysis_dataset=subset, analyze_always=True,
-                                             progress=progress)
+    outcome = sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
+                                             analysis_dataset=subset, analyze_always=True, progress=progress)
     choice = outcome.choice
     doc = {"model": state.model.info, "sensitivity": outcome.sensitivity.as_dict(),
            "cost_model": outcome.costs.as_dict(), "selection": choice.as_dict() if choice else None}
@@ -254,14 +293,16 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
 
 
 def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, *, model: str | None = None,
-             trust_recipe: bool = False) -> dict:
+             trust_recipe: bool = False, annotations: str | None = None) -> dict:
     """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder (the recipe it was
     made with rebuilds the torch model); ``data`` defaults to the recipe's (or the bundled) evaluation set.
 
     A recorded ``file.py:factory`` / ``module:function`` model is imported only when ``model`` names the same
-    one again or ``trust_recipe`` is set (``quantkit.models.consent``): reading a folder never runs its code."""
+    one again or ``trust_recipe`` is set (``quantkit.models.consent``): reading a folder never runs its code.
+    ``annotations``: COCO JSON for a ``data`` images folder (a new ``data`` never reuses the recorded one's)."""
     from dataclasses import replace
 
+    from quantkit.calibrate.driver import fixed_threads
     from quantkit.data import open_data
     from quantkit.eval import evaluate_export
     from quantkit.models.consent import consented_model
@@ -274,16 +315,35 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, 
     spec = consented_model(recipe.model.name, model, trust_recipe, recipe_file)  # before anything is imported
     if spec != recipe.model.name:
         recipe = replace(recipe, model=replace(recipe.model, name=spec))
+    if annotations and not data:
+        raise UsageError("--eval-annotations needs --eval IMAGES_DIR (the images those annotations describe)")
+    if data:  # new evaluation data: the recorded annotations JSON belongs to the recorded data
+        recipe = replace(recipe, evaluation=replace(recipe.evaluation, data=str(data), annotations=annotations))
+    from quantkit.onnxin.load import is_onnx_path
+
+    if is_onnx_path(recipe.model.name):  # an ONNX-route folder: score its graphs; there is no torch model
+        from quantkit.eval.folder import evaluate_onnx_folder
+
+        data_path = data or recipe.evaluation.data
+        if not data_path:
+            raise UsageError("no evaluation data: pass --eval DIR (COCO: annotations.json + images/) or "
+                             "--data data.yaml")
+        check_optional_deps(recipe, evaluation=True)
+        # one onnxruntime thread when the export used one: the same figures as its report
+        return evaluate_onnx_folder(folder, recipe, data_path, max_images,
+                                    threads=1 if recipe.calibration.deterministic else None)
     calib_path, default_eval = resolve_inputs(recipe)
     data_path = data or default_eval
     if not data_path:
-        raise UsageError("no evaluation data: pass --data DIR (COCO: annotations.json + images/)")
+        raise UsageError("no evaluation data: pass --eval DIR (COCO: annotations.json + images/) or --data data.yaml")
     prepared = _prepared(recipe, None)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
     _, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, size)
     dataset = _open_eval(recipe, data_path, max_images)
-    return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
-                           str(folder / "model.int8.onnx"), source=data_path)
+    threads = 1 if recipe.calibration.deterministic else None  # the export's figures, reproduced on any machine
+    with fixed_threads(threads):
+        return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
+                               str(folder / "model.int8.onnx"), source=data_path, threads=threads)
 
 
 def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = None,
@@ -329,7 +389,7 @@ def list_layers(model: str, num_classes: int | None = None) -> dict[str, str]:
     from quantkit import models, reparam
     from quantkit.quant.insert import quantizable_layers
 
-    m, _ = models.build_model(model, num_classes=num_classes)
+    m, _ = models.build_model(model, num_classes=num_classes, warn_random_init=False)  # names need no weights
     return quantizable_layers(reparam.reparameterize(m.eval()))
 
 
@@ -340,8 +400,10 @@ def list_models() -> list[dict]:
 
     rows = []
     for e in models.list_models():
-        try:  # exact counts, from the built module (raw, as super-gradients counts them)
-            count, why = models.count_parameters(models.build_model(e.name)[0]), None
+        try:  # exact counts (raw, as super-gradients counts them): the registry's, else from the built module
+            count = e.parameters if e.parameters is not None else models.count_parameters(
+                models.build_model(e.name, warn_random_init=False)[0])
+            why = None
         except Exception as exc:  # noqa: BLE001 - a missing asset must not hide the other models
             count, why = None, type(exc).__name__
         rows.append({"name": e.name, "parameters": count, "error": why, "input_size": e.input_size,

@@ -19,13 +19,14 @@ from typing import Any, Mapping
 
 import yaml
 
-from quantkit.calibrate.methods import CalibMethod  # noqa: F401  (re-exported)
+from quantkit.calib_methods import CalibMethod  # noqa: F401  (re-exported)
 from quantkit.errors import UsageError
-from quantkit.recipe_limits import check_ranges, check_size, short_repr
+from quantkit.recipe_limits import MAX_INT_BITS, YAML_VALUE_ERRORS, OversizedNumber, check_ranges, check_size, load_yaml, short_repr
 
 
 from quantkit.recipe_specs import (  # noqa: F401  (re-exported: the recipe is where sections are imported from)
     ExportTarget,
+    Fp16Overflow,
     NmsFlavor,
     ModelSpec,
     InputSpec,
@@ -82,6 +83,9 @@ def _suggest(name: str, allowed: list[str]) -> str:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against the type hint of a field; convert lists to tuples. Raises UsageError."""
+    if isinstance(value, OversizedNumber) or (isinstance(value, int) and value.bit_length() > MAX_INT_BITS):
+        shown = value if isinstance(value, OversizedNumber) else short_repr(value)
+        raise UsageError(f"{where}: {shown} is beyond any sensible value of this setting: give a plain number")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
@@ -190,6 +194,9 @@ def validate(recipe: Recipe) -> Recipe:
     for where, split in (("calibration.split", c.split), ("evaluation.split", recipe.evaluation.split)):
         if split not in ("train", "val", "test"):
             raise UsageError(f"{where} must be train, val or test (a split of the dataset YAML), got {split!r}")
+    if c.trt_cache_missing not in ("fp16", "calibrate"):
+        raise UsageError("calibration.trt_cache_missing must be fp16 (keep layers without a cache scale FP16) or "
+                         f"calibrate (calibrate them from --calib), got {c.trt_cache_missing!r}")
     if recipe.evaluation.annotations is not None and recipe.evaluation.data is None:
         raise UsageError("evaluation.annotations needs evaluation.data (the images folder): pass --eval IMAGES "
                          "with --eval-annotations FILE.json")
@@ -206,17 +213,21 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
+MAX_BATCH = 65_536  # images per inference batch; larger is no TensorRT profile anyone builds
+
+
 def parse_batch(text: str) -> tuple[int, int, int]:
     """``"4"`` -> (4, 4, 4); ``"1:8:32"`` -> (1, 8, 32). Raises UsageError on malformed or unordered values."""
     parts = str(text).split(":")
     try:
-        nums = [int(p) for p in parts]
+        nums = [int(p) for p in parts]  # a 5000-digit part raises ValueError too (int digit limit)
     except ValueError:
-        raise UsageError(f"batch '{text}' must be an integer or min:opt:max, e.g. 1:8:32") from None
+        raise UsageError(f"batch {short_repr(str(text))} must be an integer or min:opt:max, e.g. 1:8:32") from None
     if len(nums) == 1:
         nums = nums * 3
-    if len(nums) != 3 or not (1 <= nums[0] <= nums[1] <= nums[2]):
-        raise UsageError(f"batch '{text}' must be N or min:opt:max with 1 <= min <= opt <= max, e.g. 1:8:32")
+    if len(nums) != 3 or not (1 <= nums[0] <= nums[1] <= nums[2] <= MAX_BATCH):
+        raise UsageError(f"batch {short_repr(str(text))} must be N or min:opt:max with 1 <= min <= opt <= max <= "
+                         f"{MAX_BATCH:,}, e.g. 1:8:32")
     return nums[0], nums[1], nums[2]
 
 
@@ -236,8 +247,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
             raise UsageError(f"--set: unknown section '{section}'{_suggest(section, list(data))}; "
                              f"valid sections: {', '.join(data)}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, RecursionError) as exc:
+            value = load_yaml(raw) if raw.strip() else None
+        except YAML_VALUE_ERRORS as exc:
             raise UsageError(f"--set {key}: cannot parse value {short_repr(raw)}: {short_repr(str(exc))}") from None
         check_size(value, f"--set {key}")
         data[section][name] = value  # an unknown key is reported, with the valid ones, by recipe_from_dict
@@ -260,14 +271,47 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         except UnicodeDecodeError as exc:
             raise UsageError(f"recipe {p} is not UTF-8 text (byte {exc.start}): save it as UTF-8 YAML") from None
         try:
-            data = yaml.safe_load(text)
-        except (yaml.YAMLError, RecursionError) as exc:
+            data = load_yaml(text)
+        except YAML_VALUE_ERRORS as exc:
             raise UsageError(f"recipe {p} is not valid YAML: {short_repr(str(exc))}") from None
         check_size(data, f"recipe {p}")
         if data is not None and not isinstance(data, Mapping):
             raise UsageError(f"recipe {p} must be a YAML mapping of sections")
-        recipe = recipe_from_dict(data)
+        try:
+            recipe = recipe_from_dict(data)
+        except UsageError as exc:  # name the file: the key alone does not say which recipe holds it
+            raise UsageError(f"recipe {p}: {exc}") from None
     return apply_overrides(recipe, overrides) if overrides else recipe
+
+
+def check_option_conflicts(user_sets, option_sets, flags: dict[str, str]) -> None:
+    """UsageError when a command-line option and a ``--set`` give one recipe key different values.
+
+    Options become ``--set`` strings applied after the user's own, so without this check ``--method mse`` would
+    silently beat ``--set calibration.method=entropy``. ``flags``: recipe key -> the option(s) that set it, for
+    the message. Equal values (``0.3`` and ``0.30``) agree; a ``--set`` value that does not parse is left to
+    the recipe loader, which names it."""
+    def parsed(raw: str):
+        return load_yaml(raw) if raw.strip() else None
+
+    given = {}
+    for item in option_sets:
+        key, _, raw = item.partition("=")
+        given[key.strip()] = raw
+    for item in user_sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in given:
+            continue
+        try:
+            mine, theirs = parsed(raw), parsed(given[key])
+        except YAML_VALUE_ERRORS:
+            continue
+        if mine != theirs:
+            option = flags.get(key, "a command-line option")
+            shown = item if len(item) <= 120 else item[:117] + "..."
+            raise UsageError(f"{option} and --set {shown} disagree ({option} gives {key} = {short_repr(theirs)}): "
+                             "give the setting once")
 
 
 def recipe_list() -> str:
@@ -277,5 +321,5 @@ def recipe_list() -> str:
     return format_recipe_list()
 
 
-__all__ = ["recipe_list", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict", "parse_batch", "replace", "CalibMethod",
-           "ExportTarget", "NmsFlavor"]
+__all__ = ["recipe_list", "check_option_conflicts", "Recipe", "load_recipe", "apply_overrides", "recipe_from_dict",
+           "parse_batch", "replace", "CalibMethod", "ExportTarget", "Fp16Overflow", "NmsFlavor"]

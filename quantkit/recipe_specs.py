@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from quantkit.calibrate.methods import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibMethod, MethodSettings
+from quantkit.calib_methods import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibMethod, MethodSettings
 
 
 class ExportTarget(str, enum.Enum):
@@ -14,6 +14,14 @@ class ExportTarget(str, enum.Enum):
 
     WEAK = "weak"  # FP32 tensors + Q/DQ, opset 17: TensorRT --int8 --fp16 (8.6 .. 10.x)
     STRONG = "strong"  # FP16 tensors + Q/DQ, opset 19: strongly typed builds (TensorRT >= 10.12, 11)
+
+
+class Fp16Overflow(str, enum.Enum):
+    """What the strongly typed graph does with a float constant outside FP16 range (|x| > 65504)."""
+
+    KEEP_FP32 = "keep_fp32"  # keep the constant float32; the ops reading it run FP32 behind Casts (exact)
+    CLAMP = "clamp"  # clip to +-65504, with a report line (changes what the op computes)
+    ERROR = "error"  # no strong graph (reported; exit 3 with gates.require_strong)
 
 
 class NmsFlavor(str, enum.Enum):
@@ -56,15 +64,19 @@ class PreprocessSpec:
 class CalibrationSpec:
     """Post-training calibration. ``data``: a folder of images (sub-folders included), a float32 NCHW ``.npy``, or
     an Ultralytics dataset YAML (its ``split`` images, ``train`` by default) (null: the bundled calibration set of
-    the bundled model). ``method``: max | percentile | entropy | mse. ``max_images``: how many
+    the bundled model). ``method``: auto | max | percentile | entropy | mse; ``auto`` (default) starts from mse
+    and keeps, per network, the rule with the best output SQNR on held-out calibration images. ``max_images``: how many
     images/rows to use (0: all). ``cache``: calibration cache file (null: ``$QUANTKIT_CACHE_DIR`` or
     ``~/.cache/quantkit/calibration/<key>.json``). ``deterministic``: run the calibration pass on one CPU thread
     so the amax (and the INT8 ONNX bytes) do not depend on the machine's core count (slower on many cores).
     ``trt_cache``: a TensorRT calibration cache (text, ``TRT-<version>-EntropyCalibration2``) whose scales are
-    used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation)."""
+    used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation).
+    ``trt_cache_missing``: what becomes of a quantizable tensor the cache has no scale for (a hybrid export's
+    cache lists only its INT8 layers' tensors): ``fp16`` (default) keeps the node that reads it FP16, as the
+    source did; ``calibrate`` calibrates it from ``data`` (required then). The report lists which."""
 
     data: str | None = None
-    method: CalibMethod = CalibMethod.MSE
+    method: CalibMethod = CalibMethod.AUTO
     percentile: float = DEFAULT_PERCENTILE
     num_bins: int = DEFAULT_NUM_BINS
     batch_size: int = 8
@@ -74,11 +86,14 @@ class CalibrationSpec:
     deterministic: bool = True
     split: str = "train"
     trt_cache: str | None = None
+    trt_cache_missing: str = "fp16"
 
     @property
     def settings(self) -> MethodSettings:
-        """The amax rule this section selects (validated when the recipe is built)."""
-        return MethodSettings(method=self.method, percentile=self.percentile, num_bins=self.num_bins)
+        """The amax rule this section selects (validated when the recipe is built); for ``auto``, the rule the
+        per-network choice starts from (mse), which is also what a route without that choice uses."""
+        method = CalibMethod.MSE if self.method is CalibMethod.AUTO else self.method
+        return MethodSettings(method=method, percentile=self.percentile, num_bins=self.num_bins)
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,11 @@ class ExportSpec:
     minimum torch-vs-onnxruntime output SQNR in dB, applied only when no quantized layer could be located. ``engine``: build a TensorRT engine (needs TensorRT and a GPU).
     ``nms``: also write ``*.nms.onnx`` graphs with post-processing appended (``nms_flavor``: ``onnx`` =
     NonMaxSuppression, built by TensorRT >= 10; ``efficient_nms_trt`` = the TensorRT 8.6 plugin), which
-    build_engine.sh then builds."""
+    build_engine.sh then builds. ``fp16_overflow``: float constants outside FP16 range in the strong graph (a
+    BatchNorm after a ReLU with running_var > 65504): ``keep_fp32`` (default: the ops that read them run FP32, so
+    the graph computes what the weak one does), ``clamp`` (clip to +-65504) or ``error`` (no strong graph). A
+    strong graph that fails its check is not written; the weak graph and everything else are, and report.json's
+    ``strong`` section says why (``gates.require_strong`` turns that into exit 3)."""
 
     opset: int = 17
     targets: tuple[ExportTarget, ...] = (ExportTarget.WEAK, ExportTarget.STRONG)
@@ -116,6 +135,7 @@ class ExportSpec:
     nms_iou_threshold: float = 0.7
     nms_top_k: int = 1000
     nms_max_detections: int = 300
+    fp16_overflow: Fp16Overflow = Fp16Overflow.KEEP_FP32
 
 
 @dataclass(frozen=True)
@@ -136,10 +156,12 @@ class EvaluationSpec:
 @dataclass(frozen=True)
 class GateSpec:
     """CI gates, checked after the report is written. ``max_drop``: largest allowed FP32->INT8 drop in
-    mAP50:95 points (needs evaluation data). ``min_sqnr``: smallest allowed INT8-vs-FP32 output SQNR in dB."""
+    mAP50:95 points (needs evaluation data). ``min_sqnr``: smallest allowed INT8-vs-FP32 output SQNR in dB.
+    ``require_strong``: fail (exit 3, artifacts written) when the strongly typed graph was asked for and failed."""
 
     max_drop: float | None = None
     min_sqnr: float | None = None
+    require_strong: bool = False
 
 
 DEFAULT_MIN_INT8_SHARE = 0.95  # the default export keeps >= 95 % of conv/linear MACs INT8 (issue 14)
@@ -158,7 +180,8 @@ class SensitivitySpec:
     the rest on the FP16 layers with the most measured SQNR gain per MAC
     (``sensitivity.select.choose_for_int8_share``); it drives the automatic choice when no accuracy budget
     (``gates.max_drop`` with evaluation data, ``sqnr_floor``) is given. null (or ``auto: false``): no automatic
-    FP16 layers without an accuracy budget; 1.0 still keeps MAC-free layers (residual adds) FP16 where they gain."""
+    FP16 layers without an accuracy budget. A residual Add kept FP16 spends the MAC-equivalent of the conv+add
+    fusion it breaks, and a layer is kept only if it recovers >= 0.05 dB (``sensitivity.select.MIN_RECOVERY_DB``)."""
 
     enabled: bool = False
     num_images: int = 8

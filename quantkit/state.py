@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from quantkit.calibrate.driver import CalibrationResult
     from quantkit.data.calib import CalibrationData
     from quantkit.data.preprocess import Preprocess
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.exporter.layer_parity import LayerParity
     from quantkit.exporter.parity import ParityResult, References
     from quantkit.ptq import PtqReport
@@ -58,6 +58,7 @@ class Calibration:
     result: CalibrationResult
     chosen_amax: dict[str, float]
     cache: dict
+    method: str | None = None  # the method key in use when a pass chose it per network (None: the recipe's)
 
 
 @dataclass
@@ -88,6 +89,8 @@ class QuantState:
     selection: SensitivityOutcome | None = None
     ptq: PtqReport | None = None  # what the accuracy passes (recipe.ptq) did, once they ran
     eval_dataset: CocoDataset | None = None  # the evaluation set at evaluation.max_images, opened once
+    passes: dict | None = None  # the guarded PTQ steps (``ptq.guard.run_passes``): tried, kept/reverted, dB
+    passes_seconds: dict | None = None  # wall time per guarded step and of the guard (run record only)
 
 
 @dataclass

@@ -6,7 +6,7 @@ Entry: :func:`calibrate` (prepared model + data + ``CalibrationSpec`` -> ``Calib
 
 def calibrate(*args, **kwargs):
     """See :func:`quantkit.calibrate.run.calibrate` (imported on first use: the recipe imports
-    ``quantkit.calibrate.methods``, which must not pull the whole stage in)."""
+    ``quantkit.calib_methods``, which must not pull the whole stage in)."""
     from quantkit.calibrate.run import calibrate as _calibrate
 
     return _calibrate(*args, **kwargs)

@@ -148,7 +148,7 @@ class CalibrationCache:
         """
         self.last_reason = None
         if not self.path.exists():
-            self._miss(f"no cache file at {self.path} (first run)", logging.INFO)
+            self._miss("no cache file yet (first run)", logging.INFO)  # _miss names the path once
             return None
         try:
             if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO or device would block or never end
@@ -156,7 +156,7 @@ class CalibrationCache:
                 return None
             raw = self.path.read_bytes()
         except OSError as exc:
-            self._miss(f"cannot read the file ({exc})")
+            self._miss(f"cannot read the file ({exc.strerror or type(exc).__name__})")  # str(exc) repeats the path
             return None
         try:
             doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)

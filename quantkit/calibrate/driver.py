@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from quantkit.calibrate.histogram import HistogramCollector, SharedBatchStats
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, ModelError
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.utils import interrupt
 from quantkit.utils.progress import progress_bar
+from quantkit.quote import cap
 
 PERCENTILES = (99.9, 99.99, 99.999)
 
@@ -64,7 +65,7 @@ class CalibrationResult:
         values = self.tensors[name]
         key = method_key(settings)
         if key not in values:
-            raise CalibrationError(f"no '{key}' amax recorded for {name}; recalibrate (delete the cache)")
+            raise CalibrationError(f"no '{key}' amax recorded for {cap(name)}; recalibrate (delete the cache)")
         return values[key]
 
     def as_dict(self) -> dict:
@@ -153,7 +154,7 @@ def apply_calibration(model: nn.Module, result: CalibrationResult, settings: Met
     chosen = {}
     for name, q in _activation_quantizers(model):
         if name not in result.tensors:
-            raise CalibrationError(f"no calibration for {name}: the calibration result does not match the model; "
+            raise CalibrationError(f"no calibration for {cap(name)}: the calibration result does not match the model; "
                                    "recalibrate (delete the calibration cache)")
         amax = result.amax_for(name, settings)
         if not (amax > 0 and amax < float("inf")):

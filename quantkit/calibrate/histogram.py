@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from quantkit.calibrate import search
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, UsageError
+from quantkit.quote import qcap
 
 _STATE_VERSION = 1
 _CHUNK = 1 << 18  # elements per scratch chunk (1 MiB of float32: stays in cache between the passes over it)
@@ -280,7 +281,7 @@ class HistogramCollector:
     def _require_data(self) -> None:
         if self._amax is None:
             raise CalibrationError(
-                f"no data was collected for tensor {self.name!r}: the calibration loop never reached it "
+                f"no data was collected for tensor {qcap(self.name)}: the calibration loop never reached it "
                 "(check that the layer runs in forward and that the loader is not empty)"
             )
 
@@ -323,7 +324,7 @@ class HistogramCollector:
                 _check_finite(float(amax), self.name, "stored amax")
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(
-                f"histogram state for tensor {self.name!r} is unusable ({exc}): delete the calibration cache"
+                f"histogram state for tensor {qcap(self.name)} is unusable ({exc}): delete the calibration cache"
             ) from exc
         self.num_bins, self.max_bins = int(state["num_bins"]), int(state["max_bins"])
         self._counts, self._width = tensor, None if width is None else float(width)
@@ -362,7 +363,7 @@ class MaxCollector:
             amax = a.max() if a.numel() else torch.zeros(())
         else:
             if a.dim() == 0:
-                raise CalibrationError(f"tensor {self.name!r} is a scalar: use axis=None for a per-tensor amax")
+                raise CalibrationError(f"tensor {qcap(self.name)} is a scalar: use axis=None for a per-tensor amax")
             axis = self.axis % a.dim()
             dims = [d for d in range(a.dim()) if d != axis]
             amax = a.amax(dim=dims, keepdim=True) if dims else a.clone()
@@ -371,7 +372,7 @@ class MaxCollector:
             self._amax = amax
         elif self._amax.shape != amax.shape:
             raise CalibrationError(
-                f"tensor {self.name!r} changed shape between batches ({tuple(self._amax.shape)} -> "
+                f"tensor {qcap(self.name)} changed shape between batches ({tuple(self._amax.shape)} -> "
                 f"{tuple(amax.shape)}): per-channel amax needs a fixed channel count"
             )
         else:
@@ -380,7 +381,7 @@ class MaxCollector:
     def compute_amax(self) -> torch.Tensor:
         """The running amax (float32 tensor, see the class docstring for its shape)."""
         if self._amax is None:
-            raise CalibrationError(f"no data was collected for tensor {self.name!r}")
+            raise CalibrationError(f"no data was collected for tensor {qcap(self.name)}")
         return self._amax.clone()
 
     def state_dict(self) -> dict[str, Any]:
@@ -396,4 +397,4 @@ class MaxCollector:
             amax = None if state["amax"] is None else torch.tensor(state["amax"], dtype=torch.float32)
             self._amax = None if amax is None else amax.reshape(state["shape"])
         except (KeyError, TypeError, RuntimeError) as exc:
-            raise CalibrationError(f"max state for tensor {self.name!r} is unusable ({exc})") from exc
+            raise CalibrationError(f"max state for tensor {qcap(self.name)} is unusable ({exc})") from exc

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import click
 
-from quantkit import __version__
-from quantkit.cli.common import CONTEXT, EXIT_CODES_HELP
+from quantkit.version import __version__
+from quantkit.cli.common import CONTEXT, EXIT_CODES_HELP, QuantkitGroup
 from quantkit.cli.engine import build_cmd, eval_cmd
 from quantkit.cli.export import export_cmd
 from quantkit.cli.inspect import layers_cmd, lint_cmd, models_cmd, recipes_cmd, verify_cmd
 from quantkit.cli.sensitivity import sensitivity_cmd
 
 
-@click.group(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+@click.group(cls=QuantkitGroup, context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="quantkit")
 def main() -> None:
     """quantkit: INT8 post-training quantization of QA-RepVGG / YOLO-NAS detectors to TensorRT-ready Q/DQ ONNX."""

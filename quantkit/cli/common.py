@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import traceback
 
 import click
 
-from quantkit.errors import QuantkitError, UsageError
+from quantkit.errors import QuantkitError, StorageError, UsageError, is_disk_full
 from quantkit.utils import interrupt
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_GATE, EXIT_CHECK = 0, 1, 2, 3, 4
@@ -24,6 +25,42 @@ Exit codes:
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
+def _lowercase_show(exc: click.ClickException):
+    """``exc.show`` writing click's ``Error: ...`` line as ``error: ...``, the form of every quantkit error."""
+    original = exc.show
+
+    def show(file=None) -> None:
+        buf = io.StringIO()
+        original(file=buf)
+        lines = buf.getvalue().split("\n")
+        for i, line in enumerate(lines):  # click's line follows its usage lines; the message itself is kept
+            if line.startswith("Error: "):
+                lines[i] = "error: " + line[len("Error: "):]
+                break
+        click.echo("\n".join(lines), file=file or sys.stderr, nl=False)
+
+    return show
+
+
+class QuantkitGroup(click.Group):
+    """click's own usage errors (unknown option, bad value) print ``Error: ...``; quantkit's print ``error: ...``.
+    This group gives click's the same lowercase prefix, so every error starts the same way."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.show = _lowercase_show(exc)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            exc.show = _lowercase_show(exc)
+            raise
+
+
 def setup_logging(verbose: bool) -> None:
     """Log lines ``quantkit: ...`` to stderr; DEBUG with ``-v``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -34,9 +71,24 @@ def setup_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
+def as_user_error(exc: BaseException) -> BaseException:
+    """A full disk or quota met outside the output folder (the calibration cache, TMPDIR, a library's scratch
+    file) is the environment, not a bug: a StorageError naming the file and the fix. Other errors unchanged."""
+    from quantkit.quote import cap
+
+    if is_disk_full(exc):
+        where = f" writing {cap(exc.filename)}" if exc.filename else ""
+        return StorageError(f"no space left on device{where} ({exc.strerror}): free disk space there (the "
+                            "temporary folder counts too: set TMPDIR to a disk with room) and rerun")
+    return exc
+
+
 def _fail(exc: BaseException) -> None:
-    if isinstance(exc, QuantkitError):
-        click.secho(f"error: {exc}", fg="red", err=True)
+    from quantkit.quote import printable
+
+    exc = as_user_error(exc)
+    if isinstance(exc, QuantkitError):  # a non-UTF-8 file name in the message shows its bytes as \xNN
+        click.secho(f"error: {printable(exc)}", fg="red", err=True)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):  # SIGINT or SIGTERM (utils.interrupt): 130 or 143
         click.secho(f"interrupted ({interrupt.signal_name()}): no partial output was left behind", fg="red", err=True)
@@ -64,8 +116,14 @@ def yaml_str(s: str) -> str:
 
 def overrides(pairs) -> list[str]:
     """``section.key=value`` strings for the options that were given (None = not given)."""
+    from quantkit.quote import cap, printable
+
     out = []
     for key, value in pairs:
+        if isinstance(value, str) and printable(value) != value:
+            raise UsageError(f"{key} '{cap(printable(value))}' is not valid UTF-8 (a name in another encoding): quantkit "
+                             "keeps paths in its recipe and reports as UTF-8 text; rename it, or link it under a "
+                             "UTF-8 name (ln -s)")
         if value is not None:
             out.append(f"{key}={yaml_str(value) if isinstance(value, str) else value}")
     return out

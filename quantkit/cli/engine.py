@@ -9,35 +9,72 @@ from quantkit.cli.common import run_guarded
 
 @click.command("eval", epilog="""\b
 Examples:
-  quantkit eval out/                                # bundled model: uses the bundled held-out set
-  quantkit eval out/ --data my_coco/ --json out_eval.json
+  quantkit eval out/                                # the data the export was scored on (bundled: held-out set)
+  quantkit eval out/ --eval my_coco/ --json out_eval.json
+  quantkit eval out/ --eval images/ --eval-annotations labels.json
+  quantkit eval out/ --data data.yaml               # a dataset YAML: its val split (evaluation.split)
   quantkit eval out/ --model net.py:build           # a user model: name its file again to run it
+
+\b
+Evaluation data flags mean the same on export, sensitivity and eval: --eval DATA is held-out evaluation data
+(COCO folder, images + --eval-annotations, or a dataset YAML); --data data.yaml is a dataset YAML feeding
+calibration and evaluation (eval only scores, so only its val split is read). `eval --data DIR` with a folder
+still works but is deprecated: use --eval DIR.
+
+\b
+An export from an FP32 ONNX file (quantkit export model.onnx) has no torch model: eval scores model.onnx and
+model.int8.onnx in onnxruntime and prints the FP32 torch row as n/a.
 
 \b
 Security: loading a model given as module.py:factory (or package.module:function) imports and runs that
 code with your permissions. eval never runs code named in OUT_DIR/recipe.resolved.yaml on its own: name the
 same model with --model (you vouch for the file you name), or pass --trust-recipe to run the recorded one.""")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--data", type=click.Path(), help="COCO folder (annotations.json + images/); default: the recipe's.")
+@click.option("--eval", "eval_data", type=click.Path(), help="Held-out evaluation data: COCO folder "
+              "(annotations.json + images/), images folder with --eval-annotations, or a dataset YAML. "
+              "[default: the data the export was scored on; the bundled held-out set for the bundled model]")
+@click.option("--eval-annotations", type=click.Path(dir_okay=False),
+              help="COCO annotations JSON for --eval IMAGES_DIR (when it is not IMAGES_DIR/annotations.json).")
+@click.option("--data", "data", type=click.Path(), help="Dataset YAML (its val split). A folder here is the "
+              "deprecated spelling of --eval DIR.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
 @click.option("--max-images", type=int, default=0, show_default=True, help="Evaluate only the first N images (0 = all).")
 @click.option("--model", "model", help="The recorded user model (path/to/file.py:factory) named again: needed to "
               "rebuild a user model, since loading it executes that file's code.")
 @click.option("--trust-recipe", is_flag=True, help="Import and run the model code named in OUT_DIR's recipe without "
               "naming it (only for folders you made or trust).")
-def eval_cmd(out_dir, data, json_path, max_images, model, trust_recipe):
+def eval_cmd(out_dir, eval_data, eval_annotations, data, json_path, max_images, model, trust_recipe):
     """mAP of the FP32 torch model, model.onnx and model.int8.onnx of an export folder, with one decode + NMS."""
     def _run():
         from quantkit.pipeline import run_eval
         from quantkit.utils.atomic import atomic_write_json
 
-        results = run_eval(out_dir, data, max_images, model=model, trust_recipe=trust_recipe)
+        results = run_eval(out_dir, eval_data_choice(eval_data, data), max_images, model=model,
+                           trust_recipe=trust_recipe, annotations=eval_annotations)
         for key in ("fp32_torch", "fp32_onnx", "int8_onnx"):
-            click.echo(f"{key:<11} mAP50:95 {results[key]['map50_95']:.4f}  mAP50 {results[key]['map50']:.4f}")
+            row = results[key]
+            if row["map50_95"] is None:  # the ONNX route has no torch model: said, not faked
+                click.echo(f"{key:<11} n/a ({row.get('note', 'not measured')})")
+                continue
+            click.echo(f"{key:<11} mAP50:95 {row['map50_95']:.4f}  mAP50 {row['map50']:.4f}")
         click.echo(f"INT8 drop: {results['drop_map50_95_points']:.2f} mAP50:95 points")
         if json_path:
             atomic_write_json(json_path, results)
     run_guarded(_run)
+
+
+def eval_data_choice(eval_data: str | None, data: str | None) -> str | None:
+    """The evaluation data of ``quantkit eval``: ``--eval``, or ``--data`` (a dataset YAML; a folder there is the
+    old spelling of ``--eval``, accepted with a deprecation warning). Both: UsageError (exit 2)."""
+    from quantkit.errors import UsageError
+
+    if eval_data and data:
+        raise UsageError("--eval and --data both name evaluation data: give one (--eval DATA for held-out data, "
+                         "--data data.yaml for a dataset YAML)")
+    if data and not str(data).lower().endswith((".yaml", ".yml")):
+        click.secho(f"warning: `quantkit eval --data {data}` is deprecated: use --eval {data} (on every command "
+                    "--eval is held-out evaluation data and --data a dataset YAML)", fg="yellow", err=True)
+    return eval_data or data
 
 
 @click.command("build", epilog="""\b

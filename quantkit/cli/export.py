@@ -6,22 +6,31 @@ import sys
 
 import click
 
-from quantkit.cli.common import (EXIT_CODES_HELP, names_model, one_model, overrides, run_guarded, setup_logging,
-                                 yaml_str)
+from quantkit.cli.common import (EXIT_CODES_HELP, as_user_error, names_model, one_model, overrides, run_guarded,
+                                 setup_logging, yaml_str)
 from quantkit.errors import UsageError
-from quantkit.recipe import CalibMethod
+from quantkit.recipe import CalibMethod, check_option_conflicts
 
 EXPORT_EPILOG = """\b
 Examples:
   quantkit export                                   # bundled tree detector + bundled calibration tiles
   quantkit export yolo_nas_s --weights ckpt.pth --calib images/ --out out/
   quantkit export --model net.py:build --weights net.pt --calib data.npy --out out/
-  quantkit export --recipe yolo_nas_s --set calibration.method=mse --out out/   # a shipped recipe, by name
+  quantkit export --recipe yolo_nas_s --calib images/ --set calibration.method=mse --out out/   # a shipped recipe
   quantkit export --eval evaldata/trees_holdout --max-drop 0.3 --out out/   # auto FP16 selection + CI gate
+  quantkit export yolo_nas_s --data data.yaml --out out/   # dataset YAML: calibrate on train, score on val
+  quantkit export model.onnx --calib images/ --eval coco/ --out out/         # FP32 ONNX in, scored in onnxruntime
   quantkit export --full-int8 --set ptq.bias_correction=false --set calibration.method=entropy   # plain PTQ
 
 \b
-Default accuracy methods (each can be turned off): mse calibration, empirical bias correction
+Data flags (the same on export, sensitivity and eval): --calib DATA calibrates; --eval DATA is held-out
+evaluation data (COCO folder, images + --eval-annotations, or a dataset YAML's val split); --data data.yaml is
+a dataset YAML feeding both (train split -> calibration, val split -> evaluation) unless --calib / --eval say
+otherwise.
+
+\b
+Default accuracy methods (each can be turned off; each kept only when it raises the output SQNR on held-out
+calibration images): calibration method chosen per network, empirical bias correction
 (ptq.bias_correction), and automatic FP16 for the layers with the most measured output-SQNR gain per MAC while
 >= 95 % of the conv/linear MACs stay INT8 (sensitivity.min_int8_share; --full-int8 turns it off). The report
 lists the INT8 share, every FP16 layer and why.
@@ -42,22 +51,28 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--model", "model_opt", help="Registered model name (see `quantkit models`) or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
-@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, or a float32 NCHW .npy.")
+@click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, a float32 .npy (N, ...) such as NCHW "
+              "images or (N, L) audio frames, or a .npz of float32 arrays named after the model's forward arguments "
+              "(several inputs; MODEL.onnx: keyed by the ONNX input name). Fewer than 32 images "
+              "(calibration.max_images included) calibrate with a warning: ranges from so few vary.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="YAML recipe file, or a shipped recipe's name (trees, yolo_nas_s, ...: `quantkit recipes`).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field; repeatable.")
-@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, mse]")
+@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, auto: the best by "
+              "held-out output SQNR]")
 @click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
               "detector: 320x320]")
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")
-@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder (annotations.json + images/) for "
-              "mAP. [default: the bundled held-out set for the bundled model, else none]")
+@click.option("--eval", "eval_data", type=click.Path(), help="Held-out evaluation data for mAP: COCO folder "
+              "(annotations.json + images/), images folder with --eval-annotations, or a dataset YAML (val split). "
+              "[default: the bundled held-out set for the bundled model, else none]")
 @click.option("--eval-annotations", type=click.Path(dir_okay=False),
               help="COCO annotations JSON for --eval IMAGES_DIR (when it is not IMAGES_DIR/annotations.json).")
 @click.option("--data", "data_yaml", type=click.Path(dir_okay=False),
-              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val.")
+              help="Ultralytics dataset YAML (YOLO txt labels): calibrate on its train split, evaluate on val "
+              "(--calib / --eval override either).")
 @click.option("--device", help="Where calibration, sensitivity and torch evaluation run: cpu or cuda[:N]. "
               "[default: cpu]")
 @click.option("--skip", multiple=True, help="Glob of layer names (or type:Name) kept out of INT8; repeatable.")
@@ -72,12 +87,18 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--full-int8", is_flag=True, help="No automatic FP16 layers under the INT8-share budget: every "
               "quantizable layer INT8 unless --skip or an accuracy budget keeps it float.")
 @click.option("--min-sqnr", type=float, help="Gate: fail (exit 3) if INT8-vs-FP32 output SQNR is below this (dB).")
+@click.option("--fp16-overflow", type=click.Choice(["keep_fp32", "clamp", "error"]), help="Strong (FP16) graph: "
+              "float constants beyond FP16's 65504 (a BatchNorm's running_var) keep their ops FP32, are clipped, or "
+              "drop the strong graph (reported; the weak graph is written either way). [default: keep_fp32]")
+@click.option("--require-strong", is_flag=True, help="Gate: fail (exit 3, artifacts written) if the strongly typed "
+              "graph fails its check or cannot be converted.")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Calibration cache file to reuse between jobs. "
               "[default: $QUANTKIT_CACHE_DIR or ~/.cache/quantkit/calibration/<key>.json]")
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
 @click.option("--trt-calib-cache", type=click.Path(dir_okay=False),
               help="TensorRT calibration cache (TRT-<ver>-EntropyCalibration2 text): use its scales instead of "
-              "calibrating (MODEL.onnx only).")
+              "calibrating (MODEL.onnx only). Layers whose input has no scale (a hybrid export's FP16 layers) stay "
+              "FP16; --set calibration.trt_cache_missing=calibrate calibrates them from --calib instead.")
 @click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
 @click.option("--target", help="Engine target GPU: t4 (compute capability 7.5) or any. [default: t4]")
 @click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")
@@ -98,6 +119,19 @@ def export_cmd(**a):
     run_guarded(_export, a)
 
 
+# recipe key -> the export option(s) that set it (for the message when a --set disagrees with one)
+OPTION_KEYS = {
+    "model.name": "MODEL / --model", "model.weights": "--weights", "model.num_classes": "--num-classes",
+    "calibration.data": "--calib / --data", "calibration.method": "--method", "input.batch": "--batch",
+    "evaluation.data": "--eval / --data", "gates.max_drop": "--max-drop", "gates.min_sqnr": "--min-sqnr",
+    "calibration.cache": "--calib-cache", "calibration.trt_cache": "--trt-calib-cache", "export.target": "--target",
+    "sensitivity.min_int8_share": "--min-int8-share / --full-int8", "evaluation.annotations": "--eval-annotations",
+    "runtime.device": "--device", "input.size": "--input-size", "quantization.skip": "--skip",
+    "calibration.use_cache": "--no-cache", "export.engine": "--engine", "export.nms": "--nms",
+    "sensitivity.enabled": "--sensitivity",
+}
+
+
 def recipe_overrides(a: dict) -> list[str]:
     """The ``--set`` strings equivalent to the export options that were given."""
     sets = overrides((
@@ -107,6 +141,7 @@ def recipe_overrides(a: dict) -> list[str]:
         ("gates.max_drop", a["max_drop"]), ("gates.min_sqnr", a["min_sqnr"]), ("calibration.cache", a["calib_cache"]),
         ("calibration.trt_cache", a["trt_calib_cache"]),
         ("export.target", a["target"]), ("sensitivity.min_int8_share", a["min_int8_share"]),
+        ("export.fp16_overflow", a["fp16_overflow"]),
     ))
     if a["full_int8"] and a["min_int8_share"] is not None:
         raise UsageError("--full-int8 and --min-int8-share contradict each other: give one")
@@ -124,6 +159,7 @@ def recipe_overrides(a: dict) -> list[str]:
         sets.append("quantization.skip=[" + ", ".join(yaml_str(s) for s in a["skip"]) + "]")
     for flag, setting in (("no_cache", "calibration.use_cache=false"), ("engine", "export.engine=true"),
                           ("nms", "export.nms=true"), ("sensitivity_flag", "sensitivity.enabled=true"),
+                          ("require_strong", "gates.require_strong=true"),
                           ("full_int8", "sensitivity.min_int8_share=null")):
         if a[flag]:
             sets.append(setting)
@@ -134,17 +170,27 @@ def _export(a: dict) -> None:
     """With --json, one summary line on stdout, also for a failed run (then the error propagates)."""
     from quantkit.cli.summary import error_summary, export_summary, summary_line
     from quantkit.errors import QuantkitError
-    from quantkit.pipeline import run_export
+    from quantkit.utils.progress import heartbeat
+
+    with heartbeat("loading torch"):  # 5-30 s on a busy machine, before any stage can say anything
+        from quantkit.pipeline import run_export
     from quantkit.recipe import load_recipe
 
     try:
-        recipe = load_recipe(a["recipe_path"], [*a["sets"], *recipe_overrides(a)])
+        options = recipe_overrides(a)
+        check_option_conflicts(a["sets"], options, OPTION_KEYS)
+        recipe = load_recipe(a["recipe_path"], [*a["sets"], *options])
         result = run_export(recipe, a["out_dir"], force=a["force"], progress=True, command_line=list(sys.argv),
                             recipe_path=a["recipe_path"], trust_recipe=a["trust_recipe"],
                             model_named=names_model(one_model(a["model_arg"], a["model_opt"]), a["sets"]))
-    except QuantkitError as exc:
-        if a["json_out"]:
-            click.echo(summary_line(error_summary("export", exc.exit_code, str(exc))))
+    except Exception as exc:  # noqa: BLE001 - re-raised; a full disk outside --out is a user error too
+        err = as_user_error(exc)
+        written = getattr(err, "result", None)  # a failed gate: the artifacts and report were written
+        if a["json_out"] and isinstance(err, QuantkitError):
+            click.echo(summary_line(export_summary(written, str(err)) if written is not None
+                                    else error_summary("export", err.exit_code, str(err))))
+        elif written is not None:
+            _print_summary(written)
         raise
     if a["json_out"]:
         click.echo(summary_line(export_summary(result)))
@@ -153,12 +199,17 @@ def _export(a: dict) -> None:
 
 
 def _print_summary(result) -> None:
+    from quantkit.cli.summary import gate_verdict
+
     r = result.report
     acc = r["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
     par = r["parity"]["int8_onnx_vs_torch_fakequant"]["worst_db"]
     click.echo(f"artifacts: {result.out_dir}/ ({', '.join(result.files)})")
     ref = "float Q/DQ reference" if r.get("route") == "onnx" else "torch fake-quant"
     click.echo(f"INT8 vs FP32 output SQNR: {acc} dB (calibration inputs); onnxruntime vs {ref}: {par} dB")
+    share = (r.get("int8_mac_share") or {}).get("share")
+    if share is not None:
+        click.echo(f"INT8 share of conv/linear MACs (counted in model.int8.onnx): {100 * share:.2f} %")
     click.echo(f"sizes: model.onnx {r['onnx']['sizes_bytes']['model.onnx']:,} B, model.int8.onnx "
                f"{r['onnx']['sizes_bytes']['model.int8.onnx']:,} B (ratio {r['onnx']['int8_size_ratio']})")
     ev = r.get("evaluation")
@@ -166,3 +217,8 @@ def _print_summary(result) -> None:
         click.echo(f"held-out mAP50:95 / mAP50: FP32 {ev['fp32_onnx']['map50_95']:.4f} / {ev['fp32_onnx']['map50']:.4f}"
                    f"  INT8 {ev['int8_onnx']['map50_95']:.4f} / {ev['int8_onnx']['map50']:.4f}"
                    f"  (drop {ev['drop_map50_95_points']:.2f} mAP50:95 points)")
+    fp16 = [row["name"] for row in r.get("layers", []) if row.get("precision") != "int8"]
+    share = (r.get("int8_mac_share") or {}).get("share")
+    click.echo(f"FP16 layers: {len(fp16)}" + (f" (INT8 share of conv/linear MACs {100 * share:.2f} %)"
+                                               if share is not None else "") + "; report.md lists them and why")
+    click.echo(gate_verdict(r)[1])  # always the last line: CI logs end with the verdict

@@ -13,6 +13,11 @@ Examples:
   quantkit sensitivity yolo_nas_s --weights ckpt.pth --calib images/ --out sens/ --num-images 8
   quantkit sensitivity --eval evaldata/trees_holdout --max-drop 0.5 --out sens/   # also pick FP16 layers
   quantkit sensitivity --model net.py:build --calib data.npy --sqnr-floor 30 --out sens/
+  quantkit sensitivity yolo_nas_s --data data.yaml --out sens/    # dataset YAML: train -> calib, val -> mAP
+
+\b
+Data flags mean the same as on export and eval: --calib DATA calibrates, --eval DATA is held-out evaluation
+data, --data data.yaml feeds both (--calib / --eval override either).
 
 \b
 Writes sensitivity.json (analysis, cost estimate, selection) and sensitivity.png into --out.
@@ -28,8 +33,13 @@ only when you name that model again with --model, or pass --trust-recipe."""
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @click.option("--model", "model_opt", help="Registered model name or path/to/file.py:factory.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or checkpoint (.pt/.pth).")
-@click.option("--calib", type=click.Path(), help="Folder of images, or a float32 NCHW .npy.")
-@click.option("--eval", "eval_data", type=click.Path(), help="COCO-format folder for mAP sensitivities.")
+@click.option("--calib", type=click.Path(), help="Folder of images, a float32 .npy (N, ...), or a .npz of named inputs.")
+@click.option("--eval", "eval_data", type=click.Path(), help="Held-out evaluation data for mAP sensitivities: COCO "
+              "folder, images folder with --eval-annotations, or a dataset YAML (val split).")
+@click.option("--eval-annotations", type=click.Path(dir_okay=False),
+              help="COCO annotations JSON for --eval IMAGES_DIR (when it is not IMAGES_DIR/annotations.json).")
+@click.option("--data", "data_yaml", type=click.Path(dir_okay=False),
+              help="Ultralytics dataset YAML: calibrate on its train split, score mAP on val.")
 @click.option("--eval-images", type=int, help="Images of --eval scored per layer (0: all). [default: recipe's "
               "sensitivity.eval_images, 8]")
 @click.option("--out", "out_dir", default="sensitivity", show_default=True, type=click.Path(file_okay=False),
@@ -53,8 +63,11 @@ def sensitivity_cmd(**a):
 
 
 def _sensitivity(a: dict) -> None:
-    from quantkit.pipeline import run_sensitivity
-    from quantkit.recipe import load_recipe
+    from quantkit.utils.progress import heartbeat
+
+    with heartbeat("loading torch"):  # 5-30 s on a busy machine, before any stage can say anything
+        from quantkit.pipeline import run_sensitivity
+    from quantkit.recipe import check_option_conflicts, load_recipe
 
     for opt, low in (("num_images", 1), ("eval_images", 0), ("top", 1)):
         if a[opt] is not None and a[opt] < low:
@@ -66,6 +79,16 @@ def _sensitivity(a: dict) -> None:
         ("gates.max_drop", a["max_drop"]),
         ("sensitivity.sqnr_floor", a["sqnr_floor"]), ("runtime.device", a["device"]),
     ))
+    if a["data_yaml"]:  # as on export: --data feeds calibration and evaluation unless --calib / --eval say otherwise
+        sets += overrides((("calibration.data", a["data_yaml"] if a["calib"] is None else None),
+                           ("evaluation.data", a["data_yaml"] if a["eval_data"] is None else None)))
+    sets += overrides((("evaluation.annotations", a["eval_annotations"]),))
+    check_option_conflicts(a["sets"], sets, {
+        "model.name": "MODEL / --model", "model.weights": "--weights", "calibration.data": "--calib / --data",
+        "evaluation.data": "--eval / --data", "sensitivity.num_images": "--num-images",
+        "sensitivity.eval_images": "--eval-images", "gates.max_drop": "--max-drop",
+        "sensitivity.sqnr_floor": "--sqnr-floor", "runtime.device": "--device",
+        "evaluation.annotations": "--eval-annotations"})
     recipe = load_recipe(a["recipe_path"], [*a["sets"], *sets])
     run = run_sensitivity(recipe, a["out_dir"], force=a["force"], top=a["top"], recipe_path=a["recipe_path"],
                           trust_recipe=a["trust_recipe"],

@@ -30,9 +30,28 @@ def configure_output(*, quiet: bool = False, json_summary: bool = False, verbose
         set_progress_mode(ProgressMode.AUTO)
 
 
-def export_summary(result) -> dict:
+GATES_PASSED, GATES_FAILED, NO_GATES = "passed", "failed", "no gates set"
+
+
+def gate_verdict(report: dict) -> tuple[str, str]:
+    """(verdict, the human summary's closing line) from a report's ``gates`` section: ``passed``, ``failed`` or
+    ``no gates set`` (neither gates.max_drop nor gates.min_sqnr given)."""
+    g = report.get("gates") or {}
+    limits = [f"{name} {g[key]}{unit}" for key, name, unit in (("max_drop", "--max-drop", " mAP50:95 points"),
+                                                                ("min_sqnr", "--min-sqnr", " dB"))
+              if g.get(key) is not None]
+    if g.get("failures"):
+        return GATES_FAILED, "gates: FAILED: " + "; ".join(g["failures"])
+    if not limits:
+        return NO_GATES, "gates: none set (add --max-drop POINTS with --eval, or --min-sqnr DB, to gate CI)"
+    return GATES_PASSED, "gates: passed (" + ", ".join(limits) + ")"
+
+
+def export_summary(result, error: str | None = None) -> dict:
     """The ``--json`` summary of a finished export (an ``ExportResult``): where the files are, the measured
-    SQNR (dB), parity (dB), sizes (bytes), held-out mAP50:95 (fractions) and drop (points), gates, notes."""
+    SQNR (dB), parity (dB), sizes (bytes), held-out mAP50:95 (fractions) and drop (points), the layers kept FP16
+    (names), the INT8 share of the weighted-op MACs counted on model.int8.onnx (0..1, null where not measured),
+    the gates with their verdict, notes. ``error``: the gate failure's message when a gate failed (exit 3)."""
     r = result.report
     ev = r.get("evaluation")
     evaluation = None
@@ -41,7 +60,8 @@ def export_summary(result) -> dict:
                       "int8_map50_95": ev["int8_onnx"]["map50_95"], "fp32_map50": ev["fp32_onnx"]["map50"],
                       "int8_map50": ev["int8_onnx"]["map50"], "drop_map50_95_points": ev["drop_map50_95_points"]}
     gates = r.get("gates") or {}
-    return {
+    share = r.get("int8_mac_share") or {}
+    out = {
         "summary_version": SUMMARY_VERSION,
         "command": "export",
         "ok": not result.gate_failures,
@@ -53,13 +73,23 @@ def export_summary(result) -> dict:
         "sizes_bytes": r["onnx"]["sizes_bytes"],
         "int8_size_ratio": r["onnx"]["int8_size_ratio"],
         "evaluation": evaluation,
-        "gates": {"passed": gates.get("passed", True), "failures": gates.get("failures", [])},
+        "gates": {"passed": gates.get("passed", True), "failures": gates.get("failures", []),
+                  "verdict": gate_verdict(r)[0], "max_drop": gates.get("max_drop"), "min_sqnr": gates.get("min_sqnr")},
+        "fp16_layers": [row["name"] for row in r.get("layers", []) if row.get("precision") != "int8"],
+        "int8_mac_share": share.get("share"),  # from model.int8.onnx's weighted ops
         "notes": list(r.get("notes", [])),
+        "strong": ({k: r["strong"].get(k) for k in ("status", "file", "failure")} if r.get("strong") else None),
     }
+    if error is not None:
+        out["error"] = error
+    return out
 
 
 def error_summary(command: str, exit_code: int, message: str) -> dict:
     """The ``--json`` summary of a command that failed with ``exit_code`` (the message names the fix)."""
+    from quantkit.quote import printable
+
+    message = printable(message)  # UTF-8-clean: a non-UTF-8 file name shows its bytes as \xNN
     return {"summary_version": SUMMARY_VERSION, "command": command, "ok": False, "exit_code": exit_code,
             "error": message}
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from quantkit.errors import DataError
+from quantkit.quote import cap, printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -18,6 +19,7 @@ def list_images(directory: str | Path) -> list[Path]:
 
     Sub-folders are searched recursively (``train/cat/1.jpg`` counts); hidden files and folders (``.x``) are
     skipped, and symbolic links to folders are not followed (no loops). A flat folder lists exactly its files.
+    A (non-hidden) sub-folder that cannot be read is a DataError naming it, not a silent gap in the data.
     """
     d = Path(directory)
     if not d.exists():
@@ -25,7 +27,15 @@ def list_images(directory: str | Path) -> list[Path]:
     if not d.is_dir():
         raise DataError(f"{d} is not a directory: pass a folder of .jpg/.png images or a .npy file")
     found: list[tuple[str, Path]] = []
-    for folder, subdirs, names in os.walk(d):  # followlinks=False
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip the folder: calibration on part of the data
+        where = Path(exc.filename if exc.filename is not None else d)
+        what = f"the data folder {printable(d)}" if where == d else f"the folder {printable(where)} inside {printable(d)}"
+        raise DataError(f"cannot read {what} ({exc.strerror}): its "
+                        "images would be left out silently. Make it readable (chmod -R a+rX) or move it out of "
+                        "the data folder") from None
+
+    for folder, subdirs, names in os.walk(d, onerror=unreadable):  # followlinks=False
         subdirs[:] = [s for s in subdirs if not s.startswith(".")]
         base = Path(folder)
         for name in names:
@@ -57,7 +67,17 @@ def load_image(path: str | Path) -> np.ndarray:
         raise DataError(f"image {path} is too large to decode safely ({exc}); downscale it (calibration resizes "
                         "to the model's input size anyway)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}. Remove or replace the corrupt file") from exc
+        raise DataError(f"cannot read image {printable(path)}: {_reason(exc)}. Remove or replace the corrupt "
+                        "file") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """Why Pillow failed, without its repr of the path (which spells a non-UTF-8 name as ``\\udcNN``)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can identify"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return cap(exc)
 
 
 def _gray16_to_rgb8(arr: np.ndarray, path) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Opening the data a user hands over, in any of the field's conventions, behind two entry functions.
 
-* :func:`open_calibration_source` — calibration: an image folder (searched recursively), a float32 NCHW ``.npy``,
+* :func:`open_calibration_source` — calibration: an image folder (searched recursively), a float32 ``.npy`` (N, ...) or a ``.npz`` of named inputs,
   a dataset YAML (a split's images, ``train`` by default), a numpy array / torch tensor (N,C,H,W), or any
   iterable of batches (a torch ``DataLoader``; ``(images, labels)`` items use the images).
 * :func:`open_eval_dataset` — evaluation: a COCO folder (``annotations.json`` + ``images/``), images folder +
@@ -23,24 +23,26 @@ from quantkit.errors import DataError
 
 
 
-def _as_array(x, where: str) -> np.ndarray:
+def _as_array(x, where: str, *, sample: bool = False) -> np.ndarray:
+    """``x`` as a float32 array (N, ...); ``sample``: a 3-D item of an iterable is one CHW sample."""
     if hasattr(x, "detach"):  # a torch tensor, without importing torch for numpy users
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
-        raise DataError(f"{where} is a {type(x).__name__}; expected a float32 array/tensor of images (N,C,H,W) "
-                        "or an (images, labels) pair")
+        raise DataError(f"{where} is a {type(x).__name__}; expected a float32 array/tensor (N, ...) such as images "
+                        "(N,C,H,W), or an (inputs, labels) pair")
     if x.dtype != np.float32:
-        raise DataError(f"{where} has dtype {x.dtype}; calibration batches must be float32 NCHW, preprocessed "
+        raise DataError(f"{where} has dtype {x.dtype}; calibration batches must be float32, preprocessed "
                         "as the model expects (convert with .float() / .astype(np.float32))")
-    if x.ndim == 3:  # one CHW sample, as a Dataset (not a DataLoader) yields
+    if sample and x.ndim == 3:  # one CHW sample, as a Dataset (not a DataLoader) yields
         x = x[None]
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise DataError(f"{where} has shape {tuple(x.shape)}; expected float32 NCHW (N, C, H, W) with N >= 1")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise DataError(f"{where} has shape {tuple(x.shape)}; expected a float32 array (N, ...) with N >= 1: "
+                        "(N, C, H, W) images, (N, L) audio frames, ...")
     return x
 
 
 def _collect_batches(items: Iterable, max_images: int) -> np.ndarray:
-    """Read an iterable of batches into one float32 NCHW array (up to ``max_images`` samples when > 0).
+    """Read an iterable of batches into one float32 array (N, ...) (up to ``max_images`` samples when > 0).
 
     Read once, up front: calibration, parity checks and sensitivity analysis each go over the data again, and a
     shuffling DataLoader would otherwise give a different order (and result) each time.
@@ -54,7 +56,7 @@ def _collect_batches(items: Iterable, max_images: int) -> np.ndarray:
         elif isinstance(item, dict):
             raise DataError(f"batch {i} is a dict (keys {sorted(map(str, item))[:5]}): pass an iterable that yields "
                             "image tensors or (images, labels) pairs, e.g. (b['image'] for b in loader)")
-        arr = _as_array(item, f"batch {i}")
+        arr = _as_array(item, f"batch {i}", sample=True)
         if parts and arr.shape[1:] != parts[0].shape[1:]:
             raise DataError(f"batch {i} has shape {tuple(arr.shape)}, earlier batches {tuple(parts[0].shape)}: all "
                             "calibration images must share one (C, H, W)")
@@ -74,7 +76,7 @@ def open_calibration_source(source, preprocess: Preprocess, batch_size: int = 8,
     """Open calibration data given in any supported form (see the module docstring).
 
     Paths: an image folder (recursive), a ``.npy``, or a dataset YAML (``split``'s images). Arrays/tensors and
-    iterables must already be preprocessed float32 NCHW; their input size is taken from them. ``max_images``
+    iterables must already be preprocessed float32 (N, ...); their input size is taken from them. ``max_images``
     caps the samples used (0: all).
     """
     if isinstance(source, (str, Path)):
@@ -96,7 +98,7 @@ def open_calibration_source(source, preprocess: Preprocess, batch_size: int = 8,
         kind, what = "batches", f"<{type(source).__name__}: {arr.shape[0]} samples>"
     else:
         raise DataError(f"calibration data of type {type(source).__name__} is not supported: pass a folder of "
-                        "images, a .npy, a dataset YAML, a float32 NCHW array/tensor, or an iterable of batches")
+                        "images, a .npy or .npz, a dataset YAML, a float32 array/tensor (N, ...), or an iterable of batches")
     if not np.isfinite(arr).all():
         raise DataError(f"the calibration {kind} contains NaN or Inf: fix the data")
     return CalibrationData(what, kind, None, batch_size, [], arr, tuple(int(s) for s in arr.shape[1:]))
@@ -104,9 +106,9 @@ def open_calibration_source(source, preprocess: Preprocess, batch_size: int = 8,
 
 def open_eval_dataset(data: str | Path, *, annotations: str | Path | None = None, split: str = "val",
                       max_images: int | None = None):
-    """A :class:`~quantkit.eval.coco.CocoDataset` from a COCO folder, an images folder + ``annotations`` JSON,
+    """A :class:`~quantkit.data.coco.CocoDataset` from a COCO folder, an images folder + ``annotations`` JSON,
     or a dataset YAML with YOLO labels (``split``, default ``val``; converted to COCO ground truth)."""
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
 
     if is_dataset_yaml(data):
         if annotations is not None:

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from quantkit.data.images import IMAGE_SUFFIXES, list_images
 from quantkit.errors import DataError
+from quantkit.quote import cap, qcap
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -63,7 +64,7 @@ class YoloDataset:
             elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(p)
             else:
-                raise DataError(f"{self.yaml_path}: '{split}' entry {entry!r} -> {p} does not exist (or is not a "
+                raise DataError(f"{self.yaml_path}: '{split}' entry {qcap(entry)} -> {p} does not exist (or is not a "
                                 f"folder, .txt list or image): fix '{split}' or 'path' (dataset root {self.root})")
         if not files:
             raise DataError(f"{self.yaml_path}: split '{split}' lists no images: put images in {entries}")
@@ -85,7 +86,7 @@ def _read_list(path: Path) -> list[Path]:
             continue
         p = Path(line) if Path(line).is_absolute() else path.parent / line
         if not p.is_file():
-            raise DataError(f"{path} line {i}: image {line!r} -> {p} does not exist: fix the list (relative paths "
+            raise DataError(f"{path} line {i}: image {qcap(line)} -> {p} does not exist: fix the list (relative paths "
                             "are relative to the list's folder)")
         out.append(p)
     return out
@@ -152,11 +153,18 @@ def read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, f
     if not path.is_file():
         return []
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"label file {path} is not UTF-8 text (byte {exc.start}): a YOLO label file holds lines "
+                        "'class cx cy w h'; replace or remove the file") from None
+    except OSError as exc:
+        raise DataError(f"cannot read label file {path}: {exc.strerror}; fix its permissions or remove it") from None
+    for i, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
-        where = f"label file {path} line {i} ({line.strip()!r})"
+        where = f"label file {path} line {i} ({qcap(line.strip(), 80)})"
         try:
             vals = [float(v) for v in parts]
         except ValueError:
@@ -165,8 +173,8 @@ def read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, f
             raise DataError(f"{where}: {len(vals)} values; a box line is 'class cx cy w h' (5 values), a polygon "
                             "'class x1 y1 x2 y2 x3 y3 ...'. Fix the line")
         c = vals[0]
-        if not (c == int(c) and 0 <= c < num_classes):
-            raise DataError(f"{where}: class {parts[0]} is not a class index 0..{num_classes - 1} from 'names': "
+        if not (math.isfinite(c) and c == int(c) and 0 <= c < num_classes):  # int(nan) and int(inf) raise
+            raise DataError(f"{where}: class {cap(parts[0], 40)} is not a class index 0..{num_classes - 1} from 'names': "
                             "fix the label or add the class to 'names' in the dataset YAML")
         coords = vals[1:]
         if not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in coords):

@@ -24,6 +24,18 @@ DEFAULT_HEADER = "TRT-8601-EntropyCalibration2"  # TensorRT 8.6.1, the entropy c
 _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
 _LINE = re.compile(r"^(.+):\s*([0-9a-fA-F]{1,8})$")
 QMAX = 127.0
+# Scales a cache may give a quantized tensor. Below 2**-24 (FP16's smallest subnormal, 6e-8) the strongly typed
+# graph's FP16 scale is 0 and every value quantizes to 0; above 65504 / 127 (amax past FP16's largest value) the
+# FP16 layers TensorRT runs beside INT8 (--fp16, and the strong graph) overflow. A calibrator writes neither: such a
+# scale is a corrupt or hand-edited cache. Float32 subnormals, 0, negatives, inf and NaN are refused on every line.
+MIN_SCALE = 2.0 ** -24
+MAX_SCALE = float(np.finfo(np.float16).max) / QMAX  # ~515.8, amax 65504
+_FLOAT32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # 2**-126
+
+
+def _quote(name: str) -> str:
+    """A tensor name for a message, bounded (a cache line can hold megabytes)."""
+    return repr(name) if len(name) <= 80 else repr(name[:77]) + f"... ({len(name):,} characters)"
 
 
 def scale_to_hex(scale: float) -> str:
@@ -48,22 +60,30 @@ def format_cache(scales: dict[str, float], header: str = DEFAULT_HEADER) -> str:
 
 
 def parse_cache(text: str, source: str = "calibration cache") -> tuple[str, dict[str, float]]:
-    """(header, tensor -> scale) of a cache's text; UsageError naming the line when it is not one."""
+    """(header, tensor -> scale) of a cache's text; UsageError naming the line when it is not one, when a scale is
+    not a finite positive normal float32 (0, negative, subnormal, inf, NaN), or when a tensor has two lines."""
     lines = [ln.rstrip("\r") for ln in text.splitlines() if ln.strip()]
     if not lines or not _HEADER.match(lines[0].strip()):
         first = lines[0][:60] if lines else "<empty>"
         raise UsageError(f"{source} is not a TensorRT calibration cache: its first line {first!r} should look like "
                          "TRT-8601-EntropyCalibration2 (write it with TensorRT 8.x/10.x's calibrator or quantkit)")
     scales: dict[str, float] = {}
+    first_line: dict[str, int] = {}
     for k, ln in enumerate(lines[1:], start=2):
         m = _LINE.match(ln.strip())
         if not m:
             raise UsageError(f"{source} line {k} {ln[:80]!r} is not '<tensor>: <8 hex digits>'")
+        name = m.group(1).strip()
         scale = hex_to_scale(m.group(2))
-        if not (np.isfinite(scale) and scale > 0):
-            raise UsageError(f"{source} line {k}: tensor {m.group(1)!r} has scale {scale}; scales must be finite and "
-                             "> 0 (recalibrate that model)")
-        scales[m.group(1).strip()] = scale
+        if not (np.isfinite(scale) and scale >= _FLOAT32_MIN_NORMAL):
+            what = "a float32 subnormal" if 0 < scale < _FLOAT32_MIN_NORMAL else "not a scale"
+            raise UsageError(f"{source} line {k}: tensor {_quote(name)} has scale {scale:g} ({what}); scales must be "
+                             "finite and > 0, normal float32 values (recalibrate that model)")
+        if name in scales:  # TensorRT writes each tensor once: which line is right cannot be told
+            raise UsageError(f"{source} lines {first_line[name]} and {k} both give tensor {_quote(name)} a scale "
+                             f"({scales[name]:g}, {scale:g}): keep one line per tensor")
+        scales[name] = scale
+        first_line[name] = k
     if not scales:
         raise UsageError(f"{source} has a header but no tensor lines: it holds no scales")
     return lines[0].strip(), scales
@@ -126,21 +146,29 @@ def amax_from_cache(scales: dict[str, float], needed: list[str], graph_tensors: 
     listing the closest names (a misspelled or renamed tensor); a cache sharing no name with the graph is "for
     another model"; a needed tensor without a line is an error naming it (calibrate instead, or skip the layer).
     Cache lines for graph tensors quantkit does not quantize (TensorRT caches list every tensor) are ignored.
+    A needed tensor's scale outside [MIN_SCALE, MAX_SCALE] is an error naming it.
     """
     known = [n for n in scales if n in graph_tensors]
     if not known:
         raise UsageError(f"{source} is for another model: none of its {len(scales)} tensor names (e.g. "
-                         f"{sorted(scales)[:3]}) is a tensor of this graph. Pass the cache written for this ONNX "
-                         "file, or calibrate with --calib")
+                         f"{', '.join(_quote(n) for n in sorted(scales)[:3])}) is a tensor of this graph. Pass the "
+                         "cache written for this ONNX file, or calibrate with --calib")
     unknown = sorted(n for n in scales if n not in graph_tensors)
     if unknown:
         pool = sorted(graph_tensors)
-        hints = "; ".join(f"{n!r} (closest: {', '.join(difflib.get_close_matches(n, pool, n=3, cutoff=0.3)) or 'none'})"
-                          for n in unknown[:5])
+        hints = "; ".join(  # difflib on a megabyte name would take minutes: compare its first 200 characters
+            f"{_quote(n)} (closest: {', '.join(difflib.get_close_matches(n[:200], pool, n=3, cutoff=0.3)) or 'none'})"
+            for n in unknown[:5])
         raise UsageError(f"{source}: {len(unknown)} tensor name(s) match no tensor of this graph: {hints}. "
                          "Fix the names or use the cache written for this model")
     missing = [t for t in needed if t not in scales]
     if missing:
-        raise UsageError(f"{source} has no scale for {len(missing)} quantized tensor(s), e.g. {missing[:3]}: "
-                         "calibrate with --calib instead, or keep those layers float with --skip")
+        raise UsageError(f"{source} has no scale for {len(missing)} quantized tensor(s), e.g. "
+                         f"{', '.join(_quote(n) for n in missing[:3])}: calibrate with --calib instead, or keep "
+                         "those layers float with --skip")
+    for t in needed:
+        if not MIN_SCALE <= scales[t] <= MAX_SCALE:
+            raise UsageError(f"{source}: tensor {_quote(t)} has scale {scales[t]:g} (amax {scales[t] * QMAX:g}), "
+                             f"outside [{MIN_SCALE:.3g}, {MAX_SCALE:.4g}] (amax up to FP16's 65504): the cache is "
+                             "corrupt or for another model; recalibrate, or keep that layer float with --skip")
     return {t: float(np.float32(scales[t]) * np.float32(QMAX)) for t in needed}

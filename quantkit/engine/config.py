@@ -167,8 +167,8 @@ def plan_build(trt_version: str, onnx_is_strong: bool, target: str = "t4",
         raise UsageError(f"layer names {bad} cannot be passed to trtexec --layerPrecisions (',', ':' or quotes)")
     if key == ANY_TARGET:
         notes.append("no target GPU check: the engine only runs on the GPU model it is built on")
-    if len(chw) != 3 or not all(isinstance(d, int) and d > 0 for d in chw):
-        raise UsageError(f"input shape must be (C, H, W) positive integers; got {chw!r}")
+    if len(chw) < 1 or not all(isinstance(d, int) and d > 0 for d in chw):  # (C, H, W) images, (L,) audio, ...
+        raise UsageError(f"the per-sample input shape must be positive integers, e.g. (C, H, W); got {chw!r}")
     profile, static = None, None
     if batch is None:
         static = (1, *chw)

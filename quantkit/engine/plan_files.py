@@ -7,7 +7,6 @@ from quantkit import paths
 from quantkit.recipe import Recipe
 from quantkit.state import Graphs, PreparedModel
 
-WEIGHTED_TYPES = ("Conv2d", "ConvTranspose2d", "Linear")
 
 
 def check_possible(recipe: Recipe) -> None:
@@ -33,9 +32,11 @@ def write_calibration_cache(stage, int8_model) -> None:
 def fp16_nodes(graphs: Graphs, model: PreparedModel) -> list[str]:
     """ONNX node names of the weighted layers kept out of INT8 (weak typing pins them to FP16)."""
     from quantkit.engine.inspect import onnx_nodes_for_modules
+    from quantkit.quant.registry import weighted_kind
 
     layout = model.layout
-    modules = [n for n, t in layout.layers.items() if n not in layout.int8 and t in WEIGHTED_TYPES]
+    subs = dict(model.qmodel.named_modules())
+    modules = [n for n in layout.layers if n not in layout.int8 and n in subs and weighted_kind(subs[n])]
     return sorted(onnx_nodes_for_modules(graphs.int8, modules).values())
 
 

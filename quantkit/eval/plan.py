@@ -47,3 +47,14 @@ def plan_evaluation(recipe) -> EvalPlan:
         log.warning("%s", note)
         return EvalPlan(None, explicit=False, note=note)
     return EvalPlan(str(bundled), explicit=False)
+
+
+def open_evaluation(recipe, path, max_images: int = 0):
+    """The evaluation data set at ``path`` as ``recipe.evaluation`` describes it: a COCO folder, an images folder
+    + ``evaluation.annotations``, or a dataset YAML (its ``evaluation.split``), capped at ``max_images`` (0: all).
+    Both routes open it before calibrating, so bad labels or a YAML without the split are exit 2 before any
+    work (DataError naming the fix)."""
+    from quantkit.data.sources import open_eval_dataset
+
+    ev = recipe.evaluation
+    return open_eval_dataset(path, annotations=ev.annotations, split=ev.split, max_images=max_images or None)

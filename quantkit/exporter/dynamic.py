@@ -14,6 +14,7 @@ import onnx
 from quantkit.errors import ExportError
 from quantkit.exporter.graph import GraphIndex
 from quantkit.exporter.lint import node_label
+from quantkit.quote import qcap
 
 
 def make_batch_dynamic(model: onnx.ModelProto, dim_name: str = "batch") -> onnx.ModelProto:
@@ -32,7 +33,7 @@ def make_batch_dynamic(model: onnx.ModelProto, dim_name: str = "batch") -> onnx.
             continue
         shape = index.const(node.input[1])
         if shape is not None and shape.size and int(np.ravel(shape)[0]) in traced and int(np.ravel(shape)[0]) > 0:
-            raise ExportError(f"Reshape '{node_label(node)}' hard-codes batch {int(np.ravel(shape)[0])} in "
+            raise ExportError(f"Reshape {qcap(node_label(node))} hard-codes batch {int(np.ravel(shape)[0])} in "
                               f"{np.ravel(shape).tolist()}; export with a -1 (or 0) batch dimension in the reshape")
     for vi in [*graph.input, *graph.output]:
         dims = vi.type.tensor_type.shape.dim

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -30,93 +30,16 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from quantkit.data.inputs import ort_feeds
 from quantkit.eval.sqnr import sqnr_db
-from quantkit.quant.modules import QUANT_TYPES, QuantAdd, QuantConvTranspose2d, QuantLinear
+from quantkit.exporter.layer_rows import MAX_FRACTION_OVER_STEP, LayerParity, LayerRow  # noqa: F401 - re-exported
+from quantkit.quant.modules import QUANT_TYPES, QuantAdd
 
-MAX_FRACTION_OVER_STEP = 0.01  # more than 1 % of a layer's outputs off by > 1 step: not rounding
 SCALE_RTOL = 1e-5  # float32 scales written from the same amax agree to the last bit; allow float noise
 
-_OPS = {QuantAdd: ("Add",), QuantConvTranspose2d: ("ConvTranspose",), QuantLinear: ("Gemm", "MatMul")}
+# by float base class, so generic wrappers of subclasses (QuantConv2dSame, a Linear subclass) match too
+_OPS = {QuantAdd: ("Add",), nn.modules.conv._ConvTransposeNd: ("ConvTranspose",), nn.Linear: ("Gemm", "MatMul")}
 _DEFAULT_OPS = ("Conv",)
-
-
-@dataclass
-class LayerRow:
-    """One call of one quantized layer.
-
-    layer: module name (``name#k`` for the k-th further call of a module called more than once).
-    node: the ONNX node whose output is the layer's output. int8: torch quantizes the layer.
-    replay_db: SQNR of the torch module run on onnxruntime's input against onnxruntime's output (dB).
-    over_step: fraction of output elements that differ by more than one quantization step (max|y|/127) there.
-    run_db: SQNR of onnxruntime's layer output against the torch fake-quant model's, both run on the images
-        (includes rounding flips cascading from earlier layers).
-    int8_vs_fp32_db: SQNR of onnxruntime's layer output against the torch FP32 model's on the same images.
-    problems: structural disagreements (missing/extra Q/DQ, wrong scale, wrong axis, per-tensor weight).
-    """
-
-    layer: str
-    op: str
-    node: str
-    int8: bool
-    replay_db: float = math.nan
-    over_step: float = 0.0
-    run_db: float = math.nan
-    int8_vs_fp32_db: float = math.nan
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def disagrees(self) -> bool:
-        return bool(self.problems) or self.over_step > MAX_FRACTION_OVER_STEP
-
-    def reason(self) -> str:
-        if self.problems:
-            return "; ".join(self.problems)
-        return (f"{100 * self.over_step:.1f} % of outputs differ by more than one quantization step when run on "
-                f"the same input (replay SQNR {self.replay_db:.1f} dB): the graph computes something else")
-
-    def as_dict(self) -> dict:
-        return {"layer": self.layer, "op": self.op, "node": self.node, "int8": self.int8,
-                "torch_vs_ort_replay_db": _r(self.replay_db), "over_one_step": round(self.over_step, 6),
-                "torch_vs_ort_run_db": _r(self.run_db), "int8_vs_fp32_db": _r(self.int8_vs_fp32_db),
-                "problems": list(self.problems)}
-
-
-def _r(v: float):
-    """JSON-safe dB: infinities as strings, NaN (not measured) as None."""
-    if math.isnan(v):
-        return None
-    return ("inf" if v > 0 else "-inf") if math.isinf(v) else round(v, 3)
-
-
-@dataclass
-class LayerParity:
-    """Per-layer rows in execution order, and the quantized layer calls that matched no graph node."""
-
-    rows: list[LayerRow]
-    unmatched: list[str]
-    unclaimed: list[str] = field(default_factory=list)  # graph Conv/Gemm/MatMul/ConvTranspose nodes no call matched
-
-    def first_disagreement(self) -> LayerRow | None:
-        return next((r for r in self.rows if r.disagrees), None)
-
-    def failures(self) -> list[str]:
-        """Human-readable refusals: every disagreeing layer (first one first) and every unmatched call."""
-        out = [f"layer {r.layer} ({r.node}): {r.reason()}" for r in self.rows if r.disagrees]
-        if self.unclaimed:  # a call without a node is harmless when its output was unused (exporter removed it)
-            out += [f"layer {n}: no matching node in the graph (the layer is missing or was renamed; unclaimed "
-                    f"graph nodes: {', '.join(self.unclaimed[:3])})" for n in self.unmatched]
-        return out
-
-    def table(self) -> list[dict]:
-        """Rows for report.json/report.md: layer, op, node, int8, SQNRs (dB), problems."""
-        return [r.as_dict() for r in self.rows]
-
-    def as_dict(self) -> dict:
-        first = self.first_disagreement()
-        return {"layers": self.table(), "unmatched": list(self.unmatched), "unclaimed": list(self.unclaimed),
-                "first_disagreement": first.layer if first else None,
-                "criterion": f"structure (Q/DQ presence, scales, weight axis) and, on the same input, no more than "
-                             f"{100 * MAX_FRACTION_OVER_STEP:g} % of outputs off by more than one step"}
 
 
 def _ops_of(module: nn.Module) -> tuple[str, ...]:
@@ -178,8 +101,10 @@ def _torch_calls(qmodel: nn.Module, fp32: nn.Module | None, x: torch.Tensor) -> 
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, fp16: bool = False):
+        self.model, self.fp16 = model, fp16
+        # FP16-stored scales: a float32 scale one ulp off torch's may round to the neighbouring FP16 value
+        self.rtol = 2.0 ** -10 if fp16 else SCALE_RTOL
         self.nodes = list(model.graph.node)
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -187,6 +112,10 @@ class _Graph:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.inits = {t.name: t for t in model.graph.initializer}
+
+    def want(self, scale: np.ndarray) -> np.ndarray:
+        """torch's scale as this graph must store it: the strong converter's FP16 (raised to the smallest normal)."""
+        return np.maximum(scale, np.float32(2.0 ** -14)).astype(np.float16) if self.fp16 else scale
 
     def const(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
@@ -258,14 +187,14 @@ def _weight_axis(node: onnx.NodeProto, rank: int) -> int:
     return rank - 1  # MatMul [..., K, N]
 
 
-def _scale_problem(what: str, got: np.ndarray | None, want: np.ndarray) -> str | None:
+def _scale_problem(what: str, got: np.ndarray | None, want: np.ndarray, rtol: float = SCALE_RTOL) -> str | None:
     if got is None:
         return f"{what} scale is not a constant"
     got, want = np.ravel(got).astype(np.float64), np.ravel(want).astype(np.float64)
     if got.shape != want.shape:
         return f"{what} has {got.size} scale(s), torch {want.size}"
     rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
-    if np.any(rel > SCALE_RTOL):
+    if np.any(rel > rtol):
         i = int(np.argmax(rel))
         return f"wrong {what} scale: {got[i]:.6g} in the graph, torch {want[i]:.6g}"
     return None
@@ -288,11 +217,11 @@ def _check_data(graph: _Graph, call: _Call, node: onnx.NodeProto) -> tuple[list[
     elif not iq.enabled and dq is not None:
         problems.append("extra Q/DQ on the data input (torch keeps this layer in float)")
     elif iq.enabled:
-        want = iq.scale().detach().numpy()
+        want = graph.want(iq.scale().detach().numpy())
         if q is None:
             problems.append("the data DequantizeLinear has no QuantizeLinear in front of it")
         for which, n in (("data QuantizeLinear", q), ("data DequantizeLinear", dq)):
-            p = _scale_problem(which, graph.const(n.input[1]), want) if n is not None else None
+            p = _scale_problem(which, graph.const(n.input[1]), want, graph.rtol) if n is not None else None
             if p:
                 problems.append(p)
     return problems, floats
@@ -311,7 +240,7 @@ def _check_weight(graph: _Graph, call: _Call, node: onnx.NodeProto) -> list[str]
     if weight is None and q is not None:
         weight = graph.const(q.input[0])
     scale = graph.const(dq.input[1])
-    want = wq.scale().detach().numpy()
+    want = graph.want(wq.scale().detach().numpy())
     if weight is None or scale is None:
         return ["weight Q/DQ does not read constants"]
     if want.size > 1 and scale.size == 1:
@@ -322,7 +251,7 @@ def _check_weight(graph: _Graph, call: _Call, node: onnx.NodeProto) -> list[str]
         expect = _weight_axis(node, weight.ndim)
         if axis != expect:
             return [f"weight scales on axis {axis}, but its output channels are axis {expect}"]
-    p = _scale_problem("weight", scale, want)
+    p = _scale_problem("weight", scale, want, graph.rtol)
     return [p] if p else []
 
 
@@ -338,15 +267,16 @@ def _ort_values(model: onnx.ModelProto, names: list[str], x: np.ndarray, threads
     have = {o.name for o in m.graph.output}
     inputs = {i.name for i in m.graph.input}
     extra = [n for n in dict.fromkeys(names) if n not in have and n not in inputs]
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    for n in extra:  # untyped: onnxruntime infers float32 or (strong graph) float16
+        m.graph.output.add().name = n
     sess = session(m, threads)
     inp = sess.get_inputs()[0]
     outs = [o.name for o in sess.get_outputs()]
     batch = inp.shape[0]
     step = batch if isinstance(batch, int) else x.shape[0]
-    parts = [sess.run(outs, {inp.name: x[i:i + step]}) for i in range(0, x.shape[0], step)]
+    parts = [sess.run(outs, ort_feeds(sess.get_inputs(), x[i:i + step])) for i in range(0, x.shape[0], step)]
     values = {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(outs)}
-    values.update({n: x for n in inputs})
+    values.update(ort_feeds(sess.get_inputs(), x))
     return values
 
 
@@ -357,40 +287,63 @@ def _sqnr(ref: np.ndarray | None, test: np.ndarray) -> float:
 
 
 def layer_parity(qmodel: nn.Module, int8_onnx: onnx.ModelProto, x: torch.Tensor, fp32: nn.Module | None = None,
-                 *, threads: int | None = None) -> LayerParity:
-    """Compare every quantized layer of ``qmodel`` with its node in ``int8_onnx`` on the images ``x`` (NCHW).
+                 *, threads: int | None = None, fp16: bool = False, progress: bool = False) -> LayerParity:
+    """Compare every quantized layer of ``qmodel`` with its node in ``int8_onnx`` on the inputs ``x``.
 
     ``fp32`` (the float model with the same module names) adds the per-layer INT8-vs-FP32 column. Keep ``x``
-    small (one or two images): every layer's input and output are held in memory.
+    small (one or two images): every layer's input and output are held in memory. ``fp16``: ``int8_onnx`` is the
+    strongly typed graph: scales are expected as the converter writes them (FP16) and the layer is replayed in
+    float32 on its FP16 input, so one quantization step still bounds an honest layer's difference. ``progress``:
+    progress lines (``quantkit.utils.progress``): on a large detector this check runs for minutes.
     """
-    calls = _torch_calls(qmodel, fp32, x)
-    graph = _Graph(int8_onnx)
-    pairs, unmatched = _match(graph, calls)
-    checked = []
-    for call, node in pairs:
-        problems, floats = _check_data(graph, call, node)
-        problems += _check_weight(graph, call, node)
-        checked.append((call, node, problems, floats, graph.output_of(node)))
-    wanted = [t for _, _, _, floats, out in checked for t in (*floats, out)]
-    values = _ort_values(int8_onnx, wanted, x.detach().float().numpy(), threads)
-    rows = []
-    for call, node, problems, floats, out in checked:
-        y_ort = values[out]
-        row = LayerRow(layer=call.name, op=node.op_type, node=node.name or out,
-                       int8=bool(call.module._input_quantizer.enabled), problems=problems)
-        with torch.no_grad():
-            y_torch = call.module(*[torch.from_numpy(np.ascontiguousarray(values[f])) for f in floats])
-        y_torch = y_torch.float().numpy()
-        if y_torch.shape == y_ort.shape:
-            step = float(np.max(np.abs(y_ort))) / 127.0
-            row.replay_db = sqnr_db(y_ort, y_torch)
-            row.over_step = float(np.mean(np.abs(y_torch - y_ort) > step)) if step > 0 else 0.0
-        else:
-            row.problems.append(f"output shape {tuple(y_ort.shape)} in the graph, torch {tuple(y_torch.shape)}")
-        row.run_db = _sqnr(call.out_q, y_ort)
-        row.int8_vs_fp32_db = _sqnr(call.out_fp32, y_ort)
-        rows.append(row)
+    from quantkit.utils.progress import progress_bar
+
+    with progress_bar(None, "checking parity layer by layer", "step", enabled=progress) as bar:
+        calls = _torch_calls(qmodel, fp32, x)
+        graph = _Graph(int8_onnx, fp16)
+        pairs, unmatched = _match(graph, calls)
+        # steps: the torch passes and the match (done), onnxruntime's pass, one replay per layer; each setup step
+        # weighs about a third of all replays (a guess that only shapes the ETA)
+        setup = max(len(pairs), 3) / 3.0
+        bar.set_total(2 + len(pairs), weights=(setup, setup, *([1.0] * len(pairs))))
+        bar.update()
+        checked = []
+        for call, node in pairs:
+            problems, floats = _check_data(graph, call, node)
+            problems += _check_weight(graph, call, node)
+            checked.append((call, node, problems, floats, graph.output_of(node)))
+        wanted = [t for _, _, _, floats, out in checked for t in (*floats, out)]
+        values = _ort_values(int8_onnx, wanted, x.detach().float().numpy(), threads)
+        bar.update()
+        rows = []
+        for call, node, problems, floats, out in checked:
+            rows.append(_replay_row(call, node, problems, floats, out, values))
+            bar.update()
     claimed = {id(node) for _, node in pairs}
     unclaimed = [n.name for n in graph.nodes if id(n) not in claimed and n.op_type in ("Conv", "ConvTranspose", "Gemm")
                  or (n.op_type == "MatMul" and id(n) not in claimed and graph.qdq(n.input[1])[0] is not None)]
     return LayerParity(rows=rows, unmatched=unmatched, unclaimed=unclaimed)
+
+
+def _replay_row(call: _Call, node: onnx.NodeProto, problems: list[str], floats: list[str], out: str,
+                values: dict[str, np.ndarray]) -> LayerRow:
+    """One layer's row: the torch module run on the tensors onnxruntime fed the node, against the node's output
+    ``out`` (``values``: onnxruntime's tensors by name)."""
+    y_ort = values[out]
+    row = LayerRow(layer=call.name, op=node.op_type, node=node.name or out,
+                   int8=bool(call.module._input_quantizer.enabled), problems=problems)
+    with torch.no_grad():
+        # replay: the op on the tensors that reach the node (a subclass's own padding already done)
+        y_torch = call.module.replay(*[torch.from_numpy(np.ascontiguousarray(values[f], np.float32)) for f in floats])
+    y_torch, y_ort = y_torch.float().numpy(), y_ort.astype(np.float32)
+    if y_torch.shape == y_ort.shape and np.any(np.isfinite(y_torch) & ~np.isfinite(y_ort)):
+        row.problems.append("non-finite outputs where torch's are finite (an FP16 overflow?)")
+    if y_torch.shape == y_ort.shape:
+        step = float(np.max(np.abs(y_ort))) / 127.0
+        row.replay_db = sqnr_db(y_ort, y_torch)
+        row.over_step = float(np.mean(np.abs(y_torch - y_ort) > step)) if step > 0 else 0.0
+    else:
+        row.problems.append(f"output shape {tuple(y_ort.shape)} in the graph, torch {tuple(y_torch.shape)}")
+    row.run_db = _sqnr(call.out_q, y_ort)
+    row.int8_vs_fp32_db = _sqnr(call.out_fp32, y_ort)
+    return row

@@ -34,19 +34,27 @@ def output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
                       "wrap the model so that forward returns tensors")
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = 17, dynamic_batch: bool = False) -> onnx.ModelProto:
-    """Export ``model`` (eval mode) traced on ``example`` (NCHW float32). Returns the ModelProto, unchecked."""
+def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = 17, dynamic_batch: bool = False,
+                inputs=None) -> onnx.ModelProto:
+    """Export ``model`` (eval mode) traced on ``example`` (float32 (1, ...)). Returns the ModelProto, unchecked.
+
+    ``inputs``: the named inputs of a packed ``example`` (``CalibrationData.inputs``): the graph takes them by
+    name (``quantkit.data.inputs.export_view``); None: one input, named ``images``."""
+    from quantkit.data.inputs import export_view
+
     model = model.eval()
     names = output_names(model, example)
+    module, args, input_names = export_view(model, example, inputs)
+    input_names = input_names or [INPUT_NAME]
     dynamic_axes = None
     if dynamic_batch:
-        dynamic_axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
+        dynamic_axes = {**{i: {0: "batch"} for i in input_names}, **{n: {0: "batch"} for n in names}}
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
                 output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
             )
         except Exception as exc:  # the exporter raises many internal types

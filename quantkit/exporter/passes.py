@@ -173,7 +173,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.initializer[:]
     model.graph.initializer.extend(inits)
     model.producer_name = "quantkit"
-    from quantkit import __version__
+    from quantkit.version import __version__
 
     model.producer_version = __version__
     return model

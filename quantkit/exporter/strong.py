@@ -22,8 +22,12 @@ compare its output with ``lint(strong=True)``.
 
 FP16 range handling: scales above 65504 are refused (an amax of 8e6 is a calibration bug); scales below the
 smallest FP16 normal (6.1e-5, e.g. near-dead weight channels) are raised to it and their int8 weights are
-requantized so the dequantized weights stay as close as FP16 allows; other float constants outside FP16 range
-are refused (default) or clamped, and every change is reported in ``StrongResult``.
+requantized so the dequantized weights stay as close as FP16 allows. Other float constants outside FP16 range
+(a BatchNorm after a ReLU, which cannot fold, with running_var 1e6) follow ``OverflowPolicy``: ``keep_fp32``
+keeps the constant float32 and runs the ops that read it in FP32 behind Casts (exact: the op sees its true
+parameters; the export's default); ``clamp`` clips them to +-65504 (a variance clipped from 1e6 scales that
+channel's output by sqrt(1e6/65504) = 3.9x: wrong, so only on request); ``error`` refuses the conversion.
+Every change is reported in ``StrongResult``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quantkit.errors import ExportError
 from quantkit.exporter.graph import DQ_OP, Q_OP, GraphIndex
 from quantkit.exporter.lint import FP16_MAX, FP16_MIN_NORMAL, STRONG_MIN_OPSET, get_attr
+from quantkit.quote import qcap
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 # Ops that must see float32 (ONNX NonMaxSuppression takes float only; the TRT plugin too; Range has no float16
@@ -49,10 +54,12 @@ FLOAT32_SLOTS = frozenset({("Resize", 2)})
 
 
 class OverflowPolicy(str, enum.Enum):
-    """What to do with a float constant (not a scale) outside FP16 range."""
+    """What to do with a float constant (not a scale) outside FP16 range (recipe ``export.fp16_overflow``)."""
 
-    REFUSE = "refuse"
-    CLAMP = "clamp"
+    KEEP_FP32 = "keep_fp32"  # the constant stays float32 and the ops reading it run FP32 behind Casts
+    CLAMP = "clamp"  # clip to +-65504 (reported)
+    ERROR = "error"  # refuse the conversion (ExportError)
+    REFUSE = "error"  # alias of ERROR
 
 
 @dataclass
@@ -63,6 +70,12 @@ class StrongResult:
     adjusted_scales: list[str] = field(default_factory=list)  # "name: min old -> new (k values)"
     clamped_constants: list[str] = field(default_factory=list)
     fp32_nodes: list[str] = field(default_factory=list)
+    kept_fp32_constants: list[str] = field(default_factory=list)  # "name: k value(s) up to X kept float32"
+
+    def changes(self) -> dict:
+        """What FP16 could not hold and what was done about it, for report.json."""
+        return {"adjusted_scales": list(self.adjusted_scales), "clamped_constants": list(self.clamped_constants),
+                "kept_fp32_constants": list(self.kept_fp32_constants), "fp32_nodes": list(self.fp32_nodes)}
 
 
 def to_strongly_typed(model: onnx.ModelProto, *, keep_io_types: bool = True,
@@ -88,7 +101,8 @@ def convert_strongly_typed(model: onnx.ModelProto, *, keep_io_types: bool = True
     index = GraphIndex(model)
     graph = model.graph
 
-    keep32 = _fp32_tensors(index, fp32_ops)
+    fp32_nodes = _overflow_consumers(index, result) if overflow is OverflowPolicy.KEEP_FP32 else set()
+    keep32 = _fp32_tensors(index, fp32_ops, fp32_nodes)
     _convert_scales(index, result)
     _convert_initializers(index, keep32, overflow, result)
 
@@ -96,7 +110,8 @@ def convert_strongly_typed(model: onnx.ModelProto, *, keep_io_types: bool = True
     graph_outputs = {o.name for o in graph.output}
     direct32_outputs: set[str] = set()
     for node in graph.node:
-        if node.op_type in fp32_ops and any(elem.get(i) == FLOAT for i in node.input if i):
+        if ((node.op_type in fp32_ops or _key(node) in fp32_nodes)
+                and any(elem.get(i) == FLOAT for i in node.input if i)):
             new_nodes.extend(_wrap_fp32(node, elem, keep32, graph_outputs if keep_io_types else set(),
                                         direct32_outputs))
             result.fp32_nodes.append(node.name)
@@ -157,15 +172,46 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _fp32_tensors(index: GraphIndex, fp32_ops: frozenset[str]) -> set[str]:
-    """Constants, and Casts to float32, read only by FP32-only ops or float32-only slots: they stay float32
-    (a shape cast to float for Range stays exact instead of a round trip through FP16)."""
+def _key(node: onnx.NodeProto) -> str:
+    """A node's identity across protobuf wrappers (its first output name is unique in the graph)."""
+    return node.output[0] if node.output else node.name
+
+
+def _overflow_consumers(index: GraphIndex, result: StrongResult) -> set[str]:
+    """Keys of the nodes that read a float constant (not a Q/DQ scale) outside FP16 range: they run FP32."""
+    scales = {n.input[1] for n in index.nodes if n.op_type in (Q_OP, DQ_OP) and len(n.input) > 1}
+    consts = {name: t for name, t in index.initializers.items() if t.data_type == FLOAT}
+    for n in index.nodes:
+        if n.op_type == "Constant":
+            t = next((a.t for a in n.attribute if a.name == "value" and a.t.data_type == FLOAT), None)
+            if t is not None:
+                consts[n.output[0]] = t
+    keys: set[str] = set()
+    for name, t in consts.items():
+        if name in scales:  # scales have their own rule (_convert_scales)
+            continue
+        arr = numpy_helper.to_array(t)
+        over = np.isfinite(arr) & (np.abs(arr) > FP16_MAX)
+        readers = index.consumers.get(name, [])
+        if not np.any(over) or not readers:
+            continue
+        keys.update(_key(c) for c in readers)
+        result.kept_fp32_constants.append(
+            f"{name}: {int(over.sum())} value(s) up to {np.abs(arr[np.isfinite(arr)]).max():.4g} > {FP16_MAX} kept "
+            f"float32; {', '.join(c.name or c.output[0] for c in readers)} run(s) FP32")
+    return keys
+
+
+def _fp32_tensors(index: GraphIndex, fp32_ops: frozenset[str], fp32_nodes: set[str] = frozenset()) -> set[str]:
+    """Constants, and Casts to float32, read only by FP32-only ops (or nodes kept FP32) or float32-only slots:
+    they stay float32 (a shape cast to float for Range stays exact instead of a round trip through FP16)."""
     keep = set()
     names = set(index.initializers) | {n.output[0] for n in index.nodes if n.op_type == "Constant"}
     names |= {n.output[0] for n in index.nodes if n.op_type == "Cast" and get_attr(n, "to") == FLOAT}
     for name in names:
         uses = [(c, k) for c in index.consumers.get(name, []) for k, i in enumerate(c.input) if i == name]
-        if uses and all(c.op_type in fp32_ops or (c.op_type, k) in FLOAT32_SLOTS for c, k in uses):
+        if uses and all(c.op_type in fp32_ops or _key(c) in fp32_nodes or (c.op_type, k) in FLOAT32_SLOTS
+                        for c, k in uses):
             keep.add(name)
     return keep
 
@@ -178,11 +224,11 @@ def _convert_scales(index: GraphIndex, result: StrongResult) -> None:
     for name, users in scale_users.items():
         value = index.const(name)
         if value is None:
-            raise ExportError(f"Q/DQ scale '{name}' is computed in the graph; store calibrated scales as "
+            raise ExportError(f"Q/DQ scale {qcap(name)} is computed in the graph; store calibrated scales as "
                               "constants (fold constants) before conversion")
         old = value.astype(np.float32)
         if not np.all(np.isfinite(old)) or np.any(old <= 0) or np.any(old > FP16_MAX):
-            raise ExportError(f"Q/DQ scale '{name}' (max {np.max(old):.4g}) is not a positive FP16 value "
+            raise ExportError(f"Q/DQ scale {qcap(name)} (max {np.max(old):.4g}) is not a positive FP16 value "
                               f"(<= {FP16_MAX}); re-calibrate or keep that layer out of quantization")
         new = np.maximum(old, np.float32(FP16_MIN_NORMAL)).astype(np.float16)
         raised = old < FP16_MIN_NORMAL
@@ -221,10 +267,10 @@ def _to_half(arr: np.ndarray, name: str, overflow: OverflowPolicy, result: Stron
     finite = np.isfinite(arr)
     over = finite & (np.abs(arr) > FP16_MAX)
     if np.any(over):
-        if overflow == OverflowPolicy.REFUSE:
-            raise ExportError(f"constant '{name}' holds {int(over.sum())} value(s) outside FP16 range "
-                              f"(max |x| {np.abs(arr[finite]).max():.4g} > {FP16_MAX}); pass "
-                              "overflow=OverflowPolicy.CLAMP to clip them, or keep the layer FP32")
+        if overflow is not OverflowPolicy.CLAMP:  # KEEP_FP32 kept it float32 before; here only when unreadable
+            raise ExportError(f"constant {qcap(name)} holds {int(over.sum())} value(s) outside FP16 range "
+                              f"(max |x| {np.abs(arr[finite]).max():.4g} > {FP16_MAX}); set "
+                              "export.fp16_overflow to keep_fp32 (run its ops FP32) or clamp (clip them)")
         result.clamped_constants.append(f"{name}: {int(over.sum())} value(s) clipped to +-{FP16_MAX}")
         arr = np.clip(arr, -FP16_MAX, FP16_MAX)
     return arr.astype(np.float16)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import ModelError
+from quantkit.quote import qcap
 
 
 def check_float32(model: nn.Module) -> None:
@@ -16,7 +17,7 @@ def check_float32(model: nn.Module) -> None:
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
             if t.is_floating_point() and t.dtype != torch.float32:
-                raise ModelError(f"the model's {kind} '{name}' is {str(t.dtype).replace('torch.', '')}: quantkit "
+                raise ModelError(f"the model's {kind} {qcap(name)} is {str(t.dtype).replace('torch.', '')}: quantkit "
                                  "quantizes float32 models; convert it with model.float() (e.g. return "
                                  "model.float() from the factory) and let quantkit produce the FP16/INT8 graphs")
 

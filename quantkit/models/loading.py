@@ -19,6 +19,7 @@ import inspect
 import logging
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -29,10 +30,15 @@ from torch import nn
 
 from quantkit.errors import ModelError, QuantkitError, WeightsError
 from quantkit.models.registry import count_parameters, get_entry, import_factory
+from quantkit.quote import cap, qcap
 
 #: Where a super-gradients trainer checkpoint keeps the weights, most preferred first.
 CHECKPOINT_SECTIONS = ("ema_net", "net", "state_dict", "model")
 _LIST_LIMIT = 20
+#: A zip weights archive may declare at most this many times its own size in records (torch stores them
+#: uncompressed: a real file declares about 1x), plus ARCHIVE_SLACK_BYTES for tiny files.
+ARCHIVE_RATIO = 8
+ARCHIVE_SLACK_BYTES = 1 << 20
 log = logging.getLogger("quantkit")
 RANDOM_INIT_NOTE = ("{name} was built without --weights and runs on its RANDOM initial weights: calibration, "
                     "parity and accuracy figures say nothing about a trained model. Pass --weights FILE")
@@ -64,8 +70,12 @@ class ModelInfo:
     random_init: bool = False
 
 
-def build_model(spec: str, *, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, ModelInfo]:
+def build_model(spec: str, *, weights: str | None = None, num_classes: int | None = None,
+                warn_random_init: bool = True) -> tuple[nn.Module, ModelInfo]:
     """Build the model named by ``spec`` (see the module docstring), optionally load ``weights``, set eval mode.
+
+    ``warn_random_init=False``: no RANDOM-weights warning, for callers that only read the structure (layer names,
+    ``quantkit layers``), where the weights do not matter.
 
     ``num_classes`` is passed to the factory as a keyword only when given; a factory that does not accept it
     raises ModelError. Raises UsageError for unknown names, ModelError for factory problems and WeightsError
@@ -93,7 +103,7 @@ def build_model(spec: str, *, weights: str | None = None, num_classes: int | Non
         load_weights(model, weights)
     model.eval()
     random_init = entry is not None and not entry.ships_weights and weights is None
-    if random_init:
+    if random_init and warn_random_init:
         log.warning(RANDOM_INIT_NOTE.format(name=entry.name))
     input_size = getattr(model, "default_input_size", None) or (entry.input_size if entry else None)
     classes = num_classes or getattr(model, "num_classes", None) or (entry.num_classes if entry else None)
@@ -127,7 +137,7 @@ def _factory_from_file(path: Path, attr: str) -> Callable[..., nn.Module]:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:  # user code: any exception is possible, sys.exit() included
         sys.modules.pop(name, None)
-        raise ModelError(f"importing {path} failed with {type(exc).__name__}: {exc}; fix the file and retry") from exc
+        raise ModelError(f"importing {path} failed with {type(exc).__name__}: {cap(exc)}; fix the file and retry") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         available = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == name)
@@ -151,7 +161,7 @@ def _call_factory(factory: Callable[..., Any], spec: str, num_classes: int | Non
     except QuantkitError:  # already names the fix (e.g. missing bundled weights)
         raise
     except (Exception, SystemExit) as exc:  # user code; a sys.exit() there must not end quantkit silently
-        raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {exc}; fix the factory") from exc
+        raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {cap(exc)}; fix the factory") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory for '{spec}' returned {type(model).__name__}, not a torch.nn.Module: return the model")
     return model
@@ -166,6 +176,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found: check the path")
+    check_archive_sizes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -177,21 +188,54 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             f" Detail: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
     except Exception as exc:  # corrupt or non-torch file
-        raise WeightsError(f"{path} is not a readable torch weights file ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{path} is not a readable torch weights file ({type(exc).__name__}: {cap(exc)})") from exc
     state, section = _extract(obj, path)
     _check_entries(state, path, section)
     return {_strip_module(k): v for k, v in state.items()}, section
 
 
+def check_archive_sizes(path: Path, ratio: int = ARCHIVE_RATIO, slack: int = ARCHIVE_SLACK_BYTES) -> None:
+    """WeightsError, before ``torch.load`` reads a byte of data, when a zip weights archive (torch's format since
+    1.6) declares records larger than the file can hold: torch allocates each record at its declared size, so a
+    9 MB file declaring 2 GB records takes 2 GB of memory. torch stores records uncompressed, so a real file
+    declares about its own size; more than ``ratio`` x the file size + ``slack`` bytes is refused. Files that
+    are not zip archives (torch's legacy format) are left to ``torch.load``."""
+    if not zipfile.is_zipfile(path):
+        return
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise WeightsError(f"{path} is not a readable torch weights file (a damaged zip archive: {cap(exc)}); "
+                           "save it again with torch.save") from None
+    declared = sum(m.file_size for m in members)
+    if declared > ratio * size + slack:
+        big = max(members, key=lambda m: m.file_size)
+        raise WeightsError(f"{path} is {size:,} bytes but its archive declares {declared:,} bytes of records "
+                           f"(largest: {qcap(big.filename)}, {big.file_size:,} bytes); quantkit refuses to inflate "
+                           "it (a damaged or hostile file). Save the weights again with "
+                           "torch.save(model.state_dict(), 'weights.pt')")
+
+
 def _check_entries(state: Mapping[Any, torch.Tensor], path: Path, section: str) -> None:
-    """Names must be strings and tensors dense: anything else did not come from ``model.state_dict()``."""
+    """Names must be strings and tensors dense, real (not meta) and float-or-integer (not quantized): anything
+    else did not come from a trained float ``model.state_dict()``."""
     for k, v in state.items():
         if not isinstance(k, str):
-            raise WeightsError(f"{path} ({section}) has a key {k!r} of type {type(k).__name__}: a state_dict maps "
-                               "parameter names (strings) to tensors; save model.state_dict()")
+            raise WeightsError(f"{path} ({section}) has a key {cap(repr(k))} of type {type(k).__name__}: a state_dict "
+                               "maps parameter names (strings) to tensors; save model.state_dict()")
         if v.layout != torch.strided:
-            raise WeightsError(f"{path} ({section}): '{k}' is a {str(v.layout).replace('torch.', '')} tensor; "
+            raise WeightsError(f"{path} ({section}): {qcap(k)} is a {str(v.layout).replace('torch.', '')} tensor; "
                                "quantkit loads dense weights: save {name: t.to_dense()} instead")
+        if v.is_meta:
+            raise WeightsError(f"{path} ({section}): {qcap(k)} is a meta tensor (a shape without values, as from a "
+                               "model built on torch.device('meta')); save the state_dict of a model whose weights "
+                               "are loaded or trained")
+        if v.is_quantized:
+            raise WeightsError(f"{path} ({section}): {qcap(k)} is a quantized {str(v.dtype).replace('torch.', '')} "
+                               "tensor; quantkit quantizes float weights itself: save the float model's state_dict "
+                               "(or {name: t.dequantize()} for each quantized tensor)")
 
 
 def _is_tensor_map(obj: Any) -> bool:
@@ -205,7 +249,7 @@ def _extract(obj: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], str]:
         for section in CHECKPOINT_SECTIONS:
             if _is_tensor_map(obj.get(section)):
                 return obj[section], section
-        keys = ", ".join(map(str, list(obj)[:10]))
+        keys = ", ".join(cap(k, 80) for k in list(obj)[:10])
         raise WeightsError(
             f"{path} holds a dict without weights (keys: {keys}): expected {{name: tensor}} or a checkpoint "
             f"with one of {', '.join(CHECKPOINT_SECTIONS)}"
@@ -220,7 +264,7 @@ def _strip_module(key: str) -> str:
 
 
 def _listing(title: str, items: list[str]) -> str:
-    shown = ", ".join(items[:_LIST_LIMIT])
+    shown = ", ".join(cap(i) for i in items[:_LIST_LIMIT])
     more = f" ... (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
     return f"{title} ({len(items)}): {shown}{more}"
 

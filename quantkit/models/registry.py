@@ -29,6 +29,9 @@ class ModelEntry:
         num_classes: default number of classes.
         ships_weights: the factory loads trained weights itself; without it, a model built with no weights
             file runs on its random initial weights (``quantkit.models.loading`` warns loudly).
+        parameters: exact parameter count of the model as built with the default ``num_classes`` (raw, before
+            fusion, as super-gradients counts), so ``quantkit models`` answers without building it; None: build
+            to count. ``tests/unit/test_model_registry_counts.py`` builds each model to check it.
     """
 
     name: str
@@ -37,6 +40,7 @@ class ModelEntry:
     input_size: tuple[int, int]
     num_classes: int
     ships_weights: bool = False
+    parameters: int | None = None
 
     def resolve_factory(self) -> Callable[..., nn.Module]:
         """Import and return the factory function (ModelError if it cannot be imported)."""
@@ -50,6 +54,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         "YOLO-NAS S (super-gradients 3.7.1 layout, 19.05 M params raw / 12.18 M fused), random init",
         (640, 640),
         80,
+        parameters=19_053_888,
     ),
     ModelEntry(
         "yolo_nas_m",
@@ -57,6 +62,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         "YOLO-NAS M (super-gradients 3.7.1 layout, 51.18 M params raw / 31.92 M fused), random init",
         (640, 640),
         80,
+        parameters=51_182_658,
     ),
     ModelEntry(
         "yolo_nas_l",
@@ -64,6 +70,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         "YOLO-NAS L (super-gradients 3.7.1 layout, 66.98 M params raw / 42.02 M fused), random init",
         (640, 640),
         80,
+        parameters=66_976_392,
     ),
     ModelEntry(
         "trees",
@@ -72,6 +79,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         (320, 320),
         1,
         ships_weights=True,
+        parameters=1_902_433,
     ),
 )
 

@@ -19,9 +19,10 @@ import onnx
 import torch
 from torch import nn
 
-from quantkit import __version__, paths
+from quantkit import paths
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.data.calib import CalibrationData
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 

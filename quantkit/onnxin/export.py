@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantkit import __version__, paths
+from quantkit import paths
+from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads, method_key
 from quantkit.errors import ExportError, GateFailure, UsageError
 from quantkit.exporter import parity
@@ -38,8 +39,9 @@ def check_parity(res: OnnxQuantResult, batches: list[np.ndarray], floor: float, 
     names = [o.name for o in res.int8.graph.output]
     run = lambda model: [parity.run_session(parity.session(model, threads), b) for b in batches]  # noqa: E731
     fp32, sim, int8 = run(res.fp32_bytes), run(res.sim), run(res.int8)
-    fq = parity.compare_outputs(sim, int8, names)
-    ort_q, sim_q = parity.compare_outputs(fp32, int8, names), parity.compare_outputs(fp32, sim, names)
+    sig = parity.sigmoid_outputs(res.int8)  # judged on clipped logits (parity.ParityResult.judged_db)
+    fq = parity.compare_outputs(sim, int8, names, sig)
+    ort_q, sim_q = parity.compare_outputs(fp32, int8, names, sig), parity.compare_outputs(fp32, sim, names, sig)
     # the torch route's rule (parity.judge: at most 3 dB below the reference, SQNRs capped at float agreement
     # so a graph with nothing INT8 is not "inf dB worse"), plus the output floor
     failures = parity.judge(None, ort_q, sim_q)
@@ -48,28 +50,48 @@ def check_parity(res: OnnxQuantResult, batches: list[np.ndarray], floor: float, 
     if failures:
         raise ExportError("model.int8.onnx disagrees with its float Q/DQ reference: " + "; ".join(failures)
                           + ". Nothing was written; please report this with the model")
-    return {"fq": fq, "int8_vs_fp32": ort_q, "reference_vs_fp32": sim_q, "fp32": fp32, "names": names}
+    return {"fq": fq, "int8_vs_fp32": ort_q, "reference_vs_fp32": sim_q, "fp32": fp32, "names": names,
+            "sigmoid": sig}
 
 
-def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray], checked: dict, threads: int | None):
-    """(strong ModelProto, bytes, report section); ExportError when it is further from FP32 than the reference's
-    INT8 noise plus FP16's own noise explain (the torch route's rule, ``parity.strong_failure``)."""
-    from quantkit.exporter.strong import to_strongly_typed
+def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray] | None, checked: dict | None,
+                   threads: int | None, policy=None):
+    """(strong ModelProto, bytes, report section), or (None, None, report section saying why) when it cannot be
+    converted or is further from FP32 than the reference's INT8 noise plus FP16's own noise explain (the torch
+    route's output rule, ``parity.strong_failure``): the weak graph is written either way. No ``batches``:
+    converted and linted only. ``policy``: recipe ``export.fp16_overflow`` (None: keep_fp32)."""
+    from quantkit.exporter.strong import OverflowPolicy, convert_strongly_typed
 
-    strong = to_strongly_typed(res.int8)
+    overflow = OverflowPolicy(getattr(policy, "value", policy) or OverflowPolicy.KEEP_FP32.value)
+    report = {"status": "failed", "file": None, "failure": None, "fp16_overflow": overflow.value}
+    try:
+        converted = convert_strongly_typed(res.int8, overflow=overflow)
+        fp16_model = convert_strongly_typed(res.fp32, overflow=OverflowPolicy.KEEP_FP32).model if batches else None
+    except ExportError as exc:
+        report["failure"] = f"cannot convert: {exc}"
+        log.warning("model.int8.strong.onnx not written (the weak graph is): %s", report["failure"])
+        return None, None, report
+    report.update(converted.changes())
+    strong = converted.model
     data = strong.SerializeToString()
+    written = {"status": "written", "file": "model.int8.strong.onnx", "size_bytes": len(data)}
+    if not batches:
+        return strong, data, {**report, **written, "vs_fp32": None, "note": "no data: parity not measured"}
     names = checked["names"]
 
     def vs_fp32(model_bytes: bytes) -> parity.ParityResult:
         got = [parity.run_session(parity.session(model_bytes, threads), b) for b in batches]
-        return parity.compare_outputs(checked["fp32"], got, names)
+        return parity.compare_outputs(checked["fp32"], got, names, checked["sigmoid"])
 
     s_fp32 = vs_fp32(data)
-    fp16_only = vs_fp32(to_strongly_typed(res.fp32).SerializeToString())  # FP16 noise, same converter
+    fp16_only = vs_fp32(fp16_model.SerializeToString())  # FP16 noise, same converter
+    report.update({"vs_fp32": s_fp32.as_dict(), "fp16_alone_vs_fp32": fp16_only.as_dict()})
     failure = parity.strong_failure(checked["reference_vs_fp32"], s_fp32, fp16_only)
     if failure:
-        raise ExportError(f"{failure}. Nothing was written")
-    return strong, data, {"vs_fp32": s_fp32.as_dict(), "size_bytes": len(data)}
+        report["failure"] = failure
+        log.warning("model.int8.strong.onnx not written (the weak graph is): %s", failure)
+        return None, None, report
+    return strong, data, {**report, **written}
 
 
 def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: bool) -> list[str]:
@@ -90,26 +112,17 @@ def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: 
     return fp16
 
 
-def evaluate_onnx(recipe: Recipe, eval_path: str | None, res: OnnxQuantResult, int8_bytes: bytes,
+def evaluate_onnx(recipe: Recipe, eval_path: str | None, dataset, res: OnnxQuantResult, int8_bytes: bytes,
                   *, progress: bool, threads: int | None) -> dict | None:
-    """mAP of the FP32 and INT8 graphs in onnxruntime (the torch route's decode + NMS + COCO eval), or None."""
+    """mAP of the FP32 and INT8 graphs in onnxruntime with the torch route's evaluation (one decode + NMS + COCO
+    eval; the FP32 torch row says there is no torch model), or None without evaluation data. ``dataset``: the
+    one opened from ``eval_path`` before calibration (``eval.plan.open_evaluation``)."""
     if not eval_path:
         return None
-    from quantkit.eval.coco import CocoDataset
-    from quantkit.eval.detection import evaluate_detection, onnx_predictor
+    from quantkit.eval import evaluate_export
 
-    ev = recipe.evaluation
-    ds = CocoDataset(eval_path, max_images=ev.max_images or None)
-    kw = dict(conf=ev.conf, iou=ev.iou, progress=progress)
-    out = {"data": paths.display_path(eval_path),
-           "fp32_torch": {"map50_95": None, "map50": None, "note": "ONNX route: there is no torch model"},
-           "fp32_onnx": evaluate_detection(onnx_predictor(res.fp32_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict(),
-           "int8_onnx": evaluate_detection(onnx_predictor(int8_bytes, intra_op_threads=threads), ds, res.pp,
-                                           **kw).as_dict()}
-    out["drop_map50_95_points"] = round(100.0 * (out["fp32_onnx"]["map50_95"] - out["int8_onnx"]["map50_95"]), 4)
-    out["drop_map50_points"] = round(100.0 * (out["fp32_onnx"]["map50"] - out["int8_onnx"]["map50"]), 4)
-    return out
+    return evaluate_export(dataset, recipe, res.pp, None, res.fp32_bytes, int8_bytes, source=eval_path,
+                           progress=progress, threads=threads)
 
 
 def calibration_json(res: OnnxQuantResult) -> dict:
@@ -124,7 +137,7 @@ def calibration_json(res: OnnxQuantResult) -> dict:
          "all_methods": ({k: {m: _r(v, 8) for m, v in sorted(d.items())} for k, d in sorted(res.calib.tensors.items())}
                          if res.calib is not None else {})}
     if res.trt_cache:
-        d["trt_cache"] = {"file": Path(res.trt_cache["path"]).name, "header": res.trt_cache["header"]}
+        d["trt_cache"] = res.trt_cache["import"]  # which tensors came from it, were kept FP16 or calibrated
     return d
 
 
@@ -140,17 +153,27 @@ def _param_count(model) -> int:
                    if t.data_type in (1, 10, 11)))
 
 
+def _conversion(res: OnnxQuantResult) -> dict:
+    """The opset conversion, when one ran (absent otherwise: reports of opset-13+ files are unchanged)."""
+    c = res.loaded
+    if c.converted_from is None:
+        return {}
+    return {"opset_converted_from": c.converted_from,
+            "opset_conversion_sqnr_db": "inf" if c.conversion_sqnr_db == float("inf") else _r(c.conversion_sqnr_db, 3)}
+
+
 def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checked: dict | None, strong: dict | None,
                  lint_out: dict, metrics: dict | None) -> dict:
     """report.json content, with the torch route's keys where the renderers read them."""
     sizes = {"model.onnx": len(res.fp32_bytes), "model.int8.onnx": len(int8_bytes)}
-    if strong:
+    if strong and strong.get("status") == "written":
         sizes["model.int8.strong.onnx"] = strong["size_bytes"]
     none = {"per_output_db": {}, "overall_db": None, "worst_db": None}
     return {
         "quantkit_version": __version__,
         "route": "onnx",
         "model": {"name": Path(res.loaded.path).name, "source": "onnx", "opset": res.loaded.opset,
+                  **_conversion(res),
                   "sha256_of_file": __import__("hashlib").sha256(res.loaded.raw).hexdigest(),
                   "parameters": _param_count(res.loaded.model), "parameters_deploy": _param_count(res.fp32),
                   "int8_layers": len(res.layout.int8), "quantizable_layers": len(res.layout.candidates)},
@@ -163,6 +186,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             "num_samples": res.calib.num_samples if res.calib is not None else 0,
             "data_fingerprint": res.data.fingerprint() if res.data is not None else "none (no data given)",
             "cache_key": res.cache_info.get("key"),
+            **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
         "layers": res.layer_table(),
         "notes": list(res.layout.notes),
@@ -185,6 +209,47 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
     }
 
 
+def _open_evaluation(recipe: Recipe):
+    """(evaluation data path, its opened data set) or (None, None): the torch route's plan, dependency check and
+    opening (``quantkit.eval.plan``), so a COCO folder, images + annotations JSON and a dataset YAML all work and
+    fail the same way, before any calibration."""
+    from quantkit.eval.plan import open_evaluation, plan_evaluation
+    from quantkit.utils.optional_deps import check_optional_deps
+
+    plan = plan_evaluation(recipe)
+    check_optional_deps(recipe, evaluation=bool(plan.path))
+    if not plan.path:
+        return None, None
+    return plan.path, open_evaluation(recipe, plan.path, recipe.evaluation.max_images)
+
+
+def add_coverage(report: dict, res: OnnxQuantResult, recipe: Recipe) -> None:
+    """The torch route's coverage from the exported graph (``exporter.coverage``): the INT8 MAC share of
+    model.int8.onnx and every float weighted op with its reason (the recipe's patterns, the placement's notes).
+    A float op without a reason is reported (report, log) but not fatal here yet: the placement decides which
+    nodes it can quantize, and an unplaced one has no ``--skip`` to name it."""
+    from quantkit.exporter.coverage import coverage_failure, graph_coverage
+    from quantkit.report.sections import fp16_reasons
+
+    q = recipe.quantization
+    reasons = fp16_reasons(res.layout, tuple(q.quantize), tuple(q.skip))
+    for note in res.layout.notes:  # "<node>: <why it stays float>"
+        node, sep, why = note.partition(": ")
+        if sep and node not in reasons:
+            reasons[node] = "rule: " + why
+    cov = graph_coverage(res.int8, reasons=reasons)
+    report["int8_mac_share"] = cov.mac_share()
+    report["coverage"] = cov.as_dict()
+    report["coverage"]["error"] = coverage_failure(cov, wrapped=set(res.layout.candidates))
+    share = cov.share
+    log.info("INT8 share of weighted-op MACs in model.int8.onnx: %s (%d of %d weighted ops INT8)",
+             "n/a" if share is None else f"{100 * share:.2f} %", report["coverage"]["int8_ops"], len(cov.ops))
+    if report["coverage"]["error"]:
+        msg = "ONNX route: " + report["coverage"]["error"].split(". Fix:")[0]
+        report["notes"].append(msg)
+        log.warning(msg)
+
+
 def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
                     command_line: list[str] | None = None, trt_cache: str | None = None,
                     inputs: list[str] = ()) -> ExportResult:
@@ -202,6 +267,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         raise UsageError("--nms is not wired on the ONNX route yet: append NMS to model.int8.onnx yourself")
     if recipe.sensitivity.enabled:
         raise UsageError("--sensitivity is not available on the ONNX route yet; use --skip with node names")
+    eval_path, eval_dataset = _open_evaluation(recipe)  # bad evaluation data: exit 2 before calibrating
     res = quantize_onnx(recipe.model.name, recipe.calibration.data, recipe, trt_cache=trt_cache, progress=progress)
     threads = 1 if recipe.calibration.deterministic else None
     int8_bytes = res.int8.SerializeToString()
@@ -210,16 +276,20 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         strong_bytes = None
         lint_out = {"model.int8.onnx": [f.as_dict() for f in lint(res.int8)]}
         if res.data is not None:
-            batches = [b.numpy() for b in res.data.batches(limit=PARITY_SAMPLES)]
-            checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
-            if ExportTarget.STRONG in recipe.export.targets:
-                strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads)
-        elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
-            from quantkit.exporter.strong import to_strongly_typed
+            from quantkit.utils.progress import progress_bar
 
-            strong_model = to_strongly_typed(res.int8)
-            strong_bytes = strong_model.SerializeToString()
-            strong = {"vs_fp32": None, "size_bytes": len(strong_bytes), "note": "no data: parity not measured"}
+            batches = [b.numpy() for b in res.data.batches(limit=PARITY_SAMPLES)]
+            want_strong = ExportTarget.STRONG in recipe.export.targets
+            # steps: three graphs in onnxruntime, then (strong) two FP16 graphs: seconds to minutes, silent inside
+            with progress_bar(1 + want_strong, "checking parity", "step", enabled=progress, weights=(3, 2)) as bar:
+                checked = check_parity(res, batches, recipe.export.parity_min_sqnr, threads)
+                bar.update()
+                if want_strong:
+                    strong_model, strong_bytes, strong = strong_variant(res, batches, checked, threads,
+                                                                        recipe.export.fp16_overflow)
+                    bar.update()
+        elif ExportTarget.STRONG in recipe.export.targets:  # no data: nothing to measure parity on; lint still checks it
+            strong_model, strong_bytes, strong = strong_variant(res, None, None, threads, recipe.export.fp16_overflow)
             log.warning("no calibration data given: parity and SQNR are not measured (pass --calib to check them)")
         if strong_bytes is not None:
             lint_out["model.int8.strong.onnx"] = [f.as_dict() for f in lint(strong_model, strong=True)]
@@ -233,9 +303,10 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
             stage.write_bytes("model.int8.strong.onnx", strong_bytes)
         stage.write_text("calibration.cache", cache_text_for(res.int8))
         fp16 = write_build_script(stage, recipe, res, strong_bytes is not None)
-        metrics = evaluate_onnx(recipe, recipe.evaluation.data, res, int8_bytes, progress=progress, threads=threads)
+        metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
+        add_coverage(report, res, recipe)
         if recipe.gates.max_drop is not None:
             report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "
                                    "torch route for now); keep layers float with --skip NODE_NAME_GLOB")
@@ -247,7 +318,8 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                                            "the automatic FP16 choice (sensitivity.min_int8_share)")) if on]
         if not_here:  # said, not silently skipped: these passes work on the torch module
             msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
-                   "calibrated only, every supported layer INT8 (keep nodes float with --skip NODE_NAME_GLOB)")
+                   "calibrated only, every supported layer INT8 unless --skip or a TensorRT cache without its "
+                   "scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")
             report["notes"].append(msg)
             log.info(msg)
         failures = check_gates(recipe, report)
@@ -259,6 +331,6 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         files = sorted(stage.files)
     result = ExportResult(out_dir=out_dir, report=report, files=files, gate_failures=failures)
     if failures:
-        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})")
+        raise GateFailure("; ".join(failures) + f" (artifacts and report written to {out_dir})", result)
     return result
 

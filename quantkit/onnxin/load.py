@@ -8,26 +8,40 @@ kernels), then ``onnx.shape_inference``. The cleaned graph is checked against th
 
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from quantkit.errors import ExportError, ModelError, UsageError
+from quantkit.errors import ExportError, ModelError, QuantkitError, UsageError
+from quantkit.onnxin.external import embed_external_data
+from quantkit.onnxin.opset import CONVERT_FROM_MIN, convert_opset
+from quantkit.onnxin.scratch import write_via_path
+from quantkit.recipe_limits import short_repr
 
+# ops that run a subgraph (any node with a GRAPH attribute does): a data-dependent trip count can keep
+# onnxruntime busy for hours inside one C call, where neither Ctrl-C nor SIGTERM reach Python
+CONTROL_FLOW_OPS = ("Loop", "If", "Scan", "SequenceMap")
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis) need opset 13
 MAX_OPSET = 21  # newest opset whose Q/DQ semantics lint, strong conversion and TensorRT 10 are known to handle
 CLEANUP_MIN_SQNR_DB = 80.0  # cleaned vs original FP32 outputs: folding may only reorder float sums
 
+log = logging.getLogger("quantkit")
+
 
 @dataclass
 class LoadedOnnx:
-    """A validated FP32 ONNX model. ``raw`` are the file's bytes (the calibration cache keys on them).
+    """A validated FP32 ONNX model. ``raw`` are the file's bytes (the report hashes them).
 
-    ``input_shape``: [N, C, H, W] with N None when the batch is symbolic; H, W always concrete.
+    ``input_shape``: [N, C, H, W] with N None when the batch is symbolic; H, W always concrete. Inputs that are
+    not images ((N, L) audio frames, (N, T, D) features) have any rank >= 2, every dim but N fixed.
+    ``external_data``: the data files (beside the model) whose tensors were read into ``model``.
+    ``content``: what the calibration cache keys on: ``raw``, or with external data the model with its data
+    embedded (so changed weights in the data file never hit a stale cache).
     """
 
     path: str
@@ -36,11 +50,24 @@ class LoadedOnnx:
     input_name: str
     input_shape: list[int | None]
     opset: int
+    external_data: tuple[str, ...] = ()
+    content: bytes | None = None
+    converted_from: int | None = None  # the file's opset when it was converted to ``opset`` (onnx.version_converter)
+    conversion_sqnr_db: float | None = None  # converted vs original outputs on the check input (inf: identical)
+
+    def __post_init__(self):
+        if self.content is None:
+            self.content = self.raw
 
     @property
-    def size(self) -> tuple[int, int]:
-        """Input (H, W) in pixels."""
-        return int(self.input_shape[2]), int(self.input_shape[3])
+    def is_image(self) -> bool:
+        """An NCHW input (images folders and input.size apply)."""
+        return len(self.input_shape) == 4
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """Input (H, W) in pixels; None for an input that is not NCHW."""
+        return (int(self.input_shape[2]), int(self.input_shape[3])) if self.is_image else None
 
 
 def is_onnx_path(name: str | None) -> bool:
@@ -52,12 +79,19 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None) -> LoadedOnnx:
-    """Read and validate an FP32 ONNX file; fix free H/W dimensions to ``input_size`` (H, W in pixels).
+def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None,
+              data_shape: tuple[int, ...] | None = None,
+              check_memory: Callable[[str, list[int | None]], None] | None = None) -> LoadedOnnx:
+    """Read and validate an FP32 ONNX file, fix its free input dims, and bring an opset below 13 to 13.
 
-    Raises UsageError (exit 2) for: a missing file, a file that is not an ONNX model, an opset outside
-    [13, 21], more than one graph input, a non-float32 or non-NCHW input, free spatial dims without
-    ``input_size``, or an ``input_size`` that contradicts fixed dims.
+    Free H/W take ``input_size`` (H, W in pixels), else ``data_shape`` (C, H, W of preprocessed calibration data,
+    e.g. a .npy's); a free C takes ``data_shape``'s. ``check_memory(where, shape)`` runs once the shape is fixed,
+    before anything allocates an input (the opset conversion's check runs the model).
+
+    Raises UsageError (exit 2) for: a missing file, a file that is not an ONNX model, control flow, external data
+    outside the model's folder, an opset outside [7, 21] or one the converter cannot bring to 13 unchanged, no
+    outputs, more than one graph input, a non-float32 or non-NCHW input, free dims with nothing to fix them, or an
+    ``input_size`` that contradicts fixed dims.
     """
     p = Path(path)
     if not p.is_file():
@@ -71,12 +105,15 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     if not model.graph.node or not model.opset_import:
         raise UsageError(f"{p} is not an ONNX model (no graph nodes or opset): pass an .onnx file exported by "
                          "torch.onnx.export, tf2onnx or a training framework")
+    refuse_control_flow(model, p)  # before anything hands the graph to onnxruntime or a converter
+    external = embed_external_data(model, p)  # from the model's folder, not the current one
+    content = model.SerializeToString() if external else raw
     opset = default_opset(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
+    if not CONVERT_FROM_MIN <= opset <= MAX_OPSET:
         raise UsageError(
-            f"{p} uses opset {opset}; quantkit handles opsets {MIN_OPSET}-{MAX_OPSET}. Re-export with opset 17 "
-            "(torch.onnx.export(..., opset_version=17)) or convert it: "
-            "onnx.version_converter.convert_version(onnx.load(path), 17)")
+            f"{p} uses opset {opset}; quantkit handles opsets {MIN_OPSET}-{MAX_OPSET} and converts opsets "
+            f"{CONVERT_FROM_MIN}-{MIN_OPSET - 1}. Re-export with opset 17 (torch.onnx.export(..., opset_version=17)) "
+            "or convert it: onnx.version_converter.convert_version(onnx.load(path), 17)")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -85,37 +122,106 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger") for n in model.graph.node):
         raise UsageError(f"{p} is already quantized (it has QuantizeLinear/DequantizeLinear or integer ops): "
                          "pass the FP32 model; `quantkit lint` checks an existing Q/DQ graph")
+    if not model.graph.output:
+        raise UsageError(f"{p} has no graph outputs: there is nothing to calibrate or compare; export the model "
+                         "with its outputs (torch.onnx.export(..., output_names=[...]))")
+    name, shape = fix_input(model, p, input_size, data_shape)
+    if check_memory is not None:
+        check_memory(f"input {short_repr(name)} of {p}", shape)
+    loaded = LoadedOnnx(str(p), raw, model, name, shape, opset, external, content)
+    if opset < MIN_OPSET:
+        loaded.model, loaded.conversion_sqnr_db = convert_opset(model, p, MIN_OPSET, name, shape)
+        loaded.converted_from, loaded.opset = opset, MIN_OPSET
+    return loaded
+
+
+def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | None,
+              data_shape: tuple[int, ...] | None) -> tuple[str, list[int | None]]:
+    """The single NCHW float input's (name, [N, C, H, W]); free C/H/W are set in ``model`` from ``input_size``
+    (H, W) or ``data_shape`` (C, H, W). N stays None when free (calibration feeds any batch)."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
-        raise UsageError(f"{p} has {len(inputs)} graph inputs ({[i.name for i in inputs]}); quantkit's ONNX route "
-                         "takes one image input [N, C, H, W]: export the model with a single input")
+        raise UsageError(f"{p} has {len(inputs)} graph inputs ({short_repr([i.name for i in inputs])}); quantkit's "
+                         "ONNX route takes one image input [N, C, H, W]: export the model with a single input")
     inp = inputs[0]
+    qin = short_repr(inp.name)  # names are user content: quoted bounded
     tt = inp.type.tensor_type
     if tt.elem_type != onnx.TensorProto.FLOAT:
-        raise UsageError(f"input '{inp.name}' of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
+        raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
                          "quantizes FP32 models: export the model in float32")
     dims = list(tt.shape.dim)
-    if len(dims) != 4:
-        raise UsageError(f"input '{inp.name}' of {p} has rank {len(dims)}; quantkit's ONNX route takes an NCHW "
-                         "image input [N, C, H, W]")
     shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if shape[1] is None:
-        raise UsageError(f"input '{inp.name}' of {p} has a free channel dimension: export it with a fixed C")
+    if any(v is not None and v < 1 for v in shape):
+        raise UsageError(f"input {qin} of {p} has the shape {shape} with a dimension below 1: re-export it "
+                         "with its real input shape")
+    free = [d.dim_param or "?" for k, d in enumerate(dims) if k and shape[k] is None]
+
+    def fix(k: int, v: int) -> None:
+        dims[k].Clear()
+        dims[k].dim_value = v
+        shape[k] = v
+
+    if len(dims) != 4:  # (N, L) audio frames, (N, T, D) features: the calibration .npy gives the samples
+        if input_size is not None:
+            raise UsageError(f"--input-size (H x W) applies to NCHW image inputs; input {qin} of {p} has "
+                             f"shape {shape}: drop --input-size")
+        if len(dims) >= 2 and data_shape is not None and len(data_shape) == len(dims) - 1:
+            for k in range(1, len(dims)):
+                if shape[k] is None:
+                    fix(k, int(data_shape[k - 1]))
+        if len(dims) < 2 or any(v is None for v in shape[1:]):
+            raise UsageError(f"input {qin} of {p} has shape {[d.dim_param or d.dim_value for d in dims]}; "
+                             "quantkit's ONNX route takes [N, C, H, W] images or a rank >= 2 input whose dims "
+                             "after the batch are fixed (or given by the calibration .npy's shape): export the "
+                             "model with a fixed sample shape")
+        return inp.name, shape
     if input_size is not None:
         h, w = (int(v) for v in input_size)
         for k, v in ((2, h), (3, w)):
             if shape[k] is not None and shape[k] != v:
                 raise UsageError(f"--input-size {h}x{w} contradicts the fixed input shape {shape} of {p}: drop "
                                  f"--input-size or pass {shape[2]}x{shape[3]}")
-            dims[k].Clear()
-            dims[k].dim_value = v
-            shape[k] = v
+            fix(k, v)
+    if data_shape is not None and len(data_shape) == 3:  # a .npy's (C, H, W): its size is the model's input size
+        for k in (1, 2, 3):
+            if shape[k] is None and int(data_shape[k - 1]) >= 1:
+                fix(k, int(data_shape[k - 1]))
+    if shape[1] is None:
+        raise UsageError(f"input {qin} of {p} has a free channel dimension: export it with a fixed C, or calibrate "
+                         "with a float32 NCHW .npy (its C is taken)")
     if shape[2] is None or shape[3] is None:
-        raise UsageError(f"input '{inp.name}' of {p} has free spatial dimensions "
-                         f"{[d.dim_param or '?' for d in dims[2:]]}: pass --input-size HxW (e.g. 640x640) "
-                         "or set input.size in the recipe")
-    return LoadedOnnx(str(p), raw, model, inp.name, shape, opset)
+        raise UsageError(f"input {qin} of {p} has free spatial dimensions {free}: pass --input-size HxW (e.g. "
+                         "640x640), set input.size in the recipe, or calibrate with a .npy (its H, W are taken)")
+    if free:
+        log.info("input %s of %s: free dims %s fixed, shape %s", qin, p.name, free, shape)
+    return inp.name, shape
+
+
+def _runs_subgraph(node: onnx.NodeProto) -> bool:
+    return (node.op_type in CONTROL_FLOW_OPS and node.domain in ("", "ai.onnx")) or any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def refuse_control_flow(model: onnx.ModelProto, path) -> None:
+    """UsageError naming the first node that runs a subgraph (Loop, If, Scan, ...), in the graph or in a local
+    function: quantkit's ONNX route takes straight-line graphs. A subgraph lives only inside such a node, so the
+    outer node is always found first."""
+    fix = ("quantkit's ONNX route takes graphs without control flow: export the model traced, with loops unrolled "
+           "and branches resolved (torch.onnx.export of the plain module, not torch.jit.script; or fold constant "
+           "conditions with onnx-simplifier)")
+    for i, n in enumerate(model.graph.node):
+        if _runs_subgraph(n):
+            raise UsageError(f"{path} has control flow: node {short_repr(n.name or f'#{i}')} is a "
+                             f"{short_repr(n.op_type)}; {fix}")
+    called = {(n.domain, n.op_type): n.name for n in model.graph.node}
+    for f in model.functions:
+        for n in f.node:
+            if _runs_subgraph(n):
+                caller = called.get((f.domain, f.name))
+                via = f", called by node {short_repr(caller)}" if caller is not None else ""
+                raise UsageError(f"{path} has control flow: node {short_repr(n.name or n.op_type)} in local function "
+                                 f"{short_repr(f.domain + ':' + f.name)}{via} is a {short_repr(n.op_type)}; {fix}")
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -139,15 +245,20 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    with tempfile.TemporaryDirectory(prefix="quantkit-onnx-") as tmp:
-        out = os.path.join(tmp, "cleaned.onnx")
-        opts.optimized_model_filepath = out
-        try:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"onnxruntime cannot load the model ({str(exc)[:300]}): check that it runs in "
-                             "onnxruntime on CPU, or re-export it with standard ONNX ops") from exc
-        cleaned = onnx.load(out)
+    data = model.SerializeToString()
+
+    def optimize_to(path: str) -> None:
+        opts.optimized_model_filepath = path
+        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+    try:
+        cleaned_bytes = write_via_path(optimize_to, len(data))
+    except QuantkitError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot load the model ({str(exc)[:300]}): check that it runs in "
+                         "onnxruntime on CPU, or re-export it with standard ONNX ops") from exc
+    cleaned = onnx.load_model_from_string(cleaned_bytes)
     # onnxruntime may record opsets of domains the graph no longer uses; keep the model's own ones
     try:
         cleaned = onnx.shape_inference.infer_shapes(cleaned, strict_mode=False)

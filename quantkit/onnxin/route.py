@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from quantkit.calibrate.driver import CalibrationResult, method_key
-from quantkit.calibrate.methods import MethodSettings
-from quantkit.data.calib import CalibrationData
+from quantkit.calib_methods import MethodSettings
+from quantkit.data.calib import CalibrationData, small_set_note
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
 from quantkit.exporter.passes import normalize
@@ -25,6 +26,7 @@ from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import OnnxLayout, build_layout
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
 from quantkit.recipe import Recipe
+from quantkit.preflight import check_model_input_memory
 
 log = logging.getLogger("quantkit")
 
@@ -76,14 +78,46 @@ def _r(v, nd: int = 6):
     return None if v is None else round(float(v), nd)
 
 
-def open_data(recipe: Recipe, calib: str, size: tuple[int, int], channels: int) -> tuple[CalibrationData, Preprocess]:
-    """The recipe's preprocessing at the graph's input size; a .npy must match the graph's C, H, W."""
-    from quantkit.data import open_data as open_calibration
+def npy_shape(data) -> tuple[int, ...] | None:
+    """The per-sample shape ((C, H, W) for images, any rank otherwise) of a float32 .npy (read from its header),
+    else None: free model dims take it."""
+    p = Path(str(data)) if data is not None else None
+    if p is None or p.suffix.lower() != ".npy" or not p.is_file():
+        return None
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):
+        return None  # open_data reports an unreadable .npy with its own message
+    return tuple(int(s) for s in arr.shape[1:]) if arr.ndim >= 2 else None
 
-    data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, tuple(size))
-    if tuple(data.input_shape) != (channels, *size):
+
+def _db(v: float | None) -> str:
+    return "identical" if v == float("inf") else f"unchanged ({v:.1f} dB SQNR)"
+
+
+def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Preprocess]:
+    """The recipe's preprocessing at the graph's input size; a .npy / .npz must match the graph's per-sample
+    shape (C, H, W for images, any rank otherwise). A .npz's array is the one keyed by the graph's input name
+    (``onnxin.npz``)."""
+    from dataclasses import replace
+
+    from quantkit.data import open_data as open_calibration
+    from quantkit.onnxin.npz import is_npz, npz_array
+
+    sample = tuple(int(d) for d in loaded.input_shape[1:])
+    size = tuple(loaded.size or (640, 640))
+    if is_npz(calib):
+        arr = npz_array(calib, [loaded.input_name])
+        data, pp = open_calibration(arr, recipe.calibration, recipe.preprocess, size)
+        data = replace(data, source=Path(calib), kind="npz")  # the report names the file, not "<ndarray>"
+    else:
+        data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, size)
+    if data.inputs is not None:
+        raise DataError(f"calibration data {calib} is a .npz of several inputs; the ONNX route takes models with one "
+                        "input for now: pass a .npy, or export the torch module (which takes .npz)")
+    if tuple(data.input_shape) != sample:
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
-                        f"takes {(channels, *size)}: pass data of the model's input shape")
+                        f"takes {sample}: pass data of the model's input shape")
     return data, pp
 
 
@@ -98,38 +132,56 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     if data is None and trt_cache is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
                          "FILE; quantkit never calibrates on random data")
-    loaded = load_onnx(path, recipe.input.size)
+    from quantkit.onnxin.npz import npz_shape
+
+    loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data) or npz_shape(data),
+                       check_memory=lambda where, shape: check_model_input_memory(
+                           recipe, where, shape, batch=None if data is not None else 1))
     cleaned = cleanup(loaded.model)
-    pp = Preprocess.at_size(recipe.preprocess, loaded.size)
+    pp = Preprocess.at_size(recipe.preprocess, loaded.size or (640, 640))  # not used for non-image inputs
     cal = None
     sqnr = None
     if data is not None:
-        cal, pp = open_data(recipe, str(data), loaded.size, int(loaded.input_shape[1]))
+        cal, pp = open_data(recipe, str(data), loaded)
         batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
     q = recipe.quantization
     layout = build_layout(cleaned, tuple(q.quantize), tuple(q.skip), q.residual_add)
+    if loaded.converted_from is not None:  # said in the report and the log, never done silently
+        note = (f"ONNX route: the model's opset {loaded.converted_from} was converted to opset {loaded.opset} with "
+                f"onnx.version_converter; outputs on a check input {_db(loaded.conversion_sqnr_db)}")
+        layout.notes.insert(0, note)
+        log.info(note)
     wscales = weight_scales(cleaned, layout)
     settings = recipe.calibration.settings
     needed = layout.activation_tensors(only_int8=True)
     calib_result, cache_info, trt = None, {"key": None, "hit": False, "path": None, "reason": None}, None
     if trt_cache is not None:
-        from quantkit.engine.calib_cache import amax_from_cache, read_cache
+        from quantkit.onnxin.trt_import import import_cache
 
-        header, scales = read_cache(trt_cache)
-        tensors = {i.name for i in cleaned.graph.input} | {t for n in cleaned.graph.node for t in (*n.input, *n.output)}
-        amax = amax_from_cache(scales, needed, tensors, source=str(trt_cache))
-        act_scales = {t: float(np.float32(scales[t])) for t in needed}
-        trt = {"path": str(trt_cache), "header": header}
-        import hashlib
-        from pathlib import Path
+        def calibrate_missing(tensors: list[str]):  # only for calibration.trt_cache_missing=calibrate
+            graph = with_fake_quant_weights(cleaned, layout, wscales)
+            weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
+            result, info = ocal.calibrate_onnx_cached(
+                graph, loaded.content, tensors, weights, cal, settings, cache_path=recipe.calibration.cache,
+                use_cache=recipe.calibration.use_cache, progress=progress,
+                threads=1 if recipe.calibration.deterministic else None)
+            return ocal.chosen_amax(result, tensors, settings), result, info
 
-        cache_info["key"] = "trt-cache-" + hashlib.sha256(Path(trt_cache).read_bytes()).hexdigest()
+        imported = import_cache(str(trt_cache), cleaned, layout, calibrate_missing,
+                                mode=recipe.calibration.trt_cache_missing, data=cal)
+        amax, act_scales, calib_result, cache_info = (imported.amax, imported.act_scales, imported.calib,
+                                                      imported.cache_info)
+        trt = {"path": str(trt_cache), "header": imported.header, "import": imported.as_dict(str(trt_cache))}
     else:
+        note = small_set_note(cal)
+        if note:  # a TensorRT cache brings its own ranges: the data then only serves checks
+            log.warning(note)
+            layout.notes.append(note)
         calib_graph = with_fake_quant_weights(cleaned, layout, wscales)
         int8_weights = sorted({layout.candidates[n].weight[0] for n in layout.int8 if layout.candidates[n].weight})
         calib_result, cache_info = ocal.calibrate_onnx_cached(
-            calib_graph, loaded.raw, layout.activation_tensors(), int8_weights, cal, settings,
+            calib_graph, loaded.content, layout.activation_tensors(), int8_weights, cal, settings,
             cache_path=recipe.calibration.cache, use_cache=recipe.calibration.use_cache, progress=progress,
             threads=1 if recipe.calibration.deterministic else None)
         amax = ocal.chosen_amax(calib_result, needed, settings)

@@ -7,15 +7,13 @@
 Every pass only changes numbers the existing export already writes (input amax -> activation Q/DQ scales,
 weights -> int8 initializers, biases -> float Conv/Gemm biases); the Q/DQ structure is unchanged.
 
-Where they go in the pipeline (``recipe.ptq``)::
+After calibration they run as objects behind one protocol (``quantkit.ptq.passes``), in the order of its
+registry: calibration-method choice, the automatic FP16 choice, then the sequential pass (``default_passes``), each
+kept only when it raises the output SQNR on held-out calibration images (``quantkit.ptq.guard``)::
 
-    prepared, info = prepare_module(model, recipe)            # stages.py
-    prepared, report = equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)   # NEW
-    calib, cache_info = calibrate_cached(prepared, data, settings, recipe)
-    chosen = apply_calibration(prepared.qmodel, calib, settings)
-    report = apply_ptq(prepared, calib, batches, recipe.ptq, report)                           # NEW
-    chosen = report.amax or chosen                             # amax the report/calibration.json should show
-    ... export_state(...)
+    prepared, report = equalize_state_model(prepared, data, recipe)   # before calibration (recipe.ptq.equalize)
+    state = QuantState(..., calibrate.calibrate(prepared, data, recipe.calibration), ptq=report)
+    run_default_passes(state)                                          # state.passes: what was kept, with dB
 """
 
 from __future__ import annotations
@@ -26,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.calibrate.driver import CalibrationResult
+from quantkit.ptq.default_passes import default_passes
 from quantkit.ptq.equalize import ChannelClip, EqualizePair, equalize
+from quantkit.ptq.passes import PassResult, PtqPass, register_pass, registered_passes
 from quantkit.ptq.sequential import LayerPtq, SequentialOptions, sequential_pass
 from quantkit.quant.tensor_quantizer import TensorQuantizer, weight_amax
 
@@ -92,7 +92,7 @@ def equalize_prepared(prepared, batches: list[torch.Tensor], spec, quantization)
 
 
 def apply_ptq(prepared, calib: CalibrationResult, batches: list[torch.Tensor], spec,
-              report: PtqReport | None = None) -> PtqReport:
+              report: PtqReport | None = None, *, progress: bool = True) -> PtqReport:
     """The post-calibration passes (range choice, learned rounding, bias correction) on ``prepared.qmodel``,
     in place, on the first ``spec.num_images`` rows of ``batches``. Call after ``apply_calibration``.
     Returns the report (extending ``report`` from :func:`equalize_prepared` when given)."""
@@ -104,7 +104,7 @@ def apply_ptq(prepared, calib: CalibrationResult, batches: list[torch.Tensor], s
         return report
     x = torch.cat(list(batches), 0)[: spec.num_images]
     t0 = time.perf_counter()
-    report.layers = sequential_pass(prepared.qmodel, prepared.fp32, x, calib, opts)
+    report.layers = sequential_pass(prepared.qmodel, prepared.fp32, x, calib, opts, progress=progress)
     report.seconds["sequential"] = time.perf_counter() - t0
     if opts.range_choice:
         report.amax = {n: float(q.amax) for n, q in prepared.qmodel.named_modules()
@@ -124,7 +124,7 @@ def equalize_state_model(prepared, data, recipe):
         return equalize_prepared(prepared, batches, recipe.ptq, recipe.quantization)
 
 
-def ptq_for_state(state) -> PtqReport:
+def ptq_for_state(state, *, progress: bool = True) -> PtqReport:
     """Pipeline hook after calibration AND after any automatic FP16 selection (the passes only touch INT8
     layers, and a layer switched to FP16 afterwards would keep an INT8-only correction): :func:`apply_ptq` on a
     ``state.QuantState``; updates ``state.calibration.chosen_amax`` with the chosen ranges, sets ``state.ptq``."""
@@ -136,7 +136,7 @@ def ptq_for_state(state) -> PtqReport:
         return report
     with fixed_threads(1 if state.recipe.calibration.deterministic else None):
         batches = list(state.data.batches(limit=spec.num_images, spread=True))
-        report = apply_ptq(state.model, state.calibration.result, batches, spec, report)
+        report = apply_ptq(state.model, state.calibration.result, batches, spec, report, progress=progress)
     if report.amax:
         cal = state.calibration
         cal.chosen_amax = {n: report.amax.get(n, a) for n, a in cal.chosen_amax.items()}
@@ -144,5 +144,24 @@ def ptq_for_state(state) -> PtqReport:
     return report
 
 
-__all__ = ["PtqReport", "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip", "sequential_pass",
-           "SequentialOptions", "options_from_spec", "weight_amax"]
+def run_default_passes(state, *, dataset=None, analysis_dataset=None, progress: bool = True) -> list:
+    """The registered passes (calibration-method choice, FP16 choice, bias correction, then any a user
+    registered), each kept only when it raises the output SQNR on held-out calibration images
+    (``quantkit.ptq.guard``). ``dataset``/``analysis_dataset``: evaluation data for an mAP budget of the FP16 choice.
+    Returns the per-pass results (also ``state.passes``)."""
+    from quantkit.calibrate.driver import fixed_threads
+    from quantkit.ptq.guard import run_passes
+
+    with fixed_threads(1 if state.recipe.calibration.deterministic else None):
+        return run_passes(state, registered_passes(), {"dataset": dataset, "analysis_dataset": analysis_dataset,
+                                                       "progress": progress})
+
+
+for _p in default_passes():  # the ordered registry starts with the defaults (once, even if re-imported)
+    if _p.name not in {q.name for q in registered_passes()}:
+        register_pass(_p)
+
+
+__all__ = ["PtqReport", "run_default_passes", "register_pass", "registered_passes", "PassResult", "PtqPass",
+           "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip",
+           "sequential_pass", "SequentialOptions", "options_from_spec", "weight_amax"]

@@ -141,14 +141,36 @@ def fp32_channel_means(fp32: nn.Module, names: list[str], x: torch.Tensor) -> di
     return means
 
 
+def _desc(opts: SequentialOptions) -> str:
+    """The progress line's stage: which of the passes run (``PTQ (range choice, bias correction)``)."""
+    names = [n for n, on in (("range choice", opts.range_choice), ("AdaRound", opts.adaround),
+                             ("bias correction", opts.bias_correction)) if on]
+    return f"PTQ ({', '.join(names)})"
+
+
 def sequential_pass(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor, calib: CalibrationResult,
-                    opts: SequentialOptions) -> dict[str, LayerPtq]:
+                    opts: SequentialOptions, *, progress: bool = True) -> dict[str, LayerPtq]:
     """Run the pass (see the module docstring) on the batch ``x``; modifies ``qmodel``'s input amax, weights
-    and biases in place (``fp32`` is only read). Returns layer name -> what was done, in execution order."""
+    and biases in place (``fp32`` is only read). Returns layer name -> what was done, in execution order.
+    ``progress``: a progress line per interval, counting the FP32 pass and then each layer."""
+    from quantkit.utils.progress import progress_bar
+
     layers = {n: m for n, m in qmodel.named_modules()
               if isinstance(m, (QuantConv2d, QuantLinear, QuantAdd)) and m._input_quantizer.enabled}
     biased = [n for n, m in layers.items() if not isinstance(m, QuantAdd) and m._weight_quantizer.enabled]
+    # the FP32 pass costs about the whole bias-corrected pass; range choice and AdaRound add per-layer work
+    heavy = opts.range_choice or opts.adaround
+    first = 0.0 if not opts.bias_correction else (len(layers) * (0.2 if heavy else 1.0))
+    bar = progress_bar(1 + len(layers), _desc(opts), "layer", enabled=progress, weights=(first, *[1.0] * len(layers)))
+    try:
+        return _sequential(qmodel, fp32, x, calib, opts, layers, biased, bar)
+    finally:
+        bar.close()
+
+
+def _sequential(qmodel, fp32, x, calib, opts, layers, biased, bar) -> dict[str, LayerPtq]:
     means = fp32_channel_means(fp32, biased, x) if opts.bias_correction else {}
+    bar.update()
     report: dict[str, LayerPtq] = {}
     hooks = []
     saved_grad = [(p, p.requires_grad) for p in qmodel.parameters()]
@@ -200,7 +222,12 @@ def sequential_pass(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor, calib: 
             m.weight.data.copy_(w_new)
         return None
 
+    counted: set[str] = set()
+
     def post(m, args, out, name):
+        if name not in counted:  # a layer called twice is one step (its first call is the one corrected)
+            counted.add(name)
+            bar.update()
         if not opts.bias_correction or name not in means or report[name].bias_shift_abs_mean is not None:
             return None
         axis = _channel_axis(m, out)

@@ -14,17 +14,19 @@ import torch
 from torch import fx, nn
 
 from quantkit.models.ops import Add, Concat
+from quantkit.quant.registry import WEIGHTED_BASES
 
 _PASS_THROUGH = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.Identity, nn.GELU)
 _LINEAR_PASS = (nn.BatchNorm2d, nn.Identity)  # folded into the conv: the add can still fuse
-_CONV = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_CONV = WEIGHTED_BASES  # convs of any dimension and linears, subclasses included
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps quantkit's op modules opaque so they are never re-wrapped."""
+    """Keeps quantkit's op modules opaque so they are never re-wrapped, and every conv / linear (subclasses
+    included): traced through, a subclass's conv would become an inline call that no quantizer wraps."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (Add, Concat)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (Add, Concat, *_CONV)) or super().is_leaf_module(m, qualname)
 
 
 def _conv_distance(modules: dict[str, nn.Module], node: fx.Node) -> int | None:

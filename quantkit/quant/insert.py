@@ -1,6 +1,7 @@
 """Insert quantizers into a model according to a selection of layer names / types.
 
-Every layer whose type is in the swap table is wrapped (so one calibration covers all of them); layers the
+Every layer the registry (``quantkit.quant.registry``: convs and linears, their subclasses included, and
+residual Adds) can wrap is wrapped (so one calibration covers all of them); layers the
 selection leaves out keep their quantizers disabled, which exports them without Q/DQ (they run FP16 in
 TensorRT). Patterns are ``fnmatch`` globs over module names (``neck.*``) or ``type:Name`` over module type
 names (``type:Linear``); a pattern that matches nothing is an error, never silently ignored.
@@ -13,11 +14,13 @@ import difflib
 import fnmatch
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from quantkit.errors import UsageError
-from quantkit.quant.modules import QUANT_MODULES, QUANT_TYPES
+from quantkit.quant.modules import QUANT_TYPES
+from quantkit.quant.registry import QuantWrapper, quant_module_for, wrap
 from quantkit.quant.tensor_quantizer import TensorQuantizer
+from quantkit.quote import cap
 
 
 @dataclass
@@ -60,7 +63,7 @@ def _closest(pattern: str, names: list[str], types: list[str]) -> str:
         return ", ".join(f"type:{c}" for c in close) or ", ".join(f"type:{t}" for t in sorted(set(types)))
     stem = pattern.replace("*", "").replace("?", "")
     close = difflib.get_close_matches(stem, names, n=5, cutoff=0.3)
-    return ", ".join(close) or ", ".join(names[:5])
+    return ", ".join(cap(c, 80) for c in close or names[:5])  # names come from the user's model: bounded
 
 
 def select_layers(candidates: dict[str, str], quantize: tuple[str, ...], skip: tuple[str, ...]) -> tuple[list[str], dict]:
@@ -75,7 +78,7 @@ def select_layers(candidates: dict[str, str], quantize: tuple[str, ...], skip: t
         matched = [n for n, t in candidates.items() if _matches(pattern, n, t)]
         if not matched:
             raise UsageError(
-                f"pattern '{pattern}' matches no quantizable layer; closest: {_closest(pattern, names, types)}. "
+                f"pattern '{cap(pattern, 80)}' matches no quantizable layer; closest: {_closest(pattern, names, types)}. "
                 "Run `quantkit layers MODEL` to list layer names"
             )
         hits[pattern] = matched
@@ -84,8 +87,15 @@ def select_layers(candidates: dict[str, str], quantize: tuple[str, ...], skip: t
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, str]:
-    """Name -> type name of every module the swap table can wrap (exact type match), in module order."""
-    return {n: type(m).__name__ for n, m in model.named_modules() if type(m) in QUANT_MODULES and n}
+    """Name -> type name of every module the registry can wrap (subclasses of convs and linears included), in
+    module order. ``type:`` patterns match these names (``type:Conv2dSame``)."""
+    return {n: type(m).__name__ for n, m in model.named_modules() if n and _wrappable(m)}
+
+
+def _wrappable(m: nn.Module) -> bool:
+    wrapper = quant_module_for(type(m))
+    # a conv / linear subclass that keeps its weight elsewhere (a buffer, a computed property) has nothing to wrap
+    return wrapper is not None and (wrapper is not QuantWrapper or isinstance(m._parameters.get("weight"), Tensor))
 
 
 def insert_quantizers(
@@ -108,7 +118,7 @@ def insert_quantizers(
         parent_name, _, child = name.rpartition(".")
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         module = getattr(parent, child)
-        setattr(parent, child, QUANT_MODULES[type(module)].from_float(module, name))
+        setattr(parent, child, wrap(module, name))
     set_precision(qmodel, set(chosen))
     return qmodel, layout
 

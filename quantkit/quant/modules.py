@@ -1,8 +1,9 @@
-"""Quantized module wrappers and the float -> quant swap table.
+"""Quantized module wrappers.
 
 Each wrapper subclasses its float module, so parameters, ``state_dict`` keys and ``repr`` stay familiar; it
 adds ``_input_quantizer`` (per-tensor, activations) and, for layers with weights, ``_weight_quantizer``
-(per-channel on the output-channel axis) — the layout pytorch-quantization uses.
+(per-channel on the output-channel axis) — the layout pytorch-quantization uses. Which float type gets which
+wrapper (subclasses included) is decided in ``quantkit.quant.registry``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ from quantkit.models.ops import Add
 from quantkit.quant.tensor_quantizer import TensorQuantizer, weight_amax
 
 
-class _QuantMixin:
-    """Shared construction: copy a float module's state into the quant subclass."""
+class QuantModule:
+    """Base of every quantized wrapper: copies a float module's state into the quant subclass.
+
+    ``exact_only``: the wrapper replaces its float type's ``forward``, so it is right for that exact type only;
+    subclasses of that type (which may override ``forward``) get the generic wrapper of
+    ``quantkit.quant.registry`` instead. A user's wrapper registered with ``register_quant_module`` leaves it
+    False, and then also wraps the subclasses of the type it was registered for.
+    """
 
     weight_axis: int | None = 0
+    exact_only: bool = False
 
     @classmethod
     def from_float(cls, module: nn.Module, name: str) -> nn.Module:
@@ -37,19 +45,41 @@ class _QuantMixin:
     def _weight_axis(self) -> int | None:
         return self.weight_axis
 
+    def replay(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The layer's output for the tensors that reach its ONNX op (layer parity replays this): for these
+        wrappers the module's own inputs."""
+        return self(*inputs)
 
-class QuantConv2d(_QuantMixin, nn.Conv2d):
+
+_QuantMixin = QuantModule  # the former name
+
+
+
+class QuantConv2d(QuantModule, nn.Conv2d):
     """Conv2d (incl. grouped/depthwise) with quantized input and per-output-channel weights (axis 0)."""
+
+    exact_only = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
 
 
-class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
+class QuantConv1d(QuantModule, nn.Conv1d):
+    """Conv1d (audio, sequences) with quantized input and per-output-channel weights (axis 0)."""
+
+    exact_only = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._input_quantizer(x), self._weight_quantizer(self.weight), self.bias)
+
+
+class QuantConvTranspose2d(QuantModule, nn.ConvTranspose2d):
     """ConvTranspose2d; its weight is [in, out/groups, kH, kW], so output channels sit on axis 1.
 
     Grouped transposed convs fall back to a per-tensor weight scale (axis 1 would not index output channels).
     """
+
+    exact_only = True
 
     def _weight_axis(self) -> int | None:
         return 1 if self.groups == 1 else None
@@ -62,7 +92,7 @@ class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
         )
 
 
-class QuantLinear(_QuantMixin, nn.Linear):
+class QuantLinear(QuantModule, nn.Linear):
     """Linear with quantized input and per-output-feature weights.
 
     On 2-D input it exports as Gemm(transB=1) with the weight quantized on axis 0. On N-D input (a
@@ -70,6 +100,8 @@ class QuantLinear(_QuantMixin, nn.Linear):
     weight is quantized on its output axis 1, so the int8 weight feeds the MatMul through its DequantizeLinear
     directly (a Q/DQ in front of a Transpose would be folded into a float constant by the exporter).
     """
+
+    exact_only = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self._input_quantizer(x)
@@ -79,28 +111,17 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-class QuantAdd(_QuantMixin, Add):
+class QuantAdd(QuantModule, Add):
     """Residual add that quantizes only the skip input, so TensorRT can fuse the add into the conv epilogue."""
+
+    exact_only = True
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return x + self._input_quantizer(skip)
 
 
-# The swap table: float module type -> quantized wrapper. Exact type match (subclasses are not swapped
-# implicitly; register them here).
-QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: QuantConv2d,
-    nn.ConvTranspose2d: QuantConvTranspose2d,
-    nn.Linear: QuantLinear,
-    Add: QuantAdd,
-}
-
-QUANT_TYPES = tuple(QUANT_MODULES.values())
-
-
-def register_quant_module(float_type: type[nn.Module], quant_type: type[nn.Module]) -> None:
-    """Add a float -> quant mapping (e.g. for a user's custom conv subclass)."""
-    QUANT_MODULES[float_type] = quant_type
+# isinstance(m, QUANT_TYPES): m is a quantized wrapper (dedicated, generic or a user's registered one)
+QUANT_TYPES = (QuantModule,)
 
 
 def quantizers(model: nn.Module):

@@ -130,7 +130,10 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps QA-RepVGG and registered blocks opaque, so fx never refolds a deliberately kept post_bn."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QARepVGGBlock) or type(m) in CONV_BN_BLOCKS or super().is_leaf_module(m, qualname)
+        # a conv subclass (a "same"-padding Conv2d) is opaque too: traced through, its conv is no module call and
+        # the BN after it would stay unfolded
+        return (isinstance(m, (QARepVGGBlock, *_ConvLike)) or type(m) in CONV_BN_BLOCKS
+                or super().is_leaf_module(m, qualname))
 
 
 def _fold_with_fx(model: nn.Module, aliases: Counter) -> int:

@@ -13,6 +13,9 @@ def check_gates(recipe: Recipe, report: dict) -> list[str]:
         sqnr = report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"]
         if sqnr is None or float(sqnr) < g.min_sqnr:
             failures.append(f"INT8-vs-FP32 SQNR {sqnr} dB is below --min-sqnr {g.min_sqnr} dB")
+    strong = report.get("strong")
+    if g.require_strong and strong and strong.get("status") == "failed":
+        failures.append(f"gates.require_strong: the strongly typed graph failed its check ({strong.get('failure')})")
     if g.max_drop is not None:
         ev = report.get("evaluation")
         if not ev:
@@ -24,5 +27,6 @@ def check_gates(recipe: Recipe, report: dict) -> list[str]:
 
 def gates_section(recipe: Recipe, failures: list[str]) -> dict:
     """The report's ``gates`` section."""
-    return {"max_drop": recipe.gates.max_drop, "min_sqnr": recipe.gates.min_sqnr, "failures": failures,
+    return {"max_drop": recipe.gates.max_drop, "min_sqnr": recipe.gates.min_sqnr,
+            "require_strong": recipe.gates.require_strong, "failures": failures,
             "passed": not failures}

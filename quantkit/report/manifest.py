@@ -10,13 +10,14 @@ import hashlib
 import json
 import os
 import platform
+import reprlib
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from quantkit import __version__
+from quantkit.version import __version__
 from quantkit.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -79,14 +80,30 @@ def build_manifest(folder: Path, recipe, report: dict, command_line: list[str], 
     }
 
 
+class _Oversized:
+    """An integer literal with more digits than any file size (int() would refuse past 4300 digits)."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits:,} digits>"
+
+
+def _bounded_int(text: str) -> int | _Oversized:
+    """JSON integers up to 20 digits (any 64-bit size); longer ones stay unparsed so the entry is named."""
+    digits = len(text.lstrip("-"))
+    return int(text) if digits <= 20 else _Oversized(digits)
+
+
 def _load(folder: Path) -> dict:
     """manifest.json of ``folder`` as a dict whose ``files`` maps plain names to {sha256, size}; UsageError else."""
     mpath = folder / MANIFEST
     if not mpath.is_file():
         raise UsageError(f"{folder} has no {MANIFEST}: pass a folder written by `quantkit export`")
     try:
-        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"), parse_int=_bounded_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise UsageError(f"{mpath} is not valid UTF-8 JSON ({type(exc).__name__}): re-export the folder") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
@@ -95,9 +112,15 @@ def _load(folder: Path) -> dict:
     for name, meta in files.items():
         if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
                 or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool)):
-            raise UsageError(f"{mpath} is malformed: entry {name[:80]!r} needs a sha256 string and an integer size; "
+            raise UsageError(f"{mpath} is malformed: entry {name[:80]!r} needs a sha256 string and an integer size "
+                             f"(got size {_short(meta.get('size') if isinstance(meta, dict) else meta)}); "
                              "re-export the folder")
     return manifest
+
+
+def _short(value) -> str:
+    """A bounded repr: manifests come from anywhere, and their values may be huge."""
+    return reprlib.repr(value)[:80]
 
 
 def _plain_name(name: str) -> bool:

@@ -19,8 +19,28 @@ def mac_share_text(share: dict | None) -> str | None:
     """'87.50% (1,234,567 of 1,411,000 MACs per image)' or None when the report has no MAC share."""
     if not share or share.get("share") is None:
         return None
+    where = f", counted in {share['source']}" if share.get("source") else ""
     return (f"{100 * share['share']:.2f}% ({share['int8_macs']:,} of {share['total_macs']:,} conv/linear MACs "
-            f"at batch {share['batch']})")
+            f"at batch {share['batch']}{where})")
+
+
+def coverage_lines(cov: dict | None, max_rows: int = 40) -> list[str]:
+    """The weighted ops of the exported graph left in float, each with its reason; the error when one has none."""
+    if not cov:
+        return []
+    lines = ["", "## Coverage of the exported graph", "",
+             f"{cov['int8_ops']} of {cov['weighted_ops']} weighted ops (Conv / ConvTranspose / Gemm / MatMul with a "
+             f"constant weight) in `{cov['source']}` run INT8; _{cov['rule']}_.", ""]
+    if cov.get("error"):
+        lines += [f"**Error: {cov['error']}**", ""]
+    rows = cov.get("float_ops") or []
+    if rows:
+        lines += ["| float op | layer | MACs | why |", "|---|---|---|---|"]
+        lines += [f"| `{r['node']}` ({r['op']}) | `{r['layer']}` | {r['macs']:,} | {r['reason'] or '**no reason**'} |"
+                  for r in rows[:max_rows]]
+        if len(rows) > max_rows:
+            lines.append(f"\n({len(rows) - max_rows} more in report.json)")
+    return lines
 
 
 def worst_tensor_rows(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -54,6 +74,25 @@ def parity_layer_lines(pl: dict | None, max_rows: int = 60) -> list[str]:
     return lines
 
 
+def pass_lines(passes: dict | None) -> list[str]:
+    """The guarded accuracy steps: tried, kept or reverted, with the check-image SQNR before and after."""
+    if not passes:
+        return []
+    lines = ["## Accuracy steps, each checked on held-out calibration images", "",
+             f"Fitted on {passes['fit_images']} calibration images, judged on {passes['check_images']} others "
+             f"({passes['measure']}); a step is kept only when it raises it.", "",
+             "| step | result | dB before | dB after | changed |", "|---|---|---|---|---|"]
+    for s in passes["steps"]:
+        lines.append(f"| {s['name']} | {s['verdict']} | {fmt_number(s['check_sqnr_db_before'], 2)} | "
+                     f"{fmt_number(s['check_sqnr_db_after'], 2)} | {s['changed'] or ''} |")
+    by = next((s["measured"].get("check_sqnr_db_by_method") for s in passes["steps"]
+               if s["measured"].get("check_sqnr_db_by_method")), None)
+    if by:
+        lines += ["", "Calibration methods on the check images: "
+                  + ", ".join(f"{k} {fmt_number(v, 2)} dB" for k, v in by.items()) + "."]
+    return lines + [""]
+
+
 def render_markdown(report: dict) -> str:
     """Render report.json's content as Markdown (deterministic)."""
     m, c, acc = report["model"], report["calibration"], report["accuracy"]["int8_vs_fp32_sqnr_db"]
@@ -71,11 +110,18 @@ def render_markdown(report: dict) -> str:
         f"| INT8 vs FP32 output SQNR | {fmt_number(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
         f"| torch fake-quant vs onnxruntime | {fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
     ]
+    strong = report.get("strong")
+    if strong:
+        lines.append(f"| strongly typed FP16 graph | " + (f"`{strong['file']}`" if strong["status"] == "written" else
+                     f"**not written** (model.int8.onnx is): {strong['failure']}") + " |")
+        for line in strong.get("kept_fp32_constants", []) + strong.get("clamped_constants", []):
+            lines.append(f"| FP16 range | {line} |")
     share = mac_share_text(report.get("int8_mac_share"))
     if share:
         lines.append(f"| INT8 share of MACs | {share} |")
     if report.get("runtime"):
         lines.append(f"| torch device | {report['runtime']['device']} (ONNX checks on CPU) |")
+    lines += coverage_lines(report.get("coverage"))
     lines.append("")
     ev = report.get("evaluation")
     if ev:
@@ -92,6 +138,7 @@ def render_markdown(report: dict) -> str:
     if lat:
         lines += ["## Estimated T4 latency (roofline estimate, NOT measured)", "", "| configuration | estimated ms |",
                   "|---|---|"] + [f"| {k} | {fmt_number(v, 3)} |" for k, v in lat["ms"].items()] + ["", f"_{lat['note']}_", ""]
+    lines += pass_lines(report.get("passes"))
     sel = (report.get("sensitivity") or {}).get("selection")
     if sel:
         lines += ["## Automatic FP16 selection", "",

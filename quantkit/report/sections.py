@@ -16,8 +16,8 @@ from torch import nn
 
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads
 from quantkit.quant.insert import QuantLayout
+from quantkit.quant.registry import WEIGHTED_KINDS as WEIGHTED_TYPES
 
-WEIGHTED_TYPES = ("Conv2d", "ConvTranspose2d", "Linear")
 LAYER_CHART, CALIB_CHART = "layer_sqnr.png", "calibration.png"
 
 
@@ -82,7 +82,7 @@ def fp16_reasons(layout: QuantLayout, quantize: tuple[str, ...], skip: tuple[str
     for name in layout.layers:
         if name in int8:
             continue
-        if name in layout.reasons:
+        if name in getattr(layout, "reasons", {}):  # the ONNX route's layout records no selection reasons
             out[name] = layout.reasons[name]
             continue
         hits = [p for p in skip if name in layout.pattern_hits.get(p, ())]
@@ -101,7 +101,7 @@ def int8_mac_share(costs, layout: QuantLayout) -> dict:
     total = sum(c.flops for c in costs.layers.values() if c.type in WEIGHTED_TYPES) / 2
     q = sum(c.flops for n, c in costs.layers.items() if c.type in WEIGHTED_TYPES and n in int8) / 2
     return {"int8_macs": int(q), "total_macs": int(total), "share": _r(q / total if total else None, 4),
-            "batch": costs.batch, "counted": "Conv2d, ConvTranspose2d and Linear layers (residual Adds excluded)"}
+            "batch": costs.batch, "counted": "conv, conv-transpose and linear layers (residual Adds excluded)"}
 
 
 def _worst_tensors(rows: list[dict], hists, calib: CalibrationResult, n: int) -> list[dict]:

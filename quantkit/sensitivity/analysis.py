@@ -33,7 +33,7 @@ from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.sensitivity.replay import Replayer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.state import QuantState
 
 
@@ -66,6 +66,10 @@ class LayerSensitivity:
     recovery_sqnr_db: without_sqnr_db minus the all-INT8 SQNR (dB gained by keeping it in float).
     damage_map_points: FP32 mAP minus mAP with only this layer INT8.
     recovery_map_points: mAP with all but this layer INT8 minus the all-INT8 mAP.
+    replayed: False when the analysis did not replay this layer (outside ``analyze(replay=...)``): its recovery
+    reads 0 dB but was not measured.
+    local_sqnr_db: the layer's own INT8 error, its output against its float output on the same (all-INT8) inputs
+    (``quantkit.sensitivity.candidates``); None when not measured.
     """
 
     name: str
@@ -76,12 +80,15 @@ class LayerSensitivity:
     recovery_sqnr_db: float
     damage_map_points: float | None = None
     recovery_map_points: float | None = None
+    replayed: bool = True
+    local_sqnr_db: float | None = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "type": self.type, "order": self.order,
                 "damage_sqnr_db": _r(self.damage_sqnr_db), "without_sqnr_db": _r(self.without_sqnr_db),
                 "recovery_sqnr_db": _r(self.recovery_sqnr_db), "damage_map_points": _r(self.damage_map_points),
-                "recovery_map_points": _r(self.recovery_map_points)}
+                "recovery_map_points": _r(self.recovery_map_points), "replayed": self.replayed,
+                "local_sqnr_db": _r(self.local_sqnr_db)}
 
 
 @dataclass
@@ -107,13 +114,15 @@ class SensitivityResult:
 
     def ranking(self) -> list[str]:
         """Layer names, most damaging first: by mAP damage when measured, then by SQNR damage, then name. Without
-        damage measurements (``analyze(damage=False)``): most recovery (dB gained in float) first."""
+        damage measurements (``analyze(damage=False)``): most recovery (dB gained in float) first, layers not
+        replayed last."""
         def key(s: LayerSensitivity):
             dm = -(s.damage_map_points or 0.0) if self.has_map else 0.0
             if s.damage_sqnr_db is None:
                 rec = s.recovery_sqnr_db if math.isfinite(s.recovery_sqnr_db) else 1e9
-                return (round(dm, 6), -round(rec, 6), s.name)
-            return (round(dm, 6), round(s.damage_sqnr_db, 6) if math.isfinite(s.damage_sqnr_db) else math.inf, s.name)
+                return (not s.replayed, round(dm, 6), -round(rec, 6), s.name)
+            return (not s.replayed, round(dm, 6),
+                    round(s.damage_sqnr_db, 6) if math.isfinite(s.damage_sqnr_db) else math.inf, s.name)
         return [s.name for s in sorted(self.layers.values(), key=key)]
 
     def as_dict(self) -> dict:
@@ -158,11 +167,14 @@ def _set_layer(module: nn.Module, int8: bool) -> None:
 
 
 def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | None = None, progress: bool = True,
-            chunk_size: int = 4, device: str | torch.device | None = None, damage: bool = True) -> SensitivityResult:
+            chunk_size: int = 4, device: str | torch.device | None = None, damage: bool = True,
+            replay=None) -> SensitivityResult:
     """Measure every quantizable layer's damage and recovery (see the module docstring).
 
     ``damage=False`` measures recovery only (half the replays; ``damage_sqnr_db`` is None): what the selection
-    under ``min_int8_share`` needs.
+    under ``min_int8_share`` needs. ``replay``: replay only these layers (the candidates
+    ``quantkit.sensitivity.candidates`` picks); every other layer is listed with ``replayed=False`` and 0 dB
+    (None: replay every layer). The analysis time scales with the number of replayed layers.
 
     state: a ``QuantState`` from ``quantize_recipe`` (calibrated). num_images: calibration inputs for SQNR.
     dataset: a small ``CocoDataset`` for mAP50:95 (None: SQNR only). chunk_size: images per replay chunk;
@@ -184,51 +196,61 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
     names = list(layout.layers)
     if not names:
         raise UsageError("the model has no quantizable layers: nothing to analyse")
-    modules = {n: qmodel.get_submodule(n) for n in names}
+    chosen = names if replay is None else [n for n in names if n in set(replay)]
+    unknown = [] if replay is None else sorted(set(replay) - set(names))
+    if unknown:
+        raise UsageError(f"replay names {unknown[:5]} are not quantizable layers: use names from the layout")
+    modules = {n: qmodel.get_submodule(n) for n in chosen}
+    others = {n: qmodel.get_submodule(n) for n in names if n not in modules}  # only their call order is read
     everything = set(names)
     batches = list(_chunks(state.data.batches(limit=num_images, spread=True), chunk_size))
     n_images = sum(int(b.shape[0]) for b in batches)
     items = [] if dataset is None else list(dataset)
     eval_chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-    if progress and batches:  # say up front how long this will take (one measured forward x replays)
-        from quantkit.sensitivity.plan import estimate_analysis
-
-        estimate_analysis(qmodel, batches[0], len(names), len(batches) + len(eval_chunks),
-                          configs=2 if damage else 1)
     saved = _quantizer_flags(qmodel)
     full = SqnrAccumulator()
-    dmg = {n: SqnrAccumulator() for n in names}
-    rec_ = {n: SqnrAccumulator() for n in names}
+    dmg = {n: SqnrAccumulator() for n in chosen}
+    rec_ = {n: SqnrAccumulator() for n in chosen}
     dets: dict[str, dict] = {}
     order: dict[str, int] = {}
-    bar = progress_bar((len(batches) + len(eval_chunks)) * len(names), "sensitivity", "layer", enabled=progress)
-    counted = "d" if damage else "r"  # the progress bar counts one replay per layer and chunk
+    configs = 2 if damage else 1
+    chunks = len(batches) + len(eval_chunks)
+    bar = progress_bar(None, "sensitivity", "replay", enabled=False)
     try:
         with on_device(dev, qmodel), Replayer(qmodel, list(modules.values())) as rp:
+            if progress and batches:  # say up front how long this will take, and weight the ETA by it
+                bar = _estimated_bar(rp, qmodel, modules, everything, batches[0].to(dev), chunks, configs)
             for x in batches:
                 x = x.to(dev)
-                for n, out in _configs(rp, qmodel, modules, everything, x, order, damage):
+                for n, out in _configs(rp, qmodel, modules, everything, x, order, damage, others):
                     if n == "fp32":
                         ref = out
                     elif n == "int8":
                         full.update(ref, out)
                     else:
                         (dmg if n[0] == "d" else rec_)[n[1]].update(ref, out)
-                        bar.update(n[0] == counted)
+                        bar.update()
             for chunk in eval_chunks:
                 x = torch.from_numpy(np.stack([_preprocess(img, state.pp) for _, img, _ in chunk])).to(dev)
-                for n, out in _configs(rp, qmodel, modules, everything, x, order, damage):
+                for n, out in _configs(rp, qmodel, modules, everything, x, order, damage, others):
                     _collect_dets(dets, n, out, chunk, state)
-                    bar.update(isinstance(n, tuple) and n[0] == counted)
+                    bar.update(isinstance(n, tuple))
     finally:
         bar.close()
         for q, disabled in saved:
             q._disabled = disabled
     int8_db = _worst_db(full)
     notes = [f"{n}: never called in forward (no effect)" for n in names if n not in order]
+    if len(chosen) < len(names):
+        notes.append(f"recovery replayed for {len(chosen)} of {len(names)} layers (the candidates); the others "
+                     "read 0 dB, not measured")
     maps = _maps(dets, dataset) if dataset is not None else {}
     layers = {}
     for i, n in enumerate(sorted(names, key=lambda n: (order.get(n, math.inf), names.index(n)))):
+        if n not in modules:  # not replayed: nothing measured, recovery reads 0 dB
+            layers[n] = LayerSensitivity(n, layout.layers[n], i, None if not damage else math.inf, int8_db, 0.0,
+                                         replayed=False)
+            continue
         d_db = (_worst_db(dmg[n]) if n in order else math.inf) if damage else None
         w_db = _worst_db(rec_[n]) if n in order else int8_db
         dm = rm = None
@@ -240,15 +262,37 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
                              time.perf_counter() - t0, notes)
 
 
-def _configs(rp: Replayer, qmodel, modules, everything, x, order, damage: bool = True):
+def _estimated_bar(rp: Replayer, qmodel, modules, everything, x, chunks: int, configs: int):
+    """Time one recorded all-INT8 forward of ``x``, log the analysis' expected duration (see
+    ``quantkit.sensitivity.plan``) and return its progress bar: one step per replay (``configs`` per called layer
+    and chunk), weighted by the share of a forward each replays, a record's full forward on each block's first."""
+    import logging
+
+    from quantkit.sensitivity.plan import estimate_from_record
+    from quantkit.utils.progress import progress_bar
+
+    set_precision(qmodel, everything)  # the dearer configuration (fake-quant); _configs sets its own
+    rec = rp.record(x)
+    rec.nodes.clear()  # only the timings are kept
+    est, tails = estimate_from_record(rec, [id(m) for m in modules.values()], chunks, configs)
+    logging.getLogger("quantkit").info("%s", est.message())
+    block = [t + (1.0 if i == 0 else 0.0) for i, t in enumerate(tails)]  # a block opens with its record
+    return progress_bar(chunks * configs * len(tails), "sensitivity", "replay", weights=block * (chunks * configs))
+
+
+def _configs(rp: Replayer, qmodel, modules, everything, x, order, damage: bool = True, unreplayed=None):
     """Yield (config, outputs) for one chunk: "fp32", ("d", L) for every layer (``damage``), "int8", ("r", L)
-    for every layer. ``order`` records each layer's first call (in the first pass that replays layers).
+    for every layer. ``order`` records each layer's first call (in the first pass that replays layers; for the
+    ``unreplayed`` modules, name -> module, from the first record).
 
     The all-float record is dropped before the all-INT8 one is made, so only one record's activations are
     held at a time (memory ~ chunk images x the model's activations).
     """
     set_precision(qmodel, set())
     rec = rp.record(x)
+    for n, m in (unreplayed or {}).items():
+        if rp.start_of(rec, m) is not None:
+            order.setdefault(n, rp.start_of(rec, m))
     yield "fp32", rec.output
     if damage:
         yield from _flip_each(rp, modules, x, rec, "d", int8=True, order=order)
@@ -306,16 +350,23 @@ def _maps(dets: dict, dataset) -> dict:
 
 
 def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dataset: CocoDataset | None = None,
-                 device: str | torch.device | None = None) -> Callable[[set[str]], float]:
+                 device: str | torch.device | None = None, progress: bool = False) -> Callable[[set[str]], float]:
     """A callable ``measure(int8_layers) -> value`` for :func:`quantkit.sensitivity.select.choose_fp16_layers`.
 
     Metric.SQNR_DB: worst output's SQNR (dB) against FP32 on ``num_images`` calibration inputs.
     Metric.MAP_DROP_POINTS: FP32 minus INT8 mAP50:95 on ``dataset``, in points (needs ``dataset``).
     Each call sets the precision, measures, and restores the qmodel's previous precision. ``device``: where the
     forwards run (None/``"cpu"``: the CPU path); the models are moved there per call and back after.
+    ``progress``: one labelled progress line per measurement (each is a pass over the data).
     """
     from quantkit.eval.detection import evaluate_detection, torch_predictor
     from quantkit.utils.device import module_device, on_device, resolve_device
+    from quantkit.utils.progress import progress_bar
+
+    layers = len(state.model.layout.layers)
+
+    def label(int8: set[str]) -> str:
+        return f"torch fake-quant with {layers - len(int8)} FP16 layer(s)"
 
     qmodel, fp32 = state.model.qmodel, state.model.fp32
     dev = module_device(qmodel) if device is None else resolve_device(device)
@@ -323,14 +374,15 @@ def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dat
         if dataset is None:
             raise UsageError("an mAP budget needs evaluation data: pass --eval DATA (or use an SQNR floor)")
         ev = state.recipe.evaluation
-        kw = {"conf": ev.conf, "iou": ev.iou, "progress": False}
+        kw = {"conf": ev.conf, "iou": ev.iou, "progress": progress}
         with on_device(dev, fp32):
-            base = evaluate_detection(torch_predictor(fp32, dev), dataset, state.pp, **kw).map50_95
+            base = evaluate_detection(torch_predictor(fp32, dev), dataset, state.pp, label="FP32 torch (budget)",
+                                      **kw).map50_95
 
         def run(int8: set[str]) -> float:
             with on_device(dev, qmodel):
                 return 100.0 * (base - evaluate_detection(torch_predictor(qmodel, dev), dataset, state.pp,
-                                                          **kw).map50_95)
+                                                          label=label(int8), **kw).map50_95)
     else:
         batches = [b.to(dev) for b in state.data.batches(limit=num_images, spread=True)]
         with torch.no_grad(), on_device(dev, fp32):
@@ -338,9 +390,11 @@ def make_measure(state: QuantState, metric: Metric, *, num_images: int = 16, dat
 
         def run(int8: set[str]) -> float:
             acc = SqnrAccumulator()
-            with torch.no_grad(), on_device(dev, qmodel):
+            with torch.no_grad(), on_device(dev, qmodel), \
+                    progress_bar(len(batches), f"measuring SQNR of {label(int8)}", "batch", enabled=progress) as bar:
                 for b, r in zip(batches, refs):
                     acc.update(r, qmodel(b))
+                    bar.update()
             return _worst_db(acc)
 
     def measure(int8_layers) -> float:

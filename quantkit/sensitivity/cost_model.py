@@ -4,8 +4,17 @@ For every quantizable layer the model records, with forward hooks on one input, 
 derives closed-form work:
 
 * FLOPs = 2 x MACs (Conv2d: N·Cout·Hout·Wout·(Cin/groups)·kh·kw; ConvTranspose2d: N·Cin·Hin·Win·(Cout/groups)·kh·kw;
-  Linear: rows·in·out; residual Add: one op per output element);
-* bytes moved = (input + weights (+ bias) + output) elements x element size: 2 B at FP16, 1 B at INT8.
+  1-D / 3-D convs alike; Linear: rows·in·out; residual Add: one op per output element);
+* bytes moved = (input + weights (+ bias) + output) elements x element size: 2 B at FP16, 1 B at INT8; except a
+  residual Add (see below).
+
+Residual Adds and the fusion they break. An INT8 Add (Q/DQ on its skip input) fuses into the epilogue of the conv
+that produces its main input: it costs only reading the skip operand, 1 B per element, and no kernel of its own.
+An Add kept FP16 does not fuse: it runs as its own elementwise kernel that reads both operands and writes its output
+at 2 B per element (the producing conv's output now round-trips memory). So keeping an Add FP16 adds
+``((inputs + output) x 2 B - skip x 1 B) / bandwidth`` — memory-bound at T4 bandwidth, e.g. 21 us for a 64x80x80
+map at 320 GB/s x 0.30. :func:`mac_equivalents` turns that extra time into the number of conv MACs whose move to
+FP16 costs the same, so a MAC-share budget charges an FP16 Add for the fusion it breaks instead of counting it free.
 
 time = max(FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency)), with T4 peaks of 65 TFLOPS FP16,
 130 TOPS INT8 (tensor cores) and 320 GB/s. Everything outside the quantizable layers (pooling, concat,
@@ -13,9 +22,9 @@ resize, decode) is counted once, at FP16, as a fixed overhead (ops seen through 
 free and pointwise ops are assumed fused into their producer, as TensorRT does).
 
 Assumptions, stated wherever a number is printed (``ESTIMATE_LABEL``): one efficiency factor for compute and
-memory alike; no fusion modelling beyond the above (Conv+act fusion is implicit, reformat layers at INT8/FP16
-boundaries are not counted); no kernel launch overheads; no tactic selection. The estimate ranks layers and
-configurations; only a TensorRT build on a T4 gives real latency.
+memory alike; no fusion modelling beyond the above (Conv+act fusion is implicit, conv+add as described,
+reformat layers at INT8/FP16 boundaries are not counted); no kernel launch overheads; no tactic selection. The
+estimate ranks layers and configurations; only a TensorRT build on a T4 gives real latency.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from torch import nn
 
 from quantkit.errors import ModelError, UsageError
 from quantkit.models.ops import Add
+from quantkit.quant.registry import weighted_kind
 
 ESTIMATE_LABEL = "estimated T4 latency (roofline model, not measured)"
 
@@ -58,6 +68,11 @@ class DeviceSpec:
     def peak_ops_per_s(self, p: Precision) -> float:
         return (self.int8_tops if p is Precision.INT8 else self.fp16_tflops) * 1e12
 
+    def fp16_extra_ms_per_mac(self) -> float:
+        """Estimated ms one compute-bound conv MAC (2 FLOPs) adds when it runs FP16 instead of INT8."""
+        return 1e3 * 2.0 * (1.0 / self.peak_ops_per_s(Precision.FP16) - 1.0 / self.peak_ops_per_s(Precision.INT8)) \
+            / self.efficiency
+
     def roofline_ms(self, flops: float, nbytes: float, p: Precision) -> float:
         """max(compute time, memory time) in milliseconds at this device's efficiency."""
         compute = flops / (self.peak_ops_per_s(p) * self.efficiency)
@@ -80,6 +95,13 @@ class LayerCost:
     output_elements: int
 
     def bytes(self, p: Precision, spec: DeviceSpec = T4) -> float:
+        """Bytes moved at precision ``p``. A residual Add at INT8 is fused into its producer's epilogue (reads the
+        skip operand only); at FP16 it is an unfused kernel (reads both operands, writes the output); see the
+        module docstring."""
+        if self.type == "Add":
+            if p is Precision.INT8:
+                return float(max(self.input_elements - self.output_elements, 0)) * spec.bytes_per_element(p)
+            return float(self.input_elements + self.output_elements) * spec.bytes_per_element(p)
         return float(self.input_elements + self.weight_elements + self.output_elements) * spec.bytes_per_element(p)
 
     def time_ms(self, p: Precision, spec: DeviceSpec = T4) -> float:
@@ -130,7 +152,9 @@ class CostTable:
                 for n, c in self.layers.items()
             },
             "assumptions": ("roofline max(FLOPs/peak, bytes/bandwidth) x 1/efficiency; 1-byte INT8 and 2-byte "
-                            "FP16 tensors; pointwise ops fused, views free; no reformat or launch overheads"),
+                            "FP16 tensors; pointwise ops fused, views free; an INT8 residual Add fused into its "
+                            "conv (reads the skip only), an FP16 one unfused (reads both inputs, writes the "
+                            "output); no reformat or launch overheads"),
             "notes": list(self.notes),
         }
 
@@ -148,6 +172,14 @@ def estimate_latency_ms(costs: CostTable, int8_layers) -> float:
     return total
 
 
+def mac_equivalents(costs: CostTable) -> dict[str, float]:
+    """Residual Add -> the conv MACs whose move from INT8 to FP16 would cost the same estimated time as keeping
+    this Add FP16 (the unfused kernel it becomes; see the module docstring). A MAC-share budget spends this on an
+    FP16 Add, which otherwise has no MACs and would look free. Other layer types are not listed."""
+    per_mac = costs.spec.fp16_extra_ms_per_mac()
+    return {n: c.fp16_extra_ms(costs.spec) / per_mac for n, c in costs.layers.items() if c.type == "Add"}
+
+
 def _numel(x) -> int:
     if isinstance(x, torch.Tensor):
         return x.numel()
@@ -163,18 +195,18 @@ def _closed_form(name: str, m: nn.Module, inputs: tuple, output) -> LayerCost:
     if isinstance(m, Add) or type(m).__name__ == "Add":
         return LayerCost(name, "Add", float(out_n), _numel(inputs), 0, out_n)
     x = inputs[0]
-    if isinstance(m, nn.ConvTranspose2d):
-        n, cin, h, w = x.shape
-        macs = n * cin * h * w * (m.out_channels // m.groups) * math.prod(m.kernel_size)
-    elif isinstance(m, nn.Conv2d):
-        n, _, ho, wo = output.shape
-        macs = n * m.out_channels * ho * wo * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    # by base class, so subclasses (a "same"-padding Conv2d) and 1-D / 3-D convs are charged like their base;
+    # the output's and weight's shapes hold what a subclass's own padding did
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # N·Cin·(in positions)·(Cout/groups)·k
+        macs = x.numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
+    elif isinstance(m, nn.modules.conv._ConvNd):  # N·Cout·(out positions)·(Cin/groups)·k
+        macs = output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     elif isinstance(m, nn.Linear):
         macs = (x.numel() // m.in_features) * m.in_features * m.out_features
     else:
         raise ModelError(f"no cost formula for layer {name} of type {type(m).__name__}: "
                          "add one in quantkit/sensitivity/cost_model.py")
-    return LayerCost(name, type(m).__name__.removeprefix("Quant"), 2.0 * macs, x.numel(), w_n, out_n)
+    return LayerCost(name, weighted_kind(m), 2.0 * macs, x.numel(), w_n, out_n)
 
 
 def _op_flops(func, args, out) -> float:

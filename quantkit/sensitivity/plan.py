@@ -1,8 +1,11 @@
 """What a sensitivity analysis will cost, said before it starts, and which evaluation images it scores.
 
 The analysis replays the model once per layer and configuration (only that layer INT8, only that layer float)
-for every chunk of images, so its time is about ``2 x layers x chunks`` forwards. :func:`estimate_analysis`
-times one real forward and logs that product up front, so nobody waits half an hour without knowing why.
+for every chunk of images, each replay running only the part of the forward from that layer on. So its time is
+about ``chunks x (2 records + configs x sum over layers of the tail share)`` forwards, where a layer's tail
+share is the fraction of a forward's wall time from its first call to the end. :func:`estimate_from_record`
+reads both from one timed, recorded forward (the analysis' own first one) and logs the product up front, so
+nobody waits half an hour without knowing why; the same shares weight the progress line's ETA.
 
 Per-layer mAP sensitivities are scored on a subset of the evaluation data (``sensitivity.eval_images``, 8 by
 default, the same for ``quantkit export --sensitivity`` and ``quantkit sensitivity``): ranking layers needs
@@ -12,10 +15,7 @@ far fewer images than the final accuracy figure, which is always measured on the
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-
-import torch
 
 log = logging.getLogger("quantkit")
 
@@ -23,13 +23,15 @@ log = logging.getLogger("quantkit")
 @dataclass(frozen=True)
 class AnalysisEstimate:
     """``forward_s``: one measured forward of a chunk (seconds); ``configs``: replays per layer and chunk (2: damage
-    and recovery, 1: recovery only); ``replays``: forwards the analysis runs at most; ``upper_s``: their product
-    (replays start at each layer, so the real time is usually lower)."""
+    and recovery, 1: recovery only); ``tail``: mean share of a forward that one replay re-runs (0..1);
+    ``replays``: the replays and records the analysis runs; ``expected_s``: the time they should take;
+    ``upper_s``: the time if every replay re-ran the whole forward."""
 
     layers: int
     chunks: int
     forward_s: float
     configs: int = 2
+    tail: float = 1.0
 
     @property
     def replays(self) -> int:
@@ -37,12 +39,17 @@ class AnalysisEstimate:
         return self.chunks * (2 + self.configs * self.layers)
 
     @property
+    def expected_s(self) -> float:
+        return self.forward_s * self.chunks * (2 + self.configs * self.layers * self.tail)
+
+    @property
     def upper_s(self) -> float:
         return self.forward_s * self.replays
 
     def message(self) -> str:
         return (f"sensitivity analysis: {self.layers} layers x {self.configs} configuration(s) x {self.chunks} "
-                f"chunk(s); one forward took {self.forward_s:.3f} s, so at most ~{_fmt(self.upper_s)} "
+                f"chunk(s); one forward took {self.forward_s:.3f} s and a replay re-runs {100 * self.tail:.0f} % "
+                f"of one on average, so expect about {_fmt(self.expected_s)} "
                 "(set sensitivity.num_images / sensitivity.eval_images lower to shorten it)")
 
 
@@ -50,17 +57,14 @@ def _fmt(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def estimate_analysis(model: torch.nn.Module, example: torch.Tensor, layers: int, chunks: int,
-                      configs: int = 2) -> AnalysisEstimate:
-    """Time one forward of ``model`` on ``example`` (one chunk) and log the analysis' expected duration.
+def estimate_from_record(rec, cut_ids: list[int], chunks: int, configs: int = 2) -> tuple[AnalysisEstimate, list[float]]:
+    """The estimate from one timed record (``quantkit.sensitivity.replay.Record``) of a chunk, and the tail
+    share of each called layer in ``cut_ids`` order (the relative cost of its replays, for the ETA).
     ``configs``: replays per layer and chunk (2: damage and recovery; 1: recovery only)."""
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        model(example)
-        forward_s = time.perf_counter() - t0
-    est = AnalysisEstimate(layers=layers, chunks=chunks, forward_s=forward_s, configs=configs)
-    log.info("%s", est.message())
-    return est
+    tails = [t for t in (rec.tail_fraction(i) for i in cut_ids) if t is not None]
+    forward_s = max(rec.t_end - rec.t_start, 0.0)
+    mean = sum(tails) / len(tails) if tails else 1.0
+    return AnalysisEstimate(layers=len(tails), chunks=chunks, forward_s=forward_s, configs=configs, tail=mean), tails
 
 
 def analysis_dataset(eval_path: str | None, eval_images: int):
@@ -68,6 +72,6 @@ def analysis_dataset(eval_path: str | None, eval_images: int):
     (0: all), or None without evaluation data."""
     if not eval_path:
         return None
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
 
     return CocoDataset(eval_path, max_images=eval_images or None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,18 @@ class Record:
     nodes: list = field(default_factory=list)
     first_start: dict = field(default_factory=dict)  # module id -> clock of its first call
     output: object = None
+    first_time: dict = field(default_factory=dict)  # module id -> time.perf_counter() at its first call
+    t_start: float = 0.0  # time.perf_counter() around the recorded forward
+    t_end: float = 0.0
+
+    def tail_fraction(self, module_id: int) -> float | None:
+        """Share of the recorded forward's wall time from the module's first call to the end: about what a
+        replay from that module costs, as a fraction of a full forward (None: never called)."""
+        t = self.first_time.get(module_id)
+        span = self.t_end - self.t_start
+        if t is None or span <= 0:
+            return None
+        return min(max((self.t_end - t) / span, 0.0), 1.0)
 
 
 class Replayer:
@@ -110,7 +123,9 @@ class Replayer:
 
     def record(self, x: torch.Tensor) -> Record:
         rec = Record()
+        rec.t_start = time.perf_counter()
         rec.output = self._run("record", rec, -1, x)
+        rec.t_end = time.perf_counter()
         starts = sorted(rec.first_start[i] for i in self._cut_ids if i in rec.first_start)
         for node in rec.nodes:
             parent_end = rec.nodes[node.parent].end if node.parent >= 0 else math.inf
@@ -137,7 +152,9 @@ class Replayer:
                 rec.tree[(parent, mid, k)] = nid
                 node = _Node(start=self._clock, parent=parent)
                 rec.nodes.append(node)
-                rec.first_start.setdefault(mid, self._clock)
+                if mid not in rec.first_start:
+                    rec.first_start[mid] = self._clock
+                    rec.first_time[mid] = time.perf_counter()
                 self._clock += 1
             else:
                 nid = rec.tree.get((parent, mid, k)) if parent is not None else None

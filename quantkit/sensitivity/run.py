@@ -7,6 +7,7 @@ stand-alone command): the budget rule, the fixed FP16 layers and the verificatio
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -63,8 +64,10 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
     """
     from quantkit.quant.insert import set_precision
     from quantkit.sensitivity.analysis import Metric, analyze, make_measure
-    from quantkit.sensitivity.cost_model import layer_costs
+    from quantkit.sensitivity.candidates import MAX_CANDIDATES
+    from quantkit.sensitivity.cost_model import layer_costs, mac_equivalents
     from quantkit.sensitivity.select import choose_fp16_layers
+    from quantkit.utils.progress import heartbeat
 
     recipe, s = state.recipe, state.recipe.sensitivity
     budget = budget_of(recipe, dataset is not None) if s.auto else None
@@ -77,15 +80,26 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
     # the selection under min_int8_share only needs each layer's SQNR recovery: without an asked-for analysis
     # (sensitivity.enabled, the sensitivity command) it skips the damage replays and the per-layer mAP
     full = analyze_always or s.enabled or (budget is not None and budget[0] != "min_int8_share")
-    log.info("sensitivity analysis over %d layers%s", len(layout.layers), "" if full else " (SQNR recovery only)")
     dev = recipe.runtime.device
+    with heartbeat("estimating per-layer T4 costs", enabled=progress):  # shape pass at the optimal batch
+        costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
+    fixed = [n for n in layout.layers if n not in layout.int8]
+    local = None
+    if budget and budget[0] == "min_int8_share" and not full:  # replay only the best few (candidates.py)
+        with heartbeat("ranking FP16 candidates (one forward and backward)", enabled=progress):
+            local, replay = _candidates(state, costs, budget[1], fixed, dev)
+        log.info("sensitivity analysis: replaying %d of %d layers, the most promising by estimated SQNR gain per "
+                 "MAC from one forward and backward (cap %d)", len(replay), len(layout.layers), MAX_CANDIDATES)
+    else:
+        replay = None
+        log.info("sensitivity analysis over %d layers%s", len(layout.layers), "" if full else " (SQNR recovery only)")
     result = analyze(state, num_images=s.num_images, dataset=analysis_dataset if full else None,
-                     progress=progress, device=dev, damage=full)
-    costs = layer_costs(state.model.fp32, example_batch(state), layout.layers)
+                     progress=progress, device=dev, damage=full, replay=replay)
+    if local is not None:
+        result.layers = {n: replace(v, local_sqnr_db=local.get(n)) for n, v in result.layers.items()}
     section = {"analysis": result.as_dict(), "selection": None,
                "note": "mAP sensitivities are measured on the evaluation data with the torch fake-quant model"}
     if budget:
-        fixed = [n for n in layout.layers if n not in layout.int8]
         kind, value = budget
         if kind != "min_int8_share" and s.min_int8_share is not None:
             log.info("automatic FP16 choice by %s %s (an accuracy budget wins over sensitivity.min_int8_share=%s)",
@@ -93,12 +107,13 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
         if kind == "min_int8_share":
             from quantkit.sensitivity.select import choose_for_int8_share, weighted_macs
 
-            sel = choose_for_int8_share(result, weighted_macs(costs), value, fixed_fp16=fixed)
+            sel = choose_for_int8_share(result, weighted_macs(costs), value, fixed_fp16=fixed,
+                                        charges=mac_equivalents(costs))
         elif kind == "max_drop":
-            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev)
+            measure = make_measure(state, Metric.MAP_DROP_POINTS, dataset=dataset, device=dev, progress=progress)
             sel = choose_fp16_layers(result, costs, max_drop_points=value, measure=measure, fixed_fp16=fixed)
         else:
-            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev)
+            measure = make_measure(state, Metric.SQNR_DB, num_images=s.num_images, device=dev, progress=progress)
             sel = choose_fp16_layers(result, costs, sqnr_floor_db=value, measure=measure, fixed_fp16=fixed)
         set_precision(state.model.qmodel, set(sel.int8))
         layout.int8 = [n for n in layout.layers if n in set(sel.int8)]
@@ -107,6 +122,23 @@ def _analyze_and_select(state: QuantState, *, dataset=None, analysis_dataset=Non
         log.info("automatic selection: %d layer(s) kept FP16 (%s)", len(sel.fp16), ", ".join(sel.fp16) or "none")
     state.selection = SensitivityOutcome(section=section, sensitivity=result, costs=costs, choice=sel if budget else None)
     return state.selection
+
+
+def _candidates(state: QuantState, costs, min_int8_share: float, fixed: list[str], device) -> tuple[dict, list]:
+    """(layer -> local SQNR dB, the layers to replay) for the ``min_int8_share`` choice: ranked by one all-INT8
+    forward and backward (``candidates.one_pass_signals``), capped at ``candidates.MAX_CANDIDATES``, only layers
+    that fit the budget left after the ``fixed`` FP16 layers (MACs plus the Add fusion charge, as the selection
+    spends them)."""
+    from quantkit.sensitivity.candidates import one_pass_signals, pick_candidates
+    from quantkit.sensitivity.cost_model import mac_equivalents
+    from quantkit.sensitivity.select import weighted_macs
+
+    macs, charges = weighted_macs(costs), mac_equivalents(costs)
+    cost = {n: macs.get(n, 0.0) + charges.get(n, 0.0) for n in costs.layers}
+    left = (1.0 - min_int8_share) * (sum(macs.values()) or 1.0) - sum(cost.get(n, 0.0) for n in fixed)
+    signals = one_pass_signals(state, num_images=state.recipe.sensitivity.num_images, device=device)
+    local = {n: s.local_sqnr_db for n, s in signals.items()}
+    return local, pick_candidates(signals, cost, left, exclude=fixed)
 
 
 def latency_estimate(state: QuantState) -> dict:
@@ -122,4 +154,5 @@ def latency_estimate(state: QuantState) -> dict:
               costs, set(layout.int8))}
     return {"ms": {k: round(v, 4) for k, v in ms.items()}, "batch": costs.batch, "label": ESTIMATE_LABEL,
             "note": f"{ESTIMATE_LABEL}: per-layer FLOPs and bytes against T4 peaks (65 TFLOPS FP16, 130 TOPS INT8, "
-                    "320 GB/s) with one fitted efficiency factor; no fusion modelling. Measure on a T4 with build_engine.sh."}
+                    "320 GB/s) with one fitted efficiency factor; an FP16 residual Add is charged for the conv+add fusion it "
+                    "breaks (an unfused kernel at T4 bandwidth). Measure on a T4 with build_engine.sh."}

@@ -86,8 +86,11 @@ class OutputLock:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                except OSError:
+                    pass  # the pid only names the holder in a message: a full disk must not stop the lock
                 _held[key] = [fd, 1]
                 return
             os.close(fd)  # the holder released and unlinked it between our open and flock: take a fresh one

@@ -8,7 +8,7 @@ import torch
 
 from quantkit import paths
 from quantkit.calibrate.driver import run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.recipe import load_recipe
 
 pytestmark = pytest.mark.cuda_only
@@ -45,7 +45,7 @@ def test_cuda_amax_matches_cpu(prepared, method):
 
 def test_cuda_layer_errors_and_eval_match_cpu(prepared):
     from quantkit.calibrate.driver import apply_calibration
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import evaluate_detection, torch_predictor
     from quantkit.eval.layer_sqnr import measure_layer_errors
     from quantkit.utils.device import on_device

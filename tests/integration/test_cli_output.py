@@ -29,10 +29,10 @@ def test_non_terminal_run_prints_progress_lines_estimate_and_one_json_line(user_
     run = runner().invoke(main, export_args(user_model, out, "--sensitivity", "--json",
                                                "--set", "sensitivity.num_images=4"))
     assert run.exit_code == 0, run.output
-    for stage, unit in (("calibrating", "batch"), ("sensitivity", "layer")):
+    for stage, unit in (("calibrating", "batch"), ("sensitivity", "replay")):
         mine = [s for s in run.stderr.splitlines() if s.startswith(f"quantkit: {stage} ") and f" {unit}" in s]
         assert mine and "done in" in mine[-1], run.stderr
-    assert "one forward took" in run.stderr and "at most ~" in run.stderr  # the up-front sensitivity estimate
+    assert "one forward took" in run.stderr and "expect about" in run.stderr  # the up-front sensitivity estimate
     assert "\r" not in run.stderr  # no terminal bar in a log
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 1, run.stdout  # --json: one line on stdout, nothing else

@@ -57,7 +57,7 @@ def yaml_export(tmp_path_factory):
 
 def test_yaml_calibrates_on_train_and_evaluates_on_val(yaml_export):
     from quantkit.data.preprocess import Preprocess
-    from quantkit.eval.coco import CocoDataset
+    from quantkit.data.coco import CocoDataset
     from quantkit.eval.detection import evaluate_detection, onnx_predictor
 
     root, out, rep = yaml_export

@@ -69,11 +69,85 @@ def test_bad_onnx_inputs_exit_2_and_write_nothing(torch_export, user_model, tmp_
     dyn.write_bytes(toy_onnx(dynamic_hw=True))
     other = tmp_path / "other.cache"
     other.write_text("TRT-8601-EntropyCalibration2\n/model.0/conv/Conv_output_0: 3c010204\n")
+    from quantkit.paths import BUNDLED_CALIBRATION
+
     cases = [((str(bad), "--calib", user_model["npy"]), "not an ONNX model"),
-             ((str(dyn), "--calib", user_model["npy"]), "--input-size"),
+             ((str(dyn), "--calib", str(BUNDLED_CALIBRATION)), "--input-size"),  # a .npy's H, W would fix them
              ((str(torch_export / "model.onnx"), "--trt-calib-cache", str(other)), "another model")]
     for k, (args, message) in enumerate(cases):
         out = tmp_path / f"out{k}"
         code, text = run("export", *args, "--out", str(out), "--no-cache")
         assert code == 2 and message in text, text
         assert not out.exists()
+
+
+def test_bundled_detector_at_opset_12_with_free_dims(tmp_path):
+    """ONNX as people have it (issue 22): the bundled detector exported by torch at opset 12 with free N/H/W.
+    The route converts it to opset 13, fixes H/W from --input-size, and model.onnx still computes what the
+    torch module computes."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from quantkit.data.images import list_images, load_image
+    from quantkit.data.preprocess import Preprocess, preprocess_image
+    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.models.bundled import tree_detector
+    from quantkit.paths import BUNDLED_CALIBRATION
+
+    net = tree_detector().eval()
+    src = tmp_path / "det12.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 320, 320), src, input_names=["images"], opset_version=12, dynamo=False,
+                      dynamic_axes={"images": {0: "N", 2: "H", 3: "W"}})
+    out = tmp_path / "out"
+    code, text = run("export", str(src), "--calib", str(BUNDLED_CALIBRATION), "--input-size", "320x320", "--set",
+                     "calibration.max_images=8", "--out", str(out), "--no-cache")
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["opset_converted_from"] == 12 and report["model"]["opset"] == 13
+    assert all(not f for f in report["lint"].values()), report["lint"]
+    assert report["accuracy"]["int8_vs_fp32_sqnr_db"]["worst_db"] > 15
+    tile = list_images(BUNDLED_CALIBRATION)[-1]  # not among the 8 calibration images
+    x = preprocess_image(load_image(tile), Preprocess(size=(320, 320)))[0][None].astype(np.float32)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    with torch.no_grad():
+        want = net(torch.from_numpy(x))
+    want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else [want])]
+    assert len(got) == len(want) and sqnr_db(want, got) > 60
+
+
+def test_sigterm_during_onnx_calibration_leaves_nothing(tmp_path):
+    """A real `kill -TERM` mid-run on the ONNX route (the test hook signals after the first calibration batch):
+    exit 143, no output folder, nothing left under TMPDIR (onnxruntime's telemetry `.ses` file included), the
+    model file untouched."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the unit tests' toy ONNX builder
+    from onnx_toy import toy_data, toy_onnx
+
+    def sha(f):
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+
+    p = tmp_path / "toy.onnx"
+    p.write_bytes(toy_onnx(fold=False))
+    npy = tmp_path / "c.npy"
+    np.save(npy, toy_data(16))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TMPDIR=str(tmp), QUANTKIT_TEST_INTERRUPT="calibration:TERM", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    before = sha(p)
+    res = subprocess.run([sys.executable, "-m", "quantkit", "export", str(p), "--calib", str(npy), "--out",
+                          str(tmp_path / "out"), "--no-cache", "--set", "calibration.batch_size=4"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert "interrupted (SIGTERM)" in res.stderr
+    assert not (tmp_path / "out").exists() and list(tmp.iterdir()) == [] and sha(p) == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.npy", "tmp", "toy.onnx"]  # no staging folder either

@@ -64,7 +64,7 @@ def test_bad_inputs(tmp_path, case):
         np.save(target, np.zeros((2, 3, 32, 32), np.float64))
     elif case == "npy_shape":
         target = tmp_path / "d.npy"
-        np.save(target, np.zeros((3, 32, 32), np.float32))
+        np.save(target, np.zeros(32, np.float32))  # no sample axis ((3, 32, 32) is 3 samples of (32, 32) now)
     elif case == "npy_nan":
         target = tmp_path / "d.npy"
         a = np.zeros((2, 3, 32, 32), np.float32)

@@ -17,7 +17,7 @@ from torch import nn
 
 from quantkit.calibrate import histogram
 from quantkit.calibrate.driver import run_calibration
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.quant.insert import insert_quantizers
 
 BATCHES = 6

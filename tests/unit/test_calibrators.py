@@ -21,7 +21,7 @@ import torch
 
 from quantkit.calibrate import search
 from quantkit.calibrate.histogram import HistogramCollector, MaxCollector
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError, UsageError
 
 pq_calib = pytest.importorskip("pytorch_quantization.calib", reason="pytorch-quantization is the oracle")

@@ -17,7 +17,7 @@ from quantkit.data.preprocess import Preprocess
 from quantkit.data.sources import open_calibration_source, open_eval_dataset
 from quantkit.data.yolo import label_path, load_dataset_yaml
 from quantkit.errors import DataError
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.eval.detection import coco_map
 
 PP = Preprocess(size=(64, 64))
@@ -231,7 +231,7 @@ def test_max_images_stops_reading_an_iterable():
 
 @pytest.mark.parametrize("case,expect", [
     ("float64", "dtype float64"), ("uint8", "dtype uint8"), ("dict", "is a dict"), ("empty", "no batches"),
-    ("shapes", "share one"), ("nan", "NaN"), ("two_d", "expected float32 NCHW"), ("object", "not supported"),
+    ("shapes", "share one"), ("nan", "NaN"), ("one_d", r"expected a float32 array \(N, \.\.\.\)"), ("object", "not supported"),
 ])
 def test_bad_in_memory_sources(case, expect):
     src = {
@@ -241,7 +241,7 @@ def test_bad_in_memory_sources(case, expect):
         "empty": [],
         "shapes": [torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 16, 16)],
         "nan": np.full((2, 3, 8, 8), np.nan, np.float32),
-        "two_d": np.zeros((4, 4), np.float32),
+        "one_d": np.zeros(4, np.float32),  # (N, L) is valid now (audio frames); a sample axis is still needed
         "object": 42,
     }[case]
     with pytest.raises(DataError, match=expect):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, ModelError, UsageError
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.eval.detection import (
     DetectionMetrics,
     coco_map,

@@ -37,7 +37,7 @@ def received(tmp_path):
 
 
 def _eval(folder, *args):
-    res = CliRunner().invoke(main, ["eval", str(folder), "--data", str(folder.parent / "data"), *map(str, args)])
+    res = CliRunner().invoke(main, ["eval", str(folder), "--eval", str(folder.parent / "data"), *map(str, args)])
     return res.exit_code, res.output
 
 

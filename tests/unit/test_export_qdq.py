@@ -8,7 +8,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.exporter import parity
 from quantkit.exporter.onnx_export import export_onnx
 from quantkit.exporter.passes import finalize_fp32, finalize_int8

@@ -261,7 +261,7 @@ def test_single_output_channel_per_channel_weight_is_not_flagged():
     from torch import nn
 
     from quantkit.calibrate.driver import apply_calibration, run_calibration
-    from quantkit.calibrate.methods import MethodSettings
+    from quantkit.calib_methods import MethodSettings
     from quantkit.exporter.lint import lint
     from quantkit.exporter.onnx_export import export_onnx
     from quantkit.exporter.passes import finalize_int8

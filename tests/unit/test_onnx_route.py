@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 
 from quantkit.calibrate.histogram import HistogramCollector
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import QuantkitError, UsageError
 from quantkit.eval.sqnr import sqnr_db
 from quantkit.exporter import parity
@@ -64,10 +64,10 @@ def test_input_size_contradicting_fixed_dims(toy_path):
 
 def test_unsupported_opset_names_the_fix(tmp_path):
     m = bn_graph()
-    m.opset_import[0].version = 11
+    m.opset_import[0].version = 6  # 7-12 are converted (test_onnx_hostile); older ones onnxruntime cannot check
     p = tmp_path / "old.onnx"
     onnx.save(m, p)
-    with pytest.raises(UsageError, match="opset 11.*convert_version"):
+    with pytest.raises(UsageError, match="opset 6.*convert_version"):
         load_onnx(p)
 
 

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration
-from quantkit.calibrate.methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
 from quantkit.errors import CalibrationError, WeightsError

@@ -8,7 +8,7 @@ import pytest
 
 from quantkit.errors import UsageError
 from quantkit.recipe import load_recipe
-from quantkit.utils.preflight import (ACTIVATION_FACTOR, check_memory, estimate_calibration_bytes, preflight,
+from quantkit.preflight import (ACTIVATION_FACTOR, check_memory, estimate_calibration_bytes, preflight,
                                       run_inputs)
 
 
@@ -69,11 +69,12 @@ def test_run_inputs_of_a_user_model():
 
 
 def test_memory_estimate_refuses_huge_inputs_with_the_number():
-    r = load_recipe(None, ["input.size=[32000, 32000]"])
-    need = estimate_calibration_bytes((32000, 32000), 8)
-    assert need == 8 * 3 * 32000 * 32000 * 4 * ACTIVATION_FACTOR
-    with pytest.raises(UsageError, match=r"needs an estimated 1,464.8 GiB .* input batch alone is 91.6 GiB"):
+    # 16384 px a side is the largest input.size a recipe accepts (recipe_limits); its memory is still refused here
+    r = load_recipe(None, ["input.size=[16384, 16384]"])
+    need = estimate_calibration_bytes((16384, 16384), 8)
+    assert need == 8 * 3 * 16384 * 16384 * 4 * ACTIVATION_FACTOR
+    with pytest.raises(UsageError, match=r"needs an estimated 384.0 GiB .* input batch alone is 24.0 GiB"):
         check_memory(r, available=64 * 1024 ** 3)
     check_memory(load_recipe(None, ["input.size=[640, 640]"]), available=2 * 1024 ** 3)  # 0.6 GiB: fine
-    check_memory(load_recipe(None, ["input.size=[32000, 32000]", "calibration.batch_size=1"]),
+    check_memory(load_recipe(None, ["input.size=[16384, 16384]", "calibration.batch_size=1"]),
                  available=2 * 1024 ** 4)

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.exporter.onnx_export import export_onnx
 from quantkit.exporter.passes import finalize_int8
 from quantkit.ptq import ChannelClip, apply_ptq, equalize, equalize_prepared
@@ -293,3 +293,57 @@ def test_min_int8_share_selection_runs_in_the_pipeline(tmp_path):
     assert sel["int8_mac_share"] >= 0.9 and set(sel["fp16_layers"]) | set(sel["int8_layers"]) == set(
         state.model.layout.layers)
     assert state.model.layout.int8 == sel["int8_layers"]
+
+
+def _deep_bn_stack(seed: int, depth: int = 8, width: int = 16) -> nn.Module:
+    """conv -> BN -> ReLU, ``depth`` times, then a 1x1 conv head; BN statistics seeded away from identity."""
+    torch.manual_seed(seed)
+    layers, cin = [], 3
+    for _ in range(depth):
+        layers += [nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        cin = width
+    m = nn.Sequential(*layers, nn.Conv2d(width, 4, 1))
+    for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    return m.eval()
+
+
+def test_bias_corrections_are_measured_layer_after_layer_not_all_at_once():
+    """Issue 23: on a deep stack each layer's correction must be measured with the layers before it already
+    corrected. Oracle: after the pass, every corrected layer's quantized per-channel output mean equals FP32's on
+    the same images (to float rounding), at every depth. The all-at-once variant (every shift measured in one
+    uncorrected forward, then all subtracted) double-counts the upstream error that upstream corrections already
+    remove: its deep layers keep a mean error of the uncorrected size, and its output SQNR is lower."""
+    from copy import deepcopy
+
+    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.ptq.sequential import fp32_channel_means
+    from quantkit.quant.modules import QuantConv2d
+
+    torch.manual_seed(3)
+    x, held_out = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    base, res = _prepared(_deep_bn_stack(1), x)
+    names = [n for n, m in base.qmodel.named_modules() if isinstance(m, QuantConv2d)]
+    fp = fp32_channel_means(base.fp32, names, x)
+    plain = fp32_channel_means(base.qmodel, names, x)
+
+    seq = deepcopy(base)
+    sequential_pass(seq.qmodel, seq.fp32, x, res, SequentialOptions(bias_correction=True))
+    at_once = deepcopy(base)
+    for n in names:
+        at_once.qmodel.get_submodule(n).bias.data.sub_((plain[n] - fp[n]).float())
+
+    def mean_err(p):
+        q = fp32_channel_means(p.qmodel, names, x)
+        return [float((q[n] - fp[n]).abs().max()) for n in names]
+
+    uncorrected, sequential, all_at_once = mean_err(base), mean_err(seq), mean_err(at_once)
+    assert max(sequential) < 1e-6 < min(uncorrected[1:])  # every depth matches FP32
+    assert all(a > 100 * s for a, s in zip(all_at_once[2:], sequential[2:]))  # deep layers stay off
+    with torch.no_grad():
+        ref = base.fp32(held_out)
+        db = {k: sqnr_db(ref, p.qmodel(held_out)) for k, p in (("seq", seq), ("once", at_once), ("none", base))}
+    assert db["seq"] > db["once"] + 0.5 and db["seq"] > db["none"]

@@ -6,7 +6,7 @@ from quantkit.recipe import Recipe, apply_overrides, load_recipe, parse_batch, r
 
 def test_defaults_and_roundtrip(tmp_path):
     r = load_recipe()
-    assert r.calibration.method == "mse" and r.model.name == "trees"
+    assert r.calibration.method == "auto" and r.model.name == "trees"  # chosen per network by the export
     assert r.ptq.bias_correction and r.sensitivity.min_int8_share == 0.95  # issue 14: the default methods
     p = tmp_path / "r.yaml"
     p.write_text(r.to_yaml())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration
-from quantkit.calibrate.methods import MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.errors import UsageError
 from quantkit.eval.layer_sqnr import measure_layer_errors
 from quantkit.eval.sqnr import sqnr_db

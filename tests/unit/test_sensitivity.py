@@ -13,7 +13,7 @@ from torch import nn
 
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
-from quantkit.eval.coco import CocoDataset
+from quantkit.data.coco import CocoDataset
 from quantkit.models.ops import Add
 from quantkit.paths import BUNDLED_CALIBRATION, BUNDLED_EVAL
 from quantkit.pipeline import quantize_recipe
@@ -302,3 +302,163 @@ def test_fixed_fp16_layers_stay_fp16_and_count_toward_the_budget(state):
     assert sel.measured is None and sel.met is None  # nothing measured without a measure callable
     with pytest.raises(Exception, match="not analysed layers"):
         choose_fp16_layers(res, costs, sqnr_floor_db=floor, fixed_fp16=["nope"])
+
+
+# ---- the bounded FP16 choice: candidate cap, minimum recovery, the Add fusion charge (issue 23) -------------
+
+
+def _result(recoveries: dict[str, float], types: dict[str, str] | None = None, base_db: float = 20.0):
+    """A recovery-only SensitivityResult with the given per-layer recoveries (dB) over a ``base_db`` all-INT8 SQNR."""
+    from quantkit.sensitivity.analysis import LayerSensitivity, SensitivityResult
+
+    layers = {n: LayerSensitivity(n, (types or {}).get(n, "Conv2d"), i, None, base_db + r, r)
+              for i, (n, r) in enumerate(recoveries.items())}
+    return SensitivityResult(layers, base_db, 8)
+
+
+def test_pick_candidates_ranks_by_estimated_gain_per_mac_caps_and_skips_what_cannot_fit():
+    from quantkit.sensitivity.candidates import Signal, pick_candidates
+
+    gain = {"a": 1e-1, "b": 1e-2, "c": 1e-3, "d": 1e-1, "e": 0.0, "f": 1.0, "g": -1.0}
+    sig = {n: Signal(30.0, v) for n, v in gain.items()}
+    cost = {"a": 40.0, "b": 1.0, "c": 0.0, "d": 60.0, "e": 1.0, "f": 1.0, "g": 1.0}
+    # per unit cost: b 1e-2, a 2.5e-3, c 1e-3 (cost floored at 1); d (1.7e-3) does not fit a budget of 50;
+    # e and g are estimated to gain nothing; f is already FP16
+    assert pick_candidates(sig, cost, 50.0, cap=16, exclude=["f"]) == ["b", "a", "c"]
+    assert pick_candidates(sig, cost, 50.0, cap=2, exclude=["f"]) == ["b", "a"]
+    assert pick_candidates(sig, cost, 100.0, cap=16, exclude=["f"]) == ["b", "a", "d", "c"]
+    assert pick_candidates(sig, cost, 50.0, cap=0) == []
+    two = {"y": Signal(0.0, 1.0), "x": Signal(0.0, 1.0)}
+    assert pick_candidates(two, {"x": 1.0, "y": 1.0}, 5.0, cap=1) == ["x"]  # ties by name
+    with pytest.raises(ValueError, match="cap"):
+        pick_candidates(sig, cost, 50.0, cap=-1)
+
+
+def _with_precision(q, int8, fn):
+    saved = _flags(q)
+    try:
+        set_precision(q, set(int8))
+        with torch.no_grad():
+            return fn()
+    finally:
+        for (_, m), (_, d) in zip(((n, m) for n, m in q.named_modules() if isinstance(m, TensorQuantizer)), saved):
+            m._disabled = d
+
+
+def test_one_pass_signals_match_plain_forwards_and_flag_the_fragile_layer(state):
+    from quantkit.sensitivity.candidates import one_pass_signals
+
+    q, names = state.model.qmodel, set(state.model.layout.layers)
+    before = _flags(q)
+    sig = one_pass_signals(state, num_images=8)
+    assert _flags(q) == before and all(p.requires_grad for p in q.parameters())  # state restored
+    assert min(sig, key=lambda n: sig[n].local_sqnr_db) == "fragile" == max(sig, key=lambda n: sig[n].gain)
+    xs = torch.cat([b for b in state.data.batches(limit=8, spread=True)])
+    # local SQNR of the first conv: its input is the image in any configuration, so it is the INT8 conv against
+    # the float conv on the same images
+    c1 = q.get_submodule("c1")
+    yq, yf = _with_precision(q, {"c1"}, lambda: c1(xs)), _with_precision(q, set(), lambda: c1(xs))
+    want = 10 * math.log10(float((yf.double() ** 2).sum()) / float(((yf - yq).double() ** 2).sum()))
+    assert sig["c1"].local_sqnr_db == pytest.approx(want, abs=1e-3)
+    # gain of the last layer: the gradient of |e|^2/2P at the model's output is e/P, and the error it injects is
+    # the all-INT8 output minus the output with only it float: gain = <e, delta> / P from three plain forwards
+    with torch.no_grad():
+        ref = state.model.fp32(xs).double()
+    all8 = _with_precision(q, names, lambda: q(xs)).double()
+    no_out = _with_precision(q, names - {"out"}, lambda: q(xs)).double()
+    want = float(((all8 - ref) * (all8 - no_out)).sum() / (ref ** 2).sum())
+    assert sig["out"].gain == pytest.approx(want, rel=1e-3)
+
+
+def test_capped_analysis_replays_only_the_candidates_with_the_full_analysis_numbers(state):
+    from quantkit.sensitivity.select import choose_for_int8_share
+
+    full = analyze(state, num_images=8, progress=False, damage=False)
+    part = analyze(state, num_images=8, progress=False, damage=False, replay=["fragile", "c2"])
+    for n in ("fragile", "c2"):
+        assert part.layers[n].replayed and part.layers[n].recovery_sqnr_db == full.layers[n].recovery_sqnr_db
+    for n in set(full.layers) - {"fragile", "c2"}:
+        s = part.layers[n]
+        assert not s.replayed and s.recovery_sqnr_db == 0.0 and s.order == full.layers[n].order
+    assert part.ranking()[:2] == ["fragile", "c2"]  # replayed layers first, by recovery
+    assert any("2 of" in note for note in part.notes)
+    macs = {n: 1.0 for n in part.layers}
+    sel = choose_for_int8_share(part, macs, 0.0, min_recovery_db=0.0)  # unlimited budget: only what was replayed
+    assert set(sel.fp16) <= {"fragile", "c2"} and "fragile" in sel.fp16
+    assert sel.as_dict()["candidates"] == [n for n in part.layers if n in ("fragile", "c2")]
+    with pytest.raises(Exception, match="not quantizable layers"):
+        analyze(state, num_images=4, progress=False, damage=False, replay=["nope"])
+
+
+def test_a_layer_stays_fp16_only_above_the_minimum_recovery():
+    from quantkit.sensitivity.select import MIN_RECOVERY_DB, choose_for_int8_share
+
+    assert MIN_RECOVERY_DB == 0.05
+    res = _result({"small": 0.04, "enough": 0.06, "big": 3.0, "worse": -0.5, "other": 0.0})
+    macs = {n: 1.0 for n in res.layers}  # share 0: room for every layer, so only the minimum decides
+    sel = choose_for_int8_share(res, macs, 0.0)
+    assert sel.fp16 == ["big", "enough"]  # best gain per MAC first; 0.04 dB is under the minimum
+    assert sel.min_recovery_db == 0.05 and sel.as_dict()["min_recovery_db"] == 0.05
+    assert choose_for_int8_share(res, macs, 0.0, min_recovery_db=0.0).fp16 == ["big", "enough", "small"]
+    assert choose_for_int8_share(res, macs, 0.0, min_recovery_db=1.0).fp16 == ["big"]
+
+
+def test_an_fp16_add_is_charged_for_the_conv_add_fusion_it_breaks():
+    from quantkit.sensitivity.cost_model import T4, Precision, estimate_latency_ms, layer_costs, mac_equivalents
+    from quantkit.sensitivity.select import choose_for_int8_share, weighted_macs
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(128, 128, 3, padding=1)
+            self.add = Add()
+
+        def forward(self, x):
+            return self.add(self.conv(x), x)
+
+    table = layer_costs(Res().eval(), torch.zeros(1, 128, 8, 8), ["conv", "add"])
+    e = 128 * 8 * 8  # output elements of the add
+    add = table.layers["add"]
+    # INT8: fused into the conv's epilogue, reads the skip operand only (1 B); FP16: its own kernel, reads both
+    # operands and writes the output (2 B each); memory-bound at 320 GB/s x 0.30
+    assert add.bytes(Precision.INT8) == e and add.bytes(Precision.FP16) == 2 * 3 * e
+    extra_ms = 1e3 * (6 * e - e) / (320e9 * 0.30)
+    assert add.fp16_extra_ms() == pytest.approx(extra_ms, rel=1e-12)
+    assert estimate_latency_ms(table, ["conv"]) - estimate_latency_ms(table, ["conv", "add"]) == pytest.approx(
+        extra_ms, rel=1e-9)
+    per_mac_ms = 1e3 * 2 * (1 / 65e12 - 1 / 130e12) / 0.30  # a compute-bound conv MAC moved to FP16
+    assert T4.fp16_extra_ms_per_mac() == pytest.approx(per_mac_ms, rel=1e-12)
+    charge = mac_equivalents(table)
+    assert set(charge) == {"add"} and charge["add"] == pytest.approx(extra_ms / per_mac_ms, rel=1e-9)
+    assert charge["add"] == pytest.approx(1015.625 * e, rel=1e-9)  # 5 B/elt at 96 GB/s vs 19.5 T MAC/s
+
+    # the MAC-share budget: the add recovers the most, but its charge (0.88x the conv's MACs) does not fit a 10 %
+    # budget; uncharged it would be "free"
+    macs = weighted_macs(table)
+    assert set(macs) == {"conv"}
+    res = _result({"conv": 0.5, "add": 6.0}, {"add": "Add"})
+    assert charge["add"] == pytest.approx(1015.625 / (128 * 9) * macs["conv"], rel=1e-9)
+    assert choose_for_int8_share(res, macs, 0.9).fp16 == ["add"]  # uncharged: free
+    assert choose_for_int8_share(res, macs, 0.9, charges=charge).fp16 == []
+    roomy = 1.0 - 1.01 * charge["add"] / macs["conv"]
+    sel = choose_for_int8_share(res, macs, roomy, charges=charge)
+    assert sel.fp16 == ["add"] and sel.int8_share == 1.0  # the reported share counts conv MACs only
+    assert "fusion" in sel.reasons["add"]
+
+
+def test_without_a_gradient_the_signal_falls_back_to_each_layers_local_noise(state, monkeypatch, caplog):
+    from quantkit.sensitivity.candidates import one_pass_signals
+
+    def no_derivative(*_a, **_k):
+        raise RuntimeError("derivative for aten::something is not implemented")
+
+    monkeypatch.setattr(torch.Tensor, "backward", no_derivative)
+    q = state.model.qmodel
+    before = _flags(q)
+    sig = one_pass_signals(state, num_images=4)
+    assert _flags(q) == before and all(p.requires_grad for p in q.parameters())
+    assert "local INT8 error" in caplog.text
+    for s in sig.values():  # the gain is the local noise-to-signal ratio, 10^(-dB/10)
+        assert s.gain == pytest.approx(10 ** (-s.local_sqnr_db / 10), rel=1e-9) if math.isfinite(s.local_sqnr_db) \
+            else s.gain == 0.0
+    assert max(sig, key=lambda n: sig[n].gain) == "fragile"

@@ -208,3 +208,43 @@ def test_range_over_a_float_shape_stays_float32():
     for batch in (1, 3):
         feed = {"x": np.random.default_rng(batch).standard_normal((batch, 2, 3, 40)).astype(np.float32)}
         np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-3, atol=0.05)
+
+
+def _bn_after_relu(var: float):
+    """Relu -> BatchNormalization whose channel 1 has running_var ``var`` (a BN after a ReLU cannot fold)."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 3, 4, 4])
+    (r,) = g.node("Relu", [x], "relu")
+    params = [g.init(n, np.asarray(v, np.float32)) for n, v in (("bn.weight", [1.0, 2.0, 0.5]),
+                                                                 ("bn.bias", [0.1, -0.2, 0.3]),
+                                                                 ("bn.running_mean", [0.5, 300.0, 0.0]),
+                                                                 ("bn.running_var", [1.0, var, 4.0]))]
+    (y,) = g.node("BatchNormalization", [r, *params], "bn", epsilon=1e-5)
+    g.output("y", y, [2, 3, 4, 4])
+    return g.model()
+
+
+def test_bn_running_var_outside_fp16_kept_fp32():
+    """keep_fp32: the BN runs FP32 behind Casts on its true parameters; every other policy is checked too."""
+    model = _bn_after_relu(2.5e6)
+    x = (np.random.default_rng(0).standard_normal((2, 3, 4, 4)) * 3000).astype(np.float32)
+    ref = run(model, {"x": x})[0]
+    # independent oracle: the BatchNormalization formula in numpy
+    var, mean = np.array([1.0, 2.5e6, 4.0]), np.array([0.5, 300.0, 0.0])
+    want = (np.maximum(x, 0) - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5) \
+        * np.array([1.0, 2.0, 0.5])[:, None, None] + np.array([0.1, -0.2, 0.3])[:, None, None]
+    assert sqnr_db(want, ref) > 100
+    res = convert_strongly_typed(model, overflow=OverflowPolicy.KEEP_FP32)
+    assert len(res.kept_fp32_constants) == 1 and "bn.running_var" in res.kept_fp32_constants[0]
+    assert len(res.fp32_nodes) == 1 and res.fp32_nodes[0].startswith("bn")
+    inits = {t.name: t.data_type for t in res.model.graph.initializer}
+    assert [t for n, t in inits.items() if n.startswith("bn.running_var")] == [TensorProto.FLOAT]
+    got = run(res.model, {"x": x})[0]
+    assert np.all(np.isfinite(got)) and sqnr_db(want, got) > 50  # FP16 input rounding only
+    assert sqnr_db(want[:, 1], got[:, 1]) > 50  # the channel with the huge variance too
+    clamped = convert_strongly_typed(model, overflow=OverflowPolicy.CLAMP)
+    assert "bn.running_var" in clamped.clamped_constants[0]
+    # clipping the variance to 65504 scales channel 1 by sqrt(2.5e6 / 65504) ~ 6x: why it is not the default
+    assert sqnr_db(want[:, 1], run(clamped.model, {"x": x})[0][:, 1]) < 10
+    with pytest.raises(ExportError, match="export.fp16_overflow"):
+        convert_strongly_typed(model, overflow=OverflowPolicy.ERROR)

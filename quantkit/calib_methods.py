@@ -22,6 +22,9 @@ class CalibMethod(str, Enum):
     PERCENTILE = "percentile"  # clip the top (100 - percentile) % of |x|
     ENTROPY = "entropy"  # minimise KL(float || int8) over the histogram (TensorRT's method)
     MSE = "mse"  # minimise the expected squared quantization error
+    # a recipe-level choice, not a rule: the export measures the four above on held-out calibration images and
+    # keeps the best per network (``quantkit.ptq.default_passes``); a calibrator is never asked for it
+    AUTO = "auto"
 
     @classmethod
     def parse(cls, value: "str | CalibMethod") -> "CalibMethod":
@@ -58,6 +61,9 @@ class MethodSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", CalibMethod.parse(self.method))
+        if self.method is CalibMethod.AUTO:
+            raise UsageError("calibration method 'auto' is chosen per network by the export; a calibrator needs "
+                             "one rule: max, percentile, entropy or mse")
         if not 0.0 < float(self.percentile) <= 100.0:
             raise UsageError(f"percentile must be in (0, 100], got {self.percentile}: e.g. 99.99")
         if int(self.num_bins) < MIN_NUM_BINS:

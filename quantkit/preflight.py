@@ -93,14 +93,20 @@ def estimate_calibration_bytes(size: tuple[int, int], batch: int, channels: int 
     return batch * channels * size[0] * size[1] * 4 * ACTIVATION_FACTOR
 
 
+def calibration_batch(recipe) -> int:
+    """Images per calibration batch: ``calibration.batch_size``, capped by ``calibration.max_images``."""
+    batch = recipe.calibration.batch_size
+    if recipe.calibration.max_images:
+        batch = min(batch, recipe.calibration.max_images)
+    return batch
+
+
 def check_memory(recipe, available: int | None = None) -> None:
     """UsageError when ``input.size`` x ``calibration.batch_size`` cannot fit in ``available`` bytes."""
     size = recipe.input.size
     if size is None:
         return  # the model's own default size or the .npy's shape: already in memory-sane territory
-    batch = recipe.calibration.batch_size
-    if recipe.calibration.max_images:
-        batch = min(batch, recipe.calibration.max_images)
+    batch = calibration_batch(recipe)
     need = estimate_calibration_bytes(tuple(size), batch)
     available = available_memory_bytes() if available is None else available
     if available is not None and need > available:
@@ -109,6 +115,27 @@ def check_memory(recipe, available: int | None = None) -> None:
             f"input.size {size[0]}x{size[1]} with calibration.batch_size {batch} needs an estimated "
             f"{need / gb:,.1f} GiB of memory (the float32 input batch alone is {need / ACTIVATION_FACTOR / gb:,.1f} "
             f"GiB), but {available / gb:,.1f} GiB is available: lower --input-size or calibration.batch_size")
+
+
+def check_model_input_memory(recipe, where: str, shape: list, available: int | None = None,
+                             batch: int | None = None) -> None:
+    """UsageError when a model's own fixed input ``shape`` [N, ...] (N None when free) cannot be calibrated
+    in ``available`` bytes; ``where`` names the input (e.g. "input 'images' of model.onnx"). The batch is the
+    larger of the model's fixed N and ``batch`` (default ``calibration.batch_size``)."""
+    n, sample = shape[0], [int(d) for d in shape[1:]]  # any rank: (N, C, H, W) images, (N, L) audio frames
+    batch = max(int(n or 0), calibration_batch(recipe) if batch is None else batch)
+    per_sample = 1
+    for d in sample:
+        per_sample *= d
+    need = batch * per_sample * 4 * ACTIVATION_FACTOR  # estimate_calibration_bytes for any sample shape
+    available = available_memory_bytes() if available is None else available
+    if available is not None and need > available:
+        gb = 1024 ** 3
+        raise UsageError(
+            f"{where} has the fixed shape {list(shape)}: calibrating it in batches of {batch} needs an estimated "
+            f"{need / gb:,.1f} GiB of memory (the float32 input batch alone is {need / ACTIVATION_FACTOR / gb:,.1f} "
+            f"GiB), but {available / gb:,.1f} GiB is available: re-export the model at a smaller input size "
+            "(or with free H/W and pass --input-size), or lower calibration.batch_size")
 
 
 def preflight(recipe, out_dir: str | os.PathLike, *, force: bool = False, recipe_path: str | None = None,
@@ -122,5 +149,5 @@ def preflight(recipe, out_dir: str | os.PathLike, *, force: bool = False, recipe
     return inputs
 
 
-__all__ = ["preflight", "run_inputs", "check_cache", "check_memory", "estimate_calibration_bytes",
-           "available_memory_bytes"]
+__all__ = ["preflight", "run_inputs", "check_cache", "check_memory", "check_model_input_memory",
+           "estimate_calibration_bytes", "available_memory_bytes"]

@@ -11,6 +11,7 @@ import numpy as np
 
 from quantkit.data.images import load_image
 from quantkit.errors import DataError
+from quantkit.quote import cap
 
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIR = "images"
@@ -26,11 +27,11 @@ def _resolve_image(root: Path, file_name: str) -> Path | None:
 
 def _check_bbox(bbox, where: str) -> list[float]:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise DataError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}. Fix the annotation")
+        raise DataError(f"{where}: bbox must be [x, y, width, height], got {cap(repr(bbox))}. Fix the annotation")
     try:
         vals = [float(v) for v in bbox]
     except (TypeError, ValueError):
-        raise DataError(f"{where}: bbox {bbox!r} has non-numeric values. Fix the annotation") from None
+        raise DataError(f"{where}: bbox {cap(repr(bbox))} has non-numeric values. Fix the annotation") from None
     if not all(math.isfinite(v) for v in vals) or vals[2] <= 0 or vals[3] <= 0:
         raise DataError(
             f"{where}: bbox {bbox!r} needs finite values and positive width and height "
@@ -93,7 +94,7 @@ class CocoDataset:
         cats = []
         for c in data["categories"]:
             if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-                raise DataError(f"{src}: category {c!r} needs an integer 'id'")
+                raise DataError(f"{src}: category {cap(repr(c))} needs an integer 'id'")
             cats.append({"id": c["id"], "name": str(c.get("name", c["id"]))})
         cat_ids = [c["id"] for c in cats]
         if len(set(cat_ids)) != len(cat_ids):
@@ -102,7 +103,7 @@ class CocoDataset:
         images = []
         for im in data["images"]:
             if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
-                raise DataError(f"{src}: image entry {im!r} needs an integer 'id' and a 'file_name'")
+                raise DataError(f"{src}: image entry {cap(repr(im))} needs an integer 'id' and a 'file_name'")
             w, h = im.get("width"), im.get("height")
             if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
                 raise DataError(f"{src}: image {im['id']} ({im['file_name']}) needs positive integer width and height")
@@ -124,12 +125,12 @@ class CocoDataset:
         anns = []
         for a in data["annotations"]:
             if not isinstance(a, dict):
-                raise DataError(f"{src}: annotation {a!r} is not an object")
+                raise DataError(f"{src}: annotation {cap(repr(a))} is not an object")
             where = f"{src}: annotation {a.get('id', '?')} (image {a.get('image_id')})"
             if a.get("image_id") not in all_img:
                 raise DataError(f"{where} refers to an image id not listed in 'images': add the image or drop the box")
             if a.get("category_id") not in known_cat:
-                raise DataError(f"{where} has category_id {a.get('category_id')!r} not in 'categories'")
+                raise DataError(f"{where} has category_id {cap(repr(a.get('category_id')))} not in 'categories'")
             bbox = _check_bbox(a.get("bbox"), where)
             if a["image_id"] not in known_img:
                 continue

@@ -1,0 +1,107 @@
+"""Activation scales from a TensorRT calibration cache (``--trt-calib-cache``) for the ONNX route.
+
+A cache holds one scale per INT8 tensor. quantkit's default (hybrid) export keeps some layers FP16, so its own
+calibration.cache has no line for their input tensors. The rule: a quantizable tensor without a scale belongs to
+a layer the source kept FP16. ``calibration.trt_cache_missing``:
+
+* ``fp16`` (default): every node reading such a tensor stays FP16, as the source chose (re-quantizing a layer
+  the automatic FP16 choice protected would undo that choice);
+* ``calibrate``: those tensors are calibrated from ``--calib`` in onnxruntime (the route's usual pass, cached),
+  the rest keep the cache's scales bit for bit.
+
+The result lists which tensors came from the cache, which nodes were kept FP16 and which tensors were
+calibrated (report.json ``calibration.trt_cache`` and calibration.json ``trt_cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quantkit.calibrate.driver import CalibrationResult
+from quantkit.data.calib import CalibrationData
+from quantkit.errors import UsageError
+from quantkit.onnxin.placement import OnnxLayout
+
+log = logging.getLogger("quantkit")
+
+
+@dataclass
+class CacheImport:
+    """amax / act_scales: per INT8 activation tensor (ONNX names). from_cache / calibrated: tensors by source;
+    kept_fp16: nodes demoted to FP16 (no scale in the cache) and kept_fp16_tensors their input tensors.
+    calib: the calibration of the ``calibrated`` tensors (None when none ran)."""
+
+    amax: dict[str, float]
+    act_scales: dict[str, float]
+    header: str
+    from_cache: list[str]
+    kept_fp16: list[str] = field(default_factory=list)
+    kept_fp16_tensors: list[str] = field(default_factory=list)
+    calibrated: list[str] = field(default_factory=list)
+    calib: CalibrationResult | None = None
+    cache_info: dict = field(default_factory=dict)
+    mode: str = "fp16"  # calibration.trt_cache_missing
+
+    def as_dict(self, path: str) -> dict:
+        """The report's / calibration.json's description of where each scale came from."""
+        return {"file": Path(path).name, "header": self.header, "missing": self.mode,
+                "from_cache": sorted(self.from_cache), "kept_fp16_nodes": sorted(self.kept_fp16),
+                "kept_fp16_tensors": sorted(self.kept_fp16_tensors), "calibrated": sorted(self.calibrated)}
+
+
+def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibrate_missing, *, mode: str,
+                 data: CalibrationData | None) -> CacheImport:
+    """Scales for ``layout``'s INT8 tensors from the cache at ``path``; demotes nodes (``mode`` fp16: edits
+    ``layout.int8`` and ``layout.notes``) or calibrates the tensors the cache lacks (``mode`` calibrate:
+    ``calibrate_missing(tensors) -> (tensor -> amax, CalibrationResult, cache info)``, needs ``data``).
+    UsageError naming the fix when the cache is not this model's or calibration has no data."""
+    from quantkit.engine.calib_cache import amax_from_cache, read_cache
+    from quantkit.onnxin.qdq import activation_scale
+
+    header, scales = read_cache(path)
+    graph_tensors = ({i.name for i in cleaned.graph.input}
+                     | {t for n in cleaned.graph.node for t in (*n.input, *n.output)})
+    needed = layout.activation_tensors(only_int8=True)
+    missing = [t for t in needed if t not in scales]
+    out = CacheImport({}, {}, header, [], mode=mode)
+    if missing and mode == "calibrate" and data is None:
+        raise UsageError(f"{path} has no scale for {len(missing)} quantized tensor(s), e.g. {missing[:3]}, and "
+                         "calibration.trt_cache_missing=calibrate needs data to calibrate them: pass --calib DIR "
+                         "(or .npy), or drop that setting to keep those layers FP16 as the source did")
+    if missing and mode == "fp16":
+        gone = set(missing)
+        out.kept_fp16 = [n for n in layout.int8 if layout.candidates[n].act_input[1] in gone]
+        out.kept_fp16_tensors = sorted(gone)
+        layout.int8 = [n for n in layout.int8 if n not in set(out.kept_fp16)]
+        if not layout.int8 and any(t in graph_tensors for t in scales):  # else: "for another model" below
+            raise UsageError(f"{path} has no scale for any tensor quantkit quantizes in this graph: nothing would be "
+                             "INT8. Pass the cache written for this ONNX file, or calibrate with --calib")
+    from_cache = [t for t in layout.activation_tensors(only_int8=True) if t in scales]
+    out.amax = amax_from_cache(scales, from_cache, graph_tensors, source=str(path))
+    out.act_scales = {t: float(np.float32(scales[t])) for t in from_cache}
+    out.from_cache = from_cache
+    out.cache_info = {"key": "trt-cache-" + hashlib.sha256(Path(path).read_bytes()).hexdigest(), "hit": False,
+                      "path": None, "reason": None}
+    if missing and mode == "calibrate":
+        amax, out.calib, info = calibrate_missing(missing)
+        out.amax.update(amax)
+        out.act_scales.update({t: float(activation_scale(a)) for t, a in amax.items()})
+        out.calibrated = list(missing)
+        out.cache_info.update({"hit": info.get("hit"), "path": info.get("path"), "reason": info.get("reason"),
+                               "key": out.cache_info["key"] + "+" + str(info.get("key"))})
+    if missing:
+        what = (f"kept {len(out.kept_fp16)} node(s) FP16 ({', '.join(out.kept_fp16[:5])}"
+                f"{', ...' if len(out.kept_fp16) > 5 else ''}), as the source did"
+                if mode == "fp16" else f"calibrated those {len(missing)} tensor(s) from {data.source}")
+        note = (f"--trt-calib-cache: {len(from_cache)} tensor scale(s) from {Path(path).name}; {len(missing)} "
+                f"quantizable tensor(s) have no scale there (layers the source kept FP16): {what} "
+                "(calibration.trt_cache_missing=" + mode + ")")
+        layout.notes.append(note)
+        log.info("%s", note)
+    return out

@@ -1,0 +1,151 @@
+"""PTQ passes behind one small protocol, and the ordered registry of the default ones.
+
+A pass is an object with a ``name``, the target capabilities it ``needs`` (``"torch"``, ``"autograd"``), an
+``enabled(recipe)`` test and ``apply(target, data) -> PassResult``. ``target`` is the ``state.QuantState`` being
+quantized (its fake-quant model, calibration and layout); ``data`` is a :class:`PassData`: the *fit* part of the
+calibration set (the passes fit on it) and a ``measure()`` that returns the current INT8-vs-FP32 output SQNR on
+the *check* part (never fitted on). The guard (``quantkit.ptq.guard``) runs the passes in order and keeps each one
+only when the check SQNR improved; otherwise it restores the state exactly.
+
+Adding a pass::
+
+    from quantkit.ptq.passes import PassResult, register_pass
+
+    class MyPass:
+        name, needs = "my_pass", ("torch",)
+        def enabled(self, recipe): return True
+        def apply(self, target, data):
+            ...  # change target.model.qmodel (weights, biases, amax) using data.fit
+            return PassResult(self.name, changed="what changed, in words", measured={"x": 1.0})
+
+    register_pass(MyPass())          # appended after the defaults; before="bias_correction" to go earlier
+"""
+
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from quantkit.errors import UsageError
+
+
+@dataclass
+class PassResult:
+    """What one pass did. ``changed``: what it changed, in words ("" or None: nothing). ``measured``: what it
+    measured (JSON-ready). The guard fills ``db_before``/``db_after`` (worst-output SQNR in dB against FP32 on the
+    check images; a pass that measured its final state with ``data.measure`` may set ``db_after`` itself, saving a
+    forward), ``kept`` and ``verdict``; ``seconds`` is wall time (run record only, not in report.json)."""
+
+    name: str
+    changed: str | None = None
+    measured: dict = field(default_factory=dict)
+    tried: bool = True
+    required: bool = False  # the recipe demands the change (e.g. an accuracy budget the user set): never reverted
+    kept: bool | None = None
+    verdict: str = ""
+    db_before: float | None = None
+    db_after: float | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready: dB rounded to 0.001, an infinite SQNR (outputs identical to FP32) as "inf"."""
+        return {"name": self.name, "tried": self.tried, "kept": self.kept, "verdict": self.verdict,
+                "changed": self.changed or None, "check_sqnr_db_before": json_db(self.db_before),
+                "check_sqnr_db_after": json_db(self.db_after), "measured": json_db(self.measured)}
+
+    def log_line(self) -> str:
+        if not self.tried:
+            return f"{self.name}: not tried ({self.verdict})"
+        if self.db_before is None or self.db_after is None:
+            return f"{self.name}: {self.verdict}"
+        return f"{self.name}: {self.verdict} ({self.db_before:.2f} -> {self.db_after:.2f} dB on the check images)"
+
+
+def json_db(v):
+    """``v`` with every float rounded to 0.001 and made JSON-safe (+/-inf as "inf"/"-inf", NaN as None), through
+    nested dicts and lists."""
+    if isinstance(v, dict):
+        return {k: json_db(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_db(x) for x in v]
+    if isinstance(v, float) or (hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0):
+        f = float(v)
+        if math.isnan(f):
+            return None
+        return ("inf" if f > 0 else "-inf") if math.isinf(f) else round(f, 3)
+    return v
+
+
+@dataclass
+class PassData:
+    """What a pass gets besides the target. ``fit``: the calibration images it may fit on (a view with
+    ``batches(limit, spread=)`` and ``num_samples``, like ``data.calib.CalibrationData``). ``measure()``: the
+    target's current worst-output SQNR (dB) against FP32 on the check images (None when the set was too small to
+    split). ``extras``: pipeline context (evaluation data sets, progress flag)."""
+
+    fit: Any
+    measure: Callable[[], float] | None = None
+    extras: dict = field(default_factory=dict)
+    current_db: float | None = None  # the check SQNR of the state as the pass receives it (already measured)
+
+
+@runtime_checkable
+class PtqPass(Protocol):
+    """The protocol every PTQ pass follows (see the module docstring)."""
+
+    name: str
+    needs: tuple[str, ...]
+
+    def enabled(self, recipe) -> bool: ...
+
+    def apply(self, target, data: PassData) -> PassResult: ...
+
+
+_REGISTRY: list[PtqPass] = []
+
+
+def register_pass(p: PtqPass, *, before: str | None = None) -> PtqPass:
+    """Add ``p`` to the ordered registry (at the end, or before the pass named ``before``). Returns ``p``."""
+    if not isinstance(p, PtqPass):
+        raise UsageError(f"{p!r} is not a PTQ pass: it needs name, needs, enabled(recipe) and apply(target, data)")
+    if any(q.name == p.name for q in _REGISTRY):
+        raise UsageError(f"a PTQ pass named {p.name!r} is already registered: pick another name "
+                         "(or unregister_pass it first)")
+    names = [q.name for q in _REGISTRY]
+    if before is not None and before not in names:
+        raise UsageError(f"no registered pass {before!r} to insert before; registered: {', '.join(names)}")
+    _REGISTRY.insert(names.index(before) if before else len(_REGISTRY), p)
+    return p
+
+
+def unregister_pass(name: str) -> None:
+    """Remove the registered pass called ``name`` (no error when absent)."""
+    _REGISTRY[:] = [q for q in _REGISTRY if q.name != name]
+
+
+def registered_passes() -> list[PtqPass]:
+    """The passes in the order they run."""
+    return list(_REGISTRY)
+
+
+def target_capabilities(target) -> set[str]:
+    """What ``target`` can do for a pass: a torch fake-quant model runs ("torch") and differentiates
+    ("autograd"); a target may declare its own with a ``capabilities`` attribute."""
+    caps = getattr(target, "capabilities", None)
+    if caps is not None:
+        return set(caps)
+    return {"torch", "autograd"} if hasattr(getattr(target, "model", None), "qmodel") else set()
+
+
+def check_needs(name: str, needs, target) -> None:
+    """UsageError naming the pass ``name`` and what ``target`` lacks of ``needs``, before the pass runs."""
+    missing = [n for n in needs if n not in target_capabilities(target)]
+    if missing:
+        raise UsageError(f"PTQ pass {name!r} needs {', '.join(missing)}, which this model route cannot provide "
+                         f"(e.g. learned rounding needs autograd): turn the pass off in the recipe")
+
+
+__all__ = ["PassResult", "PassData", "PtqPass", "register_pass", "unregister_pass", "registered_passes",
+           "target_capabilities", "check_needs"]

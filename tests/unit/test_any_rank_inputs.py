@@ -1,0 +1,207 @@
+"""Issue 23, wall 4: inputs that are not NCHW images.
+
+A Conv1d audio model fed (N, L) or (N, C, L) frames from a .npy, and a two-input model fed a .npz whose arrays
+are named after its forward arguments (in another order), export with exit 0; their INT8 graphs, run in
+onnxruntime with the inputs a deployment feeds, stay close to the torch FP32 model (an independent oracle).
+Bad .npy/.npz data is exit 2 naming the fix, with nothing written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantkit.cli import main
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class Frames(nn.Module):
+    """(N, L) audio frames -> (N, 1, L) -> two Conv1d -> mean over time -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv1d(1, 16, 9, stride=2, padding=4)
+        self.c2 = nn.Conv1d(16, 32, 9, stride=2, padding=4)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = x.unsqueeze(1) if x.dim() == 2 else x
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(h)))).mean(-1))
+
+
+class TwoInputs(nn.Module):
+    """forward(audio (N, L), side (N, 6)): a Conv1d branch and a Linear branch summed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1 = nn.Conv1d(1, 16, 9, stride=2, padding=4)
+        self.proj = nn.Linear(6, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, audio, side):
+        h = torch.relu(self.c1(audio.unsqueeze(1))).mean(-1)
+        return self.fc(torch.relu(h + self.proj(side)))
+
+
+def frames():
+    return Frames().eval()
+
+
+def two():
+    return TwoInputs().eval()
+'''
+
+
+def _sines(n: int, length: int, seed: int = 0) -> np.ndarray:
+    """Noisy sines of random pitch and loudness: audio-like frames (N, L)."""
+    r = np.random.default_rng(seed)
+    t = np.arange(length, dtype=np.float32) / 8000.0
+    f, a = r.uniform(80, 900, (n, 1)), r.uniform(0.2, 1.0, (n, 1))
+    return (a * np.sin(2 * np.pi * f * t) + r.normal(0, 0.05, (n, length))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "nets.py").write_text(NETS)
+    spec = importlib.util.spec_from_file_location("qk_any_rank_nets", d / "nets.py")
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    return d, nets
+
+
+def _export(d: Path, factory: str, calib: Path, out: str, *extra: str):
+    res = CliRunner().invoke(main, ["export", f"{d / 'nets.py'}:{factory}", "--calib", str(calib), "--out",
+                                    str(d / out), "--no-cache", "--json", "-q", *extra])
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("{"))
+    return res.exit_code, json.loads(line), d / out
+
+
+def _sqnr(ref, test) -> float:
+    ref, test = np.asarray(ref, np.float64), np.asarray(test, np.float64)
+    return 10 * math.log10(np.sum(ref ** 2) / max(np.sum((ref - test) ** 2), 1e-30))
+
+
+def _ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Run one sample at a time (the export's batch is 1) with named feeds."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()})[0] for i in range(n)])
+
+
+def _conv_inputs_quantized(model: onnx.ModelProto) -> list[bool]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return [producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear"
+            for n in model.graph.node if n.op_type == "Conv"]
+
+
+@pytest.mark.parametrize("layout", ["NL", "NCL"])
+def test_conv1d_audio_from_npy_exports_and_matches_fp32(work, layout):
+    d, nets = work
+    x = _sines(24, 1024)
+    if layout == "NCL":
+        x = x[:, None, :]
+    np.save(d / f"{layout}.npy", x)
+    code, summary, out = _export(d, "frames", d / f"{layout}.npy", f"out_{layout}", "--full-int8")
+    assert code == 0, summary
+    int8 = onnx.load(str(out / "model.int8.onnx"))
+    assert [i.name for i in int8.graph.input] == ["images"]
+    dims = [d_.dim_value for d_ in int8.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, *x.shape[1:]]
+    assert _conv_inputs_quantized(int8) == [True, True]  # both Conv1d run INT8
+    held_out = _sines(8, 1024, seed=7)  # not calibrated on
+    held_out = held_out[:, None, :] if layout == "NCL" else held_out
+    with torch.no_grad():
+        ref = nets.frames()(torch.from_numpy(held_out)).numpy()
+    assert _sqnr(ref, _ort(out / "model.int8.onnx", {"images": held_out})) > 25.0
+    assert _sqnr(ref, _ort(out / "model.onnx", {"images": held_out})) > 100.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["shape"] == [1, *x.shape[1:]]
+    assert report["int8_mac_share"]["share"] == 1.0 and "Conv" in report["int8_mac_share"]["counted"]  # graph-measured
+
+
+def test_two_inputs_from_npz_matched_by_name(work):
+    d, nets = work
+    audio, side = _sines(24, 512), np.random.default_rng(3).normal(size=(24, 6)).astype(np.float32)
+    np.savez(d / "two.npz", side=side, audio=audio)  # not the forward's order: matched by name
+    code, summary, out = _export(d, "two", d / "two.npz", "out_two")
+    assert code == 0, summary
+    for name in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx"):
+        m = onnx.load(str(out / name))
+        assert {i.name: [v.dim_value for v in i.type.tensor_type.shape.dim] for i in m.graph.input} == {
+            "side": [1, 6], "audio": [1, 512]}, name
+    held = {"audio": _sines(8, 512, seed=9), "side": np.random.default_rng(4).normal(size=(8, 6)).astype(np.float32)}
+    with torch.no_grad():
+        ref = nets.two()(torch.from_numpy(held["audio"]), side=torch.from_numpy(held["side"])).numpy()
+    assert _sqnr(ref, _ort(out / "model.int8.onnx", held)) > 25.0
+    assert _sqnr(ref, _ort(out / "model.int8.strong.onnx", held)) > 25.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["inputs"] == {"side": [1, 6], "audio": [1, 512]}
+    assert _conv_inputs_quantized(onnx.load(str(out / "model.int8.onnx"))) == [True]
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda d: np.savez(d / "bad.npz", audio=_sines(4, 64), extra=np.zeros((4, 6), np.float32)),
+     "no argument named ['extra']"),
+    (lambda d: np.savez(d / "bad.npz", audio=_sines(4, 64)), "nothing for ['side']"),
+    (lambda d: np.savez(d / "bad.npz", audio=_sines(4, 64), side=np.zeros((3, 6), np.float32)),
+     "different numbers of samples"),
+    (lambda d: np.savez(d / "bad.npz", audio=_sines(4, 64).astype(np.float64), side=np.zeros((4, 6), np.float32)),
+     "has dtype float64"),
+    (lambda d: np.save(d / "bad.npy", np.zeros(64, np.float32)), "expected a non-empty float32 array (N, ...)"),
+])
+def test_bad_arrays_are_exit_2_naming_the_fix(work, tmp_path, make, expect):
+    d, _ = work
+    make(tmp_path)
+    calib = next(tmp_path.glob("bad.*"))
+    res = CliRunner().invoke(main, ["export", f"{d / 'nets.py'}:two", "--calib", str(calib), "--out",
+                                    str(tmp_path / "out"), "--no-cache", "-q"])
+    assert res.exit_code == 2 and expect in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_onnx_route_takes_audio_frames_from_npy(work, tmp_path):
+    """The ONNX front end: an FP32 .onnx with a (1, L) input, calibrated from a (N, L) .npy."""
+    d, nets = work
+    x = _sines(16, 1024, seed=5)
+    np.save(tmp_path / "frames.npy", x)
+    with torch.no_grad():
+        torch.onnx.export(nets.frames(), (torch.from_numpy(x[:1]),), str(tmp_path / "frames.onnx"), dynamo=False,
+                          opset_version=17, input_names=["pcm"], output_names=["logits"])
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "frames.onnx"), "--calib", str(tmp_path / "frames.npy"),
+                                    "--out", str(tmp_path / "o"), "--no-cache", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    int8 = onnx.load(str(tmp_path / "o" / "model.int8.onnx"))
+    assert [i.name for i in int8.graph.input] == ["pcm"] and _conv_inputs_quantized(int8) == [True, True]
+    held = _sines(8, 1024, seed=11)
+    with torch.no_grad():
+        ref = nets.frames()(torch.from_numpy(held)).numpy()
+    assert _sqnr(ref, _ort(tmp_path / "o" / "model.int8.onnx", {"pcm": held})) > 25.0
+    # the calibration data must have the graph's sample shape
+    np.save(tmp_path / "short.npy", x[:, :512])
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "frames.onnx"), "--calib", str(tmp_path / "short.npy"),
+                                    "--out", str(tmp_path / "o2"), "--no-cache", "-q"])
+    assert res.exit_code == 2 and "takes (1024,)" in res.output and not (tmp_path / "o2").exists()
+
+
+def test_several_inputs_with_dynamic_batch_is_exit_2(work, tmp_path):
+    """build_engine.sh writes one shape profile: a dynamic batch over several inputs is refused up front."""
+    d, _ = work
+    np.savez(tmp_path / "ok.npz", audio=_sines(4, 64), side=np.zeros((4, 6), np.float32))
+    res = CliRunner().invoke(main, ["export", f"{d / 'nets.py'}:two", "--calib", str(tmp_path / "ok.npz"), "--out",
+                                    str(tmp_path / "out"), "--no-cache", "-q", "--batch", "1:4:8"])
+    assert res.exit_code == 2 and "--batch 1" in res.output and not (tmp_path / "out").exists()
