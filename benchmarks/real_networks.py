@@ -351,7 +351,10 @@ def _peer(label: str, run: Callable[[Path], None], path: Path, sel, sc, fp32_byt
     except Exception as e:  # a peer that fails is a result, reported with its message
         return {"label": label, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"}
     secs = time.perf_counter() - t0
-    res = {"label": label, "seconds": secs, "select": score(path, *sel), "score": score(path, *sc)}
+    try:  # a peer graph onnxruntime itself refuses (ORT's QDQ bias at opset 11) is a failed peer, not a crash
+        res = {"label": label, "seconds": secs, "select": score(path, *sel), "score": score(path, *sc)}
+    except Exception as e:  # noqa: BLE001
+        return {"label": label, "error": f"its graph does not run: {type(e).__name__}: {str(e).strip()[-300:]}"}
     res["graph"] = D.weighted_macs(path.read_bytes(), fp32_bytes_x)
     return res
 
