@@ -150,8 +150,15 @@ def m_top1(ref, got):
     return "top-1 agreement", float(np.mean(ref[0].argmax(-1) == got[0].argmax(-1)))
 
 
-def m_craft(ref, got):  # region score (channel 0 of the first output) above easyocr's low_text 0.4
-    return "text-pixel F1 (region > 0.4)", _f1(ref[0][..., 0] > 0.4, got[0][..., 0] > 0.4)
+def m_craft(ref, got):
+    """Region score (channel 0 of the first output): F1 of the pixels above easyocr's low_text 0.4 where FP32 has
+    any; at 160x160 on photographs FP32 rarely passes 0.4, so each image's own top 2 % of FP32 region scores
+    (threshold from FP32, applied to both) is the text-pixel set compared instead."""
+    r, g = ref[0][..., 0], got[0][..., 0]
+    if np.any(r > 0.4):
+        return "text-pixel F1 (region > 0.4)", _f1(r > 0.4, g > 0.4)
+    thr = np.quantile(r.reshape(len(r), -1), 0.98, axis=1).reshape(-1, *([1] * (r.ndim - 1)))
+    return "top-2 % region-pixel F1 (FP32 threshold)", _f1(r > thr, g > thr)
 
 
 def m_ppocr(ref, got):  # DB probability map above rapidocr's binarization threshold 0.3
