@@ -9,13 +9,12 @@ export:       models.build -> quant.prepare -> data.open_data -> calibrate.calib
 sensitivity:  models.build -> quant.prepare -> data.open_data -> calibrate.calibrate
               -> sensitivity.analyze_and_select
 eval:         models.build -> quant.prepare -> eval.evaluate_export (on an export folder's graphs)
-build / lint / verify / layers / models: one stage call each.
+build / lint / verify / layers / models: one stage call each (``quantkit.single_commands``, re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from quantkit.recipe import Recipe, load_recipe, parse_batch
 from quantkit.state import ExportResult, QuantState
 from quantkit.utils.optional_deps import check_optional_deps
 from quantkit.preflight import check_cache, preflight, run_inputs
+from quantkit.single_commands import list_layers, list_models, run_build, run_lint, run_verify  # noqa: F401
 
 log = logging.getLogger("quantkit")
 
@@ -277,10 +277,23 @@ def run_sensitivity(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     check_optional_deps(recipe, evaluation=False, plot=True)  # sensitivity.png needs matplotlib
     # as in export (quantize_and_select): the analysis and the FP16 choice see the calibrated model before the
     # PTQ passes, and an mAP budget is checked on the whole evaluation set, so both keep the same FP16 layers
+    from quantkit.calibrate.driver import fixed_threads
+    from quantkit.ptq import run_passes_before
+
     state = quantize_recipe(recipe, progress=progress, post_ptq=False)
     subset = _eval_dataset(state, recipe.sensitivity.eval_images)
-    outcome = sensitivity.analyze_and_select(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
-                                             analysis_dataset=subset, analyze_always=True, progress=progress)
+    dataset = _eval_dataset(state, recipe.evaluation.max_images)
+    with fixed_threads(1 if recipe.calibration.deterministic else None):
+        # the steps export runs before its FP16 choice (the calibration-method choice), then the analysis on the
+        # calibration images export's FP16 choice fits on (the held-out check images excluded)
+        fit = run_passes_before(state, "fp16_choice", dataset=dataset, analysis_dataset=subset, progress=progress)
+        full = state.data
+        state.data = fit
+        try:
+            outcome = sensitivity.analyze_and_select(state, dataset=dataset, analysis_dataset=subset,
+                                                     analyze_always=True, progress=progress)
+        finally:
+            state.data = full
     choice = outcome.choice
     doc = {"model": state.model.info, "sensitivity": outcome.sensitivity.as_dict(),
            "cost_model": outcome.costs.as_dict(), "selection": choice.as_dict() if choice else None}
@@ -344,68 +357,3 @@ def run_eval(out_dir: str | Path, data: str | None = None, max_images: int = 0, 
     with fixed_threads(threads):
         return evaluate_export(dataset, recipe, pp, prepared.fp32, str(folder / "model.onnx"),
                                str(folder / "model.int8.onnx"), source=data_path, threads=threads)
-
-
-def run_build(onnx_path: str | Path, *, target: str = "t4", batch: str | None = None,
-              out_dir: str | Path | None = None, timing_cache: str | None = None) -> dict:
-    """Build a TensorRT engine from a Q/DQ ONNX here (needs TensorRT and a GPU); see ``engine.build_and_inspect``."""
-    from quantkit.engine import build_and_inspect
-    from quantkit.engine.builder import cuda_device
-    from quantkit.engine.local import installed_trt_version
-
-    p = Path(onnx_path)
-    if not p.is_file():
-        raise UsageError(f"{p} does not exist: pass an ONNX written by `quantkit export`")
-    if timing_cache is not None and Path(timing_cache).exists() and os.path.samefile(timing_cache, p):
-        raise UsageError(f"--timing-cache {timing_cache} is the ONNX being built: TensorRT would overwrite it with "
-                         "its timing cache; pass another file, e.g. timing.cache")
-    installed_trt_version()  # fail with the install hint before anything else
-    name, _ = cuda_device()  # the build itself refuses a GPU that does not match --target
-    info = build_and_inspect(p, Path(out_dir) if out_dir else p.parent, target=target, batch=batch,
-                             timing_cache=timing_cache)
-    info["gpu"] = name
-    return info
-
-
-def run_lint(onnx_path: str | Path, *, strong: bool = False) -> tuple[bool, str]:
-    """Lint any Q/DQ ONNX against TensorRT's placement rules. Returns (has errors, printable findings)."""
-    from quantkit.exporter.lint import Severity, format_findings, lint, load_for_lint
-
-    model = load_for_lint(onnx_path)  # an empty or non-ONNX file is exit 2, not "no findings"
-    findings = lint(model, strong=strong)
-    text = format_findings(findings) if findings else f"{onnx_path}: no findings"
-    return any(f.severity is Severity.ERROR for f in findings), text
-
-
-def run_verify(out_dir: str | Path) -> list[str]:
-    """Problems found re-checking ``out_dir``'s files against its manifest.json (empty: all match)."""
-    from quantkit.report.manifest import verify
-
-    return verify(out_dir)
-
-
-def list_layers(model: str, num_classes: int | None = None) -> dict[str, str]:
-    """Quantizable layer name -> type of a registered model or ``file.py:factory`` (for skip patterns)."""
-    from quantkit import models, reparam
-    from quantkit.quant.insert import quantizable_layers
-
-    m, _ = models.build_model(model, num_classes=num_classes, warn_random_init=False)  # names need no weights
-    return quantizable_layers(reparam.reparameterize(m.eval()))
-
-
-def list_models() -> list[dict]:
-    """Registered models: name, exact parameter count (None with the reason when it cannot be built), input
-    size (height, width) and description."""
-    from quantkit import models
-
-    rows = []
-    for e in models.list_models():
-        try:  # exact counts (raw, as super-gradients counts them): the registry's, else from the built module
-            count = e.parameters if e.parameters is not None else models.count_parameters(
-                models.build_model(e.name, warn_random_init=False)[0])
-            why = None
-        except Exception as exc:  # noqa: BLE001 - a missing asset must not hide the other models
-            count, why = None, type(exc).__name__
-        rows.append({"name": e.name, "parameters": count, "error": why, "input_size": e.input_size,
-                     "description": e.description})
-    return rows

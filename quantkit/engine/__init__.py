@@ -5,6 +5,6 @@ Entries: :func:`write_build_script` (every export), :func:`build_here` (``--engi
 """
 
 from quantkit.engine.local import build_and_inspect
-from quantkit.engine.plan_files import build_here, check_possible, write_build_script, write_calibration_cache
+from quantkit.engine.plan_files import build_engine_files, build_here, check_possible, write_build_script, write_calibration_cache
 
-__all__ = ["write_build_script", "write_calibration_cache", "build_here", "check_possible", "build_and_inspect"]
+__all__ = ["write_build_script", "write_calibration_cache", "build_here", "build_engine_files", "check_possible", "build_and_inspect"]

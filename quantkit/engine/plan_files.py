@@ -62,13 +62,22 @@ def write_build_script(stage, recipe: Recipe, graphs: Graphs, model: PreparedMod
 def build_here(stage, recipe: Recipe, graphs: Graphs, batch: tuple[int, int, int]) -> dict:
     """Build ``model.engine`` with the installed TensorRT (strongly typed from 10.12) into ``stage`` and
     inspect its layer precisions. Raises DependencyError/EngineError without TensorRT or a suitable GPU."""
+    return build_engine_files(stage, recipe, strong_written=graphs.strong is not None, fp16_nodes=graphs.fp16_nodes,
+                              batch=batch)
+
+
+def build_engine_files(stage, recipe: Recipe, *, strong_written: bool, fp16_nodes, batch: tuple[int, int, int],
+                       weak_onnx: str = "model.int8.onnx", strong_onnx: str = "model.int8.strong.onnx") -> dict:
+    """``--engine`` on either route: build ``model.engine`` from the staged ``strong_onnx`` (TensorRT >= 10.12,
+    when written) or ``weak_onnx`` (``fp16_nodes`` pinned to FP16), write ``engine.layers.json``, and return the
+    build's information for the report. ``batch``: (min, opt, max)."""
     from quantkit.engine.local import build_and_inspect, installed_trt_version, prefers_strong
 
     dyn = None if batch[0] == batch[2] else batch
-    use_strong = graphs.strong is not None and prefers_strong(installed_trt_version())
-    onnx_name = "model.int8.strong.onnx" if use_strong else "model.int8.onnx"
+    use_strong = strong_written and prefers_strong(installed_trt_version())
+    onnx_name = strong_onnx if use_strong else weak_onnx
     info = build_and_inspect(stage.path(onnx_name), stage.staging, target=recipe.export.target, batch=dyn,
-                             fp16_nodes=graphs.fp16_nodes, timing_cache=paths.cache_dir() / "trt-timing.cache",
+                             fp16_nodes=fp16_nodes, timing_cache=paths.cache_dir() / "trt-timing.cache",
                              engine_name="model.engine")
     stage.files["model.engine"] = info.pop("engine")
     stage.files["engine.layers.json"] = stage.path("engine.layers.json")

@@ -168,18 +168,7 @@ def _not_written(report: dict, failures: list[str]) -> None:
 
 def _write_nms(stage, spec, graphs: Graphs, sample: list[torch.Tensor]) -> dict:
     """Write model.int8.nms.onnx (the recipe's flavor) and model.int8.strong.nms.onnx (ONNX NMS); check they run."""
-    from quantkit.exporter.nms import append_nms
+    from quantkit.exporter.nms import check_detector_outputs, write_nms_files
 
-    kw = dict(score_threshold=spec.nms_score_threshold, iou_threshold=spec.nms_iou_threshold, top_k=spec.nms_top_k,
-              max_detections=spec.nms_max_detections)
-    weak = append_nms(graphs.int8, flavor=spec.nms_flavor, **kw)
-    if spec.nms_flavor is NmsFlavor.ONNX:  # onnxruntime has no EfficientNMS_TRT kernel: only ONNX NMS runs here
-        parity.run_session(parity.session(weak), sample[0].numpy())
-    stage.write_bytes("model.int8.nms.onnx", weak.SerializeToString())
-    out = {"weak": "model.int8.nms.onnx", "strong": None, "flavor": spec.nms_flavor.value}
-    if graphs.strong is not None:
-        strong_nms = append_nms(graphs.strong, flavor=NmsFlavor.ONNX, **kw)
-        parity.run_session(parity.session(strong_nms), sample[0].numpy())
-        stage.write_bytes("model.int8.strong.nms.onnx", strong_nms.SerializeToString())
-        out["strong"] = "model.int8.strong.nms.onnx"
-    return out
+    check_detector_outputs(graphs.int8, "the model")  # a message that names the fix, not a Python argument
+    return write_nms_files(stage, spec, graphs.int8, graphs.strong, sample[0].numpy())

@@ -163,3 +163,47 @@ def _onnx_nms(boxes, scores, score_thr, iou_thr, top_k, k):
     n.op("Pad", [out_cls, pads2, n.const("minus_one_pad", np.array(-1, np.int32))], "pad_cls",
          outputs=[OUTPUT_NAMES[3]])
     return n.nodes, n.inits
+
+
+def write_nms_files(stage, spec, int8: onnx.ModelProto, strong: onnx.ModelProto | None, sample) -> dict:
+    """Write ``model.int8.nms.onnx`` (``spec.nms_flavor``) and, when there is a strong graph,
+    ``model.int8.strong.nms.onnx`` (ONNX NMS) into ``stage``; each graph that onnxruntime can run is run once on
+    ``sample`` (a float32 batch, numpy; None: not run). Both routes call this. Returns the names written and
+    the flavor (``Graphs.nms``)."""
+    from quantkit.exporter import parity
+
+    kw = dict(score_threshold=spec.nms_score_threshold, iou_threshold=spec.nms_iou_threshold, top_k=spec.nms_top_k,
+              max_detections=spec.nms_max_detections)
+    weak = append_nms(int8, flavor=spec.nms_flavor, **kw)
+    if spec.nms_flavor is NmsFlavor.ONNX and sample is not None:  # onnxruntime has no EfficientNMS_TRT kernel
+        parity.run_session(parity.session(weak), sample)
+    stage.write_bytes("model.int8.nms.onnx", weak.SerializeToString())
+    out = {"weak": "model.int8.nms.onnx", "strong": None, "flavor": spec.nms_flavor.value}
+    if strong is not None:
+        strong_nms = append_nms(strong, flavor=NmsFlavor.ONNX, **kw)
+        if sample is not None:
+            parity.run_session(parity.session(strong_nms), sample)
+        stage.write_bytes("model.int8.strong.nms.onnx", strong_nms.SerializeToString())
+        out["strong"] = "model.int8.strong.nms.onnx"
+    return out
+
+
+def check_detector_outputs(model: onnx.ModelProto, where: str) -> None:
+    """UsageError unless ``model`` has the outputs NMS reads: ``boxes`` [B,A,4] and ``scores`` [B,A,C] (ranks and
+    the 4 checked where the graph states them)."""
+    outs = {o.name: o for o in model.graph.output}
+    names = list(outs)
+
+    def shape(name):
+        t = outs[name].type.tensor_type
+        return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] if t.HasField("shape") else None
+
+    ok = "boxes" in outs and "scores" in outs
+    if ok:
+        b, c = shape("boxes"), shape("scores")
+        ok = (b is None or (len(b) == 3 and b[2] in (4, None))) and (c is None or len(c) == 3)
+    if not ok:
+        got = ", ".join(f"{n} {shape(n)}" for n in names[:8])
+        raise UsageError(f"--nms needs a detector whose graph outputs are boxes [B,A,4] (x1,y1,x2,y2 in pixels) "
+                         f"and scores [B,A,C] (activated); {where} has outputs {got}: rename or reshape them in "
+                         "the ONNX (or export without --nms and add your own post-processing)")

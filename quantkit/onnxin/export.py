@@ -94,8 +94,10 @@ def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray] | None, check
     return strong, data, {**report, **written}
 
 
-def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: bool) -> list[str]:
-    """build_engine.sh for the ONNX route; returns the weighted nodes kept FP16 (trtexec --layerPrecisions)."""
+def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: bool,
+                       nms: dict | None = None) -> list[str]:
+    """build_engine.sh for the ONNX route (the ``*.nms.onnx`` graphs when ``nms`` names them); returns the
+    weighted nodes kept FP16 (trtexec --layerPrecisions)."""
     from quantkit.engine.config import plan_build
     from quantkit.engine.dispatch import write_dispatch_script
 
@@ -107,7 +109,9 @@ def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: 
                       input_name=res.loaded.input_name, chw=chw)
     strong = (plan_build("10.12", onnx_is_strong=True, target=recipe.export.target, batch=dyn,
                          input_name=res.loaded.input_name, chw=chw) if has_strong else None)
-    write_dispatch_script(stage.path("build_engine.sh"), weak, strong)
+    write_dispatch_script(stage.path("build_engine.sh"), weak, strong,
+                          weak_onnx=(nms or {}).get("weak") or "model.int8.onnx",
+                          strong_onnx=(nms or {}).get("strong") or "model.int8.strong.onnx")
     stage.files["build_engine.sh"] = stage.path("build_engine.sh")
     return fp16
 
@@ -189,6 +193,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
         "layers": res.layer_table(),
+        **({"passes": res.passes} if res.passes else {}),
         "notes": list(res.layout.notes),
         "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(int8_bytes) / len(res.fp32_bytes), 4),
                  "qdq": qdq_summary(res.int8), "cleanup_sqnr_db": "inf" if res.cleanup_sqnr_db == float("inf")
@@ -250,6 +255,20 @@ def add_coverage(report: dict, res: OnnxQuantResult, recipe: Recipe) -> None:
         log.warning(msg)
 
 
+def _check_nms_outputs(path: str) -> None:
+    """--nms: the graph's outputs are checked before calibrating (a file that does not load is left to the
+    loader's own messages)."""
+    import onnx
+
+    from quantkit.exporter.nms import check_detector_outputs
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - quantize_onnx names what is wrong with the file
+        return
+    check_detector_outputs(model, path)
+
+
 def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, progress: bool = True,
                     command_line: list[str] | None = None, trt_cache: str | None = None,
                     inputs: list[str] = ()) -> ExportResult:
@@ -261,19 +280,24 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force, inputs)
-    if recipe.export.engine:
-        raise UsageError("--engine is not wired on the ONNX route yet: run build_engine.sh on the GPU machine")
-    if recipe.export.nms:
-        raise UsageError("--nms is not wired on the ONNX route yet: append NMS to model.int8.onnx yourself")
+    from quantkit import engine
+
+    engine.check_possible(recipe)  # --engine: TensorRT and a suitable GPU, before calibrating (as the torch route)
     if recipe.sensitivity.enabled:
         raise UsageError("--sensitivity is not available on the ONNX route yet; use --skip with node names")
     eval_path, eval_dataset = _open_evaluation(recipe)  # bad evaluation data: exit 2 before calibrating
+    if recipe.export.nms:
+        _check_nms_outputs(recipe.model.name)
     res = quantize_onnx(recipe.model.name, recipe.calibration.data, recipe, trt_cache=trt_cache, progress=progress)
+    if recipe.export.nms:  # before anything is staged: the outputs NMS reads
+        from quantkit.exporter.nms import check_detector_outputs
+
+        check_detector_outputs(res.int8, recipe.model.name)
     threads = 1 if recipe.calibration.deterministic else None
     int8_bytes = res.int8.SerializeToString()
     with StagedOutput(out_dir, force, inputs) as stage, fixed_threads(threads):
-        checked = strong = None
-        strong_bytes = None
+        checked = strong = strong_model = None
+        strong_bytes = batches = None
         lint_out = {"model.int8.onnx": [f.as_dict() for f in lint(res.int8)]}
         if res.data is not None:
             from quantkit.utils.progress import progress_bar
@@ -302,10 +326,21 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         if strong_bytes is not None:
             stage.write_bytes("model.int8.strong.onnx", strong_bytes)
         stage.write_text("calibration.cache", cache_text_for(res.int8))
-        fp16 = write_build_script(stage, recipe, res, strong_bytes is not None)
+        nms = None
+        if recipe.export.nms:  # the torch route's writer: model.int8.nms.onnx (+ strong), each run once here
+            from quantkit.exporter.nms import write_nms_files
+
+            nms = write_nms_files(stage, recipe.export, res.int8, strong_model if strong_bytes is not None else None,
+                                  batches[0] if batches else None)
+        fp16 = write_build_script(stage, recipe, res, strong_bytes is not None, nms)
+        built = None
+        if recipe.export.engine:  # --engine: the torch route's builder (TensorRT + GPU checked before calibrating)
+            built = engine.build_engine_files(stage, recipe, strong_written=strong_bytes is not None, fp16_nodes=fp16,
+                                              batch=parse_batch(recipe.input.batch))
         metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
+        report["engine"] = built
         add_coverage(report, res, recipe)
         if recipe.gates.max_drop is not None:
             report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "
@@ -318,7 +353,8 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                                            "the automatic FP16 choice (sensitivity.min_int8_share)")) if on]
         if not_here:  # said, not silently skipped: these passes work on the torch module
             msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
-                   "calibrated only, every supported layer INT8 unless --skip or a TensorRT cache without its "
+                   "calibrated (the calibration method chosen per network when calibration.method is auto), every "
+                   "supported layer INT8 unless --skip or a TensorRT cache without its "
                    "scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")
             report["notes"].append(msg)
             log.info(msg)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from quantkit.calibrate.driver import CalibrationResult, method_key
-from quantkit.calib_methods import MethodSettings
+from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.data.calib import CalibrationData, small_set_note
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
@@ -59,6 +59,7 @@ class OnnxQuantResult:
     cache_info: dict = field(default_factory=dict)
     cleanup_sqnr_db: float | None = None
     trt_cache: dict | None = None  # {"path", "header"} when scales came from a TensorRT calibration cache
+    passes: dict | None = None  # the calibration-method choice (onnxin.method_choice), report.json "passes"
 
     def layer_table(self) -> list[dict]:
         """One row per quantizable node: name, type, precision, input tensor and amax, weight amax range."""
@@ -156,6 +157,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     settings = recipe.calibration.settings
     needed = layout.activation_tensors(only_int8=True)
     calib_result, cache_info, trt = None, {"key": None, "hit": False, "path": None, "reason": None}, None
+    passes = None
     if trt_cache is not None:
         from quantkit.onnxin.trt_import import import_cache
 
@@ -184,7 +186,15 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
             calib_graph, loaded.content, layout.activation_tensors(), int8_weights, cal, settings,
             cache_path=recipe.calibration.cache, use_cache=recipe.calibration.use_cache, progress=progress,
             threads=1 if recipe.calibration.deterministic else None)
-        amax = ocal.chosen_amax(calib_result, needed, settings)
+        if recipe.calibration.method is CalibMethod.AUTO:  # per network, measured (onnxin.method_choice)
+            from quantkit.onnxin.method_choice import choose_method
+
+            choice = choose_method(cleaned, layout, wscales, calib_result, needed, settings, cal,
+                                   1 if recipe.calibration.deterministic else None, ocal.chosen_amax,
+                                   lambda a: float(activation_scale(a)))
+            settings, amax, passes = choice.settings, choice.amax, choice.passes
+        else:
+            amax = ocal.chosen_amax(calib_result, needed, settings)
         act_scales = {t: float(activation_scale(a)) for t, a in amax.items()}
     int8 = insert_qdq(cleaned, layout, act_scales, wscales)
     sim = simulate_qdq(cleaned, layout, act_scales, wscales)
@@ -196,4 +206,4 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     return OnnxQuantResult(loaded=loaded, fp32=fp32, fp32_bytes=fp32.SerializeToString(), int8=int8, sim=sim,
                            layout=layout, settings=settings, pp=pp, data=cal, calib=calib_result, chosen_amax=amax,
                            act_scales=act_scales, weight_scales=wscales, cache_info=cache_info,
-                           cleanup_sqnr_db=sqnr, trt_cache=trt)
+                           cleanup_sqnr_db=sqnr, trt_cache=trt, passes=passes)

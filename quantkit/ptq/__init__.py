@@ -157,11 +157,25 @@ def run_default_passes(state, *, dataset=None, analysis_dataset=None, progress: 
                                                        "progress": progress})
 
 
+def run_passes_before(state, name: str, *, dataset=None, analysis_dataset=None, progress: bool = True):
+    """What :func:`run_default_passes` does before the registered pass ``name`` (e.g. the calibration-method
+    choice before ``fp16_choice``), guarded the same way; returns the calibration images that pass would fit on
+    (``ptq.guard.RowView``), so a command that runs only that step (``quantkit sensitivity``) sees exactly the
+    model and images ``export`` gives it. Run it inside ``calibrate.driver.fixed_threads`` as export does."""
+    from quantkit.ptq.guard import RowView, run_passes, split_rows
+
+    order = [p.name for p in registered_passes()]
+    before = registered_passes()[:order.index(name)] if name in order else registered_passes()
+    run_passes(state, before, {"dataset": dataset, "analysis_dataset": analysis_dataset, "progress": progress})
+    fit_rows, _ = split_rows(state.data.num_samples)
+    return RowView(state.data, fit_rows)
+
+
 for _p in default_passes():  # the ordered registry starts with the defaults (once, even if re-imported)
     if _p.name not in {q.name for q in registered_passes()}:
         register_pass(_p)
 
 
-__all__ = ["PtqReport", "run_default_passes", "register_pass", "registered_passes", "PassResult", "PtqPass",
+__all__ = ["PtqReport", "run_default_passes", "run_passes_before", "register_pass", "registered_passes", "PassResult", "PtqPass",
            "apply_ptq", "ptq_for_state", "equalize_state_model", "equalize_prepared", "equalize", "ChannelClip",
            "sequential_pass", "SequentialOptions", "options_from_spec", "weight_amax"]

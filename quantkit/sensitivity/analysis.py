@@ -82,13 +82,19 @@ class LayerSensitivity:
     recovery_map_points: float | None = None
     replayed: bool = True
     local_sqnr_db: float | None = None
+    # per-output view (None: not measured, or a single output where it equals the worst-output figures): the
+    # noise-to-signal power ratio averaged over the outputs, all-INT8 minus this layer in float (linear, >= 0 is
+    # a gain), and the same as dB. A layer that feeds only one of several heads recovers its own output without
+    # raising the worst one; this is what lets the FP16 choice see it (``select._gains``).
+    mean_noise_gain: float | None = None
+    mean_recovery_db: float | None = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "type": self.type, "order": self.order,
                 "damage_sqnr_db": _r(self.damage_sqnr_db), "without_sqnr_db": _r(self.without_sqnr_db),
                 "recovery_sqnr_db": _r(self.recovery_sqnr_db), "damage_map_points": _r(self.damage_map_points),
                 "recovery_map_points": _r(self.recovery_map_points), "replayed": self.replayed,
-                "local_sqnr_db": _r(self.local_sqnr_db)}
+                "local_sqnr_db": _r(self.local_sqnr_db), "mean_recovery_db": _r(self.mean_recovery_db)}
 
 
 @dataclass
@@ -142,6 +148,22 @@ class SensitivityResult:
 
 
 # ---- the analysis ------------------------------------------------------------------------------------------
+
+
+def _mean_recovery(int8: SqnrAccumulator, without: SqnrAccumulator) -> tuple[float | None, float | None]:
+    """(noise gain, dB) of keeping one layer in float, on the noise-to-signal ratio averaged over the outputs
+    (see ``LayerSensitivity.mean_noise_gain``); (None, None) for a single output or nothing measured."""
+    try:
+        a, b = int8.per_output(), without.per_output()
+    except UsageError:
+        return None, None
+    if len(a) < 2 or len(a) != len(b):
+        return None, None
+    na = sum(0.0 if d == math.inf else 10.0 ** (-d / 10.0) for d in a) / len(a)
+    nb = sum(0.0 if d == math.inf else 10.0 ** (-d / 10.0) for d in b) / len(b)
+    if na <= 0.0:
+        return 0.0, 0.0
+    return na - nb, (math.inf if nb <= 0.0 else 10.0 * math.log10(na / nb))
 
 
 def _worst_db(acc: SqnrAccumulator) -> float:
@@ -257,7 +279,9 @@ def analyze(state: QuantState, *, num_images: int = 16, dataset: CocoDataset | N
         if maps:
             dm = 100.0 * (maps["fp32"] - maps.get(("d", n), maps["fp32"]))
             rm = 100.0 * (maps.get(("r", n), maps["int8"]) - maps["int8"])
-        layers[n] = LayerSensitivity(n, layout.layers[n], i, d_db, w_db, w_db - int8_db, dm, rm)
+        gain, mean_db = _mean_recovery(full, rec_[n]) if n in order else (None, None)
+        layers[n] = LayerSensitivity(n, layout.layers[n], i, d_db, w_db, w_db - int8_db, dm, rm,
+                                     mean_noise_gain=gain, mean_recovery_db=mean_db)
     return SensitivityResult(layers, int8_db, n_images, maps.get("fp32"), maps.get("int8"), len(items),
                              time.perf_counter() - t0, notes)
 

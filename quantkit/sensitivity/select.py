@@ -71,7 +71,15 @@ def _gains(result: SensitivityResult, metric: Metric) -> dict[str, float]:
     if metric is Metric.MAP_DROP_POINTS:
         return {n: s.recovery_map_points for n, s in result.layers.items()}
     full = _noise(result.int8_sqnr_db)
-    return {n: full - _noise(s.without_sqnr_db) for n, s in result.layers.items()}
+    # several outputs: the gain on the noise averaged over the outputs (a head layer recovers its own output
+    # without moving the worst one); one output: the worst output's, which is the same thing
+    return {n: s.mean_noise_gain if s.mean_noise_gain is not None else full - _noise(s.without_sqnr_db)
+            for n, s in result.layers.items()}
+
+
+def _recovery_db(s) -> float:
+    """The dB a layer recovers, as the FP16 choice's minimum reads it: averaged over the outputs where measured."""
+    return s.mean_recovery_db if s.mean_recovery_db is not None else s.recovery_sqnr_db
 
 
 def _predict(result: SensitivityResult, metric: Metric, gains: dict[str, float], fp16) -> float:
@@ -275,7 +283,7 @@ def choose_for_int8_share(result: SensitivityResult, macs: dict[str, float], min
 
     curve = [point("all INT8" if not fp16 else "fixed FP16")]
     order = sorted((n for n in everything if n not in fp16 and gains[n] > 0
-                    and result.layers[n].recovery_sqnr_db >= min_recovery_db),
+                    and _recovery_db(result.layers[n]) >= min_recovery_db),
                    key=lambda n: (-gains[n] / max(cost(n), 1.0), n))
     reasons = {n: "kept FP16 by the caller (e.g. quantization.skip)" for n in fp16}
     for n in order:
@@ -285,8 +293,10 @@ def choose_for_int8_share(result: SensitivityResult, macs: dict[str, float], min
         spent += cost(n)
         plain += macs.get(n, 0.0)
         s = result.layers[n]
-        reasons[n] = (f"recovers {s.recovery_sqnr_db:.2f} dB of output SQNR for {100.0 * macs.get(n, 0.0) / total:.2f} % "
-                      "of the conv/linear MACs")
+        what = (f"{s.recovery_sqnr_db:.2f} dB of output SQNR" if s.mean_recovery_db is None else
+                f"{s.mean_recovery_db:.2f} dB of output SQNR averaged over the outputs (worst output "
+                f"{s.recovery_sqnr_db:+.2f} dB)")
+        reasons[n] = f"recovers {what} for {100.0 * macs.get(n, 0.0) / total:.2f} % of the conv/linear MACs"
         if charges.get(n):
             reasons[n] += (f", charged {100.0 * charges[n] / total:.2f} % as MAC-equivalent of the conv+add fusion "
                            "it breaks (estimated)")

@@ -96,3 +96,27 @@ def test_strongly_typed_engine_matches_onnxruntime(tmp_path, graph, feeds):
         pytest.skip(f"TensorRT {version} < 10.12: strongly typed build not planned")
     plan = plan_build(version, True, "any", None, [], input_name="x", chw=(4, 32, 32))
     _check(to_strongly_typed(graph), tmp_path / "m_strong.onnx", plan, tmp_path, feeds, graph)
+
+
+def test_onnx_route_engine_flag_builds_and_reports(tmp_path):
+    """`quantkit export model.onnx --engine` (ONNX route) builds model.engine with the torch route's builder and
+    records the build in report.json (needs TensorRT and a GPU; the export targets any GPU here)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from onnx_toy import toy_data, toy_onnx
+
+    (tmp_path / "toy.onnx").write_bytes(toy_onnx())
+    np.save(tmp_path / "calib.npy", toy_data(16))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "toy.onnx"), "--calib", str(tmp_path / "calib.npy"),
+                                    "--engine", "--target", "any", "--out", str(out), "--no-cache"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.engine").stat().st_size > 0 and (out / "engine.layers.json").is_file()
+    assert json.loads((out / "report.json").read_text())["engine"]

@@ -151,3 +151,54 @@ def test_sigterm_during_onnx_calibration_leaves_nothing(tmp_path):
     assert "interrupted (SIGTERM)" in res.stderr
     assert not (tmp_path / "out").exists() and list(tmp.iterdir()) == [] and sha(p) == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["c.npy", "tmp", "toy.onnx"]  # no staging folder either
+
+
+def test_onnx_route_nms_and_engine(tmp_path):
+    """--nms and --engine on the ONNX route (issue 22): the torch route's NMS writer appends NMS to the INT8 graph
+    (run here in onnxruntime), build_engine.sh builds that graph; a graph without boxes/scores outputs, and
+    --engine without TensorRT, are exit 2 before calibrating, with nothing written."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from quantkit.data.images import list_images, load_image
+    from quantkit.data.preprocess import Preprocess, preprocess_image
+    from quantkit.models.bundled import tree_detector
+    from quantkit.paths import BUNDLED_CALIBRATION
+
+    net = tree_detector().eval()
+    src = tmp_path / "det.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 320, 320), src, input_names=["images"], output_names=["boxes", "scores"],
+                      opset_version=17, dynamo=False)
+    common = ("--calib", str(BUNDLED_CALIBRATION), "--set", "calibration.max_images=8", "--no-cache")
+    out = tmp_path / "out"
+    code, text = run("export", str(src), *common, "--nms", "--out", str(out))
+    assert code == 0, text
+    assert "model.int8.nms.onnx" in (out / "build_engine.sh").read_text()
+    tile = list_images(BUNDLED_CALIBRATION)[-1]
+    x = preprocess_image(load_image(tile), Preprocess(size=(320, 320)))[0][None].astype(np.float32)
+    sess = ort.InferenceSession(str(out / "model.int8.nms.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"images": x})))
+    assert set(got) == {"num_detections", "detection_boxes", "detection_scores", "detection_classes"}
+    n = int(got["num_detections"][0, 0])
+    k = got["detection_boxes"].shape[1]
+    assert 0 <= n <= k and np.all(got["detection_classes"][0, n:] == -1)
+    # the NMS graph's kept boxes are boxes of the INT8 graph itself (same Q/DQ network underneath)
+    int8 = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    boxes = int8.run(["boxes"], {"images": x})[0][0]
+    for b in got["detection_boxes"][0, :n]:
+        assert np.min(np.abs(boxes - b).max(axis=1)) < 1e-3
+    for k, (extra, message) in enumerate([(("--nms",), "boxes [B,A,4]"), (("--engine",), "tensorrt is not importable")]):
+        bad_src = src if extra == ("--engine",) else tmp_path / "cls.onnx"
+        if bad_src != src:
+            import sys
+            from pathlib import Path
+
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+            from onnx_toy import toy_onnx
+
+            bad_src.write_bytes(toy_onnx())
+        bad_out = tmp_path / f"bad{k}"
+        code, text = run("export", str(bad_src), *common, *extra, "--out", str(bad_out))
+        assert code == 2 and message in text and "calibrating" not in text.lower().replace("calibrating on", ""), text
+        assert not bad_out.exists()

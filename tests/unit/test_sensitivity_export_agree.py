@@ -67,8 +67,10 @@ def test_sensitivity_command_and_export_keep_the_same_fp16_layers(tiny, tmp_path
     # the same model analysed: the all-INT8 SQNR and every layer's recovery agree exactly
     ana = exported.selection.sensitivity.as_dict()
     assert doc["sensitivity"]["int8_sqnr_db"] == ana["int8_sqnr_db"]
-    assert {r["name"]: r["recovery_sqnr_db"] for r in doc["sensitivity"]["layers"]} == \
-        {r["name"]: r["recovery_sqnr_db"] for r in ana["layers"]}
+    # every layer export replayed (its bounded choice replays only the best-ranked candidates) recovers the same
+    replayed = {r["name"]: r["recovery_sqnr_db"] for r in ana["layers"] if r.get("replayed", True)}
+    assert replayed and {r["name"]: r["recovery_sqnr_db"] for r in doc["sensitivity"]["layers"]
+                         if r["name"] in replayed} == replayed
     # and so the same FP16 layers, in the JSON and in the printed summary
     fp16 = exported.selection.choice.fp16
     assert fp16, "a budget that keeps no layer FP16 tests nothing"
