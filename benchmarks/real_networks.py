@@ -485,7 +485,29 @@ def table(results: list[dict]) -> str:
         for p in peers:
             if p.get("error"):
                 notes.append(f"- **{r['name']}**, {p['label']}: `{p['error'][:300]}`")
-    src = ["", "Sources and data sizes (calibration / selection / scoring):", ""]
+    verdicts = ["", "Against issue 23's bar (default export: exit 0, graph share >= 95 %, CPU time <= 2x --full-int8, "
+                    "task metric and SQNR at least the best peer's, the peer picked by its selection-set SQNR):", ""]
+    for r in results:
+        d, f = r.get("default", {}), r.get("full_int8", {})
+        ok = [p for p in r.get("peers", []) if "score" in p]
+        best = max(ok, key=lambda p: p["select"]["sqnr_db"]) if ok else None
+        checks = []
+        if d.get("exit") == 0 and "score" in d:
+            share = d.get("graph", {}).get("share")
+            checks.append(("share", share is not None and share >= 0.95 - 1e-9))
+            cpu = d["cpu_seconds"] / f["cpu_seconds"] if d.get("cpu_seconds") and f.get("cpu_seconds") else None
+            checks.append(("time", cpu is not None and cpu <= 2.0))
+            if best:
+                lower = "lower better" in d["score"]["metric"]
+                a, b = d["score"]["value"], best["score"]["value"]
+                checks.append(("metric", (a <= b + 1e-9) if lower else (a >= b - 1e-9)))
+                checks.append(("SQNR", d["score"]["sqnr_db"] >= best["score"]["sqnr_db"] - 1e-9))
+        else:
+            checks.append(("exit", False))
+        failed = [k for k, good in checks if not good]
+        verdicts.append(f"- {r['name']}: " + ("meets it" if not failed else "misses " + ", ".join(failed))
+                        + (f" (best peer {best['label']})" if best else ""))
+    src = verdicts + ["", "Sources and data sizes (calibration / selection / scoring):", ""]
     src += [f"- {r['name']}: {r['source']}; input {r['input']}; {r['n']['calib']} / {r['n']['select']} / "
             f"{r['n']['score']}" for r in results]
     return "\n".join(lines + src + (["", "Failures and float layers:", ""] + notes if notes else []))
