@@ -232,8 +232,11 @@ def _class_lookup(category_map: CategoryMap | None, dataset: CocoDataset, num_cl
         ids = dataset.category_ids
         if num_classes > len(ids):
             raise UsageError(
-                f"the model predicts class {num_classes - 1} but the data set has {len(ids)} categories: "
-                "pass category_map (class index -> category id) to say which classes to score"
+                f"the model predicts {num_classes} classes but the evaluation data has {len(ids)} categories: "
+                "evaluate on data labelled with the model's classes (a dataset YAML naming all of them, or a COCO "
+                f"file with {num_classes} categories), or export a model trained for those {len(ids)} classes "
+                f"(--num-classes {len(ids)} with its weights); from Python, pass category_map (class index -> "
+                "category id) to say which classes to score"
             )
         return np.asarray(ids[:num_classes], dtype=np.int64)
     items = category_map.items() if isinstance(category_map, Mapping) else enumerate(category_map)

@@ -142,7 +142,10 @@ def _yolo_dataset(src: Path, root: Path) -> None:
             (root / "labels" / split / Path(im["file_name"]).with_suffix(".txt").name).write_text("".join(
                 f"0 {(x + w / 2) / im['width']:.6f} {(y + h / 2) / im['height']:.6f} {w / im['width']:.6f} "
                 f"{h / im['height']:.6f}\n" for x, y, w, h in rows))
-    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: {0: tree}\n")
+    # 80 names (tree first), as a COCO-class dataset YAML has them: the docs run it with yolo_nas_s (80 classes)
+    # and with the bundled one-class detector
+    names = ", ".join(["tree", *[f"class{i}" for i in range(1, 80)]])
+    (root / "data.yaml").write_text(f"path: .\ntrain: images/train\nval: images/val\nnames: [{names}]\n")
 
 
 def _run(cmd: str, cwd: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
