@@ -176,6 +176,10 @@ def fixtures(tmp_path_factory) -> Path:
     torch.save(yolo_nas_s().state_dict(), root / "ckpt.pth")
     _coco_subset(paths.BUNDLED_EVAL, root / "my_coco", 4)
     _coco_subset(paths.BUNDLED_EVAL, root / "coco", 4)  # the README and export --help say coco/
+    # `--eval images/ --eval-annotations labels.json`: annotated tiles beside the calibration ones in images/
+    for f in (root / "my_coco" / "images").iterdir():
+        shutil.copy(f, root / "images" / f.name)
+    shutil.copy(root / "my_coco" / "annotations.json", root / "labels.json")
     _yolo_dataset(paths.BUNDLED_EVAL, root)
     first = next(c for c in COMMANDS if c.startswith("quantkit export") and READS_OUT.search(c + " ") is None
                  and "--out" not in c)
