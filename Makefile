@@ -32,7 +32,7 @@ demo: $(VENV)/.demo
 test: $(VENV)/.dev
 	$(VENV)/bin/pytest -q tests --ignore=tests/docs
 
-# every command of the README's command block and of the --help examples, run as written (15-25 min: CI runs it
+# every command of the README's command block and of the --help examples, run as written (about 30 min on 2 cores, measured: CI runs it
 # after the suite; tests/docs is not part of `make test`)
 docs-check: $(VENV)/.dev
 	$(VENV)/bin/pytest -q tests/docs

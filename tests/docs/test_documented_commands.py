@@ -6,7 +6,7 @@ scratch folder holding a small fixture for every placeholder the documentation u
 installed ``quantkit`` command, and must exit 0. ``quantkit build`` is documented as needing TensorRT and a GPU:
 without them it must exit 2 naming TensorRT. Documentation can no longer drift from behaviour.
 
-These run dozens of real exports (about 15-25 min on 2 cores), so they live outside ``make test``'s suite:
+These run dozens of real exports (about 30 min on 2 cores, measured on a fresh clone), so they live outside ``make test``'s suite:
 ``make docs-check`` runs them, and CI (``.ci/run``) runs that after the suite.
 """
 
