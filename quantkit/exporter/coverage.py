@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from quantkit.exporter.graph import DQ_OP, Q_OP, GraphIndex
-from quantkit.exporter.lint_core import DATA_MOVEMENT_OPS, HEAD_OPS
+from quantkit.exporter.lint_core import head_source
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _LAYOUT_OPS = ("Transpose", "Reshape", "Identity", "Unsqueeze", "Flatten", "Squeeze")
@@ -242,20 +242,8 @@ def graph_coverage(model: onnx.ModelProto, *, layers: set[str] | None = None,
 def _head_source(index: GraphIndex, tensor: str) -> str | None:
     """The score / decode op (Softmax, Sigmoid, TopK, ...) ``tensor`` is computed from through data-movement
     ops, else None."""
-    stack, seen = [tensor], set()
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        p = index.producer.get(t)
-        if p is None:
-            continue
-        if p.op_type in HEAD_OPS:
-            return p.op_type
-        if p.op_type in DATA_MOVEMENT_OPS:
-            stack.extend(i for i in p.input if i and i not in index.initializers and index.producer_op(i) != "Constant")
-    return None
+    return head_source(index.producer, lambda i: i in index.initializers or index.producer_op(i) == "Constant",
+                       tensor)
 
 
 def _const_dims(index: GraphIndex, name: str) -> list[int]:

@@ -52,6 +52,25 @@ class Finding:
                 "fix": self.fix}
 
 
+def head_source(producer, is_const: Callable[[str], bool], tensor: str) -> str | None:
+    """The score / decode op type (``HEAD_OPS``) ``tensor`` is computed from through data-movement ops, else
+    None. ``producer``: tensor name -> producing node; ``is_const``: whether a tensor is a constant."""
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        p = producer.get(t)
+        if p is None:
+            continue
+        if p.op_type in HEAD_OPS:
+            return p.op_type
+        if p.op_type in DATA_MOVEMENT_OPS:
+            stack.extend(i for i in p.input if i and not is_const(i))
+    return None
+
+
 def node_label(node: onnx.NodeProto) -> str:
     return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
 

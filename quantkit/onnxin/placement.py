@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
-from quantkit.exporter.lint_core import DATA_MOVEMENT_OPS, HEAD_OPS, WEIGHTED_OPS, get_attr
+from quantkit.exporter.lint_core import WEIGHTED_OPS, get_attr, head_source
 
 # Ops a conv output passes through on its way to a residual Add (the torch route's _PASS_THROUGH, in ONNX)
 PASS_THROUGH_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Identity",
@@ -86,20 +86,7 @@ class _Graph:
 
     def from_head_op(self, tensor: str) -> bool:
         """True when ``tensor`` is computed by a score/decode op, possibly through data-movement ops."""
-        stack, seen = [tensor], set()
-        while stack:
-            t = stack.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            p = self.producer.get(t)
-            if p is None:
-                continue
-            if p.op_type in HEAD_OPS:
-                return True
-            if p.op_type in DATA_MOVEMENT_OPS:
-                stack.extend(i for i in p.input if i and not self.is_const(i))
-        return False
+        return head_source(self.producer, self.is_const, tensor) is not None
 
     def from_conv(self, tensor: str) -> bool:
         """True when ``tensor`` is a conv output, possibly through BN/activations (SiLU = x * Sigmoid(x))."""
