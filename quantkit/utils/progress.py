@@ -241,7 +241,11 @@ class LineProgress(Progress):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-        self._write(self.line(final=True))
+        if self._closing_line_wanted():
+            self._write(self.line(final=True))
+
+    def _closing_line_wanted(self) -> bool:
+        return True
 
 
 class LineHeartbeat(LineProgress):
@@ -256,14 +260,8 @@ class LineHeartbeat(LineProgress):
             return f"quantkit: {self.desc} stopped after {_fmt_s(self.elapsed_s())}"
         return format_heartbeat(self.desc, self.elapsed_s(), final=final)
 
-    def close(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        if self.ticks:
-            self._write(self.line(final=True))
+    def _closing_line_wanted(self) -> bool:
+        return bool(self.ticks)  # a short phase that never printed stays silent
 
 
 class BarHeartbeat(Progress):
