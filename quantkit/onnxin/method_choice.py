@@ -2,7 +2,7 @@
 
 With ``calibration.method: auto`` (the default) each candidate rule (mse, entropy, percentile, max) turns the one
 calibration pass's histograms into activation scales; the float Q/DQ twin of the graph (``onnxin.qdq.simulate_qdq``)
-is run on the guard's *check* images (``ptq.guard.split_rows``: at most 8, spread over the set) and the rule whose
+is run on the guard's *check* images (``ptq.guard.split_rows``: 8 to 64, spread over the set) and the rule whose
 worst output is closest to FP32 (SQNR, dB) is kept, ties going to the earlier candidate. As on the torch route, the
 histograms saw every calibration image; the check images only judge. The step is recorded in the report's
 ``passes`` section in the torch route's format.
