@@ -194,6 +194,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
         },
         "layers": res.layer_table(),
         **({"passes": res.passes} if res.passes else {}),
+        **({"sensitivity": res.sensitivity} if res.sensitivity else {}),
         "notes": list(res.layout.notes),
         "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(int8_bytes) / len(res.fp32_bytes), 4),
                  "qdq": qdq_summary(res.int8), "cleanup_sqnr_db": "inf" if res.cleanup_sqnr_db == float("inf")
@@ -348,14 +349,12 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         not_here = [what for on, what in ((recipe.ptq.bias_correction, "bias correction (ptq.bias_correction)"),
                                           (recipe.ptq.equalize, "equalization (ptq.equalize)"),
                                           (recipe.ptq.range_choice, "range choice (ptq.range_choice)"),
-                                          (recipe.ptq.adaround, "learned rounding (ptq.adaround)"),
-                                          (recipe.sensitivity.min_int8_share is not None and recipe.sensitivity.auto,
-                                           "the automatic FP16 choice (sensitivity.min_int8_share)")) if on]
+                                          (recipe.ptq.adaround, "learned rounding (ptq.adaround)")) if on]
         if not_here:  # said, not silently skipped: these passes work on the torch module
             msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
-                   "calibrated (the calibration method chosen per network when calibration.method is auto), every "
-                   "supported layer INT8 unless --skip or a TensorRT cache without its "
-                   "scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")
+                   "calibrated (the calibration method and the FP16 nodes chosen per network, each checked on held-out "
+                   "calibration images), every other supported node INT8 unless --skip or a TensorRT cache without "
+                   "its scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")
             report["notes"].append(msg)
             log.info(msg)
         failures = check_gates(recipe, report)

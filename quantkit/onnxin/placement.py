@@ -46,6 +46,7 @@ class OnnxLayout:
     int8: list[str] = field(default_factory=list)
     pattern_hits: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # node kept FP16 by a measured choice -> why
 
     @property
     def layers(self) -> dict[str, str]:

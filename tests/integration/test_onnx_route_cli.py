@@ -42,7 +42,9 @@ def test_onnx_route_end_to_end_and_cache_import(torch_export, user_model, tmp_pa
     assert code == 0, text
     report = json.loads((out / "report.json").read_text())
     assert report["route"] == "onnx" and all(not f for f in report["lint"].values()), report["lint"]
-    assert report["model"]["int8_layers"] == report["model"]["quantizable_layers"] > 0
+    chosen = next((s["measured"]["fp16_layers"] for s in report.get("passes", {}).get("steps", [])
+                   if s["name"] == "fp16_choice" and s["kept"]), [])  # the default's FP16 choice, when kept
+    assert report["model"]["int8_layers"] + len(chosen) == report["model"]["quantizable_layers"] > 0
     torch_report = json.loads((torch_export / "report.json").read_text())
     assert report["model"]["quantizable_layers"] == torch_report["model"]["quantizable_layers"]  # same rules
     # the torch route's cache on the ONNX route: the same activation scales, bit for bit. (This model's

@@ -26,9 +26,9 @@ def toy(tmp_path_factory):
     return d / "toy.onnx", d / "calib.npy", x
 
 
-def _recipe(model, npy, *extra):
+def _recipe(model, npy, *extra):  # the method choice alone (the FP16 choice after it has its own tests)
     return load_recipe(None, [f"model.name='{model}'", f"calibration.data='{npy}'", "calibration.use_cache=false",
-                              *extra])
+                              "sensitivity.min_int8_share=null", *extra])
 
 
 def _worst_db(res, fp32_bytes, x_check):

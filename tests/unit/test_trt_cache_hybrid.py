@@ -17,9 +17,9 @@ from quantkit.recipe import load_recipe
 from onnx_toy import toy_data, toy_onnx
 
 
-def _recipe(model, npy, *extra):
+def _recipe(model, npy, *extra):  # every node INT8 unless the test says (the FP16 choice would pick its own)
     return load_recipe(None, [f"model.name='{model}'", f"calibration.data='{npy}'", "calibration.use_cache=false",
-                              *extra])
+                              "sensitivity.min_int8_share=null", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,154 @@
+"""The ONNX route's automatic FP16 choice (issue 22/23): the torch route's selection fed with recoveries replayed in
+onnxruntime, kept only when the held-out check SQNR rises. Oracles: each replay re-measured here from the route's
+own float Q/DQ twin (onnxruntime) with that node float; the guard re-measured on the check rows. The toy's sigmoid
+score output is judged on its clipped logit (``parity.ParityResult.judged_db``), as the choice reads it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import quantkit.onnxin.fp16_choice as fc
+from quantkit.exporter import parity
+from quantkit.exporter.coverage import graph_coverage
+from quantkit.onnxin.qdq import simulate_qdq
+from quantkit.onnxin.route import quantize_onnx
+from quantkit.ptq.guard import split_rows
+from quantkit.recipe import load_recipe
+from onnx_toy import toy_data, toy_onnx
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fc")
+    (d / "toy.onnx").write_bytes(toy_onnx())
+    x = toy_data(32)
+    np.save(d / "calib.npy", x)
+    return d / "toy.onnx", d / "calib.npy", x
+
+
+def _recipe(model, npy, *extra):
+    return load_recipe(None, [f"model.name='{model}'", f"calibration.data='{npy}'", "calibration.use_cache=false",
+                              "calibration.method=max", *extra])
+
+
+def _worst(res, int8_nodes, x):
+    import copy
+
+    lay = copy.copy(res.layout)
+    lay.int8 = list(int8_nodes)
+    sim = simulate_qdq(onnx.load_from_string(res.fp32_bytes), lay, res.act_scales, res.weight_scales)
+    names = [o.name for o in sim.graph.output]
+    ref = [parity.run_session(parity.session(res.fp32_bytes, 1), x)]
+    got = [parity.run_session(parity.session(sim.SerializeToString(), 1), x)]
+    r = parity.compare_outputs(ref, got, names, parity.sigmoid_outputs(sim))  # the sigmoid score: its logit
+    return float(min(r.judged_db(n) for n in names))
+
+
+def test_replays_and_guard_match_an_independent_measurement(toy):
+    model, npy, x = toy
+    res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=0.5"),
+                        progress=False)
+    step = res.passes["steps"][-1]
+    assert step["name"] == "fp16_choice"
+    sel, layers = res.sensitivity["selection"], res.sensitivity["analysis"]["layers"]
+    fit, check = split_rows(len(x))
+    chosen = step["measured"]["fp16_layers"]  # the selection's, less the nodes float before it (decode MatMul)
+    assert set(chosen) <= set(sel["fp16_layers"]) and "/MatMul" not in chosen
+    every = [n for n in res.layout.candidates if n in res.layout.int8 or n in chosen]
+    # the replays: worst-output SQNR with one node float, on the fit images the choice used (8, spread)
+    from quantkit.ptq.guard import RowView
+
+    class _Cal:  # the rows RowView picks, from the array itself
+        array, batch_size, num_samples = x, 32, len(x)
+
+    fit_x = np.concatenate([b.numpy() for b in RowView(_Cal, fit).batches(limit=8, spread=True)])
+    base = _worst(res, every, fit_x)
+    assert res.sensitivity["analysis"]["int8_sqnr_db"] == pytest.approx(base, abs=1e-3)
+    replayed = [r for r in layers if r["replayed"]]
+    assert replayed and step["measured"]["replayed"] == len(replayed)
+    for r in replayed:
+        assert r["without_sqnr_db"] == pytest.approx(_worst(res, [n for n in every if n != r["name"]], fit_x),
+                                                     abs=1e-3), r["name"]
+    # the guard: kept exactly when the check SQNR rose, and then those nodes are float in the graph with a reason
+    before, after = _worst(res, every, x[check]), _worst(res, [n for n in every if n not in chosen], x[check])
+    if chosen:
+        assert step["check_sqnr_db_before"] == pytest.approx(before, abs=1e-3)
+        assert step["check_sqnr_db_after"] == pytest.approx(after, abs=1e-3)
+        assert step["kept"] == (after > before)
+    kept = chosen if step["kept"] else []
+    assert sorted(n for n in every if n not in res.layout.int8) == sorted(kept)
+    float_ops = {op.node for op in graph_coverage(res.int8).ops if not op.int8}
+    assert set(kept) <= float_ops
+    assert all(res.layout.reasons[n].startswith("selection: recovers") for n in kept)
+
+
+def test_kept_choice_is_in_the_report_with_reasons(toy, tmp_path):
+    from quantkit.onnxin.export import run_onnx_export
+
+    model, npy, _ = toy
+    run_onnx_export(_recipe(model, npy, "sensitivity.min_int8_share=0.5"), tmp_path / "out", progress=False)
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    step = rep["passes"]["steps"][-1]
+    assert step["name"] == "fp16_choice" and "sensitivity" in rep
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "fp16_choice" in md
+    float_ops = rep["coverage"]["float_ops"]
+    assert rep["coverage"]["error"] is None and not rep["coverage"]["unexplained"]
+    assert all(o["reason"] for o in float_ops)  # every float weighted op says why
+    for n in (step["measured"]["fp16_layers"] if step["kept"] else []):
+        assert any(o["node"] == n and o["reason"].startswith("selection:") for o in float_ops)
+    assert not any("automatic FP16 choice" in n for n in rep["notes"])
+
+
+def test_full_int8_runs_no_choice(toy):
+    model, npy, _ = toy
+    res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=null"),
+                        progress=False)
+    assert res.sensitivity is None and res.passes is None
+    assert not res.layout.reasons
+
+
+def test_a_larger_graph_is_screened_by_blocks(toy, monkeypatch):
+    """Beyond MAX_CANDIDATES nodes only the opened blocks' nodes are replayed one by one."""
+    model, npy, _ = toy
+    monkeypatch.setattr(fc, "MAX_CANDIDATES", 2)
+    monkeypatch.setattr(fc, "BLOCKS", 2)
+    res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=0.5"),
+                        progress=False)
+    m = res.passes["steps"][-1]["measured"]
+    assert len(m["blocks"]) == 2 and sum(b["nodes"] for b in m["blocks"]) > 2
+    assert m["replayed"] <= max(2, max(b["nodes"] for b in m["blocks"]))
+    opened = [b for b in m["blocks"] if b["opened"]]
+    assert len(opened) == 1 and m["replayed"] == opened[0]["nodes"]
+    gains = [b["noise_gain"] for b in m["blocks"]]
+    assert all(np.isfinite(gains))
+
+
+def test_screen_opens_the_block_with_most_gain_per_mac():
+    macs = {n: 1.0 for n in "abcdef"}
+    gains = {("a", "b", "c"): 0.1, ("d", "e", "f"): 0.5}
+    old = fc.MAX_CANDIDATES, fc.BLOCKS
+    try:
+        fc.MAX_CANDIDATES, fc.BLOCKS = 3, 2
+        nodes, info = fc._screen(list("abcdef"), macs, lambda b: gains[tuple(b)])
+    finally:
+        fc.MAX_CANDIDATES, fc.BLOCKS = old
+    assert nodes == ["d", "e", "f"] and [b["opened"] for b in info["blocks"]] == [False, True]
+
+
+def test_hybrid_cache_round_trips_the_chosen_fp16_nodes(toy, tmp_path):
+    """The default's calibration.cache has no scale for the FP16 nodes' inputs; read back it gives the same graph."""
+    from quantkit.onnxin.export import run_onnx_export
+
+    model, npy, _ = toy
+    recipe = _recipe(model, npy, "sensitivity.min_int8_share=0.5")
+    res = run_onnx_export(recipe, tmp_path / "a", progress=False)
+    assert res.report["passes"]["steps"][-1]["kept"]  # the toy's choice is kept (else this test proves nothing)
+    back = run_onnx_export(recipe, tmp_path / "b", progress=False, trt_cache=str(tmp_path / "a" / "calibration.cache"))
+    assert (tmp_path / "b" / "model.int8.onnx").read_bytes() == (tmp_path / "a" / "model.int8.onnx").read_bytes()
+    assert sorted(back.report["calibration"]["trt_cache"]["kept_fp16_nodes"]) == sorted(
+        n for n in res.report["passes"]["steps"][-1]["measured"]["fp16_layers"])
