@@ -537,6 +537,8 @@ def main(argv=None) -> int:
     ap.add_argument("--net", action="append", help=f"one of {', '.join(NETS)} (repeatable; default: all; 'none')")
     ap.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section from all cached results")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--reuse-peers", action="store_true",
+                    help="re-measure quantkit only; keep the peers' rows of the cached result (same FP32 ONNX and data)")
     args = ap.parse_args(argv)
     names = [n for n in (args.net or list(NETS)) if n != "none"]
     for n in names:
@@ -545,8 +547,14 @@ def main(argv=None) -> int:
     out = D.CACHE / "results"
     out.mkdir(parents=True, exist_ok=True)
     for n in names:
+        old = out / f"{n}.json"
+        keep = json.loads(old.read_text()) if args.reuse_peers and old.exists() else None
         try:
-            res = measure(n, args.no_peers)
+            res = measure(n, args.no_peers or keep is not None)
+            if keep is not None and "peers" in keep:
+                res["peers"] = keep["peers"]
+                res["peers_reused"] = "peers measured in an earlier run on the same FP32 ONNX and data"
+                res.update({k: keep[k] for k in ("modelopt_missing",) if k in keep})
         except Exception:
             traceback.print_exc()
             res = {"name": n, "crashed": traceback.format_exc()[-1500:]}
