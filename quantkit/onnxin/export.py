@@ -166,6 +166,16 @@ def _conversion(res: OnnxQuantResult) -> dict:
             "opset_conversion_sqnr_db": "inf" if c.conversion_sqnr_db == float("inf") else _r(c.conversion_sqnr_db, 3)}
 
 
+def _layer_rows(res: OnnxQuantResult, recipe: Recipe) -> list[dict]:
+    """The layer table, each FP16 node with its reason (the FP16 choice's, a recipe pattern's), as the torch
+    route's rows carry ``why``."""
+    from quantkit.report.sections import fp16_reasons
+
+    q = recipe.quantization
+    why = fp16_reasons(res.layout, tuple(q.quantize), tuple(q.skip))
+    return [{**r, "why": why[r["name"]]} if r["name"] in why else r for r in res.layer_table()]
+
+
 def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checked: dict | None, strong: dict | None,
                  lint_out: dict, metrics: dict | None) -> dict:
     """report.json content, with the torch route's keys where the renderers read them."""
@@ -192,7 +202,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             "cache_key": res.cache_info.get("key"),
             **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
-        "layers": res.layer_table(),
+        "layers": _layer_rows(res, recipe),
         **({"passes": res.passes} if res.passes else {}),
         **({"sensitivity": res.sensitivity} if res.sensitivity else {}),
         "notes": list(res.layout.notes),

@@ -152,3 +152,17 @@ def test_hybrid_cache_round_trips_the_chosen_fp16_nodes(toy, tmp_path):
     assert (tmp_path / "b" / "model.int8.onnx").read_bytes() == (tmp_path / "a" / "model.int8.onnx").read_bytes()
     assert sorted(back.report["calibration"]["trt_cache"]["kept_fp16_nodes"]) == sorted(
         n for n in res.report["passes"]["steps"][-1]["measured"]["fp16_layers"])
+
+
+def test_report_md_gives_each_fp16_node_its_reason(toy, tmp_path):
+    from quantkit.onnxin.export import run_onnx_export
+
+    model, npy, _ = toy
+    res = run_onnx_export(_recipe(model, npy, "sensitivity.min_int8_share=0.5", "quantization.skip=['/c2/Conv']"),
+                          tmp_path / "o", progress=False)
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "no reason recorded" not in md
+    rows = {r["name"]: r for r in res.report["layers"]}
+    assert "quantization.skip" in rows["/c2/Conv"]["why"]
+    for n in res.report["passes"]["steps"][-1]["measured"]["fp16_layers"]:
+        assert rows[n]["why"].startswith("selection: recovers") and rows[n]["why"] in md
