@@ -18,7 +18,7 @@ import numpy as np
 from quantkit import paths
 from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads, method_key
-from quantkit.errors import ExportError, GateFailure, UsageError
+from quantkit.errors import ExportError, GateFailure
 from quantkit.exporter import parity
 from quantkit.output import StagedOutput, check_output_dir
 from quantkit.exporter.lint import lint
@@ -294,8 +294,6 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     from quantkit import engine
 
     engine.check_possible(recipe)  # --engine: TensorRT and a suitable GPU, before calibrating (as the torch route)
-    if recipe.sensitivity.enabled:
-        raise UsageError("--sensitivity is not available on the ONNX route yet; use --skip with node names")
     eval_path, eval_dataset = _open_evaluation(recipe)  # bad evaluation data: exit 2 before calibrating
     if recipe.export.nms:
         _check_nms_outputs(recipe.model.name)
@@ -351,6 +349,11 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
+        if recipe.sensitivity.enabled and res.choice is not None:  # --sensitivity: the torch route's chart
+            from quantkit.report.plots import sensitivity_bar_chart_bytes
+
+            stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(res.choice.result, fp16=fp16))
+            report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
         report["engine"] = built
         add_coverage(report, res, recipe)
         if recipe.gates.max_drop is not None:
