@@ -87,7 +87,7 @@ def test_replays_and_guard_match_an_independent_measurement(toy):
 
 
 def test_kept_choice_is_in_the_report_with_reasons(toy, tmp_path):
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, _ = toy
     run_onnx_export(_recipe(model, npy, "sensitivity.min_int8_share=0.5"), tmp_path / "out", progress=False)
@@ -142,7 +142,7 @@ def test_screen_opens_the_block_with_most_gain_per_mac():
 
 def test_hybrid_cache_round_trips_the_chosen_fp16_nodes(toy, tmp_path):
     """The default's calibration.cache has no scale for the FP16 nodes' inputs; read back it gives the same graph."""
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, _ = toy
     recipe = _recipe(model, npy, "sensitivity.min_int8_share=0.5")
@@ -155,7 +155,7 @@ def test_hybrid_cache_round_trips_the_chosen_fp16_nodes(toy, tmp_path):
 
 
 def test_report_md_gives_each_fp16_node_its_reason(toy, tmp_path):
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, _ = toy
     res = run_onnx_export(_recipe(model, npy, "sensitivity.min_int8_share=0.5", "quantization.skip=['/c2/Conv']"),
@@ -171,7 +171,7 @@ def test_report_md_gives_each_fp16_node_its_reason(toy, tmp_path):
 def test_sensitivity_flag_replays_every_node_with_its_damage(toy, tmp_path):
     """--sensitivity on the ONNX route (it was refused): every node replayed, damage = only it INT8 (re-measured
     here), the chart written; with --full-int8 the analysis still runs and nothing is chosen."""
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, x = toy
     res = run_onnx_export(_recipe(model, npy, "sensitivity.enabled=true", "sensitivity.min_int8_share=null"),

@@ -1,4 +1,6 @@
-"""Write the ONNX route's output folder: the same files as the torch route.
+"""The ONNX route after its front end (``onnxin.quantize_onnx``): checks, graphs, engine plan, evaluation, report
+and the staged output folder — the same files as the torch route. It lives beside ``pipeline.py``, not in
+``onnxin``, so the front end imports no stage that runs after quantization.
 
 model.onnx (cleaned FP32), model.int8.onnx (weak typing), model.int8.strong.onnx (FP16 + Q/DQ, opset 19),
 calibration.json, calibration.cache (TensorRT text format), build_engine.sh, report.json/.md/.html,
@@ -146,7 +148,7 @@ def calibration_json(res: OnnxQuantResult) -> dict:
 
 
 def _hex(scale: float) -> str:
-    from quantkit.engine.calib_cache import scale_to_hex
+    from quantkit.calibrate.trt_cache import scale_to_hex
 
     return scale_to_hex(scale)
 
@@ -285,7 +287,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                     inputs: list[str] = ()) -> ExportResult:
     """``quantkit export model.onnx --calib DATA --out DIR``: quantize_onnx, check, write the folder atomically.
     ``inputs``: every path the run reads (``--force`` never replaces a folder that is, holds or sits in one)."""
-    from quantkit.engine.calib_cache import cache_text_for
+    from quantkit.calibrate.trt_cache import cache_text_for
     from quantkit.report.build import write_reports
 
     t0 = time.perf_counter()
