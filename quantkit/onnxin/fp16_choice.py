@@ -117,7 +117,7 @@ def graph_macs(model: onnx.ModelProto) -> dict[str, float]:
 
 
 def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], wscales: dict, cal, recipe,
-                threads: int | None) -> Fp16Choice | None:
+                threads: int | None, progress: bool = False) -> Fp16Choice | None:
     """The FP16 choice for ``layout`` (its ``int8`` list is not changed here), or None when off in the recipe
     (``sensitivity.min_int8_share`` null, ``sensitivity.auto`` false) or without data to hold out. With
     ``sensitivity.enabled`` (``--sensitivity``) every node is replayed and its damage measured, and the analysis is
@@ -157,9 +157,18 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     worst0, mean0 = min(base.values()), _mean_noise(base)
     several = len(base) > 1
 
+    from quantkit.utils.progress import progress_bar
+
+    # replays: the blocks (when screened), then one per node (every node with --sensitivity, twice: its damage)
+    total = (len(offered) * (2 if s.enabled else 1) if s.enabled or len(offered) <= MAX_CANDIDATES
+             else BLOCKS + MAX_CANDIDATES)
+    bar = progress_bar(max(total, 1), "FP16 choice (onnxruntime replays)", "replay", enabled=progress)
+
     def without(nodes) -> dict[str, float]:  # per-output SQNR with ``nodes`` float, the rest INT8
         drop = set(nodes)
-        return _per_output(ref, _run(twin([m for m in int8 if m not in drop]), fit, threads), names, sig)
+        out = _per_output(ref, _run(twin([m for m in int8 if m not in drop]), fit, threads), names, sig)
+        bar.update()
+        return out
 
     def gain(per: dict[str, float]) -> float:  # output noise removed (the selection's units)
         return mean0 - _mean_noise(per) if several else _noise(worst0) - _noise(min(per.values()))
@@ -176,11 +185,14 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
         worst, mean = min(per.values()), _mean_noise(per)
         damage = (min(_per_output(ref, _run(twin([n]), fit, threads), names, sig).values()) if s.enabled
                   else None)
+        if s.enabled:
+            bar.update()
         layers[n] = LayerSensitivity(
             n, types[n], order[n], damage, worst, worst - worst0, replayed=True,
             mean_noise_gain=(mean0 - mean) if several else None,
             mean_recovery_db=(10.0 * math.log10(mean0 / mean) if mean > 0 else math.inf) if several and mean0 > 0
             else None)
+    bar.close()
     result = SensitivityResult(layers, worst0, sum(b.shape[0] for b in fit))
     if not choose:
         return Fp16Choice(sensitivity={"analysis": result.as_dict()}, result=result)

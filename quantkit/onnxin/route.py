@@ -203,7 +203,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         else:
             amax = ocal.chosen_amax(calib_result, needed, settings)
         act_scales = {t: float(activation_scale(a)) for t, a in amax.items()}
-        passes, choice = _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes)
+        passes, choice = _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes, progress)
         passes, quant_graph = _bias_correction(cleaned, layout, act_scales, wscales, cal, recipe, passes)
     # model.onnx stays the cleaned FP32 graph; the quantized graphs carry bias correction's biases when it was kept
     int8 = insert_qdq(quant_graph, layout, act_scales, wscales)
@@ -245,13 +245,13 @@ def _bias_correction(cleaned, layout, act_scales, wscales, cal, recipe, passes):
     return passes, bc.model if bc.model is not None else cleaned
 
 
-def _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes):
+def _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes, progress: bool = True):
     """The automatic FP16 choice (``onnxin.fp16_choice``), applied to ``layout`` when its guard keeps it; returns
     (passes with its step appended, the ``onnxin.fp16_choice.Fp16Choice`` or None)."""
     from quantkit.onnxin.fp16_choice import choose_fp16
 
     choice = choose_fp16(cleaned, layout, act_scales, wscales, cal, recipe,
-                         1 if recipe.calibration.deterministic else None)
+                         1 if recipe.calibration.deterministic else None, progress=progress)
     if choice is None:
         return passes, None
     if choice.fp16:
