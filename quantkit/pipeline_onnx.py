@@ -98,23 +98,17 @@ def strong_variant(res: OnnxQuantResult, batches: list[np.ndarray] | None, check
 
 def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: bool,
                        nms: dict | None = None) -> list[str]:
-    """build_engine.sh for the ONNX route (the ``*.nms.onnx`` graphs when ``nms`` names them); returns the
-    weighted nodes kept FP16 (trtexec --layerPrecisions)."""
-    from quantkit.engine.config import plan_build
-    from quantkit.engine.dispatch import write_dispatch_script
+    """The backend's build scripts for the ONNX route (TensorRT: build_engine.sh; the ``*.nms.onnx`` graphs when
+    ``nms`` names them); returns the weighted nodes kept FP16 (trtexec --layerPrecisions)."""
+    from quantkit.engine.backend import BuildRequest, get_backend
 
-    b = parse_batch(recipe.input.batch)
-    dyn = None if b[0] == b[2] else b
     fp16 = sorted(n for n, c in res.layout.candidates.items() if n not in res.layout.int8 and c.op_type in WEIGHTED)
-    chw = tuple(int(d) for d in res.loaded.input_shape[1:])
-    weak = plan_build("10.0", onnx_is_strong=False, target=recipe.export.target, batch=dyn, fp16_layers=fp16,
-                      input_name=res.loaded.input_name, chw=chw)
-    strong = (plan_build("10.12", onnx_is_strong=True, target=recipe.export.target, batch=dyn,
-                         input_name=res.loaded.input_name, chw=chw) if has_strong else None)
-    write_dispatch_script(stage.path("build_engine.sh"), weak, strong,
-                          weak_onnx=(nms or {}).get("weak") or "model.int8.onnx",
-                          strong_onnx=(nms or {}).get("strong") or "model.int8.strong.onnx")
-    stage.files["build_engine.sh"] = stage.path("build_engine.sh")
+    req = BuildRequest(weak_onnx=(nms or {}).get("weak") or "model.int8.onnx",
+                       strong_onnx=((nms or {}).get("strong") or "model.int8.strong.onnx") if has_strong else None,
+                       fp16_nodes=tuple(fp16), batch=tuple(parse_batch(recipe.input.batch)),
+                       sample_shape=tuple(int(d) for d in res.loaded.input_shape[1:]),
+                       input_name=res.loaded.input_name)
+    get_backend(recipe.export.backend).write_scripts(stage, recipe, req)
     return fp16
 
 

@@ -122,7 +122,9 @@ class ExportSpec:
     BatchNorm after a ReLU with running_var > 65504): ``keep_fp32`` (default: the ops that read them run FP32, so
     the graph computes what the weak one does), ``clamp`` (clip to +-65504) or ``error`` (no strong graph). A
     strong graph that fails its check is not written; the weak graph and everything else are, and report.json's
-    ``strong`` section says why (``gates.require_strong`` turns that into exit 3)."""
+    ``strong`` section says why (``gates.require_strong`` turns that into exit 3). ``backend``: the deployment
+    backend that writes the build scripts and builds with ``engine`` (``tensorrt``; others registered with
+    ``quantkit.engine.backend.register_backend``)."""
 
     opset: int = 17
     targets: tuple[ExportTarget, ...] = (ExportTarget.WEAK, ExportTarget.STRONG)
@@ -136,6 +138,7 @@ class ExportSpec:
     nms_top_k: int = 1000
     nms_max_detections: int = 300
     fp16_overflow: Fp16Overflow = Fp16Overflow.KEEP_FP32
+    backend: str = "tensorrt"
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,20 @@
-"""The engine stage's entries for an export folder: ``build_engine.sh`` for the target GPU, the TensorRT
-engine itself when TensorRT and a suitable GPU are here, and the fail-fast check before calibration."""
+"""The engine stage's entries for an export folder, through the backend ``export.backend`` names
+(``engine.backend``; TensorRT by default): its build scripts (``build_engine.sh`` for the target GPU), the engine
+itself with ``--engine``, and the fail-fast check before calibration."""
 
 from __future__ import annotations
 
-from quantkit import paths
 from quantkit.recipe import Recipe
 from quantkit.state import Graphs, PreparedModel
 
 
 
 def check_possible(recipe: Recipe) -> None:
-    """Fail fast (before calibrating) when ``export.engine`` cannot work here: no TensorRT, no GPU, wrong GPU."""
-    if not recipe.export.engine:
-        return
-    from quantkit.engine.builder import cuda_device, import_tensorrt
-    from quantkit.engine.config import check_target
+    """Fail fast (before calibrating): an unknown ``export.backend``, or ``export.engine`` that cannot work here
+    (TensorRT: no TensorRT, no GPU, wrong GPU)."""
+    from quantkit.engine.backend import get_backend
 
-    import_tensorrt()
-    name, cc = cuda_device()
-    check_target(recipe.export.target, cc, name)
+    get_backend(recipe.export.backend).check_possible(recipe)
 
 
 def write_calibration_cache(stage, int8_model) -> None:
@@ -40,45 +36,42 @@ def fp16_nodes(graphs: Graphs, model: PreparedModel) -> list[str]:
     return sorted(onnx_nodes_for_modules(graphs.int8, modules).values())
 
 
-def write_build_script(stage, recipe: Recipe, graphs: Graphs, model: PreparedModel,
-                       batch: tuple[int, int, int]) -> None:
-    """Write ``build_engine.sh``: the strongly typed build for TensorRT >= 10.12, ``--int8 --fp16`` with FP16
-    layer constraints for 8.6 .. 10.11, for ``recipe.export.target``. ``batch``: (min, opt, max)."""
-    from quantkit.engine.config import plan_build
-    from quantkit.engine.dispatch import write_dispatch_script
+def torch_route_request(graphs: Graphs, model: PreparedModel, batch: tuple[int, int, int]):
+    """The torch route's ``engine.backend.BuildRequest`` (sets ``graphs.fp16_nodes``)."""
+    from quantkit.engine.backend import BuildRequest
 
     graphs.fp16_nodes = fp16_nodes(graphs, model)
-    dyn = None if batch[0] == batch[2] else batch
-    chw = tuple(int(d) for d in graphs.refs.batches[0].shape[1:])
-    weak_plan = plan_build("10.0", onnx_is_strong=False, target=recipe.export.target, batch=dyn,
-                           fp16_layers=graphs.fp16_nodes, chw=chw)
-    strong_plan = (plan_build("10.12", onnx_is_strong=True, target=recipe.export.target, batch=dyn, chw=chw)
-                   if graphs.strong is not None else None)
-    write_dispatch_script(stage.path("build_engine.sh"), weak_plan, strong_plan, weak_onnx=graphs.weak_name,
-                          strong_onnx=graphs.strong_name)
-    stage.files["build_engine.sh"] = stage.path("build_engine.sh")
+    return BuildRequest(weak_onnx=graphs.weak_name,
+                        strong_onnx=graphs.strong_name if graphs.strong is not None else None,
+                        fp16_nodes=tuple(graphs.fp16_nodes), batch=tuple(batch),
+                        sample_shape=tuple(int(d) for d in graphs.refs.batches[0].shape[1:]))
+
+
+def write_build_script(stage, recipe: Recipe, graphs: Graphs, model: PreparedModel,
+                       batch: tuple[int, int, int]) -> None:
+    """The backend's build scripts for this export (TensorRT: ``build_engine.sh``, the strongly typed build for
+    TensorRT >= 10.12, ``--int8 --fp16`` with FP16 layer constraints for 8.6 .. 10.11, for ``recipe.export.target``).
+    ``batch``: (min, opt, max)."""
+    from quantkit.engine.backend import get_backend
+
+    get_backend(recipe.export.backend).write_scripts(stage, recipe, torch_route_request(graphs, model, batch))
 
 
 def build_here(stage, recipe: Recipe, graphs: Graphs, batch: tuple[int, int, int]) -> dict:
-    """Build ``model.engine`` with the installed TensorRT (strongly typed from 10.12) into ``stage`` and
-    inspect its layer precisions. Raises DependencyError/EngineError without TensorRT or a suitable GPU."""
+    """``--engine`` on the torch route: the backend's build into ``stage`` (TensorRT: ``model.engine``, strongly
+    typed from 10.12, and its layer precisions). Raises DependencyError/EngineError without TensorRT or a GPU."""
     return build_engine_files(stage, recipe, strong_written=graphs.strong is not None, fp16_nodes=graphs.fp16_nodes,
-                              batch=batch)
+                              batch=batch, weak_onnx=graphs.weak_name, strong_onnx=graphs.strong_name)
 
 
 def build_engine_files(stage, recipe: Recipe, *, strong_written: bool, fp16_nodes, batch: tuple[int, int, int],
-                       weak_onnx: str = "model.int8.onnx", strong_onnx: str = "model.int8.strong.onnx") -> dict:
-    """``--engine`` on either route: build ``model.engine`` from the staged ``strong_onnx`` (TensorRT >= 10.12,
-    when written) or ``weak_onnx`` (``fp16_nodes`` pinned to FP16), write ``engine.layers.json``, and return the
-    build's information for the report. ``batch``: (min, opt, max)."""
-    from quantkit.engine.local import build_and_inspect, installed_trt_version, prefers_strong
+                       weak_onnx: str = "model.int8.onnx", strong_onnx: str = "model.int8.strong.onnx",
+                       sample_shape: tuple[int, ...] = ()) -> dict:
+    """``--engine`` on either route: the backend's ``build`` from the staged graphs (TensorRT: ``strong_onnx``
+    with TensorRT >= 10.12 when written, else ``weak_onnx`` with ``fp16_nodes`` pinned to FP16; writes
+    ``model.engine`` and ``engine.layers.json``); returns the build's information for the report."""
+    from quantkit.engine.backend import BuildRequest, get_backend
 
-    dyn = None if batch[0] == batch[2] else batch
-    use_strong = strong_written and prefers_strong(installed_trt_version())
-    onnx_name = strong_onnx if use_strong else weak_onnx
-    info = build_and_inspect(stage.path(onnx_name), stage.staging, target=recipe.export.target, batch=dyn,
-                             fp16_nodes=fp16_nodes, timing_cache=paths.cache_dir() / "trt-timing.cache",
-                             engine_name="model.engine")
-    stage.files["model.engine"] = info.pop("engine")
-    stage.files["engine.layers.json"] = stage.path("engine.layers.json")
-    return info
+    req = BuildRequest(weak_onnx=weak_onnx, strong_onnx=strong_onnx if strong_written else None,
+                       fp16_nodes=tuple(fp16_nodes), batch=tuple(batch), sample_shape=tuple(sample_shape))
+    return get_backend(recipe.export.backend).build(stage, recipe, req)
