@@ -35,7 +35,7 @@ from quantkit.data.images import list_images  # noqa: E402
 from quantkit.data.preprocess import preprocess_image  # noqa: E402
 from quantkit.data.coco import CocoDataset  # noqa: E402
 from quantkit.eval.detection import evaluate_detection, torch_predictor  # noqa: E402
-from quantkit.eval.sqnr import per_output_sqnr  # noqa: E402
+from quantkit.sqnr import per_output_sqnr  # noqa: E402
 from quantkit.pipeline import quantize_recipe  # noqa: E402
 from quantkit.recipe import load_recipe  # noqa: E402
 

@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper, version_converter
 
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
-from quantkit.eval.sqnr import sqnr_db
+from quantkit.sqnr import sqnr_db
 from quantkit.exporter import parity
 from quantkit.exporter.lint import FP16_MIN_NORMAL, lint
 from quantkit.exporter.strong import to_strongly_typed

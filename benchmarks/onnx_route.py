@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from _results import update_section
 
     from quantkit import paths
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
     from quantkit.pipeline import run_export
     from quantkit.recipe import load_recipe
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch-route INT8 vs the imported-scales ONNX-route INT8 on one calibration batch: as written (literal) and
     # with onnxruntime's optimizations (the evaluation's setting: Q/DQ fused into integer kernels)
-    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.sqnr import sqnr_db
     from quantkit.exporter import parity
 
     x = next(data.batches()).numpy()

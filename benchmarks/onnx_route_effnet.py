@@ -81,7 +81,7 @@ def to_rgb_png(src: Path, dst: Path) -> None:
 
 
 def agreement(fp32: Path, int8: Path, x: np.ndarray) -> dict:
-    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.sqnr import sqnr_db
     from quantkit.exporter import parity
 
     a = parity.run_session(parity.session(fp32.read_bytes(), 1, literal=False), x)[0]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantkit.data.calib import open_calibration_data
     from quantkit.data.preprocess import Preprocess
     from quantkit.exporter.lint import lint
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
     from quantkit.recipe import load_recipe
 
     work = WORK

@@ -45,6 +45,8 @@ CONFIGS = {  # name -> overrides of today's default recipe
     "default (mse + B, min_int8_share 0.95, selection on 8 tiles)": [],
     "default, selection on 16 tiles": ["sensitivity.num_images=16"],
 }
+# the same default through the ONNX front end, on the torch route's FP32 ONNX (issue 22: one pipeline for every model)
+ONNX_ROUTE = "ONNX route default (quantkit export model.onnx --calib calibration/trees)"
 CACHE = Path(tempfile.gettempdir()) / "quantkit_ptq_fidelity.json"
 
 
@@ -141,11 +143,12 @@ def main() -> None:
     which = build_tiles(paths.BUNDLED_EVAL, dst)
     ds = CocoDataset(dst)
     fp32_bytes = None
-    for name, overrides in list(CONFIGS.items()) + [(f"modelopt ONNX PTQ int8 {m}", m) for m in ("entropy", "max")]:
+    for name, overrides in (list(CONFIGS.items()) + [(ONNX_ROUTE, "onnx")]
+                            + [(f"modelopt ONNX PTQ int8 {m}", m) for m in ("entropy", "max")]):
         if only and name not in only:
             continue
-        peer = isinstance(overrides, str)
-        recipe = load_recipe(None, ["calibration.use_cache=false", *([] if peer else overrides)])
+        peer = isinstance(overrides, str) and overrides != "onnx"
+        recipe = load_recipe(None, ["calibration.use_cache=false", *([] if isinstance(overrides, str) else overrides)])
         t0 = time.perf_counter()
         state = quantize(recipe)
         secs = time.perf_counter() - t0
@@ -154,7 +157,19 @@ def main() -> None:
             fp32_bytes = finalize_fp32(export_onnx(state.model.fp32, example, opset=17)).SerializeToString()
             ref = predict_dataset(onnx_predictor(fp32_bytes, intra_op_threads=1), ds, state.pp, progress=False)
             reference(dst, ref)
-        if peer:  # modelopt quantizes the same FP32 ONNX with the same calibration tiles
+        onnx_state = None
+        if overrides == "onnx":  # the ONNX front end on the same FP32 ONNX and calibration tiles, default recipe
+            from quantkit.onnxin.route import quantize_onnx
+
+            fp32_path = dst / "fp32.onnx"
+            fp32_path.write_bytes(fp32_bytes)
+            t0 = time.perf_counter()
+            onnx_state = quantize_onnx(str(fp32_path), str(paths.BUNDLED_CALIBRATION), load_recipe(
+                None, ["calibration.use_cache=false", f"model.name='{fp32_path}'",
+                       f"calibration.data='{paths.BUNDLED_CALIBRATION}'"]), progress=False)
+            secs = time.perf_counter() - t0
+            int8 = onnx_state.int8.SerializeToString()
+        elif peer:  # modelopt quantizes the same FP32 ONNX with the same calibration tiles
             from ptq_methods import modelopt_ptq
 
             fp32_path = dst / "fp32.onnx"
@@ -170,7 +185,13 @@ def main() -> None:
         dets = predict_dataset(onnx_predictor(int8, intra_op_threads=1), ds, state.pp, progress=False)
         m, se, per = score(dst, dets, which)
         results[name] = {"map_vs_fp32": round(m, 2), "se": round(se, 2), "seconds": round(secs, 1), "per": per}
-        if not peer:  # what stayed FP16 (automatic choice) and the INT8 share of the conv MACs
+        if onnx_state is not None:  # the share and FP16 nodes counted on the ONNX route's own graph
+            from quantkit.exporter.coverage import graph_coverage
+
+            cov = graph_coverage(onnx_state.int8)
+            results[name].update(int8_mac_share=round(cov.share, 4),
+                                 fp16=[n for n in onnx_state.layout.candidates if n not in set(onnx_state.layout.int8)])
+        elif not peer:  # what stayed FP16 (automatic choice) and the INT8 share of the conv MACs
             from ptq_methods import mac_share
 
             layout = state.model.layout
@@ -193,7 +214,7 @@ def main() -> None:
                 "default (paired) | INT8 MAC share | quantization time s |", "|---|---:|---:|---:|---:|---:|"]
         share = lambda r: "" if r.get("int8_mac_share") is None else f"{100 * r['int8_mac_share']:.1f} %"  # noqa
         rows += [f"| {n} | {r['map_vs_fp32']:.2f} ± {r['se']:.2f} | {paired(n, mo)} | {paired(n, df)} | "
-                 f"{share(r)} | {r['seconds']:.1f} |" for n, r in results.items() if n in CONFIGS or "modelopt" in n]
+                 f"{share(r)} | {r['seconds']:.1f} |" for n, r in results.items() if n in CONFIGS or n == ONNX_ROUTE or "modelopt" in n]
         body = ("## INT8 fidelity on the bundled detector (INT8 detections vs FP32 detections)\n\n"
                 f"{len(which)} tiles: the held-out tiles in their 8 flips/rotations (never calibration tiles); "
                 "ground truth = FP32 ONNX detections with score >= 0.25; ± = standard error over the 8 "

@@ -366,7 +366,7 @@ def _peer(label: str, run: Callable[[Path], None], path: Path, sel, sc, fp32_byt
     return res
 
 
-def measure(name: str, skip_peers: bool = False) -> dict:
+def measure(name: str, skip_peers: bool = False, onnx_route: bool = False) -> dict:
     net = NETS[name]
     work = D.CACHE / "work" / name
     import shutil
@@ -399,6 +399,14 @@ def measure(name: str, skip_peers: bool = False) -> dict:
             q["graph"] = D.weighted_macs(int8.read_bytes(), data["score"])
         result[key] = q
         print(f"[{name}] quantkit {key}: {json.dumps(q)[:400]}", flush=True)
+    if onnx_route and net.route == "torch":  # issue 22: the same default through the ONNX front end, same FP32 ONNX
+        q = quantkit(net, [str(fp32)], calib_npy, work / "qk_onnx_route", False)
+        int8 = work / "qk_onnx_route" / "model.int8.onnx"
+        if q["exit"] == 0 and int8.exists():
+            q["score"] = score(int8, *sc)
+            q["graph"] = D.weighted_macs(int8.read_bytes(), data["score"])
+        result["onnx_route_default"] = q
+        print(f"[{name}] quantkit ONNX route default: {json.dumps(q)[:400]}", flush=True)
     if skip_peers:
         return result
     peers = []
@@ -507,6 +515,18 @@ def table(results: list[dict]) -> str:
         failed = [k for k, good in checks if not good]
         verdicts.append(f"- {r['name']}: " + ("meets it" if not failed else "misses " + ", ".join(failed))
                         + (f" (best peer {best['label']})" if best else ""))
+    routes = [r for r in results if r.get("onnx_route_default")]
+    if routes:  # issue 22: one pipeline, whichever way the model comes in
+        verdicts += ["", "The same default export of the torch networks' FP32 ONNX (`quantkit export model.fp32.onnx "
+                         "--calib calib.npy`, the ONNX front end) against the torch route's (issue 22):", ""]
+        for r in routes:
+            o, d = r["onnx_route_default"], r.get("default", {})
+            share = o.get("graph", {}).get("share")
+            verdicts.append(f"- {r['name']}: ONNX route {_fmt(o['score']['value']) if 'score' in o else 'failed'}"
+                            f" / {_fmt(o['score']['sqnr_db'], 1) if 'score' in o else '-'} dB at "
+                            f"{_fmt(100 * share if share is not None else None, 1)} % INT8, {o['seconds']:.0f} s; "
+                            f"torch route {_fmt(d['score']['value']) if 'score' in d else '-'} / "
+                            f"{_fmt(d['score']['sqnr_db'], 1) if 'score' in d else '-'} dB")
     src = verdicts + ["", "Sources and data sizes (calibration / selection / scoring):", ""]
     src += [f"- {r['name']}: {r['source']}; input {r['input']}; {r['n']['calib']} / {r['n']['select']} / "
             f"{r['n']['score']}" for r in results]
@@ -537,6 +557,8 @@ def main(argv=None) -> int:
     ap.add_argument("--net", action="append", help=f"one of {', '.join(NETS)} (repeatable; default: all; 'none')")
     ap.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section from all cached results")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--onnx-route", action="store_true",
+                    help="also export each torch network's FP32 ONNX through the ONNX route (issue 22)")
     ap.add_argument("--reuse-peers", action="store_true",
                     help="re-measure quantkit only; keep the peers' rows of the cached result (same FP32 ONNX and data)")
     args = ap.parse_args(argv)
@@ -550,7 +572,7 @@ def main(argv=None) -> int:
         old = out / f"{n}.json"
         keep = json.loads(old.read_text()) if args.reuse_peers and old.exists() else None
         try:
-            res = measure(n, args.no_peers or keep is not None)
+            res = measure(n, args.no_peers or keep is not None, args.onnx_route)
             if keep is not None and "peers" in keep:
                 res["peers"] = keep["peers"]
                 res["peers_reused"] = "peers measured in an earlier run on the same FP32 ONNX and data"

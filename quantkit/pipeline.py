@@ -231,7 +231,7 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
     inputs = preflight(recipe, out_dir, force=force, recipe_path=recipe_path, calib=calib, eval_path=ev)
     with OutputLock(resolve_target(out_dir)):
         if is_onnx_path(recipe.model.name):  # an FP32 .onnx file takes the ONNX front end
-            from quantkit.onnxin.export import run_onnx_export
+            from quantkit.pipeline_onnx import run_onnx_export
 
             return run_onnx_export(recipe, out_dir, force=force, progress=progress, command_line=command_line,
                                    trt_cache=recipe.calibration.trt_cache, inputs=inputs)

@@ -24,7 +24,7 @@ def check_possible(recipe: Recipe) -> None:
 def write_calibration_cache(stage, int8_model) -> None:
     """``calibration.cache``: the INT8 graph's activation scales in TensorRT's text format, for teams still on
     implicit INT8 (TensorRT 8.6 .. 10.x); ``--trt-calib-cache`` reads it back on the ONNX route."""
-    from quantkit.engine.calib_cache import cache_text_for
+    from quantkit.calibrate.trt_cache import cache_text_for
 
     stage.write_text("calibration.cache", cache_text_for(int8_model))
 

@@ -1,6 +1,6 @@
 """Per-layer INT8-vs-FP32 error and per-tensor activation histograms, from forward hooks over a few batches.
 
-For every quantizable layer L, two numbers (dB, float64 sums over all batches; see ``quantkit.eval.sqnr``):
+For every quantizable layer L, two numbers (dB, float64 sums over all batches; see ``quantkit.sqnr``):
 
 * ``output_sqnr_db``: L's output in the fake-quant model (as exported: INT8 where enabled, upstream error
   included) against L's output in the FP32 model — where along the network the error builds up;

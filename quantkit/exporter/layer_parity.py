@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from quantkit.data.inputs import ort_feeds
-from quantkit.eval.sqnr import sqnr_db
+from quantkit.sqnr import sqnr_db
 from quantkit.exporter.layer_rows import MAX_FRACTION_OVER_STEP, LayerParity, LayerRow  # noqa: F401 - re-exported
 from quantkit.quant.modules import QUANT_TYPES, QuantAdd
 

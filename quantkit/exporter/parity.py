@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quantkit.data.inputs import ort_feeds
-from quantkit.eval.sqnr import sqnr_db
+from quantkit.sqnr import sqnr_db
 
 
 def session(model: onnx.ModelProto | bytes, threads: int | None = None, *, literal: bool = True

@@ -47,6 +47,7 @@ class Fp16Choice:
     reasons: dict[str, str] = field(default_factory=dict)
     step: dict = field(default_factory=dict)
     sensitivity: dict | None = None
+    result: object = None  # the sensitivity.analysis.SensitivityResult (for the chart)
 
 
 def _batches(cal, rows: list[int], limit: int | None = None) -> list[np.ndarray]:
@@ -103,7 +104,9 @@ def _screen(offered: list[str], macs: dict[str, float], gain_without) -> tuple[l
 def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], wscales: dict, cal, recipe,
                 threads: int | None) -> Fp16Choice | None:
     """The FP16 choice for ``layout`` (its ``int8`` list is not changed here), or None when off in the recipe
-    (``sensitivity.min_int8_share`` null, ``sensitivity.auto`` false) or without data to hold out."""
+    (``sensitivity.min_int8_share`` null, ``sensitivity.auto`` false) or without data to hold out. With
+    ``sensitivity.enabled`` (``--sensitivity``) every node is replayed and its damage measured, and the analysis is
+    returned even when no choice runs (then ``step`` is empty)."""
     from quantkit.exporter.coverage import graph_coverage
     from quantkit.onnxin.qdq import simulate_qdq
     from quantkit.ptq.guard import split_rows
@@ -112,11 +115,12 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     from quantkit.sensitivity.select import choose_for_int8_share
 
     s = recipe.sensitivity
-    if s.min_int8_share is None or not s.auto or cal is None:
+    fit_rows, check_rows = split_rows(cal.num_samples) if cal is not None else ([], [])
+    choose = s.min_int8_share is not None and s.auto and bool(check_rows)
+    if cal is None or not (choose or s.enabled):
         return None
-    fit_rows, check_rows = split_rows(cal.num_samples)
-    if not check_rows:
-        return None
+    if not check_rows:  # --sensitivity on a tiny set: the analysis on every image, no choice to judge
+        fit_rows = list(range(cal.num_samples))
     ops = graph_coverage(cleaned).ops
     macs, types = {op.node: float(op.macs) for op in ops}, {op.node: op.op for op in ops}
     from quantkit.exporter.parity import sigmoid_outputs
@@ -148,7 +152,8 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     def gain(per: dict[str, float]) -> float:  # output noise removed (the selection's units)
         return mean0 - _mean_noise(per) if several else _noise(worst0) - _noise(min(per.values()))
 
-    replay, screen = _screen(offered, macs, lambda nodes: gain(without(nodes)))
+    # --sensitivity (sensitivity.enabled): every node replayed, and its damage (only it INT8) measured too
+    replay, screen = (list(offered), {}) if s.enabled else _screen(offered, macs, lambda nodes: gain(without(nodes)))
     order = {n: i for i, n in enumerate(macs)}
     layers = {n: LayerSensitivity(n, types[n], order[n], None, worst0, 0.0, replayed=False) for n in fixed}
     for n in offered:
@@ -157,12 +162,16 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
             continue
         per = without([n])
         worst, mean = min(per.values()), _mean_noise(per)
+        damage = (min(_per_output(ref, _run(twin([n]), fit, threads), names, sig).values()) if s.enabled
+                  else None)
         layers[n] = LayerSensitivity(
-            n, types[n], order[n], None, worst, worst - worst0, replayed=True,
+            n, types[n], order[n], damage, worst, worst - worst0, replayed=True,
             mean_noise_gain=(mean0 - mean) if several else None,
             mean_recovery_db=(10.0 * math.log10(mean0 / mean) if mean > 0 else math.inf) if several and mean0 > 0
             else None)
     result = SensitivityResult(layers, worst0, sum(b.shape[0] for b in fit))
+    if not choose:
+        return Fp16Choice(sensitivity={"analysis": result.as_dict()}, result=result)
     sel = choose_for_int8_share(result, macs, float(s.min_int8_share), fixed_fp16=fixed)
     chosen = [n for n in sel.fp16 if n not in fixed]
     sel.reasons.update({n: "float before the choice (a placement rule or quantization.skip)" for n in fixed})
@@ -170,7 +179,8 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
             "check_sqnr_db_before": None, "check_sqnr_db_after": None,
             "measured": {"replayed": len(replay), **screen, "fp16_layers": sorted(chosen),
                          "int8_mac_share": round(sel.int8_share, 6)}}
-    out = Fp16Choice(step=step, sensitivity={"analysis": result.as_dict(), "selection": sel.as_dict()})
+    out = Fp16Choice(step=step, sensitivity={"analysis": result.as_dict(), "selection": sel.as_dict()},
+                     result=result)
     if not chosen:
         step["verdict"] = "no change"
         return out

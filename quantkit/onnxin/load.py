@@ -269,7 +269,7 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def verify_cleanup(original: onnx.ModelProto, cleaned: onnx.ModelProto, batches: list[np.ndarray]) -> float:
     """Worst output SQNR (dB) of the cleaned graph against the original on ``batches``; ExportError below 80 dB."""
-    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.sqnr import sqnr_db
     from quantkit.exporter import parity
 
     ref, got = parity.session(original, 1), parity.session(cleaned, 1)

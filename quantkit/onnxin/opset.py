@@ -35,7 +35,7 @@ def convert_opset(model: onnx.ModelProto, path, target: int, input_name: str, sh
     """``model`` (a checked opset < ``target`` graph whose input ``input_name`` has [N, C, H, W] ``shape``, N may
     be None) converted to opset ``target``, and the worst output SQNR (dB) of the converted graph against the
     original on one random input. UsageError naming the fix when the conversion fails or changes an output."""
-    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.sqnr import sqnr_db
 
     src = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     fix = (f"re-export the model with opset {target} or newer (torch.onnx.export(..., opset_version=17); "

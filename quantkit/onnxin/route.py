@@ -60,7 +60,12 @@ class OnnxQuantResult:
     cleanup_sqnr_db: float | None = None
     trt_cache: dict | None = None  # {"path", "header"} when scales came from a TensorRT calibration cache
     passes: dict | None = None  # the guarded steps (method choice, FP16 choice), report.json "passes"
-    sensitivity: dict | None = None  # the automatic FP16 choice's analysis and selection (onnxin.fp16_choice)
+    choice: object = None  # onnxin.fp16_choice.Fp16Choice: the FP16 choice / --sensitivity analysis, or None
+
+    @property
+    def sensitivity(self) -> dict | None:
+        """report.json ``sensitivity``: the analysis and (when a choice ran) the selection."""
+        return self.choice.sensitivity if self.choice is not None else None
 
     def layer_table(self) -> list[dict]:
         """One row per quantizable node: name, type, precision, input tensor and amax, weight amax range."""
@@ -158,7 +163,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     settings = recipe.calibration.settings
     needed = layout.activation_tensors(only_int8=True)
     calib_result, cache_info, trt = None, {"key": None, "hit": False, "path": None, "reason": None}, None
-    passes = sensitivity = None
+    passes = choice = None
     if trt_cache is not None:
         from quantkit.onnxin.trt_import import import_cache
 
@@ -197,7 +202,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         else:
             amax = ocal.chosen_amax(calib_result, needed, settings)
         act_scales = {t: float(activation_scale(a)) for t, a in amax.items()}
-        passes, sensitivity = _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes)
+        passes, choice = _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes)
     int8 = insert_qdq(cleaned, layout, act_scales, wscales)
     sim = simulate_qdq(cleaned, layout, act_scales, wscales)
     fp32 = normalize(copy.deepcopy(cleaned))
@@ -208,12 +213,12 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     return OnnxQuantResult(loaded=loaded, fp32=fp32, fp32_bytes=fp32.SerializeToString(), int8=int8, sim=sim,
                            layout=layout, settings=settings, pp=pp, data=cal, calib=calib_result, chosen_amax=amax,
                            act_scales=act_scales, weight_scales=wscales, cache_info=cache_info,
-                           cleanup_sqnr_db=sqnr, trt_cache=trt, passes=passes, sensitivity=sensitivity)
+                           cleanup_sqnr_db=sqnr, trt_cache=trt, passes=passes, choice=choice)
 
 
 def _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes):
     """The automatic FP16 choice (``onnxin.fp16_choice``), applied to ``layout`` when its guard keeps it; returns
-    (passes with its step appended, the report's ``sensitivity`` section or None)."""
+    (passes with its step appended, the ``onnxin.fp16_choice.Fp16Choice`` or None)."""
     from quantkit.onnxin.fp16_choice import choose_fp16
     from quantkit.ptq.guard import split_rows
 
@@ -224,10 +229,11 @@ def _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes):
     if choice.fp16:
         layout.int8 = [n for n in layout.int8 if n not in set(choice.fp16)]
         layout.reasons.update(choice.reasons)
-    if passes is None:
+    if passes is None and choice.step:
         fit, check = split_rows(cal.num_samples)
         passes = {"check_images": len(check), "fit_images": len(fit),
                   "measure": "worst output's SQNR (dB) of the float Q/DQ twin against FP32 in onnxruntime",
                   "steps": []}
-    passes["steps"].append(choice.step)
-    return passes, choice.sensitivity
+    if choice.step:
+        passes["steps"].append(choice.step)
+    return passes, choice

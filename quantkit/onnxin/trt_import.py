@@ -61,7 +61,7 @@ def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibr
     ``layout.int8`` and ``layout.notes``) or calibrates the tensors the cache lacks (``mode`` calibrate:
     ``calibrate_missing(tensors) -> (tensor -> amax, CalibrationResult, cache info)``, needs ``data``).
     UsageError naming the fix when the cache is not this model's or calibration has no data."""
-    from quantkit.engine.calib_cache import amax_from_cache, read_cache
+    from quantkit.calibrate.trt_cache import amax_from_cache, read_cache
     from quantkit.onnxin.qdq import activation_scale
 
     header, scales = read_cache(path)

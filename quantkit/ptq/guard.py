@@ -101,7 +101,7 @@ class Checker:
         self.count = 0  # fake-quant forwards run (the guard's cost)
 
     def __call__(self) -> float:
-        from quantkit.eval.sqnr import SqnrAccumulator
+        from quantkit.sqnr import SqnrAccumulator
 
         acc = SqnrAccumulator()
         with torch.no_grad():

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import UsageError
-from quantkit.eval.sqnr import SqnrAccumulator
+from quantkit.sqnr import SqnrAccumulator
 from quantkit.quant.insert import set_precision
 from quantkit.quant.tensor_quantizer import TensorQuantizer
 from quantkit.sensitivity.replay import Replayer

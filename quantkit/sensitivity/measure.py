@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from quantkit.errors import UsageError
-from quantkit.eval.sqnr import SqnrAccumulator
+from quantkit.sqnr import SqnrAccumulator
 from quantkit.quant.insert import set_precision
 from quantkit.sensitivity.analysis import Metric, _quantizer_flags, _worst_db
 

@@ -97,7 +97,7 @@ def test_dynamic_batch_every_output_file_runs_at_1_3_and_max(demo, tmp_path):
 
     from quantkit.data.images import list_images, load_image
     from quantkit.data.preprocess import Preprocess, preprocess_image
-    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.sqnr import sqnr_db
     from quantkit.exporter import parity
     from quantkit.paths import BUNDLED_CALIBRATION
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.cli import main
-from quantkit.engine.calib_cache import activation_scales, read_cache
+from quantkit.calibrate.trt_cache import activation_scales, read_cache
 
 
 def run(*args):
@@ -93,7 +93,7 @@ def test_bundled_detector_at_opset_12_with_free_dims(tmp_path):
 
     from quantkit.data.images import list_images, load_image
     from quantkit.data.preprocess import Preprocess, preprocess_image
-    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.sqnr import sqnr_db
     from quantkit.models.bundled import tree_detector
     from quantkit.paths import BUNDLED_CALIBRATION
 

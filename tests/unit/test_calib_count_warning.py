@@ -39,7 +39,7 @@ def test_max_images_counts_what_is_used():
 
 
 def test_onnx_route_warns_and_notes(tmp_path, caplog):
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy = tmp_path / "toy.onnx", tmp_path / "calib.npy"
     model.write_bytes(toy_onnx(fold=False))

@@ -22,7 +22,7 @@ from quantkit.eval.detection import (
     torch_predictor,
 )
 from quantkit.eval.nms import batched_nms, box_iou, nms, postprocess
-from quantkit.eval.sqnr import SqnrAccumulator, per_output_sqnr, sqnr_db
+from quantkit.sqnr import SqnrAccumulator, per_output_sqnr, sqnr_db
 
 pytest.importorskip("faster_coco_eval")
 

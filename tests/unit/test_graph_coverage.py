@@ -217,7 +217,7 @@ def test_decode_math_on_a_softmax_output_is_float_by_rule():
 def test_onnx_route_reports_the_graph_share_with_reasons(tmp_path):
     from onnx_toy import toy_data, toy_onnx
 
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
     from quantkit.onnxin.placement import build_layout
     from quantkit.recipe import load_recipe
 

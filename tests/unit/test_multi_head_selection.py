@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from quantkit.eval.sqnr import SqnrAccumulator
+from quantkit.sqnr import SqnrAccumulator
 from quantkit.sensitivity.analysis import LayerSensitivity, SensitivityResult, _mean_recovery
 from quantkit.sensitivity.select import choose_for_int8_share
 

@@ -104,7 +104,7 @@ def test_data_yaml_on_the_onnx_route(det, tmp_path):
 def test_bad_evaluation_data_fails_before_calibration(det, tmp_path, monkeypatch):
     """A YAML whose val labels are broken, or a COCO folder with a bad box: exit 2 naming the file, nothing
     written, and calibration never started."""
-    import quantkit.onnxin.export as ox
+    import quantkit.pipeline_onnx as ox
 
     def no_calibration(*a, **k):
         raise AssertionError("calibration ran before the evaluation data was checked")

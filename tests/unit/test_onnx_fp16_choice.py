@@ -87,7 +87,7 @@ def test_replays_and_guard_match_an_independent_measurement(toy):
 
 
 def test_kept_choice_is_in_the_report_with_reasons(toy, tmp_path):
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, _ = toy
     run_onnx_export(_recipe(model, npy, "sensitivity.min_int8_share=0.5"), tmp_path / "out", progress=False)
@@ -142,7 +142,7 @@ def test_screen_opens_the_block_with_most_gain_per_mac():
 
 def test_hybrid_cache_round_trips_the_chosen_fp16_nodes(toy, tmp_path):
     """The default's calibration.cache has no scale for the FP16 nodes' inputs; read back it gives the same graph."""
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, _ = toy
     recipe = _recipe(model, npy, "sensitivity.min_int8_share=0.5")
@@ -152,3 +152,45 @@ def test_hybrid_cache_round_trips_the_chosen_fp16_nodes(toy, tmp_path):
     assert (tmp_path / "b" / "model.int8.onnx").read_bytes() == (tmp_path / "a" / "model.int8.onnx").read_bytes()
     assert sorted(back.report["calibration"]["trt_cache"]["kept_fp16_nodes"]) == sorted(
         n for n in res.report["passes"]["steps"][-1]["measured"]["fp16_layers"])
+
+
+def test_report_md_gives_each_fp16_node_its_reason(toy, tmp_path):
+    from quantkit.pipeline_onnx import run_onnx_export
+
+    model, npy, _ = toy
+    res = run_onnx_export(_recipe(model, npy, "sensitivity.min_int8_share=0.5", "quantization.skip=['/c2/Conv']"),
+                          tmp_path / "o", progress=False)
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "no reason recorded" not in md
+    rows = {r["name"]: r for r in res.report["layers"]}
+    assert "quantization.skip" in rows["/c2/Conv"]["why"]
+    for n in res.report["passes"]["steps"][-1]["measured"]["fp16_layers"]:
+        assert rows[n]["why"].startswith("selection: recovers") and rows[n]["why"] in md
+
+
+def test_sensitivity_flag_replays_every_node_with_its_damage(toy, tmp_path):
+    """--sensitivity on the ONNX route (it was refused): every node replayed, damage = only it INT8 (re-measured
+    here), the chart written; with --full-int8 the analysis still runs and nothing is chosen."""
+    from quantkit.pipeline_onnx import run_onnx_export
+
+    model, npy, x = toy
+    res = run_onnx_export(_recipe(model, npy, "sensitivity.enabled=true", "sensitivity.min_int8_share=null"),
+                          tmp_path / "o", progress=False)
+    rep = res.report
+    assert (tmp_path / "o" / "sensitivity.png").is_file() and "passes" not in rep
+    assert "selection" not in rep["sensitivity"] and rep["coverage"]["float_ops"][0]["node"] == "/MatMul"
+    layers = rep["sensitivity"]["analysis"]["layers"]
+    assert all(r["replayed"] for r in layers if r["type"] != "MatMul")
+    fit, _ = split_rows(len(x))
+    from quantkit.ptq.guard import RowView
+
+    class _Cal:
+        array, batch_size, num_samples = x, 32, len(x)
+
+    fit_x = np.concatenate([b.numpy() for b in RowView(_Cal, fit).batches(limit=8, spread=True)])
+    from quantkit.onnxin.route import quantize_onnx as q
+
+    full = q(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=null"), progress=False)
+    for r in layers:
+        if r["replayed"]:
+            assert r["damage_sqnr_db"] == pytest.approx(_worst(full, [r["name"]], fit_x), abs=1e-3), r["name"]

@@ -71,7 +71,7 @@ def test_fixed_method_skips_the_choice_and_tiny_sets_say_unchecked(toy, tmp_path
 
 
 def test_the_choice_is_in_report_json_and_md(toy, tmp_path):
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, _ = toy
     out = tmp_path / "out"

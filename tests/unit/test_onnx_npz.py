@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.onnxin.export import run_onnx_export
+from quantkit.pipeline_onnx import run_onnx_export
 from quantkit.recipe import load_recipe
 from onnx_toy import toy_data, toy_onnx
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from quantkit.calibrate.histogram import HistogramCollector
 from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import QuantkitError, UsageError
-from quantkit.eval.sqnr import sqnr_db
+from quantkit.sqnr import sqnr_db
 from quantkit.exporter import parity
 from quantkit.exporter.lint import lint
 from quantkit.onnxin.load import cleanup, load_onnx, verify_cleanup
@@ -202,8 +202,8 @@ def _recipe(model, npy, *extra):
 
 
 def test_export_end_to_end_and_trt_cache_round_trip(toy_path, toy_npy, tmp_path):
-    from quantkit.engine.calib_cache import read_cache
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.calibrate.trt_cache import read_cache
+    from quantkit.pipeline_onnx import run_onnx_export
 
     out = tmp_path / "out"
     full = "sensitivity.min_int8_share=null"  # every node INT8: each scale is in the cache
@@ -225,7 +225,7 @@ def test_export_end_to_end_and_trt_cache_round_trip(toy_path, toy_npy, tmp_path)
 
 
 def test_cache_for_another_model_is_refused_and_nothing_written(toy_path, toy_npy, tmp_path):
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     cache = tmp_path / "other.cache"
     cache.write_text("TRT-8601-EntropyCalibration2\n/yolo/conv1/Conv_output_0: 3c010204\ninput_1: 3c010204\n")
@@ -253,7 +253,7 @@ def test_parity_catches_a_wrong_weight_axis(toy_path, toy_npy):
     """A per-channel weight scale applied on the wrong axis must fail the export's parity check."""
     from quantkit.errors import ExportError
     from quantkit.onnxin import quantize_onnx
-    from quantkit.onnxin.export import check_parity
+    from quantkit.pipeline_onnx import check_parity
 
     res = quantize_onnx(str(toy_path), str(toy_npy), _recipe(toy_path, toy_npy))
     batches = [toy_data(4, seed=5)]

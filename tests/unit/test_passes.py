@@ -12,7 +12,7 @@ from torch import nn
 from quantkit.calibrate.driver import apply_calibration
 from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import UsageError
-from quantkit.eval.sqnr import sqnr_db
+from quantkit.sqnr import sqnr_db
 from quantkit.ptq import registered_passes
 from quantkit.ptq.guard import RowView, run_passes, split_rows
 from quantkit.ptq.passes import PassResult, register_pass, unregister_pass

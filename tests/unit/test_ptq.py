@@ -319,7 +319,7 @@ def test_bias_corrections_are_measured_layer_after_layer_not_all_at_once():
     remove: its deep layers keep a mean error of the uncorrected size, and its output SQNR is lower."""
     from copy import deepcopy
 
-    from quantkit.eval.sqnr import sqnr_db
+    from quantkit.sqnr import sqnr_db
     from quantkit.ptq.sequential import fp32_channel_means
     from quantkit.quant.modules import QuantConv2d
 

@@ -14,7 +14,7 @@ from quantkit.calibrate.driver import apply_calibration, run_calibration
 from quantkit.calib_methods import MethodSettings
 from quantkit.errors import UsageError
 from quantkit.eval.layer_sqnr import measure_layer_errors
-from quantkit.eval.sqnr import sqnr_db
+from quantkit.sqnr import sqnr_db
 from quantkit.quant.insert import insert_quantizers
 from quantkit.report.sections import (VisualInputs, add_to_report, build_visual_sections, fp16_reasons,
                                       int8_mac_share)

@@ -149,7 +149,7 @@ def test_disk_full_outside_out_is_exit_2_naming_the_file(capsys):
 @pytest.mark.parametrize("case", ["name_max", "staging_name", "path_max"])
 def test_over_long_out_is_refused_before_any_work(inputs, tmp_path, monkeypatch, route, case):
     import quantkit.models
-    import quantkit.onnxin.export as onnx_export
+    import quantkit.pipeline_onnx as onnx_export
 
     def no_work(*a, **k):
         raise AssertionError("work started before the --out check")

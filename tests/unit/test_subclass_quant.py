@@ -17,7 +17,7 @@ import quantkit
 from quantkit.calibrate.driver import apply_calibration, run_calibration
 from quantkit.calib_methods import MethodSettings
 from quantkit.errors import ModelError, UsageError
-from quantkit.eval.sqnr import sqnr_db
+from quantkit.sqnr import sqnr_db
 from quantkit.exporter import parity
 from quantkit.exporter.layer_parity import layer_parity
 from quantkit.exporter.onnx_export import export_onnx

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from quantkit.engine.calib_cache import MAX_SCALE, MIN_SCALE, amax_from_cache, parse_cache, read_cache
+from quantkit.calibrate.trt_cache import MAX_SCALE, MIN_SCALE, amax_from_cache, parse_cache, read_cache
 from quantkit.errors import QuantkitError, UsageError
 from quantkit.recipe import load_recipe
 from onnx_toy import toy_data, toy_onnx
@@ -73,7 +73,7 @@ def test_plausible_scales_pass_with_amax_127_times_scale(scale):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A toy ONNX export whose own calibration.cache is the template of the hostile caches."""
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     root = tmp_path_factory.mktemp("trt")
     model, npy = root / "toy.onnx", root / "calib.npy"
@@ -102,7 +102,7 @@ def _edited(cache, tmp_path, how: str):
 
 @pytest.mark.parametrize("how", ["00000001", "00000000", "7fc00000", bits(1e4), bits(1e-12), "duplicate"])
 def test_export_refuses_hostile_cache_and_writes_nothing(exported, tmp_path, how):
-    from quantkit.onnxin.export import run_onnx_export
+    from quantkit.pipeline_onnx import run_onnx_export
 
     model, npy, cache = exported
     hostile, victim = _edited(cache, tmp_path, how)

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
-from quantkit.engine.calib_cache import format_cache, read_cache
+from quantkit.calibrate.trt_cache import format_cache, read_cache
 from quantkit.errors import QuantkitError
-from quantkit.onnxin.export import run_onnx_export
+from quantkit.pipeline_onnx import run_onnx_export
 from quantkit.recipe import load_recipe
 from onnx_toy import toy_data, toy_onnx
 

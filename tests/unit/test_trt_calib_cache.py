@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper, TensorProto
 
-from quantkit.engine.calib_cache import (activation_scales, amax_from_cache, cache_text_for, format_cache,
+from quantkit.calibrate.trt_cache import (activation_scales, amax_from_cache, cache_text_for, format_cache,
                                          hex_to_scale, parse_cache, read_cache, scale_to_hex)
 from quantkit.errors import UsageError
 

@@ -1,4 +1,6 @@
-"""Write the ONNX route's output folder: the same files as the torch route.
+"""The ONNX route after its front end (``onnxin.quantize_onnx``): checks, graphs, engine plan, evaluation, report
+and the staged output folder — the same files as the torch route. It lives beside ``pipeline.py``, not in
+``onnxin``, so the front end imports no stage that runs after quantization.
 
 model.onnx (cleaned FP32), model.int8.onnx (weak typing), model.int8.strong.onnx (FP16 + Q/DQ, opset 19),
 calibration.json, calibration.cache (TensorRT text format), build_engine.sh, report.json/.md/.html,
@@ -18,7 +20,7 @@ import numpy as np
 from quantkit import paths
 from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, fixed_threads, method_key
-from quantkit.errors import ExportError, GateFailure, UsageError
+from quantkit.errors import ExportError, GateFailure
 from quantkit.exporter import parity
 from quantkit.output import StagedOutput, check_output_dir
 from quantkit.exporter.lint import lint
@@ -146,7 +148,7 @@ def calibration_json(res: OnnxQuantResult) -> dict:
 
 
 def _hex(scale: float) -> str:
-    from quantkit.engine.calib_cache import scale_to_hex
+    from quantkit.calibrate.trt_cache import scale_to_hex
 
     return scale_to_hex(scale)
 
@@ -164,6 +166,16 @@ def _conversion(res: OnnxQuantResult) -> dict:
         return {}
     return {"opset_converted_from": c.converted_from,
             "opset_conversion_sqnr_db": "inf" if c.conversion_sqnr_db == float("inf") else _r(c.conversion_sqnr_db, 3)}
+
+
+def _layer_rows(res: OnnxQuantResult, recipe: Recipe) -> list[dict]:
+    """The layer table, each FP16 node with its reason (the FP16 choice's, a recipe pattern's), as the torch
+    route's rows carry ``why``."""
+    from quantkit.report.sections import fp16_reasons
+
+    q = recipe.quantization
+    why = fp16_reasons(res.layout, tuple(q.quantize), tuple(q.skip))
+    return [{**r, "why": why[r["name"]]} if r["name"] in why else r for r in res.layer_table()]
 
 
 def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checked: dict | None, strong: dict | None,
@@ -192,7 +204,7 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             "cache_key": res.cache_info.get("key"),
             **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
-        "layers": res.layer_table(),
+        "layers": _layer_rows(res, recipe),
         **({"passes": res.passes} if res.passes else {}),
         **({"sensitivity": res.sensitivity} if res.sensitivity else {}),
         "notes": list(res.layout.notes),
@@ -275,7 +287,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
                     inputs: list[str] = ()) -> ExportResult:
     """``quantkit export model.onnx --calib DATA --out DIR``: quantize_onnx, check, write the folder atomically.
     ``inputs``: every path the run reads (``--force`` never replaces a folder that is, holds or sits in one)."""
-    from quantkit.engine.calib_cache import cache_text_for
+    from quantkit.calibrate.trt_cache import cache_text_for
     from quantkit.report.build import write_reports
 
     t0 = time.perf_counter()
@@ -284,8 +296,6 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
     from quantkit import engine
 
     engine.check_possible(recipe)  # --engine: TensorRT and a suitable GPU, before calibrating (as the torch route)
-    if recipe.sensitivity.enabled:
-        raise UsageError("--sensitivity is not available on the ONNX route yet; use --skip with node names")
     eval_path, eval_dataset = _open_evaluation(recipe)  # bad evaluation data: exit 2 before calibrating
     if recipe.export.nms:
         _check_nms_outputs(recipe.model.name)
@@ -341,6 +351,11 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
+        if recipe.sensitivity.enabled and res.choice is not None:  # --sensitivity: the torch route's chart
+            from quantkit.report.plots import sensitivity_bar_chart_bytes
+
+            stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(res.choice.result, fp16=fp16))
+            report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
         report["engine"] = built
         add_coverage(report, res, recipe)
         if recipe.gates.max_drop is not None:
