@@ -101,6 +101,21 @@ def _screen(offered: list[str], macs: dict[str, float], gain_without) -> tuple[l
     return [n for n in offered if n in set(taken)], info
 
 
+def fit_image_count(macs: dict[str, float], recipe) -> int:
+    """Fit images per replay (``sensitivity.num_images``), halved (at least 4) above :data:`LARGE_MACS`
+    multiply-accumulates per sample, so the choice stays within the --full-int8 export's own time (PP-OCRv4 det at
+    480x480, 1.3 GMAC: 2.5x with 8 images)."""
+    n = recipe.sensitivity.num_images
+    return n if sum(macs.values()) <= LARGE_MACS else max(4, n // 2)
+
+
+def graph_macs(model: onnx.ModelProto) -> dict[str, float]:
+    """Weighted node -> MACs per sample (``exporter.coverage``)."""
+    from quantkit.exporter.coverage import graph_coverage
+
+    return {op.node: float(op.macs) for op in graph_coverage(model).ops}
+
+
 def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], wscales: dict, cal, recipe,
                 threads: int | None) -> Fp16Choice | None:
     """The FP16 choice for ``layout`` (its ``int8`` list is not changed here), or None when off in the recipe
@@ -129,10 +144,7 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     int8 = list(layout.int8)
     offered = [n for n in int8 if layout.candidates[n].weight is not None and n in macs]
     fixed = [n for n in macs if n not in offered]  # float already (skip, decode rules): spend the budget first
-    # a replay is one forward of the fit images: above LARGE_MACS per sample half of them (at least 4), so the
-    # choice stays within the --full-int8 export's own time (PP-OCRv4 det at 480x480, 1.3 GMAC: 2.5x with 8)
-    images = s.num_images if sum(macs.values()) <= LARGE_MACS else max(4, s.num_images // 2)
-    fit = _batches(cal, fit_rows, images)
+    fit = _batches(cal, fit_rows, fit_image_count(macs, recipe))
 
     def twin(nodes: list[str]) -> onnx.ModelProto:
         lay = copy.copy(layout)
@@ -201,4 +213,4 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     return out
 
 
-__all__ = ["choose_fp16", "Fp16Choice", "MAX_CANDIDATES"]
+__all__ = ["choose_fp16", "Fp16Choice", "MAX_CANDIDATES", "fit_image_count", "graph_macs"]

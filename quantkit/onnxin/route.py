@@ -164,6 +164,7 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     needed = layout.activation_tensors(only_int8=True)
     calib_result, cache_info, trt = None, {"key": None, "hit": False, "path": None, "reason": None}, None
     passes = choice = None
+    quant_graph = cleaned  # with a TensorRT cache's scales: the graph as it is
     if trt_cache is not None:
         from quantkit.onnxin.trt_import import import_cache
 
@@ -203,8 +204,10 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
             amax = ocal.chosen_amax(calib_result, needed, settings)
         act_scales = {t: float(activation_scale(a)) for t, a in amax.items()}
         passes, choice = _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes)
-    int8 = insert_qdq(cleaned, layout, act_scales, wscales)
-    sim = simulate_qdq(cleaned, layout, act_scales, wscales)
+        passes, quant_graph = _bias_correction(cleaned, layout, act_scales, wscales, cal, recipe, passes)
+    # model.onnx stays the cleaned FP32 graph; the quantized graphs carry bias correction's biases when it was kept
+    int8 = insert_qdq(quant_graph, layout, act_scales, wscales)
+    sim = simulate_qdq(quant_graph, layout, act_scales, wscales)
     fp32 = normalize(copy.deepcopy(cleaned))
     del fp32.graph.value_info[:]
     onnx.checker.check_model(fp32)
@@ -216,11 +219,36 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                            cleanup_sqnr_db=sqnr, trt_cache=trt, passes=passes, choice=choice)
 
 
+def _passes_record(cal, passes):
+    from quantkit.ptq.guard import split_rows
+
+    if passes is not None:
+        return passes
+    fit, check = split_rows(cal.num_samples)
+    return {"check_images": len(check), "fit_images": len(fit),
+            "measure": "worst output's SQNR (dB) of the float Q/DQ twin against FP32 in onnxruntime", "steps": []}
+
+
+def _bias_correction(cleaned, layout, act_scales, wscales, cal, recipe, passes):
+    """Bias correction (``onnxin.bias_correction``): (passes with its step, the graph to quantize: corrected when
+    its guard kept it, else ``cleaned``)."""
+    from quantkit.onnxin.bias_correction import correct_biases
+    from quantkit.onnxin.fp16_choice import fit_image_count, graph_macs
+
+    bc = correct_biases(cleaned, layout, act_scales, wscales, cal, recipe,
+                        1 if recipe.calibration.deterministic else None,
+                        fit_image_count(graph_macs(cleaned), recipe))
+    if bc is None:
+        return passes, cleaned
+    passes = _passes_record(cal, passes)
+    passes["steps"].append(bc.step)
+    return passes, bc.model if bc.model is not None else cleaned
+
+
 def _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes):
     """The automatic FP16 choice (``onnxin.fp16_choice``), applied to ``layout`` when its guard keeps it; returns
     (passes with its step appended, the ``onnxin.fp16_choice.Fp16Choice`` or None)."""
     from quantkit.onnxin.fp16_choice import choose_fp16
-    from quantkit.ptq.guard import split_rows
 
     choice = choose_fp16(cleaned, layout, act_scales, wscales, cal, recipe,
                          1 if recipe.calibration.deterministic else None)
@@ -229,11 +257,7 @@ def _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes):
     if choice.fp16:
         layout.int8 = [n for n in layout.int8 if n not in set(choice.fp16)]
         layout.reasons.update(choice.reasons)
-    if passes is None and choice.step:
-        fit, check = split_rows(cal.num_samples)
-        passes = {"check_images": len(check), "fit_images": len(fit),
-                  "measure": "worst output's SQNR (dB) of the float Q/DQ twin against FP32 in onnxruntime",
-                  "steps": []}
     if choice.step:
+        passes = _passes_record(cal, passes)
         passes["steps"].append(choice.step)
     return passes, choice

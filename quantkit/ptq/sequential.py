@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from quantkit.calibrate.driver import CalibrationResult
-from quantkit.quant.modules import QuantAdd, QuantConv2d, QuantLinear
+from quantkit.quant.modules import QuantAdd, QuantConv2d, QuantLinear, QuantModule
 from quantkit.quant.tensor_quantizer import QMAX, QMIN
 from quantkit.ptq.adaround import RoundingResult, layer_output, learn_rounding
 
@@ -63,6 +63,7 @@ class LayerPtq:
     consumer_err_after: float | None = None
     rounding: RoundingResult | None = None
     bias_shift_abs_mean: float | None = None
+    note: str | None = None  # a step this layer's type does not take
 
     def as_dict(self) -> dict:
         def r(v):
@@ -74,6 +75,8 @@ class LayerPtq:
             d["rounding"] = self.rounding.as_dict()
         if self.bias_shift_abs_mean is not None:
             d["bias_shift_abs_mean"] = r(self.bias_shift_abs_mean)
+        if self.note:
+            d["note"] = self.note
         return d
 
 
@@ -155,8 +158,10 @@ def sequential_pass(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor, calib: 
     ``progress``: a progress line per interval, counting the FP32 pass and then each layer."""
     from quantkit.utils.progress import progress_bar
 
+    # every quantized layer: the dedicated wrappers and the generic one (a Conv2d subclass such as a "same"-padding
+    # conv, Conv1d, ConvTranspose2d), so bias correction covers what the registry quantized
     layers = {n: m for n, m in qmodel.named_modules()
-              if isinstance(m, (QuantConv2d, QuantLinear, QuantAdd)) and m._input_quantizer.enabled}
+              if isinstance(m, QuantModule) and m._input_quantizer.enabled}
     biased = [n for n, m in layers.items() if not isinstance(m, QuantAdd) and m._weight_quantizer.enabled]
     # the FP32 pass costs about the whole bias-corrected pass; range choice and AdaRound add per-layer work
     heavy = opts.range_choice or opts.adaround
@@ -192,6 +197,10 @@ def _sequential(qmodel, fp32, x, calib, opts, layers, biased, bar) -> dict[str, 
                     err_add, calib.tensors[q.name], float(q.amax))
                 q.amax = a
                 rec.amax_after = a
+            return None
+        if (opts.range_choice or opts.adaround) and type(m) not in (QuantConv2d, QuantLinear):
+            rec.note = (f"range choice and learned rounding take Conv2d and Linear layers, not "
+                        f"{type(m).__name__}: only bias correction applies")
             return None
         xin = args[0]
         w = m.weight

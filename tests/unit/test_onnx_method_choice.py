@@ -26,9 +26,9 @@ def toy(tmp_path_factory):
     return d / "toy.onnx", d / "calib.npy", x
 
 
-def _recipe(model, npy, *extra):  # the method choice alone (the FP16 choice after it has its own tests)
+def _recipe(model, npy, *extra):  # the method choice alone (the steps after it have their own tests)
     return load_recipe(None, [f"model.name='{model}'", f"calibration.data='{npy}'", "calibration.use_cache=false",
-                              "sensitivity.min_int8_share=null", *extra])
+                              "sensitivity.min_int8_share=null", "ptq.bias_correction=false", *extra])
 
 
 def _worst_db(res, fp32_bytes, x_check):

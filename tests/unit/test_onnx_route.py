@@ -206,8 +206,9 @@ def test_export_end_to_end_and_trt_cache_round_trip(toy_path, toy_npy, tmp_path)
     from quantkit.pipeline_onnx import run_onnx_export
 
     out = tmp_path / "out"
-    full = "sensitivity.min_int8_share=null"  # every node INT8: each scale is in the cache
-    res = run_onnx_export(_recipe(toy_path, toy_npy, full), out, progress=False)
+    # every node INT8 (each scale is in the cache), no bias correction (a cache carries scales, not biases)
+    full = ("sensitivity.min_int8_share=null", "ptq.bias_correction=false")
+    res = run_onnx_export(_recipe(toy_path, toy_npy, *full), out, progress=False)
     for f in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx", "calibration.json", "calibration.cache",
               "build_engine.sh", "report.json", "manifest.json"):
         assert (out / f).is_file(), f
@@ -219,7 +220,7 @@ def test_export_end_to_end_and_trt_cache_round_trip(toy_path, toy_npy, tmp_path)
     assert set(scales) == set(cal["amax"])
     # importing the cache reproduces the INT8 graph byte for byte (same scales, bit-exact)
     out2 = tmp_path / "out2"
-    run_onnx_export(_recipe(toy_path, toy_npy, full), out2, progress=False, trt_cache=str(out / "calibration.cache"))
+    run_onnx_export(_recipe(toy_path, toy_npy, *full), out2, progress=False, trt_cache=str(out / "calibration.cache"))
     assert (out2 / "model.int8.onnx").read_bytes() == (out / "model.int8.onnx").read_bytes()
     assert (out2 / "calibration.cache").read_bytes() == (out / "calibration.cache").read_bytes()
 

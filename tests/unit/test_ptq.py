@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.nn import functional as F
 
 from quantkit.calibrate.driver import apply_calibration, run_calibration
 from quantkit.calib_methods import MethodSettings
@@ -81,18 +82,30 @@ def _prepared(model, x, method="max"):
     return prepared, res
 
 
+class _SamePadConv(nn.Conv2d):
+    """A "same"-padding conv subclass with its own forward (EfficientNet ports, timm): the generic wrapper's."""
+
+    def forward(self, x):
+        return self._conv_forward(F.pad(x, [1, 1, 1, 1]), self.weight, self.bias)
+
+
 @pytest.mark.parametrize("layer, x, channel_axis", [
     (nn.Conv2d(3, 4, 3, padding=1), (8, 3, 10, 10), 1),  # NCHW: channels on axis 1
     # a Linear on (N, T, C) tokens (ConvNeXt / transformer MLPs) has its channels on the LAST axis; 320 samples per
     # output feature, 32 features (a size different from T and C)
     (nn.Linear(8, 32), (4, 80, 8), 2),
-], ids=["conv", "linear_on_tokens"])
+    # the layers the registry wraps beyond Conv2d / Linear: bias correction skipped them all before (EfficientNet-
+    # Lite0 as its package ships it: 45 of its convs were never corrected)
+    (_SamePadConv(3, 4, 3), (8, 3, 10, 10), 1),
+    (nn.Conv1d(2, 5, 3, padding=1), (8, 2, 40), 1),
+    (nn.ConvTranspose2d(3, 4, 2, stride=2), (8, 3, 6, 6), 1),
+], ids=["conv", "linear_on_tokens", "conv_subclass", "conv1d", "conv_transpose"])
 def test_bias_correction_recovers_a_planted_mean_shift_exactly(layer, x, channel_axis):
     torch.manual_seed(1)
     layer.reset_parameters()
     model = nn.Sequential(layer).eval()
     x = torch.randn(*x)
-    channels = layer.weight.shape[0]
+    channels = layer.bias.shape[0]
     shift = torch.linspace(-1.0, 2.0, channels)
     others = tuple(d for d in range(x.dim()) if d != channel_axis)
     biases = []
@@ -347,3 +360,16 @@ def test_bias_corrections_are_measured_layer_after_layer_not_all_at_once():
         ref = base.fp32(held_out)
         db = {k: sqnr_db(ref, p.qmodel(held_out)) for k, p in (("seq", seq), ("once", at_once), ("none", base))}
     assert db["seq"] > db["once"] + 0.5 and db["seq"] > db["none"]
+
+
+def test_range_choice_and_rounding_say_which_layers_they_skip():
+    """Range choice and learned rounding take Conv2d / Linear only: another wrapped layer is bias-corrected and
+    the report says why nothing else ran (not silently)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(_SamePadConv(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(8, 3, 10, 10)
+    prepared, res = _prepared(model, x)
+    rep = sequential_pass(prepared.qmodel, prepared.fp32, x, res,
+                          SequentialOptions(range_choice=True, bias_correction=True))
+    assert "only bias correction applies" in rep["0"].as_dict()["note"] and rep["0"].bias_shift_abs_mean is not None
+    assert "note" not in rep["2"].as_dict() and rep["2"].amax_source is not None

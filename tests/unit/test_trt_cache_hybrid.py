@@ -17,9 +17,9 @@ from quantkit.recipe import load_recipe
 from onnx_toy import toy_data, toy_onnx
 
 
-def _recipe(model, npy, *extra):  # every node INT8 unless the test says (the FP16 choice would pick its own)
+def _recipe(model, npy, *extra):  # every node INT8, biases as they are, unless the test says
     return load_recipe(None, [f"model.name='{model}'", f"calibration.data='{npy}'", "calibration.use_cache=false",
-                              "sensitivity.min_int8_share=null", *extra])
+                              "sensitivity.min_int8_share=null", "ptq.bias_correction=false", *extra])
 
 
 @pytest.fixture(scope="module")
