@@ -42,6 +42,7 @@ class _Node:
     output: object = None
     versions: list = field(default_factory=list)
     usable: bool = False
+    mutates: bool = False  # the call modified one of its inputs in place (itself, or a module inside it)
 
 
 @dataclass
@@ -72,8 +73,10 @@ class Replayer:
     ``record(x)`` runs a full forward and keeps the outputs that a later ``replay`` could reuse (calls that
     end before some cut module starts, inside a parent that is still running then). ``replay(x, rec, start)``
     returns ``rec``'s output for every call that ended before clock ``start`` without computing it.
-    Outputs modified in place during the recorded pass are never reused (``tensor._version`` check); calls
-    the record does not know (data-dependent control flow) simply run. Works on any eager module, no tracing.
+    Outputs modified in place during the recorded pass are never reused (``tensor._version`` check), nor calls
+    that modify one of their inputs in place (reusing one would lose its effect on a recomputed input, as on
+    torchvision's VGG-BN slices in CRAFT: a slice starts with ``ReLU(inplace=True)`` on the previous slice's output,
+    which is also kept as a skip); calls the record does not know (data-dependent control flow) simply run. Works on any eager module, no tracing.
     """
 
     def __init__(self, model: nn.Module, cut_modules: list[nn.Module]):
@@ -131,7 +134,7 @@ class Replayer:
             parent_end = rec.nodes[node.parent].end if node.parent >= 0 else math.inf
             i = bisect.bisect_right(starts, node.end)
             keep = i < len(starts) and starts[i] < parent_end
-            node.usable = keep and all(t._version == v for t, v in node.versions)
+            node.usable = keep and not node.mutates and all(t._version == v for t, v in node.versions)
             if not node.usable:
                 node.output, node.versions = None, []
         return rec
@@ -163,6 +166,7 @@ class Replayer:
                     if any(t._version != v for t, v in node.versions):
                         raise RuntimeError("a replayed output was modified in place; please report this model")
                     return node.output
+            before = [(t, t._version) for t in _tensors((args, kwargs))] if self._mode == "record" else ()
             self._stack.append((nid, {}))
             try:
                 out = forward(*args, **kwargs)
@@ -173,6 +177,9 @@ class Replayer:
                 self._clock += 1
                 node.output = out
                 node.versions = [(t, t._version) for t in _tensors(out)]
+                # a call that modifies its input in place (ReLU(inplace=True), or a Sequential starting with one)
+                # is never reused: when its input is recomputed in a replay, the modification must happen again
+                node.mutates = any(t._version != v for t, v in before)
             return out
 
         return wrapped

@@ -109,6 +109,47 @@ def test_replay_matches_plain_forward_for_every_configuration(state):
         set_precision(q, set(state.model.layout.int8))
 
 
+class Sliced(nn.Module):
+    """torchvision's vgg*_bn cut into slices as CRAFT (easyocr) does: a slice ends at a conv, the next starts with
+    ``ReLU(inplace=True)`` on it, and the first slice's output is also kept as a skip, so the skip is post-ReLU
+    through the in-place op."""
+
+    def __init__(self):
+        super().__init__()
+        self.s1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+        self.s2 = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = self.s1(x)
+        skip = h
+        h = self.s2(h)
+        return self.head(torch.cat([h, skip], 1))
+
+
+def test_replay_keeps_in_place_effects_on_recomputed_skips(tmp_path):
+    """Oracle: the plain forward with the same precisions. Reusing the cached in-place ReLU at the start of s2
+    lost its effect on the recomputed s1 output (the skip), so replays from s2.1 read a pre-ReLU skip: on CRAFT
+    one VGG conv kept float 'cost' 20 dB and the FP16 choice kept layers that lowered the check SQNR 8 dB."""
+    np.save(tmp_path / "calib.npy", _tiles(8, 32).astype(np.float32))
+    torch.manual_seed(0)
+    recipe = load_recipe(None, ["calibration.method=max", "calibration.use_cache=false", "ptq.bias_correction=false"])
+    st = quantize_recipe(recipe, model=Sliced().eval(), calib=str(tmp_path / "calib.npy"), progress=False)
+    q, names = st.model.qmodel, list(st.model.layout.layers)
+    x = next(st.data.batches(limit=4))
+    modules = [q.get_submodule(n) for n in names]
+    with Replayer(q, modules) as rp:
+        set_precision(q, set(names))
+        rec = rp.record(x)
+        for n, m in zip(names, modules):
+            set_precision(q, set(names) - {n})
+            got = rp.replay(x, rec, rp.start_of(rec, m))
+            rp._mode = None
+            with torch.no_grad():
+                want = q(x)
+            assert torch.equal(got, want), n
+
+
 def test_recovery_only_analysis_equals_the_full_one_on_recovery(state):
     """damage=False (the default export's min_int8_share selection) skips half the replays: the recovery
     numbers and the execution order are exactly those of the full analysis, damage is None, and the chart and
