@@ -29,7 +29,8 @@ class BuildRequest:
 
     weak_onnx: the weakly typed Q/DQ graph (FP32 + Q/DQ), or its NMS variant. strong_onnx: the strongly typed FP16
     graph when written, else None. fp16_nodes: ONNX names of weighted nodes kept out of INT8. batch: (min, opt,
-    max) batch sizes. sample_shape: one input sample's shape (C, H, W for images). input_name: the graph input.
+    max) batch sizes. sample_shape: one input sample's shape (C, H, W for images; empty for ``build``, which reads it
+    from the graph). input_name: the graph input.
     """
 
     weak_onnx: str

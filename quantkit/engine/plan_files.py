@@ -61,17 +61,16 @@ def build_here(stage, recipe: Recipe, graphs: Graphs, batch: tuple[int, int, int
     """``--engine`` on the torch route: the backend's build into ``stage`` (TensorRT: ``model.engine``, strongly
     typed from 10.12, and its layer precisions). Raises DependencyError/EngineError without TensorRT or a GPU."""
     return build_engine_files(stage, recipe, strong_written=graphs.strong is not None, fp16_nodes=graphs.fp16_nodes,
-                              batch=batch, weak_onnx=graphs.weak_name, strong_onnx=graphs.strong_name)
+                              batch=batch)
 
 
 def build_engine_files(stage, recipe: Recipe, *, strong_written: bool, fp16_nodes, batch: tuple[int, int, int],
-                       weak_onnx: str = "model.int8.onnx", strong_onnx: str = "model.int8.strong.onnx",
-                       sample_shape: tuple[int, ...] = ()) -> dict:
+                       weak_onnx: str = "model.int8.onnx", strong_onnx: str = "model.int8.strong.onnx") -> dict:
     """``--engine`` on either route: the backend's ``build`` from the staged graphs (TensorRT: ``strong_onnx``
     with TensorRT >= 10.12 when written, else ``weak_onnx`` with ``fp16_nodes`` pinned to FP16; writes
     ``model.engine`` and ``engine.layers.json``); returns the build's information for the report."""
     from quantkit.engine.backend import BuildRequest, get_backend
 
     req = BuildRequest(weak_onnx=weak_onnx, strong_onnx=strong_onnx if strong_written else None,
-                       fp16_nodes=tuple(fp16_nodes), batch=tuple(batch), sample_shape=tuple(sample_shape))
+                       fp16_nodes=tuple(fp16_nodes), batch=tuple(batch), sample_shape=())
     return get_backend(recipe.export.backend).build(stage, recipe, req)

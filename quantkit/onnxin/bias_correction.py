@@ -39,21 +39,13 @@ class BiasCorrection:
     step: dict = field(default_factory=dict)
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``tensors`` (float)."""
-    m = copy.deepcopy(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                          for t in tensors if t not in have)
-    return m
-
-
 def _channel_means(model: onnx.ModelProto, tensors: dict[str, str], batches, threads) -> dict[str, np.ndarray]:
     """Node -> per-channel (axis 1) mean of its output tensor over every sample and position, float64."""
     from quantkit.exporter import parity
+    from quantkit.onnxin.measure import with_outputs
 
     names = sorted(set(tensors.values()))
-    sess = parity.session(_with_outputs(model, names).SerializeToString(), threads)
+    sess = parity.session(with_outputs(model, names).SerializeToString(), threads)
     pos = {o.name: i for i, o in enumerate(sess.get_outputs())}
     sums: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
@@ -112,10 +104,9 @@ def _bias_input(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[np.ndarra
     return None, scale
 
 
-def _apply(model: onnx.ModelProto, node_name: str, delta: np.ndarray) -> bool:
-    """Add ``delta`` (per output channel) to the node's bias, as a new initializer of its own; False if it could
-    not be (no bias initializer, a Gemm bias of another shape)."""
-    node = next(n for n in model.graph.node if n.name == node_name)
+def _apply(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray) -> bool:
+    """Add ``delta`` (per output channel) to the bias of ``node`` (one of ``model``'s), as a new initializer of its
+    own; False if it could not be (no bias initializer, a Gemm bias of another shape)."""
     got = _bias_input(model, node)
     if got is None:
         return False
@@ -125,7 +116,7 @@ def _apply(model: onnx.ModelProto, node_name: str, delta: np.ndarray) -> bool:
         bias = np.zeros(delta.shape, np.float32)
     if bias.shape != delta.shape:
         return False
-    name = f"{node_name}/bias_corrected"
+    name = f"{node.name}/bias_corrected"
     model.graph.initializer.append(numpy_helper.from_array((bias + delta).astype(np.float32), name))
     if len(node.input) > 2:
         node.input[2] = name
@@ -135,13 +126,12 @@ def _apply(model: onnx.ModelProto, node_name: str, delta: np.ndarray) -> bool:
 
 
 def correct_biases(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], wscales: dict, cal, recipe,
-                   threads: int | None, images: int) -> BiasCorrection | None:
+                   threads: int | None, images: int, check) -> BiasCorrection | None:
     """Bias correction of ``layout``'s INT8 nodes as described in the module docstring; None when off in the
     recipe (``ptq.bias_correction``), without data, or with too few images to hold any out. ``images``: fit images
-    per pass (the FP16 choice's)."""
-    from quantkit.onnxin.fp16_choice import _batches, _per_output, _run
+    per pass (the FP16 choice's); ``check``: the guard's check images (``onnxin.measure.CheckImages``)."""
+    from quantkit.onnxin.measure import row_batches
     from quantkit.onnxin.qdq import simulate_qdq
-    from quantkit.exporter.parity import sigmoid_outputs
     from quantkit.ptq.guard import split_rows
     from quantkit.ptq.passes import json_db
 
@@ -158,20 +148,15 @@ def correct_biases(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float
     if not nodes:
         step["verdict"] = "no change"
         return BiasCorrection(step=step)
-    fit = _batches(cal, fit_rows, images)
+    fit = row_batches(cal, fit_rows, images)
     sim = simulate_qdq(cleaned, layout, act_scales, wscales)
     probe, pairs = _with_float_twins(sim, cleaned, layout, nodes)
     tensors = {f"{n}/q": q for n, (q, _) in pairs.items()} | {f"{n}/f": f for n, (_, f) in pairs.items()}
     means = _channel_means(probe, tensors, fit, threads)
     model = copy.deepcopy(cleaned)
-    corrected = sum(_apply(model, n, means[f"{n}/f"] - means[f"{n}/q"]) for n in pairs)
-    names, sig = [o.name for o in cleaned.graph.output], sigmoid_outputs(cleaned)
-    check = _batches(cal, check_rows)
-    cref = _run(cleaned, check, threads)
-    before = min(_per_output(cref, _run(simulate_qdq(cleaned, layout, act_scales, wscales), check, threads), names,
-                             sig).values())
-    after = min(_per_output(cref, _run(simulate_qdq(model, layout, act_scales, wscales), check, threads), names,
-                            sig).values())
+    in_model = {n.name: n for n in model.graph.node}
+    corrected = sum(_apply(model, in_model[n], means[f"{n}/f"] - means[f"{n}/q"]) for n in pairs)
+    before, after = check.worst_db(sim), check.worst_db(simulate_qdq(model, layout, act_scales, wscales))
     step.update(changed=f"{corrected} INT8 node(s) corrected", check_sqnr_db_before=json_db(before),
                 check_sqnr_db_after=json_db(after),
                 measured={"corrected_nodes": corrected})

@@ -29,7 +29,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 log = logging.getLogger("quantkit")
@@ -50,33 +49,10 @@ class Fp16Choice:
     result: object = None  # the sensitivity.analysis.SensitivityResult (for the chart)
 
 
-def _batches(cal, rows: list[int], limit: int | None = None) -> list[np.ndarray]:
-    from quantkit.ptq.guard import RowView
-
-    return [b.numpy() for b in RowView(cal, rows).batches(limit=limit, spread=limit is not None)]
-
-
-def _run(model: onnx.ModelProto, batches: list[np.ndarray], threads: int | None) -> list[list[np.ndarray]]:
-    from quantkit.exporter import parity
-
-    sess = parity.session(model.SerializeToString(), threads)
-    return [parity.run_session(sess, b) for b in batches]
-
-
-def _per_output(ref, got, names, sigmoid=frozenset()) -> dict[str, float]:
-    """SQNR (dB) per output; a sigmoid output's is its clipped logit's (``parity.ParityResult.judged_db``)."""
-    from quantkit.exporter import parity
-
-    r = parity.compare_outputs(ref, got, names, sigmoid)
-    return {n: r.judged_db(n) for n in names}
-
-
-def _noise(db: float) -> float:
-    return 0.0 if db == math.inf else 10.0 ** (-db / 10.0)
-
-
 def _mean_noise(per: dict[str, float]) -> float:
     """Noise-to-signal power ratio averaged over the outputs (0 for identical outputs)."""
+    from quantkit.sensitivity.select import _noise
+
     return sum(_noise(d) for d in per.values()) / max(len(per), 1)
 
 
@@ -109,25 +85,20 @@ def fit_image_count(macs: dict[str, float], recipe) -> int:
     return n if sum(macs.values()) <= LARGE_MACS else max(4, n // 2)
 
 
-def graph_macs(model: onnx.ModelProto) -> dict[str, float]:
-    """Weighted node -> MACs per sample (``exporter.coverage``)."""
-    from quantkit.exporter.coverage import graph_coverage
-
-    return {op.node: float(op.macs) for op in graph_coverage(model).ops}
-
-
 def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], wscales: dict, cal, recipe,
-                threads: int | None, progress: bool = False) -> Fp16Choice | None:
+                threads: int | None, ops, check, progress: bool = False) -> Fp16Choice | None:
     """The FP16 choice for ``layout`` (its ``int8`` list is not changed here), or None when off in the recipe
-    (``sensitivity.min_int8_share`` null, ``sensitivity.auto`` false) or without data to hold out. With
+    (``sensitivity.min_int8_share`` null, ``sensitivity.auto`` false) or without data to hold out. ``ops``: the
+    weighted ops of ``cleaned`` with their MACs (``exporter.coverage.graph_coverage(cleaned).ops``); ``check``: the
+    guard's check images (``onnxin.measure.CheckImages``). With
     ``sensitivity.enabled`` (``--sensitivity``) every node is replayed and its damage measured, and the analysis is
     returned even when no choice runs (then ``step`` is empty)."""
-    from quantkit.exporter.coverage import graph_coverage
+    from quantkit.onnxin.measure import per_output_db, row_batches, run_graph
     from quantkit.onnxin.qdq import simulate_qdq
     from quantkit.ptq.guard import split_rows
     from quantkit.ptq.passes import json_db
     from quantkit.sensitivity.analysis import LayerSensitivity, SensitivityResult
-    from quantkit.sensitivity.select import choose_for_int8_share
+    from quantkit.sensitivity.select import _noise, choose_for_int8_share
 
     s = recipe.sensitivity
     fit_rows, check_rows = split_rows(cal.num_samples) if cal is not None else ([], [])
@@ -136,7 +107,6 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
         return None
     if not check_rows:  # --sensitivity on a tiny set: the analysis on every image, no choice to judge
         fit_rows = list(range(cal.num_samples))
-    ops = graph_coverage(cleaned).ops
     macs, types = {op.node: float(op.macs) for op in ops}, {op.node: op.op for op in ops}
     from quantkit.exporter.parity import sigmoid_outputs
 
@@ -144,16 +114,16 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     int8 = list(layout.int8)
     offered = [n for n in int8 if layout.candidates[n].weight is not None and n in macs]
     fixed = [n for n in macs if n not in offered]  # float already (skip, decode rules): spend the budget first
-    fit = _batches(cal, fit_rows, fit_image_count(macs, recipe))
+    fit = row_batches(cal, fit_rows, fit_image_count(macs, recipe))
 
     def twin(nodes: list[str]) -> onnx.ModelProto:
         lay = copy.copy(layout)
         lay.int8 = nodes
         return simulate_qdq(cleaned, lay, act_scales, wscales)
 
-    ref = _run(cleaned, fit, threads)
+    ref = run_graph(cleaned, fit, threads)
     sim = twin(int8)
-    base = _per_output(ref, _run(sim, fit, threads), names, sig)
+    base = per_output_db(ref, run_graph(sim, fit, threads), names, sig)
     worst0, mean0 = min(base.values()), _mean_noise(base)
     several = len(base) > 1
 
@@ -166,7 +136,7 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
 
     def without(nodes) -> dict[str, float]:  # per-output SQNR with ``nodes`` float, the rest INT8
         drop = set(nodes)
-        out = _per_output(ref, _run(twin([m for m in int8 if m not in drop]), fit, threads), names, sig)
+        out = per_output_db(ref, run_graph(twin([m for m in int8 if m not in drop]), fit, threads), names, sig)
         bar.update()
         return out
 
@@ -183,7 +153,7 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
             continue
         per = without([n])
         worst, mean = min(per.values()), _mean_noise(per)
-        damage = (min(_per_output(ref, _run(twin([n]), fit, threads), names, sig).values()) if s.enabled
+        damage = (min(per_output_db(ref, run_graph(twin([n]), fit, threads), names, sig).values()) if s.enabled
                   else None)
         if s.enabled:
             bar.update()
@@ -208,11 +178,7 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     if not chosen:
         step["verdict"] = "no change"
         return out
-    check = _batches(cal, check_rows)
-    cref = _run(cleaned, check, threads)
-    before = min(_per_output(cref, _run(sim, check, threads), names, sig).values())
-    after = min(_per_output(cref, _run(twin([m for m in int8 if m not in chosen]), check, threads), names,
-                             sig).values())
+    before, after = check.worst_db(sim), check.worst_db(twin([m for m in int8 if m not in chosen]))
     step.update(changed=f"{len(chosen)} layer(s) kept FP16", check_sqnr_db_before=json_db(before),
                 check_sqnr_db_after=json_db(after))
     if after > before:
@@ -225,4 +191,4 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     return out
 
 
-__all__ = ["choose_fp16", "Fp16Choice", "MAX_CANDIDATES", "fit_image_count", "graph_macs"]
+__all__ = ["choose_fp16", "Fp16Choice", "MAX_CANDIDATES", "fit_image_count"]

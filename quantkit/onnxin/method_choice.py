@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.calibrate.driver import method_key
 from quantkit.errors import CalibrationError
@@ -33,12 +31,6 @@ class MethodChoice:
     passes: dict = field(default_factory=dict)
 
 
-def _check_batches(cal, rows: list[int]) -> list[np.ndarray]:
-    from quantkit.ptq.guard import RowView
-
-    return [b.numpy() for b in RowView(cal, rows).batches()]
-
-
 def choose_method(cleaned, layout, wscales: dict, calib, needed: list[str], base: MethodSettings, cal,
                   threads: int | None, amax_of, scale_of) -> MethodChoice:
     """Pick the calibration rule for ``cleaned`` (the FP32 ModelProto) as described in the module docstring.
@@ -48,6 +40,7 @@ def choose_method(cleaned, layout, wscales: dict, calib, needed: list[str], base
     ``scale_of(amax)``: the route's amax rule and amax -> scale. Fewer than 4 calibration images: the starting rule,
     said in the record."""
     from quantkit.exporter import parity
+    from quantkit.onnxin.measure import passes_record, row_batches, run_graph
     from quantkit.onnxin.qdq import simulate_qdq
     from quantkit.ptq.guard import split_rows
     from quantkit.ptq.passes import json_db
@@ -56,16 +49,14 @@ def choose_method(cleaned, layout, wscales: dict, calib, needed: list[str], base
     _, check = split_rows(cal.num_samples)
     record = {"name": "calibration_method", "tried": True, "kept": False, "changed": None,
               "check_sqnr_db_before": None, "check_sqnr_db_after": None, "measured": {}}
-    passes = {"check_images": len(check), "fit_images": cal.num_samples - len(check),
-              "measure": "worst output's SQNR (dB) of the float Q/DQ twin against FP32 in onnxruntime",
-              "steps": [record]}
+    passes = passes_record(cal)
+    passes["steps"].append(record)
     if not check:
         record.update(kept=True, verdict=f"kept unchecked: {cal.num_samples} calibration image(s) are too few to "
                                          f"hold any out; the starting rule {start} is used")
         return MethodChoice(base, amax_of(calib, needed, base), passes)
-    batches = _check_batches(cal, check)
-    fp32_bytes = cleaned.SerializeToString()
-    fp32 = [parity.run_session(parity.session(fp32_bytes, threads), b) for b in batches]
+    batches = row_batches(cal, check)
+    fp32 = run_graph(cleaned, batches, threads)
     names = [o.name for o in cleaned.graph.output]
     sig = parity.sigmoid_outputs(cleaned)
     scores: dict[str, float] = {}
@@ -79,8 +70,8 @@ def choose_method(cleaned, layout, wscales: dict, calib, needed: list[str], base
         except CalibrationError as exc:  # e.g. a percentile of 0 on a mostly-zero tensor: not a candidate
             log.info("calibration method %s skipped: %s", key, exc)
             continue
-        sim = simulate_qdq(cleaned, layout, {t: scale_of(a) for t, a in amax.items()}, wscales).SerializeToString()
-        outs = [parity.run_session(parity.session(sim, threads), b) for b in batches]
+        outs = run_graph(simulate_qdq(cleaned, layout, {t: scale_of(a) for t, a in amax.items()}, wscales), batches,
+                         threads)
         scores[key] = float(parity.compare_outputs(fp32, outs, names, sig).worst)
         amaxes[key], rules[key] = amax, settings
     if start not in scores:

@@ -203,8 +203,8 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         else:
             amax = ocal.chosen_amax(calib_result, needed, settings)
         act_scales = {t: float(activation_scale(a)) for t, a in amax.items()}
-        passes, choice = _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes, progress)
-        passes, quant_graph = _bias_correction(cleaned, layout, act_scales, wscales, cal, recipe, passes)
+        passes, choice, quant_graph = _guarded_steps(cleaned, layout, act_scales, wscales, cal, recipe, passes,
+                                                     progress)
     # model.onnx stays the cleaned FP32 graph; the quantized graphs carry bias correction's biases when it was kept
     int8 = insert_qdq(quant_graph, layout, act_scales, wscales)
     sim = simulate_qdq(quant_graph, layout, act_scales, wscales)
@@ -219,45 +219,28 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                            cleanup_sqnr_db=sqnr, trt_cache=trt, passes=passes, choice=choice)
 
 
-def _passes_record(cal, passes):
-    from quantkit.ptq.guard import split_rows
-
-    if passes is not None:
-        return passes
-    fit, check = split_rows(cal.num_samples)
-    return {"check_images": len(check), "fit_images": len(fit),
-            "measure": "worst output's SQNR (dB) of the float Q/DQ twin against FP32 in onnxruntime", "steps": []}
-
-
-def _bias_correction(cleaned, layout, act_scales, wscales, cal, recipe, passes):
-    """Bias correction (``onnxin.bias_correction``): (passes with its step, the graph to quantize: corrected when
-    its guard kept it, else ``cleaned``)."""
+def _guarded_steps(cleaned, layout, act_scales, wscales, cal, recipe, passes, progress: bool):
+    """The steps after the calibration-method choice, in the torch route's order: the automatic FP16 choice
+    (``onnxin.fp16_choice``, applied to ``layout`` when its guard keeps it), then bias correction
+    (``onnxin.bias_correction``). Both read the graph's weighted ops once and judge on the same check images.
+    Returns (passes with their steps appended, the ``Fp16Choice`` or None, the graph to quantize: corrected when
+    bias correction was kept, else ``cleaned``)."""
+    from quantkit.exporter.coverage import graph_coverage
     from quantkit.onnxin.bias_correction import correct_biases
-    from quantkit.onnxin.fp16_choice import fit_image_count, graph_macs
+    from quantkit.onnxin.fp16_choice import choose_fp16, fit_image_count
+    from quantkit.onnxin.measure import CheckImages, passes_record
 
-    bc = correct_biases(cleaned, layout, act_scales, wscales, cal, recipe,
-                        1 if recipe.calibration.deterministic else None,
-                        fit_image_count(graph_macs(cleaned), recipe))
-    if bc is None:
-        return passes, cleaned
-    passes = _passes_record(cal, passes)
-    passes["steps"].append(bc.step)
-    return passes, bc.model if bc.model is not None else cleaned
-
-
-def _fp16_choice(cleaned, layout, act_scales, wscales, cal, recipe, passes, progress: bool = True):
-    """The automatic FP16 choice (``onnxin.fp16_choice``), applied to ``layout`` when its guard keeps it; returns
-    (passes with its step appended, the ``onnxin.fp16_choice.Fp16Choice`` or None)."""
-    from quantkit.onnxin.fp16_choice import choose_fp16
-
-    choice = choose_fp16(cleaned, layout, act_scales, wscales, cal, recipe,
-                         1 if recipe.calibration.deterministic else None, progress=progress)
-    if choice is None:
-        return passes, None
-    if choice.fp16:
+    threads = 1 if recipe.calibration.deterministic else None
+    ops = graph_coverage(cleaned).ops
+    check = CheckImages(cleaned, cal, threads)
+    choice = choose_fp16(cleaned, layout, act_scales, wscales, cal, recipe, threads, ops, check, progress=progress)
+    if choice is not None and choice.fp16:
         layout.int8 = [n for n in layout.int8 if n not in set(choice.fp16)]
         layout.reasons.update(choice.reasons)
-    if choice.step:
-        passes = _passes_record(cal, passes)
-        passes["steps"].append(choice.step)
-    return passes, choice
+    bc = correct_biases(cleaned, layout, act_scales, wscales, cal, recipe, threads,
+                        fit_image_count({op.node: float(op.macs) for op in ops}, recipe), check)
+    for step in (choice.step if choice is not None else None, bc.step if bc is not None else None):
+        if step:
+            passes = passes if passes is not None else passes_record(cal)
+            passes["steps"].append(step)
+    return passes, choice, bc.model if bc is not None and bc.model is not None else cleaned

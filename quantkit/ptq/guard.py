@@ -36,14 +36,14 @@ FIT_PER_CHECK = 3  # the check part takes at most 1 image in 1 + FIT_PER_CHECK
 def check_count(n: int) -> int:
     """How many of ``n`` calibration images the guard holds out: ``max(CHECK_IMAGES, n // CHECK_SHARE)`` up to
     ``MAX_CHECK_IMAGES``, and never more than ``n // (1 + FIT_PER_CHECK)`` (0 when ``n`` is too small)."""
-    return min(min(MAX_CHECK_IMAGES, max(CHECK_IMAGES, n // CHECK_SHARE)), n // (1 + FIT_PER_CHECK))
+    return min(MAX_CHECK_IMAGES, max(CHECK_IMAGES, n // CHECK_SHARE), n // (1 + FIT_PER_CHECK))
 
 
-def split_rows(n: int, max_check: int | None = None) -> tuple[list[int], list[int]]:
-    """(fit rows, check rows) of a set of ``n`` images: :func:`check_count` check rows (at most ``max_check``),
+def split_rows(n: int) -> tuple[list[int], list[int]]:
+    """(fit rows, check rows) of a set of ``n`` images: :func:`check_count` check rows,
     each in the middle of an equal slice of the set (so spread over it, never the first or last image, which
     ``batches(spread=True)`` of the fit part favours); the rest fit. No check rows when ``n`` is too small."""
-    k = check_count(n) if max_check is None else min(max_check, n // (1 + FIT_PER_CHECK))
+    k = check_count(n)
     check = sorted({int((i + 0.5) * n / k) for i in range(k)}) if k > 0 else []
     taken = set(check)
     return [i for i in range(n) if i not in taken], check
