@@ -40,6 +40,10 @@ def resolve_inputs(recipe: Recipe, plan: EvalPlan | None = None) -> tuple[str, s
     ev = (plan or plan_evaluation(recipe)).path  # a dropped bundled default is logged, not silent
     if recipe.model.name == paths.BUNDLED_MODEL:
         calib = calib or str(paths.BUNDLED_CALIBRATION)
+    if calib is None and recipe.calibration.trt_cache:
+        raise UsageError("--trt-calib-cache on a torch model still needs --calib DIR (images) or --calib FILE.npy: "
+                         "the export checks the graphs against the torch model on them (an FP32 .onnx model can "
+                         "take the cache alone)")
     if calib is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy; "
                          "quantkit never calibrates on random data")
@@ -199,6 +203,11 @@ def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib
     from quantkit.ptq import run_default_passes
 
     state = quantize_recipe(recipe, model=model, calib=calib, progress=progress, post_ptq=False, plan=plan)
+    if recipe.calibration.trt_cache:  # the cache's scales as they are: no per-network choice, no FP16 choice
+        from quantkit.trt_cache_import import import_trt_cache
+
+        import_trt_cache(state, recipe.calibration.trt_cache)
+        return state
     run_default_passes(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
                        analysis_dataset=_eval_dataset(state, recipe.sensitivity.eval_images), progress=progress)
     return state
@@ -235,9 +244,6 @@ def run_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False, prog
 
             return run_onnx_export(recipe, out_dir, force=force, progress=progress, command_line=command_line,
                                    trt_cache=recipe.calibration.trt_cache, inputs=inputs)
-        if recipe.calibration.trt_cache:
-            raise UsageError("--trt-calib-cache is only read on the ONNX route for now: export model.onnx first, "
-                             "then run `quantkit export model.onnx --trt-calib-cache FILE`")
         engine.check_possible(recipe)
         state = quantize_and_select(recipe, progress=progress, plan=plan)
         return export_state(state, out_dir, force=force, progress=progress, command_line=command_line,

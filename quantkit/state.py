@@ -59,6 +59,7 @@ class Calibration:
     chosen_amax: dict[str, float]
     cache: dict
     method: str | None = None  # the method key in use when a pass chose it per network (None: the recipe's)
+    trt_cache: dict | None = None  # --trt-calib-cache: which tensors came from it, were kept FP16 or calibrated
 
 
 @dataclass

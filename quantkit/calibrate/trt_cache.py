@@ -12,12 +12,14 @@ from __future__ import annotations
 import difflib
 import re
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from quantkit.calibrate.driver import CalibrationResult
 from quantkit.errors import UsageError
 
 DEFAULT_HEADER = "TRT-8601-EntropyCalibration2"  # TensorRT 8.6.1, the entropy calibrator v2 TensorRT recommends
@@ -172,3 +174,27 @@ def amax_from_cache(scales: dict[str, float], needed: list[str], graph_tensors: 
                              f"outside [{MIN_SCALE:.3g}, {MAX_SCALE:.4g}] (amax up to FP16's 65504): the cache is "
                              "corrupt or for another model; recalibrate, or keep that layer float with --skip")
     return {t: float(np.float32(scales[t]) * np.float32(QMAX)) for t in needed}
+
+
+@dataclass
+class CacheImport:
+    """amax / act_scales: per INT8 activation tensor (ONNX names). from_cache / calibrated: tensors by source;
+    kept_fp16: nodes demoted to FP16 (no scale in the cache) and kept_fp16_tensors their input tensors.
+    calib: the calibration of the ``calibrated`` tensors (None when none ran)."""
+
+    amax: dict[str, float]
+    act_scales: dict[str, float]
+    header: str
+    from_cache: list[str]
+    kept_fp16: list[str] = field(default_factory=list)
+    kept_fp16_tensors: list[str] = field(default_factory=list)
+    calibrated: list[str] = field(default_factory=list)
+    calib: CalibrationResult | None = None
+    cache_info: dict = field(default_factory=dict)
+    mode: str = "fp16"  # calibration.trt_cache_missing
+
+    def as_dict(self, path: str) -> dict:
+        """The report's / calibration.json's description of where each scale came from."""
+        return {"file": Path(path).name, "header": self.header, "missing": self.mode,
+                "from_cache": sorted(self.from_cache), "kept_fp16_nodes": sorted(self.kept_fp16),
+                "kept_fp16_tensors": sorted(self.kept_fp16_tensors), "calibrated": sorted(self.calibrated)}

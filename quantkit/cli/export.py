@@ -97,8 +97,9 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--no-cache", is_flag=True, help="Always recalibrate.")
 @click.option("--trt-calib-cache", type=click.Path(dir_okay=False),
               help="TensorRT calibration cache (TRT-<ver>-EntropyCalibration2 text): use its scales instead of "
-              "calibrating (MODEL.onnx only). Layers whose input has no scale (a hybrid export's FP16 layers) stay "
-              "FP16; --set calibration.trt_cache_missing=calibrate calibrates them from --calib instead.")
+              "calibrating (both routes; a torch model still needs --calib for the parity checks). Layers whose input "
+              "has no scale (a hybrid export's FP16 layers) stay FP16; --set calibration.trt_cache_missing=calibrate "
+              "calibrates them from --calib instead.")
 @click.option("--engine", is_flag=True, help="Also build the TensorRT engine (needs TensorRT and a GPU).")
 @click.option("--target", help="Engine target GPU: t4 (compute capability 7.5) or any. [default: t4]")
 @click.option("--nms", is_flag=True, help="Also write *.nms.onnx with NMS appended (built by build_engine.sh).")

@@ -17,42 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from quantkit.calibrate.driver import CalibrationResult
+from quantkit.calibrate.trt_cache import CacheImport
 from quantkit.data.calib import CalibrationData
 from quantkit.errors import UsageError
 from quantkit.onnxin.placement import OnnxLayout
 
 log = logging.getLogger("quantkit")
-
-
-@dataclass
-class CacheImport:
-    """amax / act_scales: per INT8 activation tensor (ONNX names). from_cache / calibrated: tensors by source;
-    kept_fp16: nodes demoted to FP16 (no scale in the cache) and kept_fp16_tensors their input tensors.
-    calib: the calibration of the ``calibrated`` tensors (None when none ran)."""
-
-    amax: dict[str, float]
-    act_scales: dict[str, float]
-    header: str
-    from_cache: list[str]
-    kept_fp16: list[str] = field(default_factory=list)
-    kept_fp16_tensors: list[str] = field(default_factory=list)
-    calibrated: list[str] = field(default_factory=list)
-    calib: CalibrationResult | None = None
-    cache_info: dict = field(default_factory=dict)
-    mode: str = "fp16"  # calibration.trt_cache_missing
-
-    def as_dict(self, path: str) -> dict:
-        """The report's / calibration.json's description of where each scale came from."""
-        return {"file": Path(path).name, "header": self.header, "missing": self.mode,
-                "from_cache": sorted(self.from_cache), "kept_fp16_nodes": sorted(self.kept_fp16),
-                "kept_fp16_tensors": sorted(self.kept_fp16_tensors), "calibrated": sorted(self.calibrated)}
 
 
 def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibrate_missing, *, mode: str,

@@ -80,6 +80,7 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
             "num_samples": cal.result.num_samples,
             "data_fingerprint": data.fingerprint(),
             "cache_key": cal.cache["key"],
+            **({"trt_cache": cal.trt_cache} if cal.trt_cache else {}),
         },
         "layers": layer_table(model, cal.chosen_amax),
         "notes": list(model.layout.notes),
@@ -116,8 +117,9 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
 
 
 def calibration_json(calib: CalibrationResult, chosen_amax: dict[str, float], settings, data,
-                     method: str | None = None) -> dict:
-    """calibration.json's content; ``method``: the method key chosen per network (None: ``settings``')."""
+                     method: str | None = None, trt_cache: dict | None = None) -> dict:
+    """calibration.json's content; ``method``: the method key chosen per network (None: ``settings``');
+    ``trt_cache``: where each scale came from when they were imported (``--trt-calib-cache``)."""
     return {
         "quantkit_version": __version__,
         "method": method or method_key(settings),
@@ -126,11 +128,13 @@ def calibration_json(calib: CalibrationResult, chosen_amax: dict[str, float], se
         "num_samples": calib.num_samples,
         "amax": {k: _r(v, 8) for k, v in sorted(chosen_amax.items())},
         "all_methods": {k: {m: _r(v, 8) for m, v in sorted(d.items())} for k, d in sorted(calib.tensors.items())},
+        **({"trt_cache": trt_cache} if trt_cache else {}),
     }
 
 
 def write_reports(stage, recipe, report: dict, command_line: list[str], *, calib: CalibrationResult | None = None,
-                  chosen_amax: dict[str, float] | None = None, data=None, method: str | None = None) -> None:
+                  chosen_amax: dict[str, float] | None = None, data=None, method: str | None = None,
+                  trt_cache: dict | None = None) -> None:
     """Write every report file into the staging folder, manifest last (it hashes the others).
     ``calibration.json`` is written when ``calib`` is given."""
     from quantkit.report.html import render_html
@@ -144,7 +148,7 @@ def write_reports(stage, recipe, report: dict, command_line: list[str], *, calib
                                       has_eval=bool(report.get("evaluation")))
     if calib is not None:
         stage.write_json("calibration.json", calibration_json(calib, chosen_amax, recipe.calibration.settings, data,
-                                                              method))
+                                                              method, trt_cache))
     stage.write_text("recipe.resolved.yaml", recipe.to_yaml())
     stage.write_json("report.json", report)
     stage.write_text("report.md", render_markdown(report))
@@ -237,6 +241,7 @@ def write(stage, inputs: ReportInputs, *, progress: bool = True) -> tuple[dict, 
         failures = check_gates(state.recipe, report)
         report["gates"] = gates_section(state.recipe, failures)
         write_reports(stage, state.recipe, report, inputs.command_line, calib=state.calibration.result,
-                      chosen_amax=state.calibration.chosen_amax, data=state.data, method=state.calibration.method)
+                      chosen_amax=state.calibration.chosen_amax, data=state.data, method=state.calibration.method,
+                      trt_cache=state.calibration.trt_cache)
         bar.update()
     return report, failures

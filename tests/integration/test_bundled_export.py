@@ -118,3 +118,37 @@ def test_dynamic_batch_every_output_file_runs_at_1_3_and_max(demo, tmp_path):
             for g, f in zip(got, full):
                 assert g.shape[0] == n
                 assert sqnr_db(f[:n], g) >= 60, (name, n)
+
+
+def test_torch_route_reads_back_its_own_hybrid_trt_cache(demo, tmp_path):
+    """`--trt-calib-cache` on the torch route (issue 22), with the default (hybrid) export's own cache: every
+    scale comes back bit for bit (the re-written cache is byte-identical), and a layer the source kept FP16 stays
+    FP16 exactly when its input tensor has no scale in the cache. Oracle for that: the source's model.int8.onnx,
+    where each float conv's data input either carries a Q/DQ for another, INT8 reader (then the cache has its
+    scale) or none."""
+    import onnx
+
+    from quantkit.calibrate.trt_cache import read_cache
+
+    out, _ = demo
+    imp = tmp_path / "imp"
+    code, text = run("export", "--out", str(imp), "--trt-calib-cache", str(out / "calibration.cache"))
+    assert code == 0, text
+    assert (imp / "calibration.cache").read_bytes() == (out / "calibration.cache").read_bytes()
+    src, got = (json.loads((d / "report.json").read_text()) for d in (out, imp))
+    scales = read_cache(out / "calibration.cache")[1]
+    cal = got["calibration"]
+    assert cal["method"] == "trt-calibration-cache" and cal["trt_cache"]["from_cache"] == sorted(scales)
+    assert "passes" not in got  # the cache's scales as they are: no method choice, FP16 choice or correction
+    graph = onnx.load(out / "model.int8.onnx")
+    data_input = {n.name: n.input[0] for n in graph.graph.node}
+    layers = {r["name"] for r in src["layers"]}  # not the decode's fixed conv, which is no quantizable layer
+    src_fp16 = {op["layer"]: data_input[op["node"]] for op in src["coverage"]["float_ops"] if op["layer"] in layers}
+    assert src_fp16, "the default export keeps some layers FP16"
+    want = sorted(layer for layer, tensor in src_fp16.items() if tensor not in scales)
+    assert want and cal["trt_cache"]["kept_fp16_nodes"] == want
+    fp16_now = sorted(r["name"] for r in got["layers"] if r["precision"] != "int8")
+    assert fp16_now == want
+    assert all(r.get("why", "").startswith("no scale in calibration.cache") for r in got["layers"] if r["name"] in want)
+    calib_json = json.loads((imp / "calibration.json").read_text())
+    assert calib_json["method"] == "trt-calibration-cache" and calib_json["trt_cache"]["kept_fp16_nodes"] == want

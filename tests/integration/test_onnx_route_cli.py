@@ -204,3 +204,62 @@ def test_onnx_route_nms_and_engine(tmp_path):
         code, text = run("export", str(bad_src), *common, *extra, "--out", str(bad_out))
         assert code == 2 and message in text and "calibrating" not in text.lower().replace("calibrating on", ""), text
         assert not bad_out.exists()
+
+
+def _fuse_input_tensor(graph_path) -> str:
+    """The float tensor the user model's ``fuse`` conv reads through its Q/DQ pair in an INT8 graph."""
+    g = onnx.load(graph_path).graph
+    by_out = {o: n for n in g.node for o in n.output}
+    conv = next(n for n in g.node if n.op_type == "Conv" and n.name.startswith("/fuse/"))
+    dq = by_out[conv.input[0]]
+    return by_out[dq.input[0]].input[0]
+
+
+def test_torch_route_hybrid_trt_cache_keeps_or_calibrates_the_layer_without_a_scale(torch_export, user_model,
+                                                                                     tmp_path):
+    """`--trt-calib-cache` on the torch route (issue 22). A cache without the ``fuse`` conv's input scale:
+    by default that layer stays FP16 (oracle: the full cache with ``--skip fuse`` gives the same INT8 graph byte
+    for byte); with calibration.trt_cache_missing=calibrate it stays INT8 with the amax calibrated from --calib
+    (oracle: the full-INT8 export's own mse amax for it); every other scale is the cache's, bit for bit."""
+    from quantkit.calibrate.trt_cache import format_cache
+
+    header, scales = read_cache(torch_export / "calibration.cache")
+    tensor = _fuse_input_tensor(torch_export / "model.int8.onnx")
+    hybrid = tmp_path / "hybrid.cache"
+    hybrid.write_text(format_cache({k: v for k, v in scales.items() if k != tensor}, header))
+    model = ("--model", user_model["spec"], "--weights", user_model["weights"], "--calib", user_model["npy"],
+             "--no-cache")
+    code, text = run("export", *model, "--trt-calib-cache", str(hybrid), "--out", str(tmp_path / "fp16"))
+    assert code == 0, text
+    report = json.loads((tmp_path / "fp16" / "report.json").read_text())
+    assert report["calibration"]["trt_cache"]["kept_fp16_nodes"] == ["fuse"]
+    assert report["calibration"]["trt_cache"]["kept_fp16_tensors"] == [tensor]
+    assert [r["name"] for r in report["layers"] if r["precision"] != "int8"] == ["fuse"]
+    code, text = run("export", *model, "--trt-calib-cache", str(torch_export / "calibration.cache"), "--skip", "fuse",
+                     "--out", str(tmp_path / "ref"))
+    assert code == 0, text
+    assert (tmp_path / "fp16" / "model.int8.onnx").read_bytes() == (tmp_path / "ref" / "model.int8.onnx").read_bytes()
+
+    code, text = run("export", *model, "--trt-calib-cache", str(hybrid), "--set", "calibration.trt_cache_missing=calibrate",
+                     "--set", "calibration.method=mse", "--out", str(tmp_path / "cal"))
+    assert code == 0, text
+    report = json.loads((tmp_path / "cal" / "report.json").read_text())
+    assert report["calibration"]["trt_cache"]["calibrated"] == [tensor]
+    assert all(r["precision"] == "int8" for r in report["layers"])
+    got = read_cache(tmp_path / "cal" / "calibration.cache")[1]
+    assert {k: v for k, v in got.items() if k != tensor} == {k: v for k, v in scales.items() if k != tensor}
+    want = json.loads((torch_export / "calibration.json").read_text())["all_methods"]["fuse._input_quantizer"]["mse"]
+    assert got[tensor] * 127 == pytest.approx(want, rel=1e-5)
+
+
+def test_torch_route_trt_cache_errors_exit_2_and_write_nothing(torch_export, user_model, tmp_path):
+    other = tmp_path / "other.cache"
+    other.write_text("TRT-8601-EntropyCalibration2\n/model.0/conv/Conv_output_0: 3c010204\n")
+    model = ("--model", user_model["spec"], "--weights", user_model["weights"], "--no-cache")
+    cases = [((*model, "--calib", user_model["npy"], "--trt-calib-cache", str(other)), "another model"),
+             ((*model, "--trt-calib-cache", str(torch_export / "calibration.cache")), "still needs --calib")]
+    for k, (args, message) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        code, text = run("export", *args, "--out", str(out))
+        assert code == 2 and message in text, text
+        assert not out.exists()
