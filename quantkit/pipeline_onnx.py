@@ -221,6 +221,15 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
     }
 
 
+def latency_estimate(res: OnnxQuantResult) -> dict:
+    """The torch route's ``latency_estimate`` (T4 roofline ESTIMATE: FP16, full INT8, the export) from the
+    graph's candidate nodes (``onnxin.costs``)."""
+    from quantkit.onnxin.costs import graph_costs
+    from quantkit.sensitivity.cost_model import latency_section
+
+    return latency_section(graph_costs(res.fp32, res.layout), res.layout.candidates, res.layout.int8)
+
+
 def _open_evaluation(recipe: Recipe):
     """(evaluation data path, its opened data set) or (None, None): the torch route's plan, dependency check and
     opening (``quantkit.eval.plan``), so a COCO folder, images + annotations JSON and a dataset YAML all work and
@@ -351,6 +360,7 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
             stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(res.choice.result, fp16=fp16))
             report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
         report["engine"] = built
+        report["latency_estimate"] = latency_estimate(res)
         add_coverage(report, res, recipe)
         if recipe.gates.max_drop is not None:
             report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "

@@ -152,6 +152,9 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return out
 
 
+tensor_shapes = _shapes  # public name for the other stages (the ONNX route's cost table)
+
+
 def _prod(dims) -> int:
     return math.prod(1 if d is None else d for d in dims)  # symbolic dims (a dynamic batch) count as 1
 

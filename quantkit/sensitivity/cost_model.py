@@ -172,6 +172,19 @@ def estimate_latency_ms(costs: CostTable, int8_layers) -> float:
     return total
 
 
+def latency_section(costs: CostTable, layers, int8_layers) -> dict:
+    """report.json's ``latency_estimate``: ESTIMATED T4 ms of FP16 (no INT8), full INT8 (every one of ``layers``)
+    and the export (``int8_layers`` INT8, labelled hybrid when some layers are not), with the model's caveats."""
+    layers, int8 = list(layers), list(int8_layers)
+    ms = {"FP16 (no INT8)": estimate_latency_ms(costs, set()),
+          "full INT8": estimate_latency_ms(costs, set(layers)),
+          "exported (hybrid)" if len(int8) < len(layers) else "exported": estimate_latency_ms(costs, set(int8))}
+    return {"ms": {k: round(v, 4) for k, v in ms.items()}, "batch": costs.batch, "label": ESTIMATE_LABEL,
+            "note": f"{ESTIMATE_LABEL}: per-layer FLOPs and bytes against T4 peaks (65 TFLOPS FP16, 130 TOPS INT8, "
+                    "320 GB/s) with one fitted efficiency factor; an FP16 residual Add is charged for the conv+add fusion it "
+                    "breaks (an unfused kernel at T4 bandwidth). Measure on a T4 with build_engine.sh."}
+
+
 def mac_equivalents(costs: CostTable) -> dict[str, float]:
     """Residual Add -> the conv MACs whose move from INT8 to FP16 would cost the same estimated time as keeping
     this Add FP16 (the unfused kernel it becomes; see the module docstring). A MAC-share budget spends this on an

@@ -144,16 +144,9 @@ def _candidates(state: QuantState, costs, min_int8_share: float, fixed: list[str
 
 def latency_estimate(state: QuantState) -> dict:
     """Estimated T4 latency (roofline model, not measured), in ms, of FP16, full INT8 and the exported choice."""
-    from quantkit.sensitivity.cost_model import ESTIMATE_LABEL, estimate_latency_ms, layer_costs
+    from quantkit.sensitivity.cost_model import layer_costs, latency_section
 
     costs = state.selection.costs if state.selection else None
     costs = costs or layer_costs(state.model.fp32, example_batch(state), state.model.layout.layers)
     layout = state.model.layout
-    ms = {"FP16 (no INT8)": estimate_latency_ms(costs, set()),
-          "full INT8": estimate_latency_ms(costs, set(layout.layers)),
-          "exported (hybrid)" if len(layout.int8) < len(layout.layers) else "exported": estimate_latency_ms(
-              costs, set(layout.int8))}
-    return {"ms": {k: round(v, 4) for k, v in ms.items()}, "batch": costs.batch, "label": ESTIMATE_LABEL,
-            "note": f"{ESTIMATE_LABEL}: per-layer FLOPs and bytes against T4 peaks (65 TFLOPS FP16, 130 TOPS INT8, "
-                    "320 GB/s) with one fitted efficiency factor; an FP16 residual Add is charged for the conv+add fusion it "
-                    "breaks (an unfused kernel at T4 bandwidth). Measure on a T4 with build_engine.sh."}
+    return latency_section(costs, layout.layers, layout.int8)

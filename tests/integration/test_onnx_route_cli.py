@@ -47,6 +47,10 @@ def test_onnx_route_end_to_end_and_cache_import(torch_export, user_model, tmp_pa
     assert report["model"]["int8_layers"] + len(chosen) == report["model"]["quantizable_layers"] > 0
     torch_report = json.loads((torch_export / "report.json").read_text())
     assert report["model"]["quantizable_layers"] == torch_report["model"]["quantizable_layers"]  # same rules
+    # the same T4 cost model on both routes (torch hooks there, the graph's shapes here): the same FP16 estimate
+    ms, torch_ms = report["latency_estimate"]["ms"], torch_report["latency_estimate"]["ms"]
+    assert ms["FP16 (no INT8)"] == pytest.approx(torch_ms["FP16 (no INT8)"], rel=0.1)
+    assert ms["FP16 (no INT8)"] > ms["full INT8"] > 0
     # the torch route's cache on the ONNX route: the same activation scales, bit for bit. (This model's
     # `relu6(conv(y)) + x` is the one residual whose skip the routes pick differently: the torch route does not
     # see through functional relu6, the ONNX route sees a Clip after a conv; both Adds are quantized.)
