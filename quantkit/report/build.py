@@ -165,11 +165,14 @@ def add_selection_sections(stage, state: QuantState, report: dict) -> None:
     report["sensitivity"] = sel
     if not sel:
         return
-    from quantkit.report.plots import sensitivity_bar_chart_bytes
+    from quantkit.report.plots import NO_CHARTS_NOTE, charts_available, sensitivity_bar_chart_bytes
 
     fp16 = [n for n in state.model.layout.layers if n not in set(state.model.layout.int8)]  # marked in the chart
-    stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.selection.sensitivity, fp16=fp16))
-    report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
+    if charts_available():
+        stage.write_bytes("sensitivity.png", sensitivity_bar_chart_bytes(state.selection.sensitivity, fp16=fp16))
+        report.setdefault("plots", []).append({"file": "sensitivity.png", "title": "Per-layer INT8 sensitivity"})
+    elif NO_CHARTS_NOTE not in report["notes"]:
+        report["notes"].append(NO_CHARTS_NOTE)
     a = sel["analysis"]
     ev = report.get("evaluation")
     if ev and a.get("int8_map50_95") is not None:

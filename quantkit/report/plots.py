@@ -15,6 +15,16 @@ from quantkit.errors import require
 from quantkit.utils.atomic import atomic_write_bytes
 
 DISPLAY_CAP_DB = 120.0  # an SQNR of +inf (layer has no effect) is drawn at this length
+NO_CHARTS_NOTE = ("charts not drawn: matplotlib is not installed (pip install 'quantkit[plot]'); report.json and "
+                  "report.md hold the same figures as tables")
+
+
+def charts_available() -> bool:
+    """True when matplotlib can be imported. An export's charts are optional: without it the report is written
+    without them (``NO_CHARTS_NOTE`` in its notes) rather than failing after the work is done."""
+    from quantkit.utils.optional_deps import is_installed
+
+    return is_installed("matplotlib")
 
 
 def _figure(ncols: int, nrows: int):

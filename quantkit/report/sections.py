@@ -58,6 +58,7 @@ class VisualSections:
     why: dict[str, str] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     plots: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _r(v, nd: int = 3):
@@ -128,15 +129,13 @@ def _worst_tensors(rows: list[dict], hists, calib: CalibrationResult, n: int) ->
 
 def build_visual_sections(inp: VisualInputs) -> VisualSections:
     """Measure per-layer errors and histograms, draw both charts, and collect the FP16 reasons, the INT8 MAC
-    share and the device. Raises DependencyError (install ``quantkit[plot]``) without matplotlib — checked
-    before measuring."""
-    from quantkit.errors import require
+    share and the device. Without matplotlib the figures are measured and the charts left out (a note says so)."""
     from quantkit.eval.layer_sqnr import measure_layer_errors
     from quantkit.report.charts import calibration_chart_bytes, layer_error_chart_bytes
+    from quantkit.report.plots import NO_CHARTS_NOTE, charts_available
     from quantkit.sensitivity.cost_model import layer_costs
     from quantkit.utils.device import device_label, resolve_device
 
-    require("matplotlib", "plot")
     dev = resolve_device(inp.device)
     layout = inp.layout
     upper = {q: max(v.values()) for q, v in inp.calib.tensors.items() if v}
@@ -165,6 +164,9 @@ def build_visual_sections(inp: VisualInputs) -> VisualSections:
     out.report["runtime"] = {"device": device_label(dev),
                              "note": "torch calibration, sensitivity and FP32 torch evaluation ran here; ONNX export, "
                                      "parity and onnxruntime evaluation run on the CPU"}
+    if not charts_available():
+        out.notes.append(NO_CHARTS_NOTE)
+        return out
     out.files[LAYER_CHART] = layer_error_chart_bytes(rows, num_samples=res.num_samples)
     out.plots.append({"file": LAYER_CHART, "title": "Per-layer INT8 vs FP32 error (SQNR, FP16 layers marked)"})
     if worst:
@@ -176,6 +178,7 @@ def build_visual_sections(inp: VisualInputs) -> VisualSections:
 def add_to_report(report: dict, sections: VisualSections) -> None:
     """Merge ``sections`` into report.json's content: new keys, a "why" on every FP16 layer row, plots first."""
     report.update(sections.report)
+    report.setdefault("notes", []).extend(n for n in sections.notes if n not in report["notes"])
     for row in report.get("layers", []):
         if row.get("precision") != "int8" and not row.get("why") and row["name"] in sections.why:
             row["why"] = sections.why[row["name"]]
