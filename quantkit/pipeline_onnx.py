@@ -33,6 +33,7 @@ from quantkit.report.gates import check_gates, gates_section
 log = logging.getLogger("quantkit")
 
 PARITY_SAMPLES = 16
+LAYER_ERROR_SAMPLES = 8  # inputs of the per-node error table (the torch route's VisualInputs.max_samples)
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -221,6 +222,32 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
     }
 
 
+def layer_error_sections(res: OnnxQuantResult, batches: list[np.ndarray], threads: int | None):
+    """report.json ``layer_errors`` and the two charts (layer_sqnr.png, calibration.png) of the torch route, measured
+    on model.int8.onnx against the FP32 graph in onnxruntime (``eval.layer_sqnr_onnx``) on up to
+    ``LAYER_ERROR_SAMPLES`` calibration inputs."""
+    from quantkit.eval.layer_sqnr_onnx import measure_graph_layer_errors
+    from quantkit.report.sections import VisualSections, error_rows, error_sections, worst_tensors
+
+    picked, left = [], LAYER_ERROR_SAMPLES
+    for b in batches:
+        if left <= 0:
+            break
+        picked.append(b[:left])
+        left -= int(picked[-1].shape[0])
+    tensors = res.calib.tensors if res.calib is not None else {}
+    upper = {t: max(v.values()) for t, v in tensors.items() if v}
+    measured = measure_graph_layer_errors(res.fp32, res.int8, res.layout, res.act_scales, picked, hist_upper=upper,
+                                          threads=threads)
+    rows = error_rows(measured.layers)
+    worst = worst_tensors(rows, measured.histograms, tensors, 4,
+                          key=lambda r: res.layout.candidates[r["name"]].act_input[1])
+    out = VisualSections()
+    method = "trt-calibration-cache" if res.trt_cache else method_key(res.settings)
+    error_sections(out, rows, worst, measured.num_samples, method, model="model.int8.onnx, onnxruntime")
+    return out
+
+
 def latency_estimate(res: OnnxQuantResult) -> dict:
     """The torch route's ``latency_estimate`` (T4 roofline ESTIMATE: FP16, full INT8, the export) from the
     graph's candidate nodes (``onnxin.costs``)."""
@@ -354,6 +381,13 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         metrics = evaluate_onnx(recipe, eval_path, eval_dataset, res, int8_bytes, progress=progress, threads=threads)
         report = build_report(recipe, res, int8_bytes, checked, strong, lint_out, metrics)
         report["fp16_onnx_nodes"] = fp16
+        if batches:  # per-node error table and charts, as the torch route's report has them
+            from quantkit.report.sections import add_to_report
+
+            sections = layer_error_sections(res, batches, threads)
+            for name, data in sections.files.items():
+                stage.write_bytes(name, data)
+            add_to_report(report, sections)
         if recipe.sensitivity.enabled and res.choice is not None:  # --sensitivity: the torch route's chart
             from quantkit.report.plots import sensitivity_bar_chart_bytes
 

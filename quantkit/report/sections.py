@@ -105,34 +105,65 @@ def int8_mac_share(costs, layout: QuantLayout) -> dict:
             "batch": costs.batch, "counted": "conv, conv-transpose and linear layers (residual Adds excluded)"}
 
 
-def _worst_tensors(rows: list[dict], hists, calib: CalibrationResult, n: int) -> list[dict]:
+def worst_tensors(rows: list[dict], hists, tensors: dict[str, dict[str, float]], n: int, key=None) -> list[dict]:
     """The ``n`` activation tensors with the lowest input quantization SQNR (INT8 layers first), one per
-    distinct tensor (quantizers fed the same tensor have the same histogram and amax)."""
-    cands = [r for r in rows if r["input_quant_sqnr_db"] is not None and f"{r['name']}._input_quantizer" in hists]
+    distinct tensor (quantizers fed the same tensor have the same histogram and amax). ``tensors``: every
+    method's amax per tensor key; ``key(row)``: a row's key in ``hists`` and ``tensors`` (default: the torch
+    route's ``<layer>._input_quantizer``)."""
+    key = key or (lambda r: f"{r['name']}._input_quantizer")
+    cands = [r for r in rows if r["input_quant_sqnr_db"] is not None and key(r) in hists]
     int8 = [r for r in cands if r["precision"] == "int8"] or cands
     int8.sort(key=lambda r: (_num(r["input_quant_sqnr_db"]), r["name"]))
     out, seen = [], set()
     for r in int8:
-        q = f"{r['name']}._input_quantizer"
+        q = key(r)
         h = hists[q]
-        key = (tuple(h.counts), tuple(sorted(calib.tensors.get(q, {}).items())))
-        if key in seen:
+        ident = (tuple(h.counts), tuple(sorted(tensors.get(q, {}).items())))
+        if ident in seen:
             continue
-        seen.add(key)
+        seen.add(ident)
         out.append({"name": q, "layer": r["name"], "upper": _r(h.upper, 6), "counts": list(h.counts),
-                    "amax": {k: _r(v, 6) for k, v in sorted(calib.tensors.get(q, {}).items())},
+                    "amax": {k: _r(v, 6) for k, v in sorted(tensors.get(q, {}).items())},
                     "input_quant_sqnr_db": r["input_quant_sqnr_db"]})
         if len(out) == n:
             break
     return out
 
 
+def error_rows(layers) -> list[dict]:
+    """report.json ``layer_errors.layers`` rows of measured ``LayerError`` s (rounded, JSON-safe)."""
+    return [{"name": e.name, "type": e.type, "precision": e.precision, "output_sqnr_db": _r(e.output_sqnr_db, 2),
+             "input_quant_sqnr_db": _r(e.input_quant_sqnr_db, 2)} for e in layers]
+
+
+def error_sections(out: "VisualSections", rows: list[dict], worst: list[dict], num_samples: int, method: str, *,
+                   model: str) -> None:
+    """Add ``layer_errors`` and both charts (the layer-error bars, the worst tensors' calibration) to ``out``;
+    without matplotlib the charts are left out with a note. ``model``: what "exported" means in the text."""
+    from quantkit.report.charts import calibration_chart_bytes, layer_error_chart_bytes
+    from quantkit.report.plots import NO_CHARTS_NOTE, charts_available
+
+    out.report["layer_errors"] = {
+        "num_samples": num_samples, "data": "calibration inputs", "units": "dB",
+        "output_sqnr_db": f"each layer's output in the exported ({model}) model vs the FP32 model, upstream error included",
+        "input_quant_sqnr_db": "each layer's input vs that input fake-quantized with its calibrated amax, alone",
+        "layers": rows,
+        "worst_tensors": [{k: v for k, v in t.items() if k != "counts"} for t in worst],
+    }
+    if not charts_available():
+        out.notes.append(NO_CHARTS_NOTE)
+        return
+    out.files[LAYER_CHART] = layer_error_chart_bytes(rows, num_samples=num_samples)
+    out.plots.append({"file": LAYER_CHART, "title": "Per-layer INT8 vs FP32 error (SQNR, FP16 layers marked)"})
+    if worst:
+        out.files[CALIB_CHART] = calibration_chart_bytes(worst, chosen_method=method)
+        out.plots.append({"file": CALIB_CHART, "title": "Calibration of the worst tensors (histogram and each method's amax)"})
+
+
 def build_visual_sections(inp: VisualInputs) -> VisualSections:
     """Measure per-layer errors and histograms, draw both charts, and collect the FP16 reasons, the INT8 MAC
     share and the device. Without matplotlib the figures are measured and the charts left out (a note says so)."""
     from quantkit.eval.layer_sqnr import measure_layer_errors
-    from quantkit.report.charts import calibration_chart_bytes, layer_error_chart_bytes
-    from quantkit.report.plots import NO_CHARTS_NOTE, charts_available
     from quantkit.sensitivity.cost_model import layer_costs
     from quantkit.utils.device import device_label, resolve_device
 
@@ -149,29 +180,14 @@ def build_visual_sections(inp: VisualInputs) -> VisualSections:
         res = measure_layer_errors(inp.fp32, inp.qmodel, layout.layers, layout.int8, batches, inp.chosen_amax,
                                    hist_upper=upper, device=dev)
         costs = inp.costs or layer_costs(inp.fp32, batches[0][:1], layout.layers)
-    rows = [{"name": e.name, "type": e.type, "precision": e.precision, "output_sqnr_db": _r(e.output_sqnr_db, 2),
-             "input_quant_sqnr_db": _r(e.input_quant_sqnr_db, 2)} for e in res.layers]
-    worst = _worst_tensors(rows, res.histograms, inp.calib, inp.worst)
+    rows = error_rows(res.layers)
+    worst = worst_tensors(rows, res.histograms, inp.calib.tensors, inp.worst)
     out = VisualSections(why=fp16_reasons(layout, inp.quantize, inp.skip))
-    out.report["layer_errors"] = {
-        "num_samples": res.num_samples, "data": "calibration inputs", "units": "dB",
-        "output_sqnr_db": "each layer's output in the exported (fake-quant) model vs the FP32 model, upstream error included",
-        "input_quant_sqnr_db": "each layer's input vs that input fake-quantized with its calibrated amax, alone",
-        "layers": rows,
-        "worst_tensors": [{k: v for k, v in t.items() if k != "counts"} for t in worst],
-    }
+    error_sections(out, rows, worst, res.num_samples, inp.method, model="fake-quant")
     out.report["int8_mac_share"] = int8_mac_share(costs, layout)
     out.report["runtime"] = {"device": device_label(dev),
                              "note": "torch calibration, sensitivity and FP32 torch evaluation ran here; ONNX export, "
                                      "parity and onnxruntime evaluation run on the CPU"}
-    if not charts_available():
-        out.notes.append(NO_CHARTS_NOTE)
-        return out
-    out.files[LAYER_CHART] = layer_error_chart_bytes(rows, num_samples=res.num_samples)
-    out.plots.append({"file": LAYER_CHART, "title": "Per-layer INT8 vs FP32 error (SQNR, FP16 layers marked)"})
-    if worst:
-        out.files[CALIB_CHART] = calibration_chart_bytes(worst, chosen_method=inp.method)
-        out.plots.append({"file": CALIB_CHART, "title": "Calibration of the worst tensors (histogram and each method's amax)"})
     return out
 
 
