@@ -109,6 +109,13 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     try:
         with torch.no_grad():
             outputs = prepared.fp32(example)
+    except TypeError as exc:  # forward(input, text): more arguments than the data gives
+        from quantkit.models.checks import forward_arguments_hint
+
+        hint = forward_arguments_hint(prepared.fp32, data.inputs)
+        if hint is None:
+            raise
+        raise ModelError(f"the model's forward cannot be called with the calibration data: {exc}. {hint}") from exc
     except (RuntimeError, ValueError) as exc:
         shape = (f"inputs {', '.join(f'{n} {(1, *s)}' for n, s in data.inputs)}" if data.inputs
                  else f"input of shape {tuple(example.shape)}")

@@ -8,6 +8,7 @@ warning is silenced here because choosing it is deliberate.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 import onnx
@@ -17,6 +18,7 @@ from torch import nn
 from quantkit.errors import ExportError
 
 INPUT_NAME = "images"
+log = logging.getLogger("quantkit")
 
 
 def output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -59,4 +61,27 @@ def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = 17, dyn
             )
         except Exception as exc:  # the exporter raises many internal types
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    return onnx.load_from_string(buf.getvalue())
+    return keep_declared_inputs(onnx.load_from_string(buf.getvalue()), input_names, args, dynamic_batch)
+
+
+def keep_declared_inputs(model: onnx.ModelProto, names: list[str], args, dynamic_batch: bool) -> onnx.ModelProto:
+    """The graph with every named input, in order, even one the model never reads (the exporter drops those:
+    a ``forward(input, text)`` that ignores ``text``). The graphs then take exactly the inputs ``forward`` takes
+    and the ``.npz`` gives, which every stage feeds them; TensorRT 8.6+ keeps such an input with a warning."""
+    have = {i.name: i for i in model.graph.input}
+    missing = [n for n in names if n not in have]
+    if not missing:
+        return model
+    declared = []
+    for name, arg in zip(names, args):
+        if name in have:
+            declared.append(have[name])
+        else:
+            dims = ["batch" if dynamic_batch else int(arg.shape[0]), *(int(d) for d in arg.shape[1:])]
+            declared.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+    rest = [i for i in model.graph.input if i.name not in set(names)]
+    del model.graph.input[:]
+    model.graph.input.extend(declared + rest)
+    log.info("the model does not read input(s) %s: the graphs keep them as inputs (unused), so they take the "
+             "inputs forward takes", ", ".join(missing))
+    return model

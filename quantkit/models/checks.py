@@ -34,3 +34,24 @@ def check_outputs(outputs: Any) -> None:
             raise ModelError(f"model output {k} is a scalar (0-dim tensor): quantkit needs every output to keep the "
                              "batch axis first; return per-sample values (e.g. x.mean(dim=(1, 2, 3)) instead of "
                              "x.mean())")
+
+
+def forward_arguments_hint(model, inputs) -> str | None:
+    """How to feed a forward that takes several required arguments from a one-array data set (None: it does
+    not, or the data already names its inputs)."""
+    import inspect
+
+    if inputs:
+        return None
+    try:
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return None
+    required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                                                 p.KEYWORD_ONLY)]
+    if len(required) < 2:
+        return None
+    return (f"{type(model).__name__}.forward takes {len(required)} inputs ({', '.join(required)}) and a .npy or an "
+            f"image folder gives one: pass --calib FILE.npz with one array per input, named after it "
+            f"(numpy.savez('calib.npz', {', '.join(f'{n}=...' for n in required)}); an input the model ignores may "
+            "be zeros of shape (N, 1))")

@@ -57,6 +57,23 @@ class TwoInputs(nn.Module):
         return self.fc(torch.relu(h + self.proj(side)))
 
 
+class IgnoresText(nn.Module):
+    """forward(audio, text) that never reads text (easyocr's recognizer passes a text tensor it ignores)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.c1 = nn.Conv1d(1, 16, 9, stride=2, padding=4)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, audio, text):
+        return self.fc(torch.relu(self.c1(audio.unsqueeze(1))).mean(-1))
+
+
+def ignores():
+    return IgnoresText().eval()
+
+
 def frames():
     return Frames().eval()
 
@@ -154,6 +171,24 @@ def test_two_inputs_from_npz_matched_by_name(work):
     assert _conv_inputs_quantized(onnx.load(str(out / "model.int8.onnx"))) == [True]
 
 
+def test_an_input_forward_ignores_stays_an_input_of_the_graphs(work):
+    """The exporter drops an input the model never reads; the graphs keep it (unused), so every stage and a
+    deployment feed them what forward takes (it fed the packed arrays to a one-input graph: an internal error)."""
+    d, nets = work
+    audio = _sines(24, 512)
+    np.savez(d / "ign.npz", audio=audio, text=np.zeros((24, 1), np.float32))
+    code, summary, out = _export(d, "ignores", d / "ign.npz", "out_ign")
+    assert code == 0, summary
+    for name in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx"):
+        m = onnx.load(str(out / name))
+        assert [(i.name, [v.dim_value for v in i.type.tensor_type.shape.dim]) for i in m.graph.input] == [
+            ("audio", [1, 512]), ("text", [1, 1])], name
+    held = {"audio": _sines(8, 512, seed=11), "text": np.zeros((8, 1), np.float32)}
+    with torch.no_grad():
+        ref = nets.ignores()(torch.from_numpy(held["audio"]), None).numpy()
+    assert _sqnr(ref, _ort(out / "model.int8.onnx", held)) > 25.0
+
+
 @pytest.mark.parametrize("make, expect", [
     (lambda d: np.savez(d / "bad.npz", audio=_sines(4, 64), extra=np.zeros((4, 6), np.float32)),
      "no argument named ['extra']"),
@@ -163,6 +198,8 @@ def test_two_inputs_from_npz_matched_by_name(work):
     (lambda d: np.savez(d / "bad.npz", audio=_sines(4, 64).astype(np.float64), side=np.zeros((4, 6), np.float32)),
      "has dtype float64"),
     (lambda d: np.save(d / "bad.npy", np.zeros(64, np.float32)), "expected a non-empty float32 array (N, ...)"),
+    # a one-array file for a forward of two inputs: told to save a .npz named after them (was an internal error)
+    (lambda d: np.save(d / "bad.npy", _sines(4, 64)), "forward takes 2 inputs (audio, side)"),
 ])
 def test_bad_arrays_are_exit_2_naming_the_fix(work, tmp_path, make, expect):
     d, _ = work
