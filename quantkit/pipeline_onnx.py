@@ -24,7 +24,6 @@ from quantkit.errors import ExportError, GateFailure
 from quantkit.exporter import parity
 from quantkit.output import StagedOutput, check_output_dir
 from quantkit.exporter.lint import lint
-from quantkit.exporter.passes import qdq_summary
 from quantkit.onnxin.route import OnnxQuantResult, _r, quantize_onnx
 from quantkit.recipe import ExportTarget, Recipe, parse_batch
 from quantkit.state import ExportResult
@@ -175,22 +174,19 @@ def _layer_rows(res: OnnxQuantResult, recipe: Recipe) -> list[dict]:
 
 def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checked: dict | None, strong: dict | None,
                  lint_out: dict, metrics: dict | None) -> dict:
-    """report.json content, with the torch route's keys where the renderers read them."""
-    sizes = {"model.onnx": len(res.fp32_bytes), "model.int8.onnx": len(int8_bytes)}
-    if strong and strong.get("status") == "written":
-        sizes["model.int8.strong.onnx"] = strong["size_bytes"]
+    """report.json content: the torch route's sections (``report.build.core_report``), then the ONNX route's own
+    (``route``, the clean-up's SQNR, the opset conversion, the guarded steps, ``--sensitivity``)."""
+    from quantkit.report.build import ReportCore, core_report
+
     none = {"per_output_db": {}, "overall_db": None, "worst_db": None}
-    return {
-        "quantkit_version": __version__,
-        "route": "onnx",
-        "model": {"name": Path(res.loaded.path).name, "source": "onnx", "opset": res.loaded.opset,
-                  **_conversion(res),
-                  "sha256_of_file": __import__("hashlib").sha256(res.loaded.raw).hexdigest(),
-                  "parameters": _param_count(res.loaded.model), "parameters_deploy": _param_count(res.fp32),
-                  "int8_layers": len(res.layout.int8), "quantizable_layers": len(res.layout.candidates)},
-        "input": {"shape": [1, *res.loaded.input_shape[1:]], "name": res.loaded.input_name,
-                  "batch": recipe.input.batch, "preprocess": res.pp.as_dict()},
-        "calibration": {
+    report = core_report(ReportCore(
+        model={"name": Path(res.loaded.path).name, "source": "onnx", "opset": res.loaded.opset, **_conversion(res),
+               "sha256_of_file": __import__("hashlib").sha256(res.loaded.raw).hexdigest(),
+               "parameters": _param_count(res.loaded.model), "parameters_deploy": _param_count(res.fp32),
+               "int8_layers": len(res.layout.int8), "quantizable_layers": len(res.layout.candidates)},
+        input={"shape": [1, *res.loaded.input_shape[1:]], "name": res.loaded.input_name,
+               "batch": recipe.input.batch, "preprocess": res.pp.as_dict()},
+        calibration={
             "method": "trt-calibration-cache" if res.trt_cache else method_key(res.settings),
             "data": paths.display_path(res.data.source) if res.data is not None else None,
             "kind": res.data.kind if res.data is not None else None,
@@ -199,34 +195,33 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
             "cache_key": res.cache_info.get("key"),
             **({"trt_cache": res.trt_cache["import"]} if res.trt_cache else {}),
         },
-        "layers": _layer_rows(res, recipe),
-        **({"passes": res.passes} if res.passes else {}),
-        **({"sensitivity": res.sensitivity} if res.sensitivity else {}),
-        "notes": list(res.layout.notes),
-        "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(int8_bytes) / len(res.fp32_bytes), 4),
-                 "qdq": qdq_summary(res.int8), "cleanup_sqnr_db": "inf" if res.cleanup_sqnr_db == float("inf")
-                 else _r(res.cleanup_sqnr_db, 3)},
-        "parity": {
+        layers=_layer_rows(res, recipe), notes=res.layout.notes,
+        fp32_size=len(res.fp32_bytes), int8_model=res.int8, int8_size=len(int8_bytes),
+        parity={
             "reference": "the same Q/DQ placement and scales in plain float ops (Div/Round/Clip/Mul, numpy "
                          "fake-quantized weights), run in onnxruntime",
             "int8_onnx_vs_torch_fakequant": checked["fq"].as_dict() if checked else none,
             "fp32_onnx_vs_torch": none,
             "strong_onnx_vs_torch_fakequant": None,
         },
-        "accuracy": {"int8_vs_fp32_sqnr_db": checked["int8_vs_fp32"].as_dict() if checked else none,
-                     "sqnr_data": "calibration inputs"},
-        "lint": lint_out,
-        "strong": strong,
-        "evaluation": metrics,
-        "engine": None,
-    }
+        accuracy={"int8_vs_fp32_sqnr_db": checked["int8_vs_fp32"].as_dict() if checked else none,
+                  "sqnr_data": "calibration inputs"},
+        lint=lint_out, strong=strong, evaluation=metrics, engine=None))
+    report["route"] = "onnx"
+    report["onnx"]["cleanup_sqnr_db"] = ("inf" if res.cleanup_sqnr_db == float("inf")
+                                         else _r(res.cleanup_sqnr_db, 3))
+    if res.passes:
+        report["passes"] = res.passes
+    if res.sensitivity:
+        report["sensitivity"] = res.sensitivity
+    return report
 
 
 def layer_error_sections(res: OnnxQuantResult, batches: list[np.ndarray], threads: int | None):
     """report.json ``layer_errors`` and the two charts (layer_sqnr.png, calibration.png) of the torch route, measured
-    on model.int8.onnx against the FP32 graph in onnxruntime (``eval.layer_sqnr_onnx``) on up to
+    on model.int8.onnx against the FP32 graph in onnxruntime (``quantkit.onnx_layer_errors``) on up to
     ``LAYER_ERROR_SAMPLES`` calibration inputs."""
-    from quantkit.eval.layer_sqnr_onnx import measure_graph_layer_errors
+    from quantkit.onnx_layer_errors import measure_graph_layer_errors
     from quantkit.report.sections import VisualSections, error_rows, error_sections, worst_tensors
 
     picked, left = [], LAYER_ERROR_SAMPLES
@@ -276,7 +271,7 @@ def add_coverage(report: dict, res: OnnxQuantResult, recipe: Recipe) -> None:
     model.int8.onnx and every float weighted op with its reason (the recipe's patterns, the placement's notes).
     A float op without a reason is reported (report, log) but not fatal here yet: the placement decides which
     nodes it can quantize, and an unplaced one has no ``--skip`` to name it."""
-    from quantkit.exporter.coverage import coverage_failure, graph_coverage
+    from quantkit.report.build import coverage_section
     from quantkit.report.sections import fp16_reasons
 
     q = recipe.quantization
@@ -285,13 +280,7 @@ def add_coverage(report: dict, res: OnnxQuantResult, recipe: Recipe) -> None:
         node, sep, why = note.partition(": ")
         if sep and node not in reasons:
             reasons[node] = "rule: " + why
-    cov = graph_coverage(res.int8, reasons=reasons)
-    report["int8_mac_share"] = cov.mac_share()
-    report["coverage"] = cov.as_dict()
-    report["coverage"]["error"] = coverage_failure(cov, wrapped=set(res.layout.candidates))
-    share = cov.share
-    log.info("INT8 share of weighted-op MACs in model.int8.onnx: %s (%d of %d weighted ops INT8)",
-             "n/a" if share is None else f"{100 * share:.2f} %", report["coverage"]["int8_ops"], len(cov.ops))
+    coverage_section(report, res.int8, reasons, wrapped=set(res.layout.candidates))
     if report["coverage"]["error"]:
         msg = "ONNX route: " + report["coverage"]["error"].split(". Fix:")[0]
         report["notes"].append(msg)

@@ -56,24 +56,67 @@ def layer_table(model, chosen_amax: dict[str, float]) -> list[dict]:
     return rows
 
 
+@dataclass
+class ReportCore:
+    """The sections every export's report.json has, whichever route made it: both routes fill this record and
+    :func:`core_report` lays it out (the torch route from its state and graphs, the ONNX route from
+    ``onnxin.quantize_onnx``'s result). ``fp32_size`` / ``int8_size``: model.onnx / model.int8.onnx in bytes;
+    ``strong``: report.json's ``strong`` section (None: not a target)."""
+
+    model: dict
+    input: dict
+    calibration: dict
+    layers: list[dict]
+    notes: list[str]
+    fp32_size: int
+    int8_model: object
+    int8_size: int
+    parity: dict
+    accuracy: dict
+    lint: dict
+    strong: dict | None = None
+    evaluation: dict | None = None
+    engine: dict | None = None
+
+
+def core_report(core: ReportCore) -> dict:
+    """report.json's common sections from ``core`` (the routes add their own after: ``ptq``, ``passes``, ...)."""
+    sizes = {"model.onnx": core.fp32_size, "model.int8.onnx": core.int8_size}
+    if core.strong and core.strong.get("status") == "written":
+        sizes["model.int8.strong.onnx"] = core.strong["size_bytes"]
+    report = {
+        "quantkit_version": __version__,
+        "model": core.model,
+        "input": core.input,
+        "calibration": core.calibration,
+        "layers": core.layers,
+        "notes": list(core.notes),
+        "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(core.int8_size / core.fp32_size, 4),
+                 "qdq": qdq_summary(core.int8_model)},
+        "parity": core.parity,
+        "accuracy": core.accuracy,
+        "lint": core.lint,
+        "evaluation": core.evaluation,
+        "engine": core.engine,
+    }
+    if core.strong is not None:  # written or why not (the weak graph is written either way)
+        report["strong"] = core.strong
+    return report
+
+
 def build_report(inputs: ReportInputs, seconds: float) -> dict:
     """Assemble report.json's content (deterministic: no timings, no cache hit flag; those go to ``_run``)."""
     state, graphs = inputs.state, inputs.graphs
     recipe, model, data, cal = state.recipe, state.model, state.data, state.calibration
-    sizes = {"model.onnx": len(graphs.fp32_bytes), "model.int8.onnx": len(graphs.int8_bytes)}
     strong = graphs.strong_report or {}
     written = strong.get("status") == "written"
-    if written:
-        sizes["model.int8.strong.onnx"] = strong["size_bytes"]
     model_info = {**model.info, "int8_layers": len(model.layout.int8), "quantizable_layers": len(model.layout.layers)}
     inp = {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()}
     if data.inputs:  # several named inputs (a .npz): shape is their packed form, inputs what the graphs take
         inp["inputs"] = {name: [1, *shape] for name, shape in data.inputs}
-    report = {
-        "quantkit_version": __version__,
-        "model": model_info,
-        "input": inp,
-        "calibration": {
+    report = core_report(ReportCore(
+        model=model_info, input=inp,
+        calibration={
             "method": cal.method or method_key(recipe.calibration.settings),
             "data": display_path(data.source),
             "kind": data.kind,
@@ -82,22 +125,16 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
             "cache_key": cal.cache["key"],
             **({"trt_cache": cal.trt_cache} if cal.trt_cache else {}),
         },
-        "layers": layer_table(model, cal.chosen_amax),
-        "notes": list(model.layout.notes),
-        "onnx": {"sizes_bytes": sizes, "int8_size_ratio": _r(len(graphs.int8_bytes) / len(graphs.fp32_bytes), 4),
-                 "qdq": qdq_summary(graphs.int8)},
-        "parity": {
+        layers=layer_table(model, cal.chosen_amax), notes=model.layout.notes,
+        fp32_size=len(graphs.fp32_bytes), int8_model=graphs.int8, int8_size=len(graphs.int8_bytes),
+        parity={
             "int8_onnx_vs_torch_fakequant": graphs.fq_parity.as_dict(),
             "fp32_onnx_vs_torch": graphs.fp32_parity.as_dict(),
             "strong_onnx_vs_torch_fakequant": strong.get("parity_vs_fakequant") if written else None,
         },
-        "accuracy": {"int8_vs_fp32_sqnr_db": graphs.int8_vs_fp32.as_dict(), "sqnr_data": "calibration inputs"},
-        "lint": {name: [f.as_dict() for f in findings] for name, findings in graphs.lint.items()},
-        "evaluation": inputs.metrics,
-        "engine": inputs.engine,
-    }
-    if graphs.strong_report is not None:  # written or why not (the weak graph is written either way)
-        report["strong"] = graphs.strong_report
+        accuracy={"int8_vs_fp32_sqnr_db": graphs.int8_vs_fp32.as_dict(), "sqnr_data": "calibration inputs"},
+        lint={name: [f.as_dict() for f in findings] for name, findings in graphs.lint.items()},
+        strong=graphs.strong_report, evaluation=inputs.metrics, engine=inputs.engine))
     ptq_seconds = None
     if state.ptq is not None and any(state.ptq.enabled.values()):  # what the accuracy passes did
         report["ptq"] = state.ptq.as_dict()
@@ -202,20 +239,30 @@ def add_coverage_section(inputs: ReportInputs, report: dict) -> None:
     """Coverage from the exported graph (``exporter.coverage``): every weighted op of model.int8.onnx INT8 or
     float with a reason; ``int8_mac_share`` becomes the graph's (the torch layers' estimate is kept beside it).
     A float op without a reason leaves its message in ``coverage.error`` (the pipeline then exits 2)."""
-    from quantkit.exporter.coverage import coverage_failure, graph_coverage
     from quantkit.report.sections import fp16_reasons
 
     state = inputs.state
     layout, q = state.model.layout, state.recipe.quantization
     reasons = fp16_reasons(layout, tuple(q.quantize), tuple(q.skip))
     names = {n for n, _ in state.model.qmodel.named_modules() if n}
-    cov = graph_coverage(inputs.graphs.int8, layers=names, reasons=reasons)
+    coverage_section(report, inputs.graphs.int8, reasons, wrapped=set(layout.layers), layers=names)
+
+
+def coverage_section(report: dict, int8_model, reasons: dict[str, str], *, wrapped: set[str],
+                     layers: set[str] | None = None) -> None:
+    """report.json ``coverage`` and ``int8_mac_share`` from ``int8_model`` (both routes): ``reasons``: why each
+    float layer / node is float; ``wrapped``: what quantkit quantizes; ``layers``: the torch module names the
+    graph's scopes map to (None: ONNX node names). An earlier ``int8_mac_share`` (the torch layers' estimate)
+    is kept as ``torch_layers_share``."""
+    from quantkit.exporter.coverage import coverage_failure, graph_coverage
+
+    cov = graph_coverage(int8_model, layers=layers, reasons=reasons)
     torch_share = report.get("int8_mac_share")
     report["int8_mac_share"] = cov.mac_share()
     if torch_share:
         report["int8_mac_share"]["torch_layers_share"] = torch_share.get("share")
     report["coverage"] = cov.as_dict()
-    report["coverage"]["error"] = coverage_failure(cov, wrapped=set(layout.layers))
+    report["coverage"]["error"] = coverage_failure(cov, wrapped=wrapped)
     share = report["int8_mac_share"]["share"]
     log.info("INT8 share of weighted-op MACs in model.int8.onnx: %s (%d of %d weighted ops INT8)",
              "n/a" if share is None else f"{100 * share:.2f} %", report["coverage"]["int8_ops"], len(cov.ops))

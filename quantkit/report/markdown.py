@@ -93,6 +93,21 @@ def pass_lines(passes: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _params(report: dict) -> str:
+    """The parameter counts, said the way the route got them (the ONNX route reparameterizes nothing)."""
+    m = report["model"]
+    if report.get("route") == "onnx":
+        return (f"{m['parameters']:,} float values in the file's initializers; {m['parameters_deploy']:,} in the "
+                "cleaned graph, folded constants included")
+    return f"{m['parameters']:,} parameters; {m['parameters_deploy']:,} after reparameterization"
+
+
+def _reference(report: dict) -> str:
+    """What model.int8.onnx is checked against: the torch fake-quant model, or (ONNX route, no torch model) the
+    same Q/DQ in plain float ops."""
+    return "float Q/DQ reference" if report.get("route") == "onnx" else "torch fake-quant"
+
+
 def render_markdown(report: dict) -> str:
     """Render report.json's content as Markdown (deterministic)."""
     m, c, acc = report["model"], report["calibration"], report["accuracy"]["int8_vs_fp32_sqnr_db"]
@@ -103,12 +118,13 @@ def render_markdown(report: dict) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| model | `{m['name']}` ({m['parameters']:,} parameters; {m['parameters_deploy']:,} after reparameterization) |",
+        f"| model | `{m['name']}` ({_params(report)}) |",
         f"| input | {report['input']['shape']} (batch `{report['input']['batch']}`) |",
         f"| calibration | {c['method']} on {c['num_samples']} {c['kind']} from `{c['data']}` |",
         f"| INT8 layers | {m['int8_layers']} of {m['quantizable_layers']} quantizable (the rest run FP16 in TensorRT) |",
         f"| INT8 vs FP32 output SQNR | {fmt_number(acc['worst_db'], 2)} dB worst output ({report['accuracy']['sqnr_data']}) |",
-        f"| torch fake-quant vs onnxruntime | {fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
+        f"| {_reference(report)} vs onnxruntime | "
+        f"{fmt_number(report['parity']['int8_onnx_vs_torch_fakequant']['worst_db'], 2)} dB |",
     ]
     strong = report.get("strong")
     if strong:

@@ -79,3 +79,11 @@ def test_node_rows_match_onnx_reference(export):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     worst = report["layer_errors"]["worst_tensors"]
     assert worst and all(w["name"] in scales for w in worst)  # tensors named as the graph (and the cache) names them
+
+
+def test_report_md_says_what_the_onnx_route_checked(export):
+    """No torch model on this route: report.md names the float Q/DQ reference, and no reparameterization."""
+    out, _ = export
+    md = (out / "report.md").read_text()
+    assert "| float Q/DQ reference vs onnxruntime |" in md and "torch fake-quant" not in md
+    assert "reparameterization" not in md and "in the cleaned graph" in md
