@@ -61,6 +61,9 @@ def _prepared(recipe: Recipe, model: nn.Module | None, inputs=None):
         if inputs:
             adapt_model(built, inputs)
         return quant.prepare(built, recipe.quantization, info, size)
+    from quantkit.models.loading import check_eager
+
+    check_eager(model, "the model passed in")
     if inputs:
         import copy
 

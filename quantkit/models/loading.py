@@ -164,7 +164,18 @@ def _call_factory(factory: Callable[..., Any], spec: str, num_classes: int | Non
         raise ModelError(f"factory for '{spec}' raised {type(exc).__name__}: {cap(exc)}; fix the factory") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory for '{spec}' returned {type(model).__name__}, not a torch.nn.Module: return the model")
+    check_eager(model, f"factory for '{spec}'")
     return model
+
+
+def check_eager(model: nn.Module, what: str = "the model") -> None:
+    """ModelError for a TorchScript module (``torch.jit.load`` / ``torch.jit.script``): its layers are compiled
+    code, so no quantizer can be put in front of them (it would fail later as "matches no quantizable layer")."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(f"{what} returned a TorchScript module ({type(model).__name__}, from torch.jit.load or "
+                         "torch.jit.script): quantkit quantizes an eager torch.nn.Module. Build the model from its "
+                         "Python class and load its weights, or export it to an FP32 ONNX file and pass that "
+                         "(quantkit export model.onnx --calib DATA)")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -67,6 +67,10 @@ def test_build_from_user_file(tmp_path):
         def needs_data():
             from quantkit.errors import DataError
             raise DataError("fetch the data first")
+
+        def scripted():
+            import torch
+            return torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))
         """
     ))
     model, info = build_model(f"{src}:make", num_classes=5)
@@ -78,6 +82,9 @@ def test_build_from_user_file(tmp_path):
         build_model(f"{src}:not_a_model")
     with pytest.raises(ModelError, match="RuntimeError: boom"):
         build_model(f"{src}:broken")
+    # a TorchScript module (torch.jit.load of a shipped .jit) said so, not "matches no quantizable layer" later
+    with pytest.raises(ModelError, match="returned a TorchScript module.*FP32 ONNX"):
+        build_model(f"{src}:scripted")
     with pytest.raises(DataError, match="^fetch the data first$"):  # quantkit errors pass through as they are
         build_model(f"{src}:needs_data")
     with pytest.raises(ModelError, match="takes no num_classes"):
