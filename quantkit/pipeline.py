@@ -124,6 +124,7 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
                  else f"input of shape {tuple(example.shape)}")
         raise ModelError(f"the model rejects {shape}: {exc}. Set input.size (or the .npy/.npz shapes) to what the "
                          "model expects") from exc
+    outputs = _flatten_structured_outputs(prepared, outputs, example)
     check_outputs(outputs)  # outputs need a batch axis
     prepared, ptq_report = equalize_state_model(prepared, data, recipe)  # exact FP32 rescale, before calibration
     calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress,
@@ -132,6 +133,24 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     if post_ptq:
         ptq_for_state(state)
     return state
+
+
+def _flatten_structured_outputs(prepared, outputs, example):
+    """A forward returning a dict / named tuple / nested lists: both models return its tensors flattened and
+    named (``models.outputs``), said in the log and the report; the new outputs."""
+    from quantkit.models.outputs import flatten_outputs, is_flat, output_names
+
+    if is_flat(outputs):
+        return outputs
+    names = output_names(outputs)
+    prepared.fp32 = flatten_outputs(prepared.fp32, names)
+    prepared.qmodel = flatten_outputs(prepared.qmodel, names)
+    note = (f"the model returns a {type(outputs).__name__}: the graphs output its {len(names)} tensor(s) in its "
+            f"order, named {', '.join(names)}")
+    prepared.layout.notes.append(note)
+    log.info(note)
+    with torch.no_grad():
+        return prepared.fp32(example)
 
 
 def _note_small_set(data, notes: list[str]) -> None:

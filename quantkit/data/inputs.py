@@ -78,7 +78,12 @@ def _export_module(model: nn.Module, inputs: Inputs) -> nn.Module:
 
     def forward(self, *xs: torch.Tensor):
         if base is not None:  # the user's own forward: a graph without packing ops
-            return base.forward(self, **dict(zip(names, xs)))
+            out = base.forward(self, **dict(zip(names, xs)))
+            if getattr(self, "_quantkit_output_names", None):  # a structured output, flattened (models.outputs)
+                from torch.utils._pytree import tree_leaves
+
+                out = tuple(tree_leaves(out))
+            return out
         # a torch.fx rewrite of the adapted model (residual adds as modules) traced the unpacking into its graph
         return cls.forward(self, torch.cat([x.reshape(x.shape[0], -1) for x in xs], dim=1))
 

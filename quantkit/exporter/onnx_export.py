@@ -22,7 +22,11 @@ log = logging.getLogger("quantkit")
 
 
 def output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """``["boxes", "scores"]`` for a detector returning (boxes [B,A,4], scores [B,A,C]); else output[_i]."""
+    """``["boxes", "scores"]`` for a detector returning (boxes [B,A,4], scores [B,A,C]); the names of a
+    structured output's tensors (``models.outputs``: dict keys, field names); else output[_i]."""
+    named = getattr(model, "_quantkit_output_names", None)
+    if named:
+        return list(named)
     with torch.no_grad():
         out = model(example)
     if isinstance(out, torch.Tensor):
