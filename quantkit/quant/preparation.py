@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from quantkit.quant.attention import split_attention
 from quantkit.quant.functional import expose_residual_adds
 from quantkit.quant.insert import insert_quantizers
 from quantkit.recipe import QuantizationSpec
@@ -24,10 +25,17 @@ def prepare(model: nn.Module, spec: QuantizationSpec, info: dict | None = None,
                          "parameters": sum(p.numel() for p in model.parameters())})
     size = size or getattr(model, "default_input_size", None)
     model.eval()
-    fp32 = reparameterize(model, full_fusion=True)
+    fp32 = reparameterize(model, full_fusion=True)  # a copy: what follows never touches the user's model
     if size is not None:
         fp32.default_input_size = tuple(size)
+    attention = sum(isinstance(m, nn.MultiheadAttention) for m in fp32.modules())
+    attention_notes = split_attention(fp32)  # its projections become nn.Linear layers (quant.attention)
     fp32, notes = expose_residual_adds(fp32)
+    if attention > len(attention_notes):
+        notes.append(f"{attention - len(attention_notes)} nn.MultiheadAttention module(s) run as four Linear "
+                     "projections (q_proj, k_proj, v_proj, out_proj; same weights, same arithmetic) so they can be "
+                     "quantized")
+    notes.extend(attention_notes)
     unfused = find_unfused_batchnorms(fp32)
     if unfused:
         notes.append(f"{len(unfused)} BatchNorm layer(s) could not be folded: {', '.join(unfused[:10])}")
