@@ -152,6 +152,15 @@ def find_candidates(model: onnx.ModelProto, residual_add: bool = True) -> tuple[
     for n in model.graph.node:
         if n.op_type in WEIGHTED_OPS and len(n.input) >= 2:
             data, w = n.input[0], n.input[1]
+            if g.float_init(data) and not g.is_const(w) and n.op_type in ("MatMul", "Gemm"):
+                # W @ x: coverage counts it as a weighted op, so it needs a reason to stay float
+                notes.append(f"{n.name}: {n.op_type} with its constant weight as the first input (W @ x) kept float "
+                             "(quantkit places Q/DQ for x @ W)")
+                continue
+            if g.is_const(w) and not g.float_init(w) and g.inits.get(w) is not None:
+                notes.append(f"{n.name}: {n.op_type} weight {w!r} is not float32 "
+                             f"({onnx.TensorProto.DataType.Name(g.inits[w].data_type)}); kept as it is")
+                continue
             if not g.float_init(w) or g.is_const(data):
                 continue  # activation x activation MatMul, or a weight computed at run time: stays float
             if n.op_type == "Gemm" and get_attr(n, "transA", 0):
