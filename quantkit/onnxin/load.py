@@ -151,6 +151,10 @@ def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | Non
         raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
                          "quantizes FP32 models: export the model in float32")
     dims = list(tt.shape.dim)
+    for k, d in enumerate(dims):  # -1: "dynamic" as paddle2onnx and older exporters write it -> a free dim
+        if d.HasField("dim_value") and d.dim_value == -1:
+            d.Clear()
+            d.dim_param = "N" if k == 0 else f"dim_{k}"
     shape: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if any(v is not None and v < 1 for v in shape):
         raise UsageError(f"input {qin} of {p} has the shape {shape} with a dimension below 1: re-export it "

@@ -271,6 +271,21 @@ def test_model_without_outputs_or_with_zero_dims_exits_2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_minus_one_dims_are_free_dims_taken_from_the_npy(tmp_path):
+    """paddle2onnx and older exporters write a dynamic dim as -1 (rapidocr's ch_ppocr_mobile_v2.0_cls_infer.onnx:
+    [-1, 3, -1, -1]); it was refused as "a dimension below 1". It is a free dim: the .npy's H, W fix it."""
+    p = tmp_path / "m1.onnx"
+    onnx.save(with_input_shape(bn_graph(), [-1, 3, -1, -1]), p)
+    loaded = load_onnx(p, data_shape=(3, 8, 8))
+    assert loaded.input_shape == [None, 3, 8, 8]
+    npy = tmp_path / "c.npy"
+    np.save(npy, np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32))
+    code, text = run_cli("export", str(p), "--calib", str(npy), "--out", str(tmp_path / "o"), "--no-cache")
+    assert code == 0, text
+    dims = onnx.load(tmp_path / "o" / "model.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims] == ["N", 3, 8, 8]
+
+
 # ------------------------------------------------------------------------------------------------ external data
 
 
