@@ -143,7 +143,8 @@ def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | Non
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise UsageError(f"{p} has {len(inputs)} graph inputs ({short_repr([i.name for i in inputs])}); quantkit's "
-                         "ONNX route takes one image input [N, C, H, W]: export the model with a single input")
+                         "ONNX route takes one input (any rank, batch first) for now: export the model with a single "
+                         "input, or quantize the torch module, whose route takes several from a .npz")
     inp = inputs[0]
     qin = short_repr(inp.name)  # names are user content: quoted bounded
     tt = inp.type.tensor_type
