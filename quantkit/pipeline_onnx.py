@@ -185,7 +185,8 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
                "parameters": _param_count(res.loaded.model), "parameters_deploy": _param_count(res.fp32),
                "int8_layers": len(res.layout.int8), "quantizable_layers": len(res.layout.candidates)},
         input={"shape": [1, *res.loaded.input_shape[1:]], "name": res.loaded.input_name,
-               "batch": recipe.input.batch, "preprocess": res.pp.as_dict()},
+               "batch": recipe.input.batch, "preprocess": res.pp.as_dict(),
+               **({"inputs": {n: [1, *sh] for n, sh in res.loaded.inputs}} if res.loaded.inputs else {})},
         calibration={
             "method": "trt-calibration-cache" if res.trt_cache else method_key(res.settings),
             "data": paths.display_path(res.data.source) if res.data is not None else None,

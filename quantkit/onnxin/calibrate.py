@@ -50,7 +50,8 @@ class OrtTensors(nn.Module):
 
         self.names = list(tensors)
         self.sess = parity.session(with_outputs(model, self.names), threads)
-        inp = self.sess.get_inputs()[0]
+        self.inputs = self.sess.get_inputs()  # several: x is packed (N, F), split by ort_feeds
+        inp = self.inputs[0]
         self.input_name = inp.name
         b = inp.shape[0] if inp.shape else None
         self.fixed_batch = b if isinstance(b, int) and b > 0 else None
@@ -62,17 +63,24 @@ class OrtTensors(nn.Module):
         b = self.fixed_batch
         try:
             if b is None or arr.shape[0] == b:
-                outs = self.sess.run(None, {self.input_name: arr})
+                outs = self.sess.run(None, self._feeds(arr))
             else:  # a graph with a fixed batch: run in chunks, then rebuild the batch the torch route would see
                 if arr.shape[0] % b:
                     raise ValueError(f"batch of {arr.shape[0]} is not a multiple of the graph's fixed batch {b}")
-                parts = [self.sess.run(None, {self.input_name: arr[i:i + b]}) for i in range(0, arr.shape[0], b)]
+                parts = [self.sess.run(None, self._feeds(arr[i:i + b])) for i in range(0, arr.shape[0], b)]
                 outs = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
         except ValueError:
             raise
         except Exception as exc:  # onnxruntime's exception types are not RuntimeError; the driver maps ValueError
             raise ValueError(str(exc).splitlines()[0][:300]) from exc
         return [getattr(self, f"t{i}")(torch.from_numpy(np.ascontiguousarray(o))) for i, o in enumerate(outs)]
+
+    def _feeds(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        if len(self.inputs) == 1:
+            return {self.input_name: arr}
+        from quantkit.data.inputs import ort_feeds
+
+        return ort_feeds(self.inputs, arr)
 
     def rename(self, result: CalibrationResult) -> CalibrationResult:
         """Quantizer names (t<i>) -> ONNX tensor names."""

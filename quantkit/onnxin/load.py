@@ -54,6 +54,7 @@ class LoadedOnnx:
     content: bytes | None = None
     converted_from: int | None = None  # the file's opset when it was converted to ``opset`` (onnx.version_converter)
     conversion_sqnr_db: float | None = None  # converted vs original outputs on the check input (inf: identical)
+    inputs: tuple[tuple[str, tuple[int, ...]], ...] | None = None  # several graph inputs: (name, per-sample shape)
 
     def __post_init__(self):
         if self.content is None:
@@ -81,7 +82,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None,
               data_shape: tuple[int, ...] | None = None,
-              check_memory: Callable[[str, list[int | None]], None] | None = None) -> LoadedOnnx:
+              check_memory: Callable[[str, list[int | None]], None] | None = None,
+              data_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedOnnx:
     """Read and validate an FP32 ONNX file, fix its free input dims, and bring an opset below 13 to 13.
 
     Free H/W take ``input_size`` (H, W in pixels), else ``data_shape`` (C, H, W of preprocessed calibration data,
@@ -125,14 +127,64 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     if not model.graph.output:
         raise UsageError(f"{p} has no graph outputs: there is nothing to calibrate or compare; export the model "
                          "with its outputs (torch.onnx.export(..., output_names=[...]))")
-    name, shape = fix_input(model, p, input_size, data_shape)
+    inits = {t.name for t in model.graph.initializer}
+    if sum(i.name not in inits for i in model.graph.input) > 1:
+        fixed = fix_inputs(model, p, input_size, data_shapes)
+        name, shape = fixed[0]
+    else:
+        name, shape = fix_input(model, p, input_size, data_shape)
+        fixed = [(name, shape)]
     if check_memory is not None:
-        check_memory(f"input {short_repr(name)} of {p}", shape)
+        for n, sh in fixed:
+            check_memory(f"input {short_repr(n)} of {p}", sh)
     loaded = LoadedOnnx(str(p), raw, model, name, shape, opset, external, content)
+    if len(fixed) > 1:
+        loaded.inputs = tuple((n, tuple(int(d) for d in sh[1:])) for n, sh in fixed)
     if opset < MIN_OPSET:
-        loaded.model, loaded.conversion_sqnr_db = convert_opset(model, p, MIN_OPSET, name, shape)
+        loaded.model, loaded.conversion_sqnr_db = convert_opset(model, p, MIN_OPSET, name, shape, feeds=fixed)
         loaded.converted_from, loaded.opset = opset, MIN_OPSET
     return loaded
+
+
+def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | None,
+               data_shapes: dict[str, tuple[int, ...]] | None) -> list[tuple[str, list[int]]]:
+    """Several graph inputs: each float32, its dims after the batch fixed from the .npz array of its name
+    (``data_shapes``: name -> per-sample shape); a free batch is fixed at 1 (the torch route's rule for several
+    inputs: one static shape for the engine). Returns [(name, [N, ...])] in graph order."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    names = [i.name for i in inputs]
+    if input_size is not None:
+        raise UsageError(f"--input-size applies to a model with one image input; {p} has {len(inputs)} inputs "
+                         f"({short_repr(names)}): drop --input-size, the .npz arrays give their shapes")
+    shapes = data_shapes or {}
+    out = []
+    for inp in inputs:
+        qin, tt = short_repr(inp.name), inp.type.tensor_type
+        if tt.elem_type != onnx.TensorProto.FLOAT:
+            raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
+                             "quantizes FP32 models: export the model with float32 inputs")
+        dims = list(tt.shape.dim)
+        if not dims:
+            raise UsageError(f"input {qin} of {p} has no batch axis: export the model with a batch dimension first")
+        want = shapes.get(inp.name)
+        for k, d in enumerate(dims):
+            free = not d.HasField("dim_value") or d.dim_value < 1
+            if k == 0:
+                if free:
+                    d.Clear()
+                    d.dim_value = 1
+                continue
+            if free:
+                if want is None or len(want) != len(dims) - 1:
+                    raise UsageError(f"input {qin} of {p} has free dims and no array of its name to take them from: "
+                                     "calibrate with a .npz holding one float32 array per input, named after it "
+                                     f"(numpy.savez('calib.npz', {', '.join(f'{n!r}=...' for n in names)[:200]}))")
+                d.Clear()
+                d.dim_value = int(want[k - 1])
+        out.append((inp.name, [int(d.dim_value) for d in dims]))
+    log.info("ONNX route: %d graph inputs %s, batch 1", len(out), ", ".join(f"{n} {s}" for n, s in out))
+    return out
 
 
 def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | None,
@@ -143,8 +195,8 @@ def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | Non
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
         raise UsageError(f"{p} has {len(inputs)} graph inputs ({short_repr([i.name for i in inputs])}); quantkit's "
-                         "ONNX route takes one input (any rank, batch first) for now: export the model with a single "
-                         "input, or quantize the torch module, whose route takes several from a .npz")
+                         "ONNX route takes a model with at least one float32 input (batch first): export the model "
+                         "with its inputs as graph inputs")
     inp = inputs[0]
     qin = short_repr(inp.name)  # names are user content: quoted bounded
     tt = inp.type.tensor_type

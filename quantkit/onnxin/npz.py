@@ -1,8 +1,9 @@
 """Calibration data as a ``.npz`` on the ONNX route: one float32 NCHW array per graph input, keyed by the ONNX
 input name (what ``np.savez(path, **{input_name: array})`` writes; Polygraphy- and onnxruntime-style feeds).
 
-The ONNX route calibrates one image input, so a usable file holds one array: under the input's name, or under
-``arr_0`` (``np.savez(path, array)``, no name given). Any other key, several keys, pickled objects or a damaged
+For a model with one input a usable file holds one array: under the input's name, or under ``arr_0``
+(``np.savez(path, array)``, no name given); a model with several inputs takes one array per input, named after
+it, packed in graph order (:func:`npz_packed`). Any other key, several keys, pickled objects or a damaged
 file are a DataError (exit 2) naming the fix. The array is loaded into memory (a .npz cannot be memory-mapped).
 """
 
@@ -49,6 +50,57 @@ def npz_shape(data) -> tuple[int, ...] | None:
     except (DataError, ValueError, OSError, zipfile.BadZipFile):
         return None
     return tuple(int(s) for s in shape[1:]) if len(shape) == 4 else None
+
+
+def npz_shapes(data) -> dict[str, tuple[int, ...]] | None:
+    """name -> per-sample shape of every array of a .npz, read from the headers only (a model with several
+    inputs takes its free dims from them), else None."""
+    if not is_npz(data) or not Path(data).is_file():
+        return None
+    out = {}
+    try:
+        with zipfile.ZipFile(Path(data)) as zf:
+            for key in _keys(Path(data)):
+                with zf.open(key + ".npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, _ = read(f)
+                out[key] = tuple(int(v) for v in shape[1:])
+    except (DataError, ValueError, OSError, zipfile.BadZipFile):
+        return None
+    return out
+
+
+def npz_packed(data, inputs: tuple[tuple[str, tuple[int, ...]], ...]) -> np.ndarray:
+    """A .npz of one float32 array per graph input (``inputs``: (name, per-sample shape) in graph order), packed
+    side by side into (N, F) in graph order (``quantkit.data.inputs``). DataError naming the fix for a missing
+    or extra key, another shape, unequal sample counts, or a file that cannot be read."""
+    p = Path(data)
+    names = [n for n, _ in inputs]
+    if not p.is_file():
+        raise DataError(f"calibration data {p} does not exist: pass a .npz with one float32 array per input {names}")
+    keys = _keys(p)
+    missing, extra = [n for n in names if n not in keys], [k for k in keys if k not in names]
+    if missing or extra:
+        raise DataError(f"{p} holds the arrays {sorted(keys)[:8]}, but the model's inputs are {names}: save one "
+                        "float32 array per input, named after it (numpy.savez(path, "
+                        + ", ".join(f"{n!r}=..." for n in names)[:200] + "))")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {n: np.asarray(z[n]) for n in names}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{p} cannot be read ({str(exc)[:120]}); save plain float32 arrays with np.savez") from exc
+    counts = {n: int(a.shape[0]) if a.ndim else 0 for n, a in arrays.items()}
+    for n, shape in inputs:
+        a = arrays[n]
+        if a.dtype != np.float32 or tuple(a.shape[1:]) != tuple(shape):
+            raise DataError(f"{p}[{n!r}] is {a.dtype} {tuple(a.shape)}; the model's input {n!r} takes float32 "
+                            f"(N, {', '.join(str(d) for d in shape)})")
+    if len(set(counts.values())) > 1 or not min(counts.values()):
+        raise DataError(f"{p}: the inputs have different (or zero) numbers of samples {counts}; every array needs "
+                        "the same N (sample i of each array is one call of the model)")
+    n = min(counts.values())
+    return np.concatenate([arrays[k].reshape(n, -1) for k in names], axis=1)
 
 
 def npz_array(data, input_names: list[str]) -> np.ndarray:

@@ -19,7 +19,8 @@ CONVERT_MIN_SQNR_DB = 80.0  # converted vs original outputs: only float summatio
 CHECK_SEED = 0
 
 
-def _outputs(model: onnx.ModelProto, name: str, x: np.ndarray) -> list[np.ndarray]:
+def _outputs(model: onnx.ModelProto, name: str, x: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of ``model`` on the feeds ``x`` (input name -> array; ``name``: the first input)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -27,11 +28,11 @@ def _outputs(model: onnx.ModelProto, name: str, x: np.ndarray) -> list[np.ndarra
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as it is
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {name: x})
+    return sess.run(None, x)
 
 
-def convert_opset(model: onnx.ModelProto, path, target: int, input_name: str, shape: list[int | None]
-                  ) -> tuple[onnx.ModelProto, float]:
+def convert_opset(model: onnx.ModelProto, path, target: int, input_name: str, shape: list[int | None],
+                  feeds: list[tuple[str, list[int | None]]] | None = None) -> tuple[onnx.ModelProto, float]:
     """``model`` (a checked opset < ``target`` graph whose input ``input_name`` has [N, C, H, W] ``shape``, N may
     be None) converted to opset ``target``, and the worst output SQNR (dB) of the converted graph against the
     original on one random input. UsageError naming the fix when the conversion fails or changes an output."""
@@ -46,7 +47,8 @@ def convert_opset(model: onnx.ModelProto, path, target: int, input_name: str, sh
     except Exception as exc:  # the converter raises RuntimeError/ValidationError for ops it has no adapter for
         raise UsageError(f"{path} uses opset {src}, and onnx's version converter cannot bring it to opset {target} "
                          f"({str(exc).strip()[:200]}): {fix}") from None
-    x = np.random.default_rng(CHECK_SEED).random((shape[0] or 1, *shape[1:]), dtype=np.float32)
+    rng = np.random.default_rng(CHECK_SEED)
+    x = {n: rng.random((sh[0] or 1, *sh[1:]), dtype=np.float32) for n, sh in (feeds or [(input_name, shape)])}
     try:
         before = _outputs(model, input_name, x)
     except Exception as exc:  # onnxruntime's own exception types

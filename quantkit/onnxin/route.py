@@ -25,7 +25,7 @@ from quantkit.onnxin import calibrate as ocal
 from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin.placement import OnnxLayout, build_layout
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
-from quantkit.recipe import Recipe
+from quantkit.recipe import Recipe, parse_batch
 from quantkit.preflight import check_model_input_memory
 
 log = logging.getLogger("quantkit")
@@ -113,6 +113,14 @@ def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Prep
 
     sample = tuple(int(d) for d in loaded.input_shape[1:])
     size = tuple(loaded.size or (640, 640))
+    if loaded.inputs:  # several graph inputs: a .npz, packed in graph order (every onnxruntime feed splits it so)
+        from quantkit.onnxin.npz import npz_packed
+
+        if not is_npz(calib):
+            raise DataError(f"the ONNX model takes {len(loaded.inputs)} inputs ({[n for n, _ in loaded.inputs]}); "
+                            f"calibrate with a .npz holding one float32 array per input, named after it")
+        data, pp = open_calibration(npz_packed(calib, loaded.inputs), recipe.calibration, recipe.preprocess, size)
+        return replace(data, source=Path(calib), kind="npz", inputs=loaded.inputs), pp
     if is_npz(calib):
         arr = npz_array(calib, [loaded.input_name])
         data, pp = open_calibration(arr, recipe.calibration, recipe.preprocess, size)
@@ -120,8 +128,8 @@ def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Prep
     else:
         data, pp = open_calibration(calib, recipe.calibration, recipe.preprocess, size)
     if data.inputs is not None:
-        raise DataError(f"calibration data {calib} is a .npz of several inputs; the ONNX route takes models with one "
-                        "input for now: pass a .npy, or export the torch module (which takes .npz)")
+        raise DataError(f"calibration data {calib} holds several inputs, but the ONNX model takes one: pass a .npy or "
+                        "a .npz of one array")
     if tuple(data.input_shape) != sample:
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
                         f"takes {sample}: pass data of the model's input shape")
@@ -139,11 +147,15 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
     if data is None and trt_cache is None:
         raise UsageError("no calibration data: pass --calib DIR (images) or --calib FILE.npy, or --trt-calib-cache "
                          "FILE; quantkit never calibrates on random data")
-    from quantkit.onnxin.npz import npz_shape
+    from quantkit.onnxin.npz import npz_shape, npz_shapes
 
     loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data) or npz_shape(data),
                        check_memory=lambda where, shape: check_model_input_memory(
-                           recipe, where, shape, batch=None if data is not None else 1))
+                           recipe, where, shape, batch=None if data is not None else 1),
+                       data_shapes=npz_shapes(data))
+    if loaded.inputs and parse_batch(recipe.input.batch)[0] != parse_batch(recipe.input.batch)[2]:
+        raise UsageError("a dynamic batch (input.batch min:opt:max) with several inputs is not supported yet: "
+                         "build_engine.sh writes one shape; use a fixed batch such as --batch 1")
     cleaned = cleanup(loaded.model)
     pp = Preprocess.at_size(recipe.preprocess, loaded.size or (640, 640))  # not used for non-image inputs
     cal = None

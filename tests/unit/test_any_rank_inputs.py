@@ -242,3 +242,37 @@ def test_several_inputs_with_dynamic_batch_is_exit_2(work, tmp_path):
     res = CliRunner().invoke(main, ["export", f"{d / 'nets.py'}:two", "--calib", str(tmp_path / "ok.npz"), "--out",
                                     str(tmp_path / "out"), "--no-cache", "-q", "--batch", "1:4:8"])
     assert res.exit_code == 2 and "--batch 1" in res.output and not (tmp_path / "out").exists()
+
+
+def test_onnx_route_takes_several_inputs_from_npz(work, tmp_path):
+    """Issue 23: several inputs on the ONNX route too (it refused any graph with more than one input). The FP32
+    ONNX of the two-input model, free batch, calibrated from a .npz keyed by input name in another order; the INT8
+    graph, fed as a deployment feeds it, against the torch FP32 model."""
+    d, nets = work
+    src = tmp_path / "two.onnx"
+    torch.onnx.export(nets.two(), (torch.zeros(1, 512), torch.zeros(1, 6)), str(src), input_names=["audio", "side"],
+                      output_names=["out"], opset_version=17, dynamo=False,
+                      dynamic_axes={"audio": {0: "N"}, "side": {0: "N"}})
+    audio, side = _sines(24, 512), np.random.default_rng(3).normal(size=(24, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", side=side, audio=audio)
+    res = CliRunner().invoke(main, ["export", str(src), "--calib", str(tmp_path / "calib.npz"), "--out",
+                                    str(tmp_path / "out"), "--no-cache", "-q", "--full-int8"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    m = onnx.load(str(out / "model.int8.onnx"))
+    assert [(i.name, [v.dim_value for v in i.type.tensor_type.shape.dim]) for i in m.graph.input] == [
+        ("audio", [1, 512]), ("side", [1, 6])]
+    held = {"audio": _sines(8, 512, seed=9), "side": np.random.default_rng(4).normal(size=(8, 6)).astype(np.float32)}
+    with torch.no_grad():
+        ref = nets.two()(torch.from_numpy(held["audio"]), side=torch.from_numpy(held["side"])).numpy()
+    assert _sqnr(ref, _ort(out / "model.int8.onnx", held)) > 25.0
+    assert _sqnr(ref, _ort(out / "model.onnx", held)) > 100.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["inputs"] == {"audio": [1, 512], "side": [1, 6]} and report["route"] == "onnx"
+    assert _conv_inputs_quantized(m) == [True]
+    # a .npz without one of the inputs: exit 2 naming them, nothing written
+    np.savez(tmp_path / "bad.npz", audio=audio)
+    res = CliRunner().invoke(main, ["export", str(src), "--calib", str(tmp_path / "bad.npz"), "--out",
+                                    str(tmp_path / "bad"), "--no-cache", "-q"])
+    assert res.exit_code == 2 and "['audio', 'side']" in res.output, res.output
+    assert not (tmp_path / "bad").exists()
