@@ -116,10 +116,12 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     fixed = [n for n in macs if n not in offered]  # float already (skip, decode rules): spend the budget first
     fit = row_batches(cal, fit_rows, fit_image_count(macs, recipe))
 
+    weights: dict = {}  # fake-quantized weights, built once for all the replays
+
     def twin(nodes: list[str]) -> onnx.ModelProto:
         lay = copy.copy(layout)
         lay.int8 = nodes
-        return simulate_qdq(cleaned, lay, act_scales, wscales)
+        return simulate_qdq(cleaned, lay, act_scales, wscales, check=False, weight_cache=weights)
 
     ref = run_graph(cleaned, fit, threads)
     sim = twin(int8)

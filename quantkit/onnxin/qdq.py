@@ -88,7 +88,8 @@ def activation_scale(amax: float) -> np.float32:
 
 
 def _build(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, float],
-           scales: dict[str, np.ndarray], simulate: bool) -> onnx.ModelProto:
+           scales: dict[str, np.ndarray], simulate: bool, *, check: bool = True,
+           weight_cache: dict | None = None) -> onnx.ModelProto:
     m = copy.deepcopy(model)
     g = m.graph
     inits = {t.name: t for t in g.initializer}
@@ -134,7 +135,12 @@ def _build(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, flo
         s = scales[wname]
         if simulate:
             out = f"{wname}_fq" if axis is None else f"{wname}_fq_axis{axis}"
-            new_inits.append(numpy_helper.from_array(fake_quant_weight(w, s, axis), out))
+            cached = weight_cache.get(out) if weight_cache is not None else None
+            if cached is None:
+                cached = numpy_helper.from_array(fake_quant_weight(w, s, axis), out)
+                if weight_cache is not None:
+                    weight_cache[out] = cached
+            new_inits.append(cached)
             weight_out[c.weight] = out
             continue
         tag = "" if axis is None else f"_axis{axis}" if _axes_of(selected, wname) > 1 else ""
@@ -167,7 +173,13 @@ def _build(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, flo
     g.initializer.extend(new_inits)
     from quantkit.exporter.passes import remove_unused_initializers
 
-    m = normalize(remove_unused_initializers(m))
+    del m.graph.value_info[:]
+    if not check:  # a replay's throwaway twin: drop unused initializers in place (no copy of the others)
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        for k in reversed([k for k, t in enumerate(g.initializer) if t.name not in used]):
+            del g.initializer[k]
+        return m
+    m = normalize.edits_in_place(remove_unused_initializers.edits_in_place(m))  # ``m`` is already a copy
     del m.graph.value_info[:]
     onnx.checker.check_model(m)
     return m
@@ -188,6 +200,9 @@ def insert_qdq(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str,
 
 
 def simulate_qdq(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, float],
-                 scales: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """The float twin of ``insert_qdq`` (see the module docstring): the parity reference."""
-    return _build(model, layout, act_scales, scales, simulate=True)
+                 scales: dict[str, np.ndarray], *, check: bool = True,
+                 weight_cache: dict | None = None) -> onnx.ModelProto:
+    """The float twin of ``insert_qdq`` (see the module docstring): the parity reference. The replays of the
+    FP16 choice build dozens of twins of one graph: ``check=False`` skips onnx.checker (it serializes the whole
+    model each time) and ``weight_cache`` (a dict kept across calls) keeps each fake-quantized weight."""
+    return _build(model, layout, act_scales, scales, simulate=True, check=check, weight_cache=weight_cache)
