@@ -223,8 +223,15 @@ def table(results: dict) -> str:
         rows.append(f"| {name} | 0 | {100 * r['int8_mac_share']:.2f} % | {d['cpu_seconds']:.1f} / "
                     f"{f['cpu_seconds']:.1f} ({d['cpu_seconds'] / max(f['cpu_seconds'], 1e-9):.2f}x) | "
                     f"{r['quantkit_score_db']:.2f} | "
-                    + (f"{peer['method']} {peer['score_db']:.2f}" if peer else "n/a (one-input reader)") + " |")
+                    + (f"{peer['method']} {peer['score_db']:.2f}" if peer else _no_peer(r)) + " |")
     return "\n".join(rows)
+
+
+def _no_peer(r: dict) -> str:
+    errors = [p.get("error", "") for p in (r.get("peers") or {}).values()]
+    if any("two-input" in e for e in errors):
+        return "n/a (the peer's reader feeds one input)"
+    return "failed: " + (errors[0][:80] if errors else "not run")
 
 
 def main() -> None:
