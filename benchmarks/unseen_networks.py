@@ -17,7 +17,7 @@ time, SQNR of quantkit and of the peer on the scoring set.
   ``text``; calibrated from a .npz of both)
 
 For the torch networks the FP32 ONNX both sides score against is the one quantkit's default export writes
-(model.onnx); the peer quantizes that same file.
+(model.onnx); the peer quantizes that same file (a file below opset 13 converted to 13 first, as quantkit does).
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD .bvenv/bin/python benchmarks/unseen_networks.py [--net NAME ...] [--write]
 """
@@ -151,6 +151,21 @@ def _ort_peer(fp32: Path, calib: np.ndarray, method: str, out: Path) -> None:
     assert calls, "ort_static did not call quantize_static"
 
 
+def _peer_input(fp32: Path, work: Path) -> Path:
+    """The file the peer quantizes: the FP32 ONNX itself, or below opset 13 (ddddocr's are 11 and 12) its
+    conversion to 13 with onnx's version converter, as quantkit's front end converts it (onnxruntime writes
+    per-channel Q/DQ that an opset-11 graph cannot hold)."""
+    import onnx
+
+    m = onnx.load(str(fp32))
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 13:
+        return fp32
+    out = work / "peer_opset13.onnx"
+    onnx.save(onnx.version_converter.convert_version(m, 13), str(out))
+    return out
+
+
 def _export(model: str, calib: Path, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "quantkit", "export", model, "--calib", str(calib), "--out", str(out), "--force",
            "--no-cache", "--json", "--quiet", *extra]
@@ -191,18 +206,20 @@ def measure(name: str) -> dict:
     res["quantkit_score_db"] = sqnr(ref["score"], _run(qk, data["score"], npz))
     res["int8_mac_share"] = json.loads((work / "qk_default" / "report.json").read_text())["int8_mac_share"]["share"]
     peers = {}
+    peer_src = _peer_input(fp32, work)
     for method in ("MinMax", "Entropy", "Percentile"):
         out = work / f"ort_{method}.onnx"
         try:
             feed = data["calib"][:32]
             if npz:
                 raise RuntimeError("two-input model: the peer's reader feeds one input")
-            _ort_peer(fp32, feed, method, out)
+            _ort_peer(peer_src, feed, method, out)
             peers[method] = {"select_db": sqnr(ref["select"], _run(out, data["select"], npz)),
                              "score_db": sqnr(ref["score"], _run(out, data["score"], npz))}
         except Exception as exc:  # noqa: BLE001 - a peer that cannot quantize a network is reported, not fatal
             peers[method] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
     res["peers"] = peers
+    res["peer_input"] = peer_src.name
     ok = {m: p for m, p in peers.items() if "select_db" in p}
     if ok:
         best = max(ok, key=lambda m: ok[m]["select_db"])
