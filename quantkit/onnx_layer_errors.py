@@ -14,37 +14,12 @@ for the calibration chart.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
+import torch
 
-from quantkit.eval.layer_sqnr import HIST_BINS, LayerError, LayerErrorResult, TensorHistogram
-
-
-class _Energy:
-    def __init__(self):
-        self.signal = self.noise = 0.0
-
-    def add(self, ref: np.ndarray, test: np.ndarray) -> None:
-        r, t = ref.astype(np.float32, copy=False), test.astype(np.float32, copy=False)
-        d = r - t
-        self.signal += float(np.sum(r * r, dtype=np.float64))
-        noise = float(np.sum(d * d, dtype=np.float64))
-        self.noise += noise if math.isfinite(noise) else math.inf
-
-    def db(self) -> float:
-        if not math.isfinite(self.noise):
-            return -math.inf
-        if self.noise == 0.0:
-            return math.inf
-        return -math.inf if self.signal == 0.0 else 10.0 * math.log10(self.signal / self.noise)
-
-
-def _fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
-    """QuantizeLinear + DequantizeLinear (int8, zero point 0, round half to even), in float32."""
-    s = np.float32(scale)
-    return np.clip(np.round(x.astype(np.float32) / s), -128, 127).astype(np.float32) * s
+from quantkit.eval.layer_sqnr import HIST_BINS, EnergySum, LayerError, LayerErrorResult, TensorHistogram
+from quantkit.onnxin.qdq import fake_quant_weight
 
 
 def measure_graph_layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, layout, act_scales: dict[str, float],
@@ -66,8 +41,8 @@ def measure_graph_layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, lay
     q_sess = parity.session(q_graph.SerializeToString(), threads)
     f_idx = {o.name: i for i, o in enumerate(f_graph.graph.output)}
     q_idx = {o.name: i for i, o in enumerate(q_graph.graph.output)}
-    out_e = {name: _Energy() for name, _, _ in rows}
-    in_e = {name: _Energy() for name, c, _ in rows if c.act_input[1] in act_scales}
+    out_e = {name: EnergySum() for name, _, _ in rows}
+    in_e = {name: EnergySum() for name, c, _ in rows if c.act_input[1] in act_scales}
     hist_upper = hist_upper or {}
     hists: dict[str, np.ndarray] = {}
     samples = 0
@@ -76,12 +51,13 @@ def measure_graph_layer_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, lay
         samples += int(b.shape[0])
         counted: set[str] = set()  # a tensor several nodes read is counted once per batch
         for name, c, out in rows:
-            out_e[name].add(fo[f_idx[out]], qo[q_idx[out]])
+            out_e[name].add(torch.from_numpy(fo[f_idx[out]]), torch.from_numpy(qo[q_idx[out]]))
             t = c.act_input[1]
             if name not in in_e:
                 continue
             x = fo[f_idx[t]]
-            in_e[name].add(x, _fake_quant(x, act_scales[t]))
+            fq = fake_quant_weight(x, np.float32(act_scales[t]), None)  # QuantizeLinear + DequantizeLinear
+            in_e[name].add(torch.from_numpy(x), torch.from_numpy(fq))
             upper = hist_upper.get(t)
             if upper and upper > 0 and t not in counted:
                 counted.add(t)

@@ -223,14 +223,9 @@ def layer_error_sections(res: OnnxQuantResult, batches: list[np.ndarray], thread
     on model.int8.onnx against the FP32 graph in onnxruntime (``quantkit.onnx_layer_errors``) on up to
     ``LAYER_ERROR_SAMPLES`` calibration inputs."""
     from quantkit.onnx_layer_errors import measure_graph_layer_errors
-    from quantkit.report.sections import VisualSections, error_rows, error_sections, worst_tensors
+    from quantkit.report.sections import VisualSections, error_rows, error_sections, first_samples, worst_tensors
 
-    picked, left = [], LAYER_ERROR_SAMPLES
-    for b in batches:
-        if left <= 0:
-            break
-        picked.append(b[:left])
-        left -= int(picked[-1].shape[0])
+    picked = first_samples(batches, LAYER_ERROR_SAMPLES)
     tensors = res.calib.tensors if res.calib is not None else {}
     upper = {t: max(v.values()) for t, v in tensors.items() if v}
     measured = measure_graph_layer_errors(res.fp32, res.int8, res.layout, res.act_scales, picked, hist_upper=upper,

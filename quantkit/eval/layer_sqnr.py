@@ -26,7 +26,10 @@ HIST_BINS = 256
 
 
 @dataclass
-class _Energy:
+class EnergySum:
+    """Signal and noise energies of a layer's output summed over batches (float32 elementwise, float64
+    sums); ``db()`` the SQNR. Also the ONNX route's per-node table (``quantkit.onnx_layer_errors``)."""
+
     signal: float = 0.0
     noise: float = 0.0
 
@@ -105,8 +108,8 @@ def measure_layer_errors(fp32: nn.Module, qmodel: nn.Module, layers: dict[str, s
 
     dev = module_device(qmodel) if device is None else resolve_device(device)
     int8 = set(int8)
-    out_energy = {n: _Energy() for n in layers}
-    in_energy = {n: _Energy() for n in layers}
+    out_energy = {n: EnergySum() for n in layers}
+    in_energy = {n: EnergySum() for n in layers}
     hists: dict[str, torch.Tensor] = {}
     hist_upper = hist_upper or {}
     ref_out: dict[str, list[torch.Tensor]] = {}  # a module called twice per forward has two outputs

@@ -174,13 +174,10 @@ def _build(model: onnx.ModelProto, layout: OnnxLayout, act_scales: dict[str, flo
     from quantkit.exporter.passes import remove_unused_initializers
 
     del m.graph.value_info[:]
-    if not check:  # a replay's throwaway twin: drop unused initializers in place (no copy of the others)
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        for k in reversed([k for k, t in enumerate(g.initializer) if t.name not in used]):
-            del g.initializer[k]
+    m = remove_unused_initializers.edits_in_place(m)  # ``m`` is already a copy
+    if not check:  # a replay's throwaway twin: its bytes need not be canonical, nor checked
         return m
-    m = normalize.edits_in_place(remove_unused_initializers.edits_in_place(m))  # ``m`` is already a copy
-    del m.graph.value_info[:]
+    m = normalize.edits_in_place(m)
     onnx.checker.check_model(m)
     return m
 

@@ -153,7 +153,8 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                        check_memory=lambda where, shape: check_model_input_memory(
                            recipe, where, shape, batch=None if data is not None else 1),
                        data_shapes=npz_shapes(data))
-    if loaded.inputs and parse_batch(recipe.input.batch)[0] != parse_batch(recipe.input.batch)[2]:
+    bmin, _, bmax = parse_batch(recipe.input.batch)
+    if loaded.inputs and bmin != bmax:
         raise UsageError("a dynamic batch (input.batch min:opt:max) with several inputs is not supported yet: "
                          "build_engine.sh writes one shape; use a fixed batch such as --batch 1")
     cleaned = cleanup(loaded.model)

@@ -105,6 +105,17 @@ def int8_mac_share(costs, layout: QuantLayout) -> dict:
             "batch": costs.batch, "counted": "conv, conv-transpose and linear layers (residual Adds excluded)"}
 
 
+def first_samples(batches, n: int) -> list:
+    """The first ``n`` samples of ``batches`` (tensors or arrays, batch first), as batches (the last one cut)."""
+    out, left = [], n
+    for b in batches:
+        if left <= 0:
+            break
+        out.append(b[:left])
+        left -= int(out[-1].shape[0])
+    return out
+
+
 def worst_tensors(rows: list[dict], hists, tensors: dict[str, dict[str, float]], n: int, key=None) -> list[dict]:
     """The ``n`` activation tensors with the lowest input quantization SQNR (INT8 layers first), one per
     distinct tensor (quantizers fed the same tensor have the same histogram and amax). ``tensors``: every
@@ -170,12 +181,7 @@ def build_visual_sections(inp: VisualInputs) -> VisualSections:
     dev = resolve_device(inp.device)
     layout = inp.layout
     upper = {q: max(v.values()) for q, v in inp.calib.tensors.items() if v}
-    batches, left = [], inp.max_samples
-    for b in inp.batches:
-        if left <= 0:
-            break
-        batches.append(b[:left])
-        left -= int(batches[-1].shape[0])
+    batches = first_samples(inp.batches, inp.max_samples)
     with fixed_threads(inp.threads if dev.type == "cpu" else None):
         res = measure_layer_errors(inp.fp32, inp.qmodel, layout.layers, layout.int8, batches, inp.chosen_amax,
                                    hist_upper=upper, device=dev)
