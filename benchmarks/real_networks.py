@@ -311,11 +311,16 @@ def ort_static(fp32: Path, calib: np.ndarray, method: str, out: Path) -> None:
     ortq = il.import_module("onnxruntime.quantization.quantize")
     import onnxruntime as ort
 
-    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    inp = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    name = inp.name
+    # one call: its histograms grow across calls (FACTS.md); a graph whose batch is fixed at 1 (ddddocr's) can
+    # only take one sample per call
+    feeds = ([{name: calib[i:i + 1]} for i in range(len(calib))] if inp.shape and inp.shape[0] == 1
+             else [{name: calib}])
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{name: calib}])  # one call: its histograms grow across calls (FACTS.md)
+            self.it = iter(feeds)
 
         def get_next(self):
             return next(self.it, None)

@@ -118,39 +118,6 @@ def _run(model: Path, x: np.ndarray, npz_text: bool) -> list[np.ndarray]:
     return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
 
 
-def _ort_peer(fp32: Path, calib: np.ndarray, method: str, out: Path) -> None:
-    """``real_networks.ort_static`` (one reader call with every sample); a graph whose batch is fixed at 1
-    (ddddocr's) is fed one sample per call, through the same settings."""
-    import onnxruntime as ort
-
-    inp = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0]
-    if not (isinstance(inp.shape[0], int) and inp.shape[0] == 1):
-        return ort_static(fp32, calib, method, out)
-    from unittest import mock
-
-    import onnxruntime.quantization as oq
-
-    real = oq.CalibrationDataReader
-
-    class PerSample(real):
-        def __init__(self):
-            self.it = iter([{inp.name: calib[i:i + 1]} for i in range(len(calib))])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    calls = []
-
-    def quantize(fp, o, reader, **kw):  # ort_static's call, with the per-sample reader in place of its own
-        calls.append(1)
-        return real_quantize(fp, o, PerSample(), **kw)
-
-    real_quantize = oq.quantize_static
-    with mock.patch.object(oq, "quantize_static", quantize):
-        ort_static(fp32, calib, method, out)
-    assert calls, "ort_static did not call quantize_static"
-
-
 def _peer_input(fp32: Path, work: Path) -> Path:
     """The file the peer quantizes: the FP32 ONNX itself, or below opset 13 (ddddocr's are 11 and 12) its
     conversion to 13 with onnx's version converter, as quantkit's front end converts it (onnxruntime writes
@@ -213,7 +180,7 @@ def measure(name: str) -> dict:
             feed = data["calib"][:32]
             if npz:
                 raise RuntimeError("two-input model: the peer's reader feeds one input")
-            _ort_peer(peer_src, feed, method, out)
+            ort_static(peer_src, feed, method, out)
             peers[method] = {"select_db": sqnr(ref["select"], _run(out, data["select"], npz)),
                              "score_db": sqnr(ref["score"], _run(out, data["score"], npz))}
         except Exception as exc:  # noqa: BLE001 - a peer that cannot quantize a network is reported, not fatal
