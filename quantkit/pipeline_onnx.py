@@ -384,11 +384,8 @@ def run_onnx_export(recipe: Recipe, out_dir: str | Path, *, force: bool = False,
         if recipe.gates.max_drop is not None:
             report["notes"].append("ONNX route: --max-drop is a gate only (automatic FP16 selection needs the "
                                    "torch route for now); keep layers float with --skip NODE_NAME_GLOB")
-        not_here = [what for on, what in ((recipe.ptq.equalize, "equalization (ptq.equalize)"),
-                                          (recipe.ptq.range_choice, "range choice (ptq.range_choice)"),
-                                          (recipe.ptq.adaround, "learned rounding (ptq.adaround)")) if on]
-        if not_here:  # said, not silently skipped: these passes work on the torch module
-            msg = ("ONNX route: " + ", ".join(not_here) + " run on the torch route only for now; this graph is "
+        if recipe.ptq.equalize:  # said, not silently skipped: equalization rescales a torch module's weights
+            msg = ("ONNX route: equalization (ptq.equalize) runs on the torch route only for now; this graph is "
                    "calibrated (the calibration method, the FP16 nodes and bias correction chosen per network, each "
                    "checked on held-out calibration images), every other supported node INT8 unless --skip or a "
                    "TensorRT cache without its scale keeps it FP16 (keep nodes float with --skip NODE_NAME_GLOB)")

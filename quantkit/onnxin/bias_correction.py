@@ -11,7 +11,8 @@ on EfficientNet-Lite0's ONNX, 8 chunks took the check SQNR from 19.1 to 7.6 dB, 
 to 21.2 dB.
 
 Like every default step it is kept only when the worst output's SQNR on the held-out check images
-(``ptq.guard.split_rows``) rises. The FP32 graph (model.onnx) is never changed: only the graphs that quantize
+(``ptq.guard.split_rows``) rises: it is the ``bias_correction`` pass's implementation for
+``onnxin.target.OnnxTarget``, run by the one guard (``ptq.guard.run_passes``). The FP32 graph (model.onnx) is never changed: only the graphs that quantize
 (model.int8.onnx, its float twin, the strong variant) carry the corrected biases. MatMul nodes (no bias input) and
 nodes whose bias is not an initializer are left as they are.
 """
@@ -20,23 +21,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from quantkit.ptq.passes import PassData, PassResult
+
 log = logging.getLogger("quantkit")
 
 OPS = ("Conv", "ConvTranspose", "Gemm")
-
-
-@dataclass
-class BiasCorrection:
-    """``model``: the graph with corrected biases (None: reverted or nothing to do); ``step``: report.json's."""
-
-    model: onnx.ModelProto | None = None
-    step: dict = field(default_factory=dict)
 
 
 def _channel_means(model: onnx.ModelProto, tensors: dict[str, str], batches, threads) -> dict[str, np.ndarray]:
@@ -125,50 +118,31 @@ def _apply(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray) -> b
     return True
 
 
-def correct_biases(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], wscales: dict, cal, recipe,
-                   threads: int | None, images: int, check) -> BiasCorrection | None:
-    """Bias correction of ``layout``'s INT8 nodes as described in the module docstring; None when off in the
-    recipe (``ptq.bias_correction``), without data, or with too few images to hold any out. ``images``: fit images
-    per pass (the FP16 choice's); ``check``: the guard's check images (``onnxin.measure.CheckImages``)."""
-    from quantkit.onnxin.measure import row_batches
-    from quantkit.onnxin.qdq import simulate_qdq
-    from quantkit.ptq.guard import split_rows
-    from quantkit.ptq.passes import json_db
+def correct_biases(target, data: PassData) -> PassResult:
+    """Bias correction of ``target``'s INT8 nodes (an ``onnxin.target.OnnxTarget``) as described in the module
+    docstring, fitted on ``data.fit`` (as many images as the FP16 choice's replays): ``target.graph`` becomes a copy
+    with corrected biases; the guard keeps it only when the check SQNR rises."""
+    from quantkit.onnxin.fp16_choice import fit_image_count
 
-    if not recipe.ptq.bias_correction or cal is None:
-        return None
-    fit_rows, check_rows = split_rows(cal.num_samples)
-    if not check_rows:
-        return None
-    by_name = {n.name: n for n in cleaned.graph.node}
+    graph, layout = target.graph, target.layout
+    by_name = {n.name: n for n in graph.graph.node}
     nodes = [n for n in layout.int8 if layout.candidates[n].weight is not None and by_name[n].op_type in OPS
-             and _bias_input(cleaned, by_name[n]) is not None]
-    step = {"name": "bias_correction", "tried": True, "kept": False, "changed": None,
-            "check_sqnr_db_before": None, "check_sqnr_db_after": None, "measured": {}}
+             and _bias_input(graph, by_name[n]) is not None]
     if not nodes:
-        step["verdict"] = "no change"
-        return BiasCorrection(step=step)
-    fit = row_batches(cal, fit_rows, images)
-    sim = simulate_qdq(cleaned, layout, act_scales, wscales)
-    probe, pairs = _with_float_twins(sim, cleaned, layout, nodes)
+        return PassResult("bias_correction", measured={"corrected_nodes": 0})
+    images = fit_image_count({op.node: float(op.macs) for op in target.ops}, target.recipe)
+    fit = [b.numpy() for b in data.fit.batches(limit=images, spread=True)]
+    probe, pairs = _with_float_twins(target.twin(), graph, layout, nodes)
     tensors = {f"{n}/q": q for n, (q, _) in pairs.items()} | {f"{n}/f": f for n, (_, f) in pairs.items()}
-    means = _channel_means(probe, tensors, fit, threads)
-    model = copy.deepcopy(cleaned)
+    means = _channel_means(probe, tensors, fit, target.threads)
+    model = copy.deepcopy(graph)
     in_model = {n.name: n for n in model.graph.node}
     corrected = sum(_apply(model, in_model[n], means[f"{n}/f"] - means[f"{n}/q"]) for n in pairs)
-    before, after = check.worst_db(sim), check.worst_db(simulate_qdq(model, layout, act_scales, wscales))
-    step.update(changed=f"{corrected} INT8 node(s) corrected", check_sqnr_db_before=json_db(before),
-                check_sqnr_db_after=json_db(after),
-                measured={"corrected_nodes": corrected})
-    if after > before:
-        step.update(kept=True, verdict="kept")
-        out = BiasCorrection(model=model, step=step)
-    else:
-        step["verdict"] = "reverted: no gain on the check images"
-        out = BiasCorrection(step=step)
-    log.info("PTQ step bias_correction: %s (%d nodes; %.2f -> %.2f dB on the check images)", step["verdict"],
-             corrected, before, after)
-    return out
+    if not corrected:
+        return PassResult("bias_correction", measured={"corrected_nodes": 0})
+    target.graph = model
+    return PassResult("bias_correction", changed=f"{corrected} INT8 node(s) corrected",
+                      measured={"corrected_nodes": corrected})
 
 
-__all__ = ["correct_biases", "BiasCorrection"]
+__all__ = ["correct_biases"]

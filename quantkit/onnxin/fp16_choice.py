@@ -16,10 +16,11 @@ when it recovers at least ``MIN_RECOVERY_DB``), fed with recoveries measured her
 2. **Replay**: each candidate alone back in float, every other node INT8, on the same fit images: its recovery of
    the worst output's SQNR, and of the noise averaged over the outputs (a head that recovers its own output).
 3. **Guard**: the chosen set is kept only when the worst output's SQNR on the held-out *check* images
-   (``ptq.guard.split_rows``, disjoint from the fit images) rises, as every default step on the torch route.
+   (``ptq.guard.split_rows``, disjoint from the fit images) rises: the one guard of every route
+   (``ptq.guard.run_passes``), this being the ``fp16_choice`` pass's implementation for ``onnxin.target.OnnxTarget``.
 
-Residual Adds are not offered (only weighted nodes run FP16 by this choice). The step is recorded in the report's
-``passes`` section, and ``sensitivity`` carries the selection and per-node recoveries in the torch route's format.
+Residual Adds are not offered (only weighted nodes run FP16 by this choice). The guard records the step in the
+report's ``passes`` section, and ``sensitivity`` carries the selection and per-node recoveries in the torch route's format.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 
 import onnx
+
+from quantkit.ptq.passes import PassData, PassResult
 
 log = logging.getLogger("quantkit")
 
@@ -85,45 +88,41 @@ def fit_image_count(macs: dict[str, float], recipe) -> int:
     return n if sum(macs.values()) <= LARGE_MACS else max(4, n // 2)
 
 
-def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], wscales: dict, cal, recipe,
-                threads: int | None, ops, check, progress: bool = False) -> Fp16Choice | None:
-    """The FP16 choice for ``layout`` (its ``int8`` list is not changed here), or None when off in the recipe
-    (``sensitivity.min_int8_share`` null, ``sensitivity.auto`` false) or without data to hold out. ``ops``: the
-    weighted ops of ``cleaned`` with their MACs (``exporter.coverage.graph_coverage(cleaned).ops``); ``check``: the
-    guard's check images (``onnxin.measure.CheckImages``). With
-    ``sensitivity.enabled`` (``--sensitivity``) every node is replayed and its damage measured, and the analysis is
-    returned even when no choice runs (then ``step`` is empty)."""
-    from quantkit.onnxin.measure import per_output_db, row_batches, run_graph
-    from quantkit.onnxin.qdq import simulate_qdq
-    from quantkit.ptq.guard import split_rows
-    from quantkit.ptq.passes import json_db
+def choose_fp16(target, data: PassData) -> PassResult:
+    """The FP16 choice for ``target`` (an ``onnxin.target.OnnxTarget``): its ``layout.int8`` loses the chosen nodes
+    (each with its reason in ``layout.reasons``), the guard keeping the change only when the check SQNR rises.
+    Runs with ``sensitivity.min_int8_share`` set and ``sensitivity.auto`` (the choice) or ``sensitivity.enabled``
+    (``--sensitivity``: every node replayed and its damage measured; the analysis is kept in ``target.choice`` even
+    with nothing chosen, or when the guard reverts the choice). ``data.fit``: the images the replays run on."""
+    from quantkit.onnxin.measure import per_output_db, run_graph
     from quantkit.sensitivity.analysis import LayerSensitivity, SensitivityResult
     from quantkit.sensitivity.select import _noise, choose_for_int8_share
 
+    recipe, layout, graph, threads = target.recipe, target.layout, target.graph, target.threads
     s = recipe.sensitivity
-    fit_rows, check_rows = split_rows(cal.num_samples) if cal is not None else ([], [])
-    choose = s.min_int8_share is not None and s.auto and bool(check_rows)
-    if cal is None or not (choose or s.enabled):
-        return None
-    if not check_rows:  # --sensitivity on a tiny set: the analysis on every image, no choice to judge
-        fit_rows = list(range(cal.num_samples))
+    choose = s.min_int8_share is not None and s.auto and data.measure is not None
+    if not (choose or s.enabled):
+        why = ("sensitivity.min_int8_share is the ONNX route's FP16 budget (an accuracy budget, --max-drop or "
+               "sensitivity.sqnr_floor, needs the torch route)" if s.min_int8_share is None
+               else "too few calibration images to hold any out")
+        return PassResult("fp16_choice", measured={"note": why})
+    ops = target.ops
     macs, types = {op.node: float(op.macs) for op in ops}, {op.node: op.op for op in ops}
     from quantkit.exporter.parity import sigmoid_outputs
 
-    names, sig = [o.name for o in cleaned.graph.output], sigmoid_outputs(cleaned)
+    names, sig = [o.name for o in graph.graph.output], sigmoid_outputs(graph)
     int8 = list(layout.int8)
     offered = [n for n in int8 if layout.candidates[n].weight is not None and n in macs]
     fixed = [n for n in macs if n not in offered]  # float already (skip, decode rules): spend the budget first
-    fit = row_batches(cal, fit_rows, fit_image_count(macs, recipe))
+    n_fit = fit_image_count(macs, recipe)
+    fit = [b.numpy() for b in data.fit.batches(limit=n_fit, spread=n_fit is not None)]
 
     weights: dict = {}  # fake-quantized weights, built once for all the replays
 
     def twin(nodes: list[str]) -> onnx.ModelProto:
-        lay = copy.copy(layout)
-        lay.int8 = nodes
-        return simulate_qdq(cleaned, lay, act_scales, wscales, check=False, weight_cache=weights)
+        return target.twin(nodes, weight_cache=weights)
 
-    ref = run_graph(cleaned, fit, threads)
+    ref = run_graph(target.fp32, fit, threads)
     sim = twin(int8)
     base = per_output_db(ref, run_graph(sim, fit, threads), names, sig)
     worst0, mean0 = min(base.values()), _mean_noise(base)
@@ -134,7 +133,7 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     # replays: the blocks (when screened), then one per node (every node with --sensitivity, twice: its damage)
     total = (len(offered) * (2 if s.enabled else 1) if s.enabled or len(offered) <= MAX_CANDIDATES
              else BLOCKS + MAX_CANDIDATES)
-    bar = progress_bar(max(total, 1), "FP16 choice (onnxruntime replays)", "replay", enabled=progress)
+    bar = progress_bar(max(total, 1), "FP16 choice (onnxruntime replays)", "replay", enabled=target.progress)
 
     def without(nodes) -> dict[str, float]:  # per-output SQNR with ``nodes`` float, the rest INT8
         drop = set(nodes)
@@ -167,30 +166,21 @@ def choose_fp16(cleaned: onnx.ModelProto, layout, act_scales: dict[str, float], 
     bar.close()
     result = SensitivityResult(layers, worst0, sum(b.shape[0] for b in fit))
     if not choose:
-        return Fp16Choice(sensitivity={"analysis": result.as_dict()}, result=result)
+        target.choice = Fp16Choice(sensitivity={"analysis": result.as_dict()}, result=result)
+        return PassResult("fp16_choice", measured={"note": "analysis only (--sensitivity; no budget to choose to "
+                                                           "or too few images to hold any out)"})
     sel = choose_for_int8_share(result, macs, float(s.min_int8_share), fixed_fp16=fixed)
     chosen = [n for n in sel.fp16 if n not in fixed]
     sel.reasons.update({n: "float before the choice (a placement rule or quantization.skip)" for n in fixed})
-    step = {"name": "fp16_choice", "tried": True, "kept": False, "changed": None,
-            "check_sqnr_db_before": None, "check_sqnr_db_after": None,
-            "measured": {"replayed": len(replay), **screen, "fp16_layers": sorted(chosen),
-                         "int8_mac_share": round(sel.int8_share, 6)}}
-    out = Fp16Choice(step=step, sensitivity={"analysis": result.as_dict(), "selection": sel.as_dict()},
-                     result=result)
-    if not chosen:
-        step["verdict"] = "no change"
-        return out
-    before, after = check.worst_db(sim), check.worst_db(twin([m for m in int8 if m not in chosen]))
-    step.update(changed=f"{len(chosen)} layer(s) kept FP16", check_sqnr_db_before=json_db(before),
-                check_sqnr_db_after=json_db(after))
-    if after > before:
-        step.update(kept=True, verdict="kept")
-        out.fp16, out.reasons = chosen, {n: "selection: " + sel.reasons[n] for n in chosen}
-    else:
-        step["verdict"] = "reverted: no gain on the check images"
-    log.info("PTQ step fp16_choice: %s (%s; %.2f -> %.2f dB on the check images)", step["verdict"],
-             ", ".join(chosen), before, after)
-    return out
+    target.choice = Fp16Choice(fp16=chosen, reasons={n: "selection: " + sel.reasons[n] for n in chosen},
+                               sensitivity={"analysis": result.as_dict(), "selection": sel.as_dict()}, result=result)
+    if chosen:
+        layout.int8 = [n for n in layout.int8 if n not in set(chosen)]
+        layout.reasons = {**layout.reasons, **target.choice.reasons}
+        log.info("FP16 choice: %s", ", ".join(chosen))
+    return PassResult("fp16_choice", changed=f"{len(chosen)} layer(s) kept FP16" if chosen else None,
+                      measured={"replayed": len(replay), **screen, "fp16_layers": sorted(chosen),
+                                "int8_mac_share": round(sel.int8_share, 6)})
 
 
 __all__ = ["choose_fp16", "Fp16Choice", "MAX_CANDIDATES", "fit_image_count"]

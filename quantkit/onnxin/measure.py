@@ -46,14 +46,14 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 class CheckImages:
     """The guard's held-out check rows of ``cal`` (``ptq.guard.split_rows``) and the worst output's judged SQNR of a
-    graph on them against ``fp32`` (the cleaned FP32 graph), whose outputs are computed once, when first needed."""
+    graph on them (or on ``rows``) against ``fp32`` (the cleaned FP32 graph), whose outputs are computed once, when first needed."""
 
-    def __init__(self, fp32: onnx.ModelProto, cal, threads: int | None):
+    def __init__(self, fp32: onnx.ModelProto, cal, threads: int | None, rows: list[int] | None = None):
         from quantkit.exporter.parity import sigmoid_outputs
         from quantkit.ptq.guard import split_rows
 
         self.fp32, self.threads, self.cal = fp32, threads, cal
-        self.rows = split_rows(cal.num_samples)[1]
+        self.rows = split_rows(cal.num_samples)[1] if rows is None else list(rows)
         self.names, self.sigmoid = [o.name for o in fp32.graph.output], sigmoid_outputs(fp32)
         self.batches = self._ref = None
 

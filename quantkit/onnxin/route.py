@@ -23,7 +23,9 @@ from quantkit.errors import DataError, UsageError
 from quantkit.exporter.passes import normalize
 from quantkit.onnxin import calibrate as ocal
 from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
+from quantkit.onnxin import passes as _passes  # noqa: F401  (registers the default passes' ONNX implementations)
 from quantkit.onnxin.placement import OnnxLayout, build_layout
+from quantkit.onnxin.target import OnnxTarget
 from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
 from quantkit.recipe import Recipe, parse_batch
 from quantkit.preflight import check_model_input_memory
@@ -165,6 +167,10 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
         cal, pp = open_data(recipe, str(data), loaded)
         batches = [b.numpy() for b in cal.batches(limit=CLEANUP_CHECK_BATCHES)]
         sqnr = verify_cleanup(loaded.model, cleaned, batches)
+    from quantkit.ptq import registered_passes
+    from quantkit.ptq.passes import refuse_unrunnable
+
+    refuse_unrunnable(registered_passes(), recipe, OnnxTarget)  # before any work: what this route cannot run
     q = recipe.quantization
     layout = build_layout(cleaned, tuple(q.quantize), tuple(q.skip), q.residual_add)
     if loaded.converted_from is not None:  # said in the report and the log, never done silently
@@ -206,18 +212,12 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
             calib_graph, loaded.content, layout.activation_tensors(), int8_weights, cal, settings,
             cache_path=recipe.calibration.cache, use_cache=recipe.calibration.use_cache, progress=progress,
             threads=1 if recipe.calibration.deterministic else None)
-        if recipe.calibration.method is CalibMethod.AUTO:  # per network, measured (onnxin.method_choice)
-            from quantkit.onnxin.method_choice import choose_method
-
-            choice = choose_method(cleaned, layout, wscales, calib_result, needed, settings, cal,
-                                   1 if recipe.calibration.deterministic else None, ocal.chosen_amax,
-                                   lambda a: float(activation_scale(a)))
-            settings, amax, passes = choice.settings, choice.amax, choice.passes
-        else:
-            amax = ocal.chosen_amax(calib_result, needed, settings)
-        act_scales = {t: float(activation_scale(a)) for t, a in amax.items()}
-        passes, choice, quant_graph = _guarded_steps(cleaned, layout, act_scales, wscales, cal, recipe, passes,
-                                                     progress)
+        target = OnnxTarget(recipe=recipe, fp32=cleaned, graph=cleaned, layout=layout, wscales=wscales,
+                            calib=calib_result, needed=needed, settings=settings, amax={}, act_scales={}, data=cal,
+                            threads=1 if recipe.calibration.deterministic else None, progress=progress)
+        target.set_amax(settings, ocal.chosen_amax(calib_result, needed, settings))
+        passes, choice, quant_graph = _run_passes(target)
+        settings, amax, act_scales = target.settings, target.amax, target.act_scales
     # model.onnx stays the cleaned FP32 graph; the quantized graphs carry bias correction's biases when it was kept
     int8 = insert_qdq(quant_graph, layout, act_scales, wscales)
     sim = simulate_qdq(quant_graph, layout, act_scales, wscales)
@@ -232,28 +232,16 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                            cleanup_sqnr_db=sqnr, trt_cache=trt, passes=passes, choice=choice)
 
 
-def _guarded_steps(cleaned, layout, act_scales, wscales, cal, recipe, passes, progress: bool):
-    """The steps after the calibration-method choice, in the torch route's order: the automatic FP16 choice
-    (``onnxin.fp16_choice``, applied to ``layout`` when its guard keeps it), then bias correction
-    (``onnxin.bias_correction``). Both read the graph's weighted ops once and judge on the same check images.
-    Returns (passes with their steps appended, the ``Fp16Choice`` or None, the graph to quantize: corrected when
-    bias correction was kept, else ``cleaned``)."""
-    from quantkit.exporter.coverage import graph_coverage
-    from quantkit.onnxin.bias_correction import correct_biases
-    from quantkit.onnxin.fp16_choice import choose_fp16, fit_image_count
-    from quantkit.onnxin.measure import CheckImages, passes_record
+def _run_passes(target: OnnxTarget):
+    """The registered PTQ passes (calibration-method choice, FP16 choice, bias correction, then any a user
+    registered), each kept only when it raises the check SQNR: the torch route's guard (``ptq.guard.run_passes``)
+    on ``target``. Returns (report.json ``passes``, the FP16 choice's analysis or None, the graph to quantize)."""
+    from quantkit.ptq import registered_passes
+    from quantkit.ptq.guard import run_passes
 
-    threads = 1 if recipe.calibration.deterministic else None
-    ops = graph_coverage(cleaned).ops
-    check = CheckImages(cleaned, cal, threads)
-    choice = choose_fp16(cleaned, layout, act_scales, wscales, cal, recipe, threads, ops, check, progress=progress)
-    if choice is not None and choice.fp16:
-        layout.int8 = [n for n in layout.int8 if n not in set(choice.fp16)]
-        layout.reasons.update(choice.reasons)
-    bc = correct_biases(cleaned, layout, act_scales, wscales, cal, recipe, threads,
-                        fit_image_count({op.node: float(op.macs) for op in ops}, recipe), check)
-    for step in (choice.step if choice is not None else None, bc.step if bc is not None else None):
-        if step:
-            passes = passes if passes is not None else passes_record(cal)
-            passes["steps"].append(step)
-    return passes, choice, bc.model if bc is not None and bc.model is not None else cleaned
+    if target.data is None:
+        return None, None, target.graph
+    run_passes(target, registered_passes())
+    rec = target.passes
+    passes = {**{k: v for k, v in rec.items() if k != "steps"}, "steps": [r.as_dict() for r in rec["steps"]]}
+    return passes, target.choice, target.graph

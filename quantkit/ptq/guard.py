@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from quantkit.ptq.passes import PassData, PassResult, check_needs
+from quantkit.ptq.passes import PassData, PassResult, refuse_unrunnable
 
 log = logging.getLogger("quantkit")
 
@@ -111,17 +111,37 @@ class Checker:
         return min(acc.per_output())
 
 
-def _snapshot(state) -> dict:
-    """Everything a pass may change, deep-copied (the FP32 model is never changed after calibration)."""
-    return {"qmodel": copy.deepcopy(state.model.qmodel), "layout": copy.deepcopy(state.model.layout),
-            "chosen_amax": dict(state.calibration.chosen_amax), "method": state.calibration.method,
-            "selection": state.selection, "ptq": copy.deepcopy(state.ptq)}
+class TorchOps:
+    """What the guard needs from the torch route's ``state.QuantState``: a check measure, a snapshot of everything a
+    pass may change, and its restore. A target of another kind (``onnxin.target.OnnxTarget``) has the same three
+    itself."""
+
+    measure_text = "worst output's SQNR (dB) of the fake-quant model against FP32"
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def checker(self, rows: list[int]) -> Checker:
+        return Checker(self.state, rows)
+
+    def snapshot(self) -> dict:
+        """Everything a pass may change, deep-copied (the FP32 model is never changed after calibration)."""
+        st = self.state
+        return {"qmodel": copy.deepcopy(st.model.qmodel), "layout": copy.deepcopy(st.model.layout),
+                "chosen_amax": dict(st.calibration.chosen_amax), "method": st.calibration.method,
+                "selection": st.selection, "ptq": copy.deepcopy(st.ptq)}
+
+    def restore(self, snap: dict) -> None:
+        st = self.state
+        st.model.qmodel, st.model.layout = snap["qmodel"], snap["layout"]
+        st.calibration.chosen_amax, st.calibration.method = snap["chosen_amax"], snap["method"]
+        st.selection, st.ptq = snap["selection"], snap["ptq"]
 
 
-def _restore(state, snap: dict) -> None:
-    state.model.qmodel, state.model.layout = snap["qmodel"], snap["layout"]
-    state.calibration.chosen_amax, state.calibration.method = snap["chosen_amax"], snap["method"]
-    state.selection, state.ptq = snap["selection"], snap["ptq"]
+def guard_ops(target):
+    """The guard's view of ``target``: the target itself when it has ``checker``/``snapshot``/``restore``, else
+    :class:`TorchOps` of the torch state."""
+    return target if hasattr(target, "snapshot") and hasattr(target, "checker") else TorchOps(target)
 
 
 @contextmanager
@@ -135,12 +155,15 @@ def _data_view(state, view):
 
 
 def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
-    """Run ``passes`` (enabled ones, in order) on ``state``, each fitted on the fit images and kept only when
-    the check SQNR rises; returns one result per pass (also set as ``state.passes``). With too few images to
-    split, the passes run unchecked (said in each verdict)."""
+    """Run ``passes`` (enabled ones, in order) on ``state`` (the target: the torch route's ``QuantState`` or the
+    ONNX route's ``OnnxTarget``), each fitted on the fit images and kept only when the check SQNR rises; returns one
+    result per pass (also set as ``state.passes``). With too few images to split, the passes run unchecked (said
+    in each verdict). A pass the target cannot run (``ptq.passes.pass_needs``) is refused before any runs."""
     t_start = time.perf_counter()
+    ops = guard_ops(state)
+    refuse_unrunnable(passes, state.recipe, state)
     fit_rows, check_rows = split_rows(state.data.num_samples)
-    checker = Checker(state, check_rows) if check_rows else None
+    checker = ops.checker(check_rows) if check_rows else None
     data = PassData(fit=RowView(state.data, fit_rows), measure=checker, extras=dict(extras or {}))
     results: list[PassResult] = []
     current = checker() if checker else None
@@ -149,9 +172,7 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
         if not p.enabled(state.recipe):
             results.append(PassResult(label, tried=False, verdict="off in the recipe"))
             continue
-        needs = p.needs_for(state.recipe) if hasattr(p, "needs_for") else p.needs
-        check_needs(label, needs, state)
-        snap = _snapshot(state) if checker else None
+        snap = ops.snapshot() if checker else None
         t0 = time.perf_counter()
         data.current_db = current
         with _data_view(state, data.fit):
@@ -173,7 +194,7 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
                 res.kept, res.verdict = True, "kept"
                 current = res.db_after
             else:
-                _restore(state, snap)
+                ops.restore(snap)
                 res.kept, res.verdict = False, "reverted: no gain on the check images"
         log.info("PTQ step %s", res.log_line())
         results.append(res)
@@ -182,9 +203,10 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
     state.passes_seconds = {"guard": time.perf_counter() - t_start - sum(r.seconds for r in results),
                             **{r.name: r.seconds for r in results if r.tried}}
     state.passes = {"check_images": len(check_rows), "fit_images": len(fit_rows),
-                    "measure": "worst output's SQNR (dB) of the fake-quant model against FP32",
+                    "measure": ops.measure_text,
                     "forwards": checker.count if checker else 0, "steps": results}
     return results
 
 
-__all__ = ["run_passes", "split_rows", "check_count", "RowView", "Checker", "CHECK_IMAGES", "MAX_CHECK_IMAGES"]
+__all__ = ["run_passes", "split_rows", "check_count", "RowView", "Checker", "TorchOps", "guard_ops", "CHECK_IMAGES",
+           "MAX_CHECK_IMAGES"]

@@ -130,6 +130,50 @@ def registered_passes() -> list[PtqPass]:
     return list(_REGISTRY)
 
 
+@dataclass(frozen=True)
+class Implementation:
+    """How a default pass runs on a target of another ``kind`` (the ONNX route's graph): ``apply(target, data) ->
+    PassResult`` and the capabilities it needs for a recipe (``needs(recipe) -> tuple``)."""
+
+    apply: Callable
+    needs: Callable = lambda recipe: ()
+
+
+_IMPLEMENTATIONS: dict[tuple[str, str], Implementation] = {}
+
+
+def register_implementation(pass_name: str, kind: str, apply: Callable, needs: Callable | None = None) -> None:
+    """Run the registered pass ``pass_name`` on targets whose ``kind`` is ``kind`` with ``apply`` (replacing a
+    previous one). A front end registers its target's implementations of the default passes this way, so one
+    registry and one guard serve every route."""
+    _IMPLEMENTATIONS[(pass_name, kind)] = Implementation(apply, needs or (lambda recipe: ()))
+
+
+def target_kind(target) -> str:
+    """``target.kind`` (the ONNX route's ``"onnx"``), else ``"torch"`` (the prepared torch state)."""
+    return getattr(target, "kind", "torch")
+
+
+def implementation_for(pass_name: str, target) -> Implementation | None:
+    """The implementation of ``pass_name`` registered for ``target``'s kind, or None (the pass's own ``apply``)."""
+    return _IMPLEMENTATIONS.get((pass_name, target_kind(target)))
+
+
+def pass_needs(p, recipe, target) -> tuple[str, ...]:
+    """What pass ``p`` needs from ``target`` for ``recipe``: its registered implementation's, else its own."""
+    impl = implementation_for(p.name, target)
+    if impl is not None:
+        return tuple(impl.needs(recipe))
+    return tuple(p.needs_for(recipe) if hasattr(p, "needs_for") else p.needs)
+
+
+def refuse_unrunnable(passes, recipe, target) -> None:
+    """UsageError for the first enabled pass of ``passes`` that ``target`` cannot run (before any work is done)."""
+    for p in passes:
+        if p.enabled(recipe):
+            check_needs(p.label(recipe) if hasattr(p, "label") else p.name, pass_needs(p, recipe, target), target)
+
+
 def target_capabilities(target) -> set[str]:
     """What ``target`` can do for a pass: a torch fake-quant model runs ("torch") and differentiates
     ("autograd"); a target may declare its own with a ``capabilities`` attribute."""
@@ -143,9 +187,11 @@ def check_needs(name: str, needs, target) -> None:
     """UsageError naming the pass ``name`` and what ``target`` lacks of ``needs``, before the pass runs."""
     missing = [n for n in needs if n not in target_capabilities(target)]
     if missing:
-        raise UsageError(f"PTQ pass {name!r} needs {', '.join(missing)}, which this model route cannot provide "
+        route = getattr(target, "route_name", "this model route")
+        raise UsageError(f"PTQ pass {name!r} needs {', '.join(missing)}, which {route} cannot provide "
                          f"(e.g. learned rounding needs autograd): turn the pass off in the recipe")
 
 
 __all__ = ["PassResult", "PassData", "PtqPass", "register_pass", "unregister_pass", "registered_passes",
-           "target_capabilities", "check_needs"]
+           "target_capabilities", "check_needs", "register_implementation", "implementation_for", "pass_needs",
+           "refuse_unrunnable", "target_kind"]

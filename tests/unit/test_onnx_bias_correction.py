@@ -122,4 +122,5 @@ def test_guard_and_fp32_graph(toy):
 def test_off_in_the_recipe_runs_nothing(toy):
     model, npy, _ = toy
     res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "ptq.bias_correction=false"), progress=False)
-    assert res.passes is None
+    step = _step(res)
+    assert not step["tried"] and step["verdict"] == "off in the recipe"

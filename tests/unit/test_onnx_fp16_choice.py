@@ -35,6 +35,10 @@ def _recipe(model, npy, *extra):
                               "calibration.method=max", "ptq.bias_correction=false", *extra])
 
 
+def _step(passes):  # the one guard lists every registered pass: pick the FP16 choice's
+    return next(s for s in passes["steps"] if s["name"] == "fp16_choice")
+
+
 def _worst(res, int8_nodes, x):
     import copy
 
@@ -52,7 +56,7 @@ def test_replays_and_guard_match_an_independent_measurement(toy):
     model, npy, x = toy
     res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=0.5"),
                         progress=False)
-    step = res.passes["steps"][-1]
+    step = _step(res.passes)
     assert step["name"] == "fp16_choice"
     sel, layers = res.sensitivity["selection"], res.sensitivity["analysis"]["layers"]
     fit, check = split_rows(len(x))
@@ -92,7 +96,7 @@ def test_kept_choice_is_in_the_report_with_reasons(toy, tmp_path):
     model, npy, _ = toy
     run_onnx_export(_recipe(model, npy, "sensitivity.min_int8_share=0.5"), tmp_path / "out", progress=False)
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    step = rep["passes"]["steps"][-1]
+    step = _step(rep["passes"])
     assert step["name"] == "fp16_choice" and "sensitivity" in rep
     md = (tmp_path / "out" / "report.md").read_text()
     assert "fp16_choice" in md
@@ -108,8 +112,8 @@ def test_full_int8_runs_no_choice(toy):
     model, npy, _ = toy
     res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=null"),
                         progress=False)
-    assert res.sensitivity is None and res.passes is None
-    assert not res.layout.reasons
+    assert res.sensitivity is None and not _step(res.passes)["tried"]
+    assert _step(res.passes)["verdict"] == "off in the recipe" and not res.layout.reasons
 
 
 def test_a_larger_graph_is_screened_by_blocks(toy, monkeypatch):
@@ -119,7 +123,7 @@ def test_a_larger_graph_is_screened_by_blocks(toy, monkeypatch):
     monkeypatch.setattr(fc, "BLOCKS", 2)
     res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=0.5"),
                         progress=False)
-    m = res.passes["steps"][-1]["measured"]
+    m = _step(res.passes)["measured"]
     assert len(m["blocks"]) == 2 and sum(b["nodes"] for b in m["blocks"]) > 2
     assert m["replayed"] <= max(2, max(b["nodes"] for b in m["blocks"]))
     opened = [b for b in m["blocks"] if b["opened"]]
@@ -147,11 +151,11 @@ def test_hybrid_cache_round_trips_the_chosen_fp16_nodes(toy, tmp_path):
     model, npy, _ = toy
     recipe = _recipe(model, npy, "sensitivity.min_int8_share=0.5")
     res = run_onnx_export(recipe, tmp_path / "a", progress=False)
-    assert res.report["passes"]["steps"][-1]["kept"]  # the toy's choice is kept (else this test proves nothing)
+    assert _step(res.report["passes"])["kept"]  # the toy's choice is kept (else this test proves nothing)
     back = run_onnx_export(recipe, tmp_path / "b", progress=False, trt_cache=str(tmp_path / "a" / "calibration.cache"))
     assert (tmp_path / "b" / "model.int8.onnx").read_bytes() == (tmp_path / "a" / "model.int8.onnx").read_bytes()
     assert sorted(back.report["calibration"]["trt_cache"]["kept_fp16_nodes"]) == sorted(
-        n for n in res.report["passes"]["steps"][-1]["measured"]["fp16_layers"])
+        n for n in _step(res.report["passes"])["measured"]["fp16_layers"])
 
 
 def test_report_md_gives_each_fp16_node_its_reason(toy, tmp_path):
@@ -164,7 +168,7 @@ def test_report_md_gives_each_fp16_node_its_reason(toy, tmp_path):
     assert "no reason recorded" not in md
     rows = {r["name"]: r for r in res.report["layers"]}
     assert "quantization.skip" in rows["/c2/Conv"]["why"]
-    for n in res.report["passes"]["steps"][-1]["measured"]["fp16_layers"]:
+    for n in _step(res.report["passes"])["measured"]["fp16_layers"]:
         assert rows[n]["why"].startswith("selection: recovers") and rows[n]["why"] in md
 
 
@@ -177,7 +181,7 @@ def test_sensitivity_flag_replays_every_node_with_its_damage(toy, tmp_path):
     res = run_onnx_export(_recipe(model, npy, "sensitivity.enabled=true", "sensitivity.min_int8_share=null"),
                           tmp_path / "o", progress=False)
     rep = res.report
-    assert (tmp_path / "o" / "sensitivity.png").is_file() and "passes" not in rep
+    assert (tmp_path / "o" / "sensitivity.png").is_file() and not _step(rep["passes"])["changed"]
     assert "selection" not in rep["sensitivity"] and rep["coverage"]["float_ops"][0]["node"] == "/MatMul"
     layers = rep["sensitivity"]["analysis"]["layers"]
     assert all(r["replayed"] for r in layers if r["type"] != "MatMul")

@@ -35,7 +35,8 @@ def _worst_db(res, fp32_bytes, x_check):
     names = [o.name for o in res.sim.graph.output]
     ref = [parity.run_session(parity.session(fp32_bytes, 1), x_check)]
     got = [parity.run_session(parity.session(res.sim.SerializeToString(), 1), x_check)]
-    return float(parity.compare_outputs(ref, got, names, parity.sigmoid_outputs(res.sim)).worst)
+    r = parity.compare_outputs(ref, got, names, parity.sigmoid_outputs(res.sim))
+    return float(min(r.judged_db(n) for n in names))  # the guard's measure: a sigmoid output on its clipped logit
 
 
 def test_auto_keeps_the_rule_with_the_best_check_sqnr(toy):
@@ -62,11 +63,14 @@ def test_auto_keeps_the_rule_with_the_best_check_sqnr(toy):
 def test_fixed_method_skips_the_choice_and_tiny_sets_say_unchecked(toy, tmp_path):
     model, npy, x = toy
     fixed = quantize_onnx(str(model), str(npy), _recipe(model, npy, "calibration.method=entropy"), progress=False)
-    assert fixed.passes is None and fixed.settings.method.value == "entropy"
+    step = fixed.passes["steps"][0]  # the one guard lists every registered pass, as on the torch route
+    assert step["name"] == "calibration_method" and not step["tried"] and step["verdict"] == "off in the recipe"
+    assert fixed.settings.method.value == "entropy"
     np.save(tmp_path / "three.npy", x[:3])
     few = quantize_onnx(str(model), str(tmp_path / "three.npy"), _recipe(model, tmp_path / "three.npy"),
                         progress=False)
-    assert few.passes["check_images"] == 0 and "unchecked" in few.passes["steps"][0]["verdict"]
+    step = few.passes["steps"][0]
+    assert few.passes["check_images"] == 0 and step["verdict"] == "no change" and "too few" in step["measured"]["note"]
     assert few.settings.method.value == "mse"
 
 
