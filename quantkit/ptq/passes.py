@@ -1,8 +1,11 @@
 """PTQ passes behind one small protocol, and the ordered registry of the default ones.
 
 A pass is an object with a ``name``, the target capabilities it ``needs`` (``"torch"``, ``"autograd"``), an
-``enabled(recipe)`` test and ``apply(target, data) -> PassResult``. ``target`` is the ``state.QuantState`` being
-quantized (its fake-quant model, calibration and layout); ``data`` is a :class:`PassData`: the *fit* part of the
+``enabled(recipe)`` test and ``apply(target, data) -> PassResult``. ``target`` is what is being quantized: on the
+torch route the ``state.QuantState`` (its fake-quant model, calibration and layout; capabilities ``torch``,
+``autograd``), on the ONNX route an ``onnxin.target.OnnxTarget`` (the graph, its placement and scales, run in
+onnxruntime; capability ``onnx``). A default pass runs on a target of another kind through the implementation its
+front end registered (:func:`register_implementation`); ``data`` is a :class:`PassData`: the *fit* part of the
 calibration set (the passes fit on it) and a ``measure()`` that returns the current INT8-vs-FP32 output SQNR on
 the *check* part (never fitted on). The guard (``quantkit.ptq.guard``) runs the passes in order and keeps each one
 only when the check SQNR improved; otherwise it restores the state exactly.
@@ -103,6 +106,20 @@ class PtqPass(Protocol):
     def apply(self, target, data: PassData) -> PassResult: ...
 
 
+@runtime_checkable
+class GuardedTarget(Protocol):
+    """What the guard (``ptq.guard.run_passes``) needs of a target besides ``recipe`` and ``data``: ``checker(rows)``
+    (a callable returning the worst output's SQNR in dB against FP32 on calibration ``rows``, with a ``count`` of
+    forwards run), ``snapshot()`` of everything a pass may change, and ``restore(snapshot)``. The ONNX route's
+    ``OnnxTarget`` has them itself; ``ptq.guard.TorchOps`` gives them to the torch route's ``QuantState``."""
+
+    def checker(self, rows: list[int]) -> Callable[[], float]: ...
+
+    def snapshot(self) -> Any: ...
+
+    def restore(self, snap: Any) -> None: ...
+
+
 _REGISTRY: list[PtqPass] = []
 
 
@@ -194,4 +211,4 @@ def check_needs(name: str, needs, target) -> None:
 
 __all__ = ["PassResult", "PassData", "PtqPass", "register_pass", "unregister_pass", "registered_passes",
            "target_capabilities", "check_needs", "register_implementation", "implementation_for", "pass_needs",
-           "refuse_unrunnable", "target_kind"]
+           "refuse_unrunnable", "target_kind", "GuardedTarget"]

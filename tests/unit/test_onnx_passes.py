@@ -124,3 +124,17 @@ def test_torch_only_steps_of_the_sequential_pass_are_refused(toy, setting, missi
     model, npy = toy
     with pytest.raises(UsageError, match=f"needs .*{missing}.*ONNX route"):
         quantize_onnx(str(model), str(npy), _recipe(model, npy, "ptq.bias_correction=true", setting), progress=False)
+
+
+def test_both_targets_give_the_guard_what_it_needs(toy):
+    from quantkit.onnxin.target import OnnxTarget
+    from quantkit.ptq.guard import TorchOps, guard_ops
+    from quantkit.ptq.passes import GuardedTarget, target_capabilities, target_kind
+
+    assert issubclass(OnnxTarget, GuardedTarget) and issubclass(TorchOps, GuardedTarget)
+    assert target_kind(OnnxTarget) == "onnx" and target_capabilities(OnnxTarget) == {"onnx"}
+
+    class _State:  # the torch state has none of the three itself: the guard wraps it
+        pass
+
+    assert isinstance(guard_ops(_State()), TorchOps)
