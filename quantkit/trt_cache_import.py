@@ -12,14 +12,12 @@ calibration.json ``trt_cache``) says which tensors came from the cache, were kep
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
-from quantkit.calibrate.trt_cache import CacheImport, amax_from_cache, read_cache
-from quantkit.errors import UsageError
+from quantkit.calibrate.trt_cache import CacheImport, import_scales
 from quantkit.quant.insert import set_precision
 from quantkit.state import QuantState
 
@@ -36,25 +34,19 @@ def import_trt_cache(state: QuantState, path: str) -> CacheImport:
 
     recipe, model = state.recipe, state.model
     mode = recipe.calibration.trt_cache_missing
-    header, scales = read_cache(path)
     example = next(state.data.batches(limit=1))[:1]
     tensor_of, graph_tensors = input_tensor_names(model.qmodel, list(model.layout.layers), example,
                                                   opset=recipe.export.opset, inputs=state.data.inputs)
-    int8 = [n for n in model.layout.int8 if n in tensor_of]
-    missing = [n for n in int8 if tensor_of[n] not in scales]
-    out = CacheImport({}, {}, header, [], mode=mode)
-    if missing and mode == "fp16":
-        out.kept_fp16 = list(missing)
-        out.kept_fp16_tensors = sorted({tensor_of[n] for n in missing})
-        model.layout.int8 = [n for n in model.layout.int8 if n not in set(missing)]
-        for n in missing:
+    out = import_scales(path, tensor_of, list(model.layout.int8), graph_tensors, mode=mode, what="this model",
+                        fix="Pass the cache written for this model's export, or drop --trt-calib-cache")
+    missing = out.kept_fp16 if mode == "fp16" else [n for n in model.layout.int8
+                                                     if tensor_of.get(n) in set(out.calibrated)]
+    if out.kept_fp16:
+        model.layout.int8 = [n for n in model.layout.int8 if n not in set(out.kept_fp16)]
+        for n in out.kept_fp16:
             model.layout.reasons[n] = f"no scale in {Path(path).name}: kept FP16, as the source did"
         set_precision(model.qmodel, set(model.layout.int8))
-        if not model.layout.int8 and any(t in graph_tensors for t in scales):  # else: "for another model" below
-            raise UsageError(f"{path} has no scale for any tensor quantkit quantizes in this model: nothing would be "
-                             "INT8. Pass the cache written for this model's export, or drop --trt-calib-cache")
-    from_cache = sorted({tensor_of[n] for n in model.layout.int8 if n in tensor_of and tensor_of[n] in scales})
-    amax = amax_from_cache(scales, from_cache, graph_tensors, source=str(path))
+    from_cache, amax = out.from_cache, out.amax
     modules = dict(model.qmodel.named_modules())
     chosen = dict(state.calibration.chosen_amax)
     for n in model.layout.int8:
@@ -62,12 +54,7 @@ def import_trt_cache(state: QuantState, path: str) -> CacheImport:
         if t in amax:
             modules[n]._input_quantizer.amax = torch.tensor(amax[t])
             chosen[f"{n}._input_quantizer"] = amax[t]
-    out.amax = amax
-    out.act_scales = {t: float(scales[t]) for t in from_cache}
-    out.from_cache = from_cache
-    if mode == "calibrate":
-        out.calibrated = sorted({tensor_of[n] for n in missing})
-    key = "trt-cache-" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    key = out.cache_info["key"]
     state.calibration.chosen_amax = chosen
     state.calibration.method = METHOD
     state.calibration.cache = {**state.calibration.cache, "key": key + "+" + str(state.calibration.cache.get("key"))}

@@ -198,3 +198,37 @@ class CacheImport:
         return {"file": Path(path).name, "header": self.header, "missing": self.mode,
                 "from_cache": sorted(self.from_cache), "kept_fp16_nodes": sorted(self.kept_fp16),
                 "kept_fp16_tensors": sorted(self.kept_fp16_tensors), "calibrated": sorted(self.calibrated)}
+
+
+def import_scales(path: str | Path, tensor_of: dict[str, str], int8: list[str], graph_tensors: set[str], *,
+                  mode: str, what: str, fix: str) -> CacheImport:
+    """The one missing-scale rule of ``--trt-calib-cache``, for both routes. ``tensor_of``: each quantizable
+    layer / node -> the ONNX tensor its input quantizer reads; ``int8``: the layers INT8 now. A layer whose tensor
+    has no line in the cache belongs to a layer the source kept FP16: with ``mode`` ``fp16`` it is listed in
+    ``kept_fp16`` (the caller takes it out of its INT8 list), with ``calibrate`` its tensor is listed in
+    ``calibrated`` (the caller calibrates it). ``amax`` / ``act_scales`` hold the cache's scales of the tensors the
+    remaining INT8 layers read, in the order those layers first read them (amax = scale * 127, checked by :func:`amax_from_cache`); ``cache_info`` keys the
+    import by the file's bytes. UsageError when nothing would be INT8 (``what``: "this graph" / "this model";
+    ``fix``: what to pass instead)."""
+    import hashlib
+
+    header, scales = read_cache(path)
+    layers = [n for n in int8 if n in tensor_of]
+    missing = [n for n in layers if tensor_of[n] not in scales]
+    out = CacheImport({}, {}, header, [], mode=mode)
+    kept = list(int8)
+    if missing and mode == "fp16":
+        out.kept_fp16 = list(missing)
+        out.kept_fp16_tensors = sorted({tensor_of[n] for n in missing})
+        kept = [n for n in int8 if n not in set(missing)]
+        if not kept and any(t in graph_tensors for t in scales):  # else: "for another model" in amax_from_cache
+            raise UsageError(f"{path} has no scale for any tensor quantkit quantizes in {what}: nothing would be "
+                             f"INT8. {fix}")
+    elif missing:
+        out.calibrated = sorted({tensor_of[n] for n in missing})
+    out.from_cache = list(dict.fromkeys(tensor_of[n] for n in kept if n in tensor_of and tensor_of[n] in scales))
+    out.amax = amax_from_cache(scales, out.from_cache, graph_tensors, source=str(path))
+    out.act_scales = {t: float(np.float32(scales[t])) for t in out.from_cache}
+    out.cache_info = {"key": "trt-cache-" + hashlib.sha256(Path(path).read_bytes()).hexdigest(), "hit": False,
+                      "path": None, "reason": None}
+    return out

@@ -15,11 +15,9 @@ calibrated (report.json ``calibration.trt_cache`` and calibration.json ``trt_cac
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from quantkit.calibrate.trt_cache import CacheImport
@@ -36,38 +34,27 @@ def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibr
     ``layout.int8`` and ``layout.notes``) or calibrates the tensors the cache lacks (``mode`` calibrate:
     ``calibrate_missing(tensors) -> (tensor -> amax, CalibrationResult, cache info)``, needs ``data``).
     UsageError naming the fix when the cache is not this model's or calibration has no data."""
-    from quantkit.calibrate.trt_cache import amax_from_cache, read_cache
+    from quantkit.calibrate.trt_cache import import_scales
     from quantkit.onnxin.qdq import activation_scale
 
-    header, scales = read_cache(path)
     graph_tensors = ({i.name for i in cleaned.graph.input}
                      | {t for n in cleaned.graph.node for t in (*n.input, *n.output)})
-    needed = layout.activation_tensors(only_int8=True)
-    missing = [t for t in needed if t not in scales]
-    out = CacheImport({}, {}, header, [], mode=mode)
-    if missing and mode == "calibrate" and data is None:
-        raise UsageError(f"{path} has no scale for {len(missing)} quantized tensor(s), e.g. {missing[:3]}, and "
-                         "calibration.trt_cache_missing=calibrate needs data to calibrate them: pass --calib DIR "
-                         "(or .npy), or drop that setting to keep those layers FP16 as the source did")
-    if missing and mode == "fp16":
-        gone = set(missing)
-        out.kept_fp16 = [n for n in layout.int8 if layout.candidates[n].act_input[1] in gone]
-        out.kept_fp16_tensors = sorted(gone)
-        layout.int8 = [n for n in layout.int8 if n not in set(out.kept_fp16)]
-        if not layout.int8 and any(t in graph_tensors for t in scales):  # else: "for another model" below
-            raise UsageError(f"{path} has no scale for any tensor quantkit quantizes in this graph: nothing would be "
-                             "INT8. Pass the cache written for this ONNX file, or calibrate with --calib")
-    from_cache = [t for t in layout.activation_tensors(only_int8=True) if t in scales]
-    out.amax = amax_from_cache(scales, from_cache, graph_tensors, source=str(path))
-    out.act_scales = {t: float(np.float32(scales[t])) for t in from_cache}
-    out.from_cache = from_cache
-    out.cache_info = {"key": "trt-cache-" + hashlib.sha256(Path(path).read_bytes()).hexdigest(), "hit": False,
-                      "path": None, "reason": None}
+    out = import_scales(path, {n: c.act_input[1] for n, c in layout.candidates.items()}, list(layout.int8),
+                        graph_tensors, mode=mode, what="this graph",
+                        fix="Pass the cache written for this ONNX file, or calibrate with --calib")
+    if out.calibrated and data is None:
+        raise UsageError(f"{path} has no scale for {len(out.calibrated)} quantized tensor(s), e.g. "
+                         f"{out.calibrated[:3]}, and calibration.trt_cache_missing=calibrate needs data to calibrate "
+                         "them: pass --calib DIR (or .npy), or drop that setting to keep those layers FP16 as the "
+                         "source did")
+    layout.int8 = [n for n in layout.int8 if n not in set(out.kept_fp16)]
+    missing = out.kept_fp16_tensors if mode == "fp16" else out.calibrated
+    from_cache = out.from_cache
     if missing and mode == "calibrate":
-        amax, out.calib, info = calibrate_missing(missing)
+        amax, out.calib, info = calibrate_missing(_in_order(layout, missing))
         out.amax.update(amax)
         out.act_scales.update({t: float(activation_scale(a)) for t, a in amax.items()})
-        out.calibrated = list(missing)
+        out.calibrated = _in_order(layout, missing)
         out.cache_info.update({"hit": info.get("hit"), "path": info.get("path"), "reason": info.get("reason"),
                                "key": out.cache_info["key"] + "+" + str(info.get("key"))})
     if missing:
@@ -80,3 +67,9 @@ def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibr
         layout.notes.append(note)
         log.info("%s", note)
     return out
+
+
+def _in_order(layout: OnnxLayout, tensors) -> list[str]:
+    """``tensors`` in the order the INT8 nodes first read them."""
+    want = set(tensors)
+    return [t for t in layout.activation_tensors(only_int8=True) if t in want]
