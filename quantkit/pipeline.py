@@ -96,10 +96,6 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     if isinstance(calib_path, (str, Path)) and str(calib_path).lower().endswith(".npz"):
         # several named inputs: the model must take them packed before it is prepared (traced, copied)
         data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, recipe.input.size or (640, 640))
-        bmin, _, bmax = parse_batch(recipe.input.batch)
-        if bmin != bmax:
-            raise UsageError("a dynamic batch (input.batch min:opt:max) with several inputs (.npz) is not supported "
-                             "yet: build_engine.sh writes one shape profile; use a fixed batch such as --batch 1")
     prepared = _prepared(recipe, model, data.inputs if data is not None else None)
     if plan.note:  # report.json's notes say why there is no held-out evaluation
         prepared.layout.notes.append(plan.note)

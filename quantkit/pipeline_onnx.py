@@ -107,7 +107,7 @@ def write_build_script(stage, recipe: Recipe, res: OnnxQuantResult, has_strong: 
                        strong_onnx=((nms or {}).get("strong") or "model.int8.strong.onnx") if has_strong else None,
                        fp16_nodes=tuple(fp16), batch=tuple(parse_batch(recipe.input.batch)),
                        sample_shape=tuple(int(d) for d in res.loaded.input_shape[1:]),
-                       input_name=res.loaded.input_name)
+                       input_name=res.loaded.input_name, inputs=tuple(res.loaded.inputs or ()))
     get_backend(recipe.export.backend).write_scripts(stage, recipe, req)
     return fp16
 

@@ -30,7 +30,8 @@ class BuildRequest:
     weak_onnx: the weakly typed Q/DQ graph (FP32 + Q/DQ), or its NMS variant. strong_onnx: the strongly typed FP16
     graph when written, else None. fp16_nodes: ONNX names of weighted nodes kept out of INT8. batch: (min, opt,
     max) batch sizes. sample_shape: one input sample's shape (C, H, W for images; empty for ``build``, which reads it
-    from the graph). input_name: the graph input.
+    from the graph). input_name: the graph input. inputs: for a model with several inputs, (name, per-sample shape)
+    of each in graph order (then ``input_name`` / ``sample_shape`` are the first's).
     """
 
     weak_onnx: str
@@ -39,6 +40,7 @@ class BuildRequest:
     batch: tuple[int, int, int]
     sample_shape: tuple[int, ...]
     input_name: str = "images"
+    inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def dynamic_batch(self) -> tuple[int, int, int] | None:
@@ -79,7 +81,7 @@ class TensorRTBackend:
         from quantkit.engine.dispatch import write_dispatch_script
 
         common = {"target": recipe.export.target, "batch": req.dynamic_batch, "input_name": req.input_name,
-                  "chw": tuple(req.sample_shape)}
+                  "chw": tuple(req.sample_shape), "inputs": tuple(req.inputs)}
         weak = plan_build("10.0", onnx_is_strong=False, fp16_layers=list(req.fp16_nodes), **common)
         strong = plan_build("10.12", onnx_is_strong=True, **common) if req.strong_onnx else None
         write_dispatch_script(stage.path("build_engine.sh"), weak, strong, weak_onnx=req.weak_onnx,

@@ -97,13 +97,14 @@ def _configure(trt, builder, network, plan: BuildPlan):
     if dynamic and plan.profile is None:
         raise EngineError(f"inputs {dynamic} have dynamic dimensions but the plan has no profile: plan with "
                           "batch='min:opt:max', or export with a static batch")
-    if plan.profile is not None and plan.profile.input_name not in inputs:
-        raise EngineError(f"profile input '{plan.profile.input_name}' is not a network input {sorted(inputs)}; "
-                          "plan with input_name=<the ONNX input name>")
+    for p in plan.profile.inputs if plan.profile is not None else ():
+        if p.input_name not in inputs:
+            raise EngineError(f"profile input '{p.input_name}' is not a network input {sorted(inputs)}; "
+                              "plan with input_name=<the ONNX input name>")
     if plan.profile is not None:
         profile = builder.create_optimization_profile()
-        p = plan.profile
-        profile.set_shape(p.input_name, p.min, p.opt, p.max)
+        for p in plan.profile.inputs:  # every input of a model with several, same batch range
+            profile.set_shape(p.input_name, p.min, p.opt, p.max)
         config.add_optimization_profile(profile)
     return config
 

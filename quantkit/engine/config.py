@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quantkit.errors import EngineError, UsageError
 
@@ -51,17 +51,24 @@ ANY_TARGET = "any"
 
 @dataclass(frozen=True)
 class ShapeProfile:
-    """One optimization profile for the image input: min/opt/max shapes (N, C, H, W)."""
+    """One optimization profile: min/opt/max shapes (N, C, H, W for an image) of the input ``input_name``, and of
+    the model's further inputs (``others``, one ShapeProfile each, same batch range) when it takes several."""
 
     input_name: str
     min: tuple[int, ...]
     opt: tuple[int, ...]
     max: tuple[int, ...]
+    others: tuple["ShapeProfile", ...] = ()
+
+    @property
+    def inputs(self) -> tuple["ShapeProfile", ...]:
+        """This input's profile and the others', in graph order."""
+        return (self, *self.others)
 
     def trtexec_args(self) -> list[str]:
         fmt = lambda s: "x".join(str(d) for d in s)  # noqa: E731
-        return [f"--minShapes={self.input_name}:{fmt(self.min)}", f"--optShapes={self.input_name}:{fmt(self.opt)}",
-                f"--maxShapes={self.input_name}:{fmt(self.max)}"]
+        return [f"--{k}Shapes=" + ",".join(f"{p.input_name}:{fmt(getattr(p, k))}" for p in self.inputs)
+                for k in ("min", "opt", "max")]
 
 
 @dataclass(frozen=True)
@@ -130,11 +137,13 @@ def _target(target: str) -> str:
 def plan_build(trt_version: str, onnx_is_strong: bool, target: str = "t4",
                batch: str | tuple[int, int, int] | None = None, fp16_layers: list[str] | tuple[str, ...] = (),
                *, input_name: str = "images", chw: tuple[int, int, int] = (3, 640, 640),
-               workspace_mib: int = 4096) -> BuildPlan:
+               workspace_mib: int = 4096, inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()) -> BuildPlan:
     """Decide typing mode, builder flags and profile for one TensorRT version.
 
     ``onnx_is_strong``: the ONNX is the FP16 Q/DQ graph from ``quantkit.exporter.strong``.
     ``batch``: None builds the static shape (1, *chw); 'min:opt:max' builds a dynamic-batch profile.
+    ``inputs``: for a model with several inputs, (name, per-sample shape) of each in graph order; the profile then
+    gives every input the batch range (``input_name`` / ``chw`` are ignored).
     Raises EngineError when this TensorRT cannot build this ONNX, UsageError on malformed arguments.
     """
     version = parse_trt_version(trt_version)
@@ -167,14 +176,18 @@ def plan_build(trt_version: str, onnx_is_strong: bool, target: str = "t4",
         raise UsageError(f"layer names {bad} cannot be passed to trtexec --layerPrecisions (',', ':' or quotes)")
     if key == ANY_TARGET:
         notes.append("no target GPU check: the engine only runs on the GPU model it is built on")
-    if len(chw) < 1 or not all(isinstance(d, int) and d > 0 for d in chw):  # (C, H, W) images, (L,) audio, ...
-        raise UsageError(f"the per-sample input shape must be positive integers, e.g. (C, H, W); got {chw!r}")
+    shapes = [(n, tuple(c)) for n, c in inputs] if len(inputs) > 1 else [(input_name, tuple(chw))]
+    for _, c in shapes:
+        if len(c) < 1 or not all(isinstance(d, int) and d > 0 for d in c):  # (C, H, W) images, (L,) audio, ...
+            raise UsageError(f"the per-sample input shape must be positive integers, e.g. (C, H, W); got {c!r}")
+    input_name, chw = shapes[0]
     profile, static = None, None
     if batch is None:
         static = (1, *chw)
     else:
         lo, opt, hi = parse_batch(batch)
-        profile = ShapeProfile(input_name, (lo, *chw), (opt, *chw), (hi, *chw))
+        each = [ShapeProfile(n, (lo, *c), (opt, *c), (hi, *c)) for n, c in shapes]
+        profile = replace(each[0], others=tuple(each[1:]))
     return BuildPlan(trt_version=version, typing=typing, flags=tuple(flags), target=key, profile=profile,
                      input_name=input_name, static_shape=static, fp16_layers=tuple(fp16_layers),
                      workspace_mib=int(workspace_mib), notes=tuple(notes))

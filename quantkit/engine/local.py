@@ -40,11 +40,14 @@ def build_and_inspect(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, 
     """
     version = installed_trt_version()
     model = onnx.load(str(onnx_path))
-    inp = model.graph.input[0]
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    inp = graph_inputs[0]
     strong = is_strong_graph(model)
-    chw = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim[1:])
-    plan = plan_build(version, onnx_is_strong=strong, target=target, batch=batch, chw=chw,
-                      fp16_layers=() if strong else tuple(fp16_nodes), input_name=inp.name)
+    shapes = tuple((i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim[1:])) for i in graph_inputs)
+    plan = plan_build(version, onnx_is_strong=strong, target=target, batch=batch, chw=shapes[0][1],
+                      fp16_layers=() if strong else tuple(fp16_nodes), input_name=inp.name,
+                      inputs=shapes if len(shapes) > 1 else ())
     engine = build_engine(onnx_path, plan, out_dir, timing_cache, engine_name=engine_name)
     layers = engine_layers(engine.read_bytes())
     atomic_write_json(Path(out_dir) / "engine.layers.json", layers)

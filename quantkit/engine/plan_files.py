@@ -41,10 +41,22 @@ def torch_route_request(graphs: Graphs, model: PreparedModel, batch: tuple[int, 
     from quantkit.engine.backend import BuildRequest
 
     graphs.fp16_nodes = fp16_nodes(graphs, model)
+    inputs = graph_inputs(graphs.int8)
+    several = len(inputs) > 1  # named inputs (.npz): each its own shape in the profile
     return BuildRequest(weak_onnx=graphs.weak_name,
                         strong_onnx=graphs.strong_name if graphs.strong is not None else None,
                         fp16_nodes=tuple(graphs.fp16_nodes), batch=tuple(batch),
-                        sample_shape=tuple(int(d) for d in graphs.refs.batches[0].shape[1:]))
+                        sample_shape=(inputs[0][1] if several
+                                      else tuple(int(d) for d in graphs.refs.batches[0].shape[1:])),
+                        input_name=inputs[0][0] if several else "images", inputs=tuple(inputs) if several else ())
+
+
+def graph_inputs(model) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, per-sample shape: the dims after the batch) of each input of ``model`` (an ONNX ModelProto) that is
+    not an initializer, in graph order."""
+    inits = {t.name for t in model.graph.initializer}
+    return [(i.name, tuple(int(d.dim_value) for d in i.type.tensor_type.shape.dim[1:]))
+            for i in model.graph.input if i.name not in inits]
 
 
 def write_build_script(stage, recipe: Recipe, graphs: Graphs, model: PreparedModel,

@@ -83,7 +83,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None,
               data_shape: tuple[int, ...] | None = None,
               check_memory: Callable[[str, list[int | None]], None] | None = None,
-              data_shapes: dict[str, tuple[int, ...]] | None = None) -> LoadedOnnx:
+              data_shapes: dict[str, tuple[int, ...]] | None = None, free_batch: bool = False) -> LoadedOnnx:
     """Read and validate an FP32 ONNX file, fix its free input dims, and bring an opset below 13 to 13.
 
     Free H/W take ``input_size`` (H, W in pixels), else ``data_shape`` (C, H, W of preprocessed calibration data,
@@ -129,7 +129,7 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
                          "with its outputs (torch.onnx.export(..., output_names=[...]))")
     inits = {t.name for t in model.graph.initializer}
     if sum(i.name not in inits for i in model.graph.input) > 1:
-        fixed = fix_inputs(model, p, input_size, data_shapes)
+        fixed = fix_inputs(model, p, input_size, data_shapes, free_batch=free_batch)
         name, shape = fixed[0]
     else:
         name, shape = fix_input(model, p, input_size, data_shape)
@@ -147,10 +147,13 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
 
 
 def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | None,
-               data_shapes: dict[str, tuple[int, ...]] | None) -> list[tuple[str, list[int]]]:
+               data_shapes: dict[str, tuple[int, ...]] | None, *, free_batch: bool = False
+               ) -> list[tuple[str, list[int | None]]]:
     """Several graph inputs: each float32, its dims after the batch fixed from the .npz array of its name
-    (``data_shapes``: name -> per-sample shape); a free batch is fixed at 1 (the torch route's rule for several
-    inputs: one static shape for the engine). Returns [(name, [N, ...])] in graph order."""
+    (``data_shapes``: name -> per-sample shape); a free batch is fixed at 1 (one static shape for the engine), or
+    stays free (N None) with ``free_batch`` (a min:opt:max batch: every input gets the range in the engine's
+    profile; a graph whose inputs disagree on a fixed batch is refused). Returns [(name, [N, ...])] in graph
+    order."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     names = [i.name for i in inputs]
@@ -171,9 +174,16 @@ def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | No
         for k, d in enumerate(dims):
             free = not d.HasField("dim_value") or d.dim_value < 1
             if k == 0:
-                if free:
+                if free and free_batch:
+                    d.Clear()
+                    d.dim_param = "batch"  # one name: the inputs share the batch
+                elif free:
                     d.Clear()
                     d.dim_value = 1
+                elif free_batch:
+                    raise UsageError(f"input {qin} of {p} has a fixed batch of {d.dim_value}, but input.batch asks "
+                                     "for a min:opt:max range: export the model with a dynamic batch axis, or use a "
+                                     f"fixed batch such as --batch {d.dim_value}")
                 continue
             if free:
                 if want is None or len(want) != len(dims) - 1:
@@ -182,8 +192,9 @@ def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | No
                                      f"(numpy.savez('calib.npz', {', '.join(f'{n!r}=...' for n in names)[:200]}))")
                 d.Clear()
                 d.dim_value = int(want[k - 1])
-        out.append((inp.name, [int(d.dim_value) for d in dims]))
-    log.info("ONNX route: %d graph inputs %s, batch 1", len(out), ", ".join(f"{n} {s}" for n, s in out))
+        out.append((inp.name, [None if k == 0 and free_batch else int(d.dim_value) for k, d in enumerate(dims)]))
+    log.info("ONNX route: %d graph inputs %s, batch %s", len(out), ", ".join(f"{n} {s}" for n, s in out),
+             "free (input.batch range)" if free_batch else "1")
     return out
 
 

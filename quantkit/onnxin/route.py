@@ -151,14 +151,11 @@ def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str
                          "FILE; quantkit never calibrates on random data")
     from quantkit.onnxin.npz import npz_shape, npz_shapes
 
+    bmin, _, bmax = parse_batch(recipe.input.batch)
     loaded = load_onnx(path, recipe.input.size, data_shape=npy_shape(data) or npz_shape(data),
                        check_memory=lambda where, shape: check_model_input_memory(
                            recipe, where, shape, batch=None if data is not None else 1),
-                       data_shapes=npz_shapes(data))
-    bmin, _, bmax = parse_batch(recipe.input.batch)
-    if loaded.inputs and bmin != bmax:
-        raise UsageError("a dynamic batch (input.batch min:opt:max) with several inputs is not supported yet: "
-                         "build_engine.sh writes one shape; use a fixed batch such as --batch 1")
+                       data_shapes=npz_shapes(data), free_batch=bmin != bmax)
     cleaned = cleanup(loaded.model)
     pp = Preprocess.at_size(recipe.preprocess, loaded.size or (640, 640))  # not used for non-image inputs
     cal = None

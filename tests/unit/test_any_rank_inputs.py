@@ -235,13 +235,61 @@ def test_onnx_route_takes_audio_frames_from_npy(work, tmp_path):
     assert res.exit_code == 2 and "takes (1024,)" in res.output and not (tmp_path / "o2").exists()
 
 
-def test_several_inputs_with_dynamic_batch_is_exit_2(work, tmp_path):
-    """build_engine.sh writes one shape profile: a dynamic batch over several inputs is refused up front."""
-    d, _ = work
-    np.savez(tmp_path / "ok.npz", audio=_sines(4, 64), side=np.zeros((4, 6), np.float32))
-    res = CliRunner().invoke(main, ["export", f"{d / 'nets.py'}:two", "--calib", str(tmp_path / "ok.npz"), "--out",
-                                    str(tmp_path / "out"), "--no-cache", "-q", "--batch", "1:4:8"])
-    assert res.exit_code == 2 and "--batch 1" in res.output and not (tmp_path / "out").exists()
+def _batched(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The whole set in one run (a graph with a free batch)."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _check_dynamic_two(out: Path, audio: np.ndarray, side: np.ndarray, ref: np.ndarray) -> None:
+    """Every graph takes a free batch on both inputs; the INT8 graph at batch 5 equals it one sample at a time and
+    stays close to torch FP32; build_engine.sh gives both inputs the batch range (trtexec's comma-joined form)."""
+    for name in ("model.onnx", "model.int8.onnx"):
+        g = onnx.load(str(out / name))
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.graph.input}
+        assert dims == {"audio": [dims["audio"][0], 512], "side": [dims["audio"][0], 6]}, dims
+        assert isinstance(dims["audio"][0], str)  # symbolic, shared
+    feeds = {"audio": audio, "side": side}
+    whole = _batched(out / "model.int8.onnx", feeds)
+    np.testing.assert_allclose(whole, _ort(out / "model.int8.onnx", feeds), rtol=1e-5, atol=1e-5)
+    assert _sqnr(ref, whole) > 20.0
+    import re
+
+    script = (out / "build_engine.sh").read_text()
+    for k, n in (("min", 1), ("opt", 4), ("max", 8)):  # the graph's input order (the torch route: the .npz's)
+        found = {frozenset(m.split(",")) for m in re.findall(rf"--{k}Shapes=(\S+)", script)}
+        assert found == {frozenset({f"audio:{n}x512", f"side:{n}x6"})}, (k, found)
+
+
+def test_several_inputs_with_dynamic_batch_on_both_routes(work, tmp_path):
+    """A min:opt:max batch over several inputs (it was refused: build_engine.sh wrote one input's shapes): every
+    input gets the batch range in the profile, on the torch route and on the ONNX route."""
+    d, nets = work
+    audio, side = _sines(24, 512), np.random.default_rng(4).normal(size=(24, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", side=side, audio=audio)
+    held_a, held_s = _sines(5, 512, seed=9), np.random.default_rng(9).normal(size=(5, 6)).astype(np.float32)
+    with torch.no_grad():
+        ref = nets.two()(torch.from_numpy(held_a), torch.from_numpy(held_s)).numpy()
+    res = CliRunner().invoke(main, ["export", f"{d / 'nets.py'}:two", "--calib", str(tmp_path / "calib.npz"),
+                                    "--out", str(tmp_path / "torch"), "--no-cache", "-q", "--batch", "1:4:8"])
+    assert res.exit_code == 0, res.output
+    _check_dynamic_two(tmp_path / "torch", held_a, held_s, ref)
+    src = tmp_path / "two.onnx"  # the FP32 graph as a user exports it, free batch on both inputs
+    torch.onnx.export(nets.two(), (torch.zeros(1, 512), torch.zeros(1, 6)), str(src), input_names=["audio", "side"],
+                      output_names=["out"], opset_version=17, dynamo=False,
+                      dynamic_axes={"audio": {0: "N"}, "side": {0: "N"}})
+    res = CliRunner().invoke(main, ["export", str(src), "--calib", str(tmp_path / "calib.npz"), "--out",
+                                    str(tmp_path / "onnx"), "--no-cache", "-q", "--batch", "1:4:8"])
+    assert res.exit_code == 0, res.output
+    _check_dynamic_two(tmp_path / "onnx", held_a, held_s, ref)
+    # a graph whose batch is fixed cannot take a range: exit 2 naming both ways out, nothing written
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(nets.two(), (torch.zeros(1, 512), torch.zeros(1, 6)), str(fixed),
+                      input_names=["audio", "side"], output_names=["out"], opset_version=17, dynamo=False)
+    res = CliRunner().invoke(main, ["export", str(fixed), "--calib", str(tmp_path / "calib.npz"), "--out",
+                                    str(tmp_path / "bad"), "--no-cache", "-q", "--batch", "1:4:8"])
+    assert res.exit_code == 2 and "fixed batch of 1" in res.output and "--batch 1" in res.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_onnx_route_takes_several_inputs_from_npz(work, tmp_path):

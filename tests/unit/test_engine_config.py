@@ -192,7 +192,7 @@ class _Rec:
 
 
 def fake_trt(version, log, layers=("/a/Conv", "/head/Conv"), flag_names=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"),
-             input_shape=(-1, 3, 640, 640)):
+             input_shape=(-1, 3, 640, 640), inputs=None):
     trt = types.SimpleNamespace(__version__=version, float16="float16")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(
         EXPLICIT_BATCH=_Rec(log, "EXPLICIT_BATCH"), STRONGLY_TYPED=_Rec(log, "STRONGLY_TYPED"))
@@ -211,6 +211,7 @@ def fake_trt(version, log, layers=("/a/Conv", "/head/Conv"), flag_names=("INT8",
 
         def add_optimization_profile(self, p):
             log.append(("profile", (p.shape,)))
+            log.append(("profiles", tuple(p.shapes)))
 
         def create_timing_cache(self, data):
             log.append(("cache_in", (data,)))
@@ -223,8 +224,12 @@ def fake_trt(version, log, layers=("/a/Conv", "/head/Conv"), flag_names=("INT8",
             return types.SimpleNamespace(serialize=lambda: b"CACHE")
 
     class Profile:
+        def __init__(self):
+            self.shapes = []
+
         def set_shape(self, *a):
             self.shape = a
+            self.shapes.append(a)
 
     class Builder:
         def __init__(self, logger):
@@ -232,9 +237,9 @@ def fake_trt(version, log, layers=("/a/Conv", "/head/Conv"), flag_names=("INT8",
 
         def create_network(self, flags):
             log.append(("network", (flags,)))
-            image = types.SimpleNamespace(name="images", shape=input_shape)
+            ins = [types.SimpleNamespace(name=n, shape=s) for n, s in (inputs or [("images", input_shape)])]
             return types.SimpleNamespace(num_layers=len(net_layers), get_layer=lambda i: net_layers[i],
-                                         num_inputs=1, get_input=lambda i: image)
+                                         num_inputs=len(ins), get_input=lambda i: ins[i])
 
         create_builder_config = staticmethod(Config)
         create_optimization_profile = staticmethod(Profile)
@@ -286,6 +291,29 @@ def test_builder_refuses_wrong_gpu_version_and_unknown_layers(monkeypatch, tmp_p
         build_engine(onnx_file, plan_build("10.3.0", False, "t4"), tmp_path)
     with pytest.raises(EngineError, match="input_name"):
         build_engine(onnx_file, plan_build("10.3.0", False, "t4", "1:1:2", input_name="x"), tmp_path)
+
+
+def test_a_model_with_several_inputs_gets_every_input_in_the_profile(monkeypatch, tmp_path):
+    """trtexec takes one comma-joined list per bound; the builder sets each input's shapes in the one profile."""
+    shapes = (("audio", (512,)), ("side", (6,)))
+    plan = plan_build("10.3.0", False, "t4", "1:4:8", inputs=shapes)
+    assert plan.profile.trtexec_args() == ["--minShapes=audio:1x512,side:1x6", "--optShapes=audio:4x512,side:4x6",
+                                           "--maxShapes=audio:8x512,side:8x6"]
+    assert plan_build("10.3.0", False, "t4", inputs=shapes).static_shape == (1, 512)  # static: no profile
+    with pytest.raises(UsageError, match="positive integers"):
+        plan_build("10.3.0", False, "t4", "1:4:8", inputs=(("audio", (512,)), ("side", (0,))))
+    log = []
+    trt, _ = fake_trt("10.3.0", log, inputs=[("audio", (-1, 512)), ("side", (-1, 6))])
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(builder_mod, "cuda_device", lambda index=0: ("Tesla T4", (7, 5)))
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"onnx")
+    build_engine(onnx_file, plan, tmp_path / "eng")
+    assert ("profiles", (("audio", (1, 512), (4, 512), (8, 512)), ("side", (1, 6), (4, 6), (8, 6)))) in log
+    with pytest.raises(EngineError, match="'side' is not a network input"):  # a profile input the graph lacks
+        fake = fake_trt("10.3.0", [], inputs=[("audio", (-1, 512)), ("other", (-1, 6))])[0]
+        monkeypatch.setitem(sys.modules, "tensorrt", fake)
+        build_engine(onnx_file, plan, tmp_path / "eng2")
 
 
 def test_network_flags_without_strongly_typed_support():
