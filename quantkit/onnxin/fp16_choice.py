@@ -25,7 +25,6 @@ report's ``passes`` section, and ``sensitivity`` carries the selection and per-n
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field

@@ -1,6 +1,6 @@
-"""What the ONNX route's guarded steps share (calibration-method choice, FP16 choice, bias correction): the
-guard's calibration rows as arrays, one onnxruntime session per graph over them, per-output SQNR, the check
-images with their FP32 outputs computed once, a graph with extra outputs, and the report's ``passes`` record."""
+"""What the ONNX route's passes and their guard's check share (``onnxin.target``): calibration rows as arrays, one
+onnxruntime session per graph over them, per-output SQNR, the check images with their FP32 outputs computed once,
+and a graph with extra outputs."""
 
 from __future__ import annotations
 
@@ -65,12 +65,4 @@ class CheckImages:
         return min(per_output_db(self._ref, got, self.names, self.sigmoid).values())
 
 
-def passes_record(cal) -> dict:
-    """report.json ``passes`` with no step yet: the guard's split of ``cal`` and what it measures."""
-    from quantkit.ptq.guard import split_rows
-
-    fit, check = split_rows(cal.num_samples)
-    return {"check_images": len(check), "fit_images": len(fit), "measure": MEASURE, "steps": []}
-
-
-__all__ = ["MEASURE", "CheckImages", "row_batches", "run_graph", "per_output_db", "with_outputs", "passes_record"]
+__all__ = ["MEASURE", "CheckImages", "row_batches", "run_graph", "per_output_db", "with_outputs"]

@@ -2,7 +2,8 @@
 
 load + validate -> clean up (onnxruntime basic optimization, shape inference; FP32 outputs checked unchanged)
 -> placement + selection (ONNX node names) -> calibration in onnxruntime (cached) or a TensorRT cache's scales
--> Q/DQ insertion (+ its float twin, the parity reference).
+-> the registered PTQ passes on an ``OnnxTarget`` (the torch route's guard) -> Q/DQ insertion (+ its float twin,
+the parity reference).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 
 from quantkit.calibrate.driver import CalibrationResult, method_key
-from quantkit.calib_methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.data.calib import CalibrationData, small_set_note
 from quantkit.data.preprocess import Preprocess
 from quantkit.errors import DataError, UsageError
@@ -26,7 +27,7 @@ from quantkit.onnxin.load import LoadedOnnx, cleanup, load_onnx, verify_cleanup
 from quantkit.onnxin import passes as _passes  # noqa: F401  (registers the default passes' ONNX implementations)
 from quantkit.onnxin.placement import OnnxLayout, build_layout
 from quantkit.onnxin.target import OnnxTarget
-from quantkit.onnxin.qdq import activation_scale, insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
+from quantkit.onnxin.qdq import insert_qdq, simulate_qdq, weight_scales, with_fake_quant_weights
 from quantkit.recipe import Recipe, parse_batch
 from quantkit.preflight import check_model_input_memory
 
@@ -61,7 +62,7 @@ class OnnxQuantResult:
     cache_info: dict = field(default_factory=dict)
     cleanup_sqnr_db: float | None = None
     trt_cache: dict | None = None  # {"path", "header"} when scales came from a TensorRT calibration cache
-    passes: dict | None = None  # the guarded steps (method choice, FP16 choice), report.json "passes"
+    passes: dict | None = None  # report.json "passes": the registered PTQ passes as the guard ran them
     choice: object = None  # onnxin.fp16_choice.Fp16Choice: the FP16 choice / --sensitivity analysis, or None
 
     @property

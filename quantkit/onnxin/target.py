@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from quantkit.calib_methods import MethodSettings
+from quantkit.onnxin.measure import MEASURE
 
 
 @dataclass
@@ -54,7 +55,7 @@ class OnnxTarget:
     kind = "onnx"
     capabilities = ("onnx",)
     route_name = "the ONNX route (no torch module: a graph run in onnxruntime)"
-    measure_text = "worst output's SQNR (dB) of the float Q/DQ twin against FP32 in onnxruntime"
+    measure_text = MEASURE
 
     def set_amax(self, settings: MethodSettings, amax: dict[str, float]) -> None:
         """Use calibration rule ``settings`` and its ``amax`` per tensor (the scales follow)."""
