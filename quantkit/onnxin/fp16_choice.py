@@ -97,13 +97,18 @@ def choose_fp16(target, data: PassData) -> PassResult:
     from quantkit.sensitivity.analysis import LayerSensitivity, SensitivityResult
     from quantkit.sensitivity.select import _noise, choose_for_int8_share
 
+    from quantkit.sensitivity.run import budget_of
+
     recipe, layout, graph, threads = target.recipe, target.layout, target.graph, target.threads
     s = recipe.sensitivity
-    choose = s.min_int8_share is not None and s.auto and data.measure is not None
+    # the budget: an SQNR floor the user set (kept regardless, as on the torch route), else the INT8 MAC share;
+    # --max-drop stays a gate here (its mAP would need the evaluation data inside the choice)
+    budget = budget_of(recipe, has_eval=False) if s.auto else None
+    floor = budget[1] if budget and budget[0] == "sqnr_floor" else None
+    choose = budget is not None and (floor is not None or data.measure is not None)
     if not (choose or s.enabled):
-        why = ("sensitivity.min_int8_share is the ONNX route's FP16 budget (an accuracy budget, --max-drop or "
-               "sensitivity.sqnr_floor, needs the torch route)" if s.min_int8_share is None
-               else "too few calibration images to hold any out")
+        why = ("no FP16 budget: sensitivity.min_int8_share and sensitivity.sqnr_floor are null (--max-drop is a "
+               "gate on this route)" if budget is None else "too few calibration images to hold any out")
         return PassResult("fp16_choice", measured={"note": why})
     ops = target.ops
     macs, types = {op.node: float(op.macs) for op in ops}, {op.node: op.op for op in ops}
@@ -130,7 +135,7 @@ def choose_fp16(target, data: PassData) -> PassResult:
     from quantkit.utils.progress import progress_bar
 
     # replays: the blocks (when screened), then one per node (every node with --sensitivity, twice: its damage)
-    total = (len(offered) * (2 if s.enabled else 1) if s.enabled or len(offered) <= MAX_CANDIDATES
+    total = (len(offered) * (2 if s.enabled else 1) if s.enabled or floor is not None or len(offered) <= MAX_CANDIDATES
              else BLOCKS + MAX_CANDIDATES)
     bar = progress_bar(max(total, 1), "FP16 choice (onnxruntime replays)", "replay", enabled=target.progress)
 
@@ -143,8 +148,10 @@ def choose_fp16(target, data: PassData) -> PassResult:
     def gain(per: dict[str, float]) -> float:  # output noise removed (the selection's units)
         return mean0 - _mean_noise(per) if several else _noise(worst0) - _noise(min(per.values()))
 
-    # --sensitivity (sensitivity.enabled): every node replayed, and its damage (only it INT8) measured too
-    replay, screen = (list(offered), {}) if s.enabled else _screen(offered, macs, lambda nodes: gain(without(nodes)))
+    # --sensitivity (sensitivity.enabled): every node replayed, and its damage (only it INT8) measured too; an SQNR
+    # floor needs every node's recovery (the selection predicts the floor from them, then verifies)
+    replay, screen = ((list(offered), {}) if s.enabled or floor is not None
+                      else _screen(offered, macs, lambda nodes: gain(without(nodes))))
     order = {n: i for i, n in enumerate(macs)}
     layers = {n: LayerSensitivity(n, types[n], order[n], None, worst0, 0.0, replayed=False) for n in fixed}
     for n in offered:
@@ -168,7 +175,19 @@ def choose_fp16(target, data: PassData) -> PassResult:
         target.choice = Fp16Choice(sensitivity={"analysis": result.as_dict()}, result=result)
         return PassResult("fp16_choice", measured={"note": "analysis only (--sensitivity; no budget to choose to "
                                                            "or too few images to hold any out)"})
-    sel = choose_for_int8_share(result, macs, float(s.min_int8_share), fixed_fp16=fixed)
+    if floor is not None:
+        from quantkit.onnxin.costs import graph_costs
+        from quantkit.sensitivity.select import choose_fp16_layers
+
+        def measure(int8_nodes) -> float:  # worst output's SQNR on the fit images with only ``int8_nodes`` INT8
+            keep = set(int8_nodes)
+            nodes = [m for m in int8 if m in keep or m not in macs]  # residual Adds stay as placed
+            return min(per_output_db(ref, run_graph(twin(nodes), fit, threads), names, sig).values())
+
+        costs = graph_costs(target.fp32, layout)
+        sel = choose_fp16_layers(result, costs, sqnr_floor_db=float(floor), measure=measure, fixed_fp16=fixed)
+    else:
+        sel = choose_for_int8_share(result, macs, float(s.min_int8_share), fixed_fp16=fixed)
     chosen = [n for n in sel.fp16 if n not in fixed]
     sel.reasons.update({n: "float before the choice (a placement rule or quantization.skip)" for n in fixed})
     target.choice = Fp16Choice(fp16=chosen, reasons={n: "selection: " + sel.reasons[n] for n in chosen},
@@ -177,9 +196,14 @@ def choose_fp16(target, data: PassData) -> PassResult:
         layout.int8 = [n for n in layout.int8 if n not in set(chosen)]
         layout.reasons = {**layout.reasons, **target.choice.reasons}
         log.info("FP16 choice: %s", ", ".join(chosen))
+    share = getattr(sel, "int8_share", None)  # the share selection's own figure; else counted from the choice
+    if share is None:
+        share = sum(v for n, v in macs.items() if n in set(layout.int8)) / (sum(macs.values()) or 1.0)
+    measured = {"replayed": len(replay), **screen, "fp16_layers": sorted(chosen), "int8_mac_share": round(share, 6)}
+    if floor is not None:
+        measured["budget"] = {"sqnr_floor_db": float(floor), "met": sel.met, "measured_db": sel.measured}
     return PassResult("fp16_choice", changed=f"{len(chosen)} layer(s) kept FP16" if chosen else None,
-                      measured={"replayed": len(replay), **screen, "fp16_layers": sorted(chosen),
-                                "int8_mac_share": round(sel.int8_share, 6)})
+                      measured=measured, required=floor is not None)
 
 
 __all__ = ["choose_fp16", "Fp16Choice", "MAX_CANDIDATES", "fit_image_count"]

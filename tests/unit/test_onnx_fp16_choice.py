@@ -198,3 +198,32 @@ def test_sensitivity_flag_replays_every_node_with_its_damage(toy, tmp_path):
     for r in layers:
         if r["replayed"]:
             assert r["damage_sqnr_db"] == pytest.approx(_worst(full, [r["name"]], fit_x), abs=1e-3), r["name"]
+
+
+def test_an_sqnr_floor_is_met_on_the_onnx_route(toy):
+    """sensitivity.sqnr_floor (the accuracy budget without labels) on the ONNX route (it was ignored there): the
+    choice keeps nodes FP16 until the worst output on the fit images reaches the floor, re-measured here from the
+    route's own twin with the final placement; the user's budget is kept whatever the check says."""
+    model, npy, x = toy
+    full = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=null"),
+                         progress=False)
+    fit, _ = split_rows(len(x))
+    from quantkit.ptq.guard import RowView
+
+    class _Cal:
+        array, batch_size, num_samples = x, 32, len(x)
+
+    fit_x = np.concatenate([b.numpy() for b in RowView(_Cal, fit).batches(limit=8, spread=True)])
+    base = _worst(full, full.layout.int8, fit_x)
+    floor = round(base + 6.0, 1)  # well above full INT8: some nodes must leave INT8
+    res = quantize_onnx(str(model), str(npy), _recipe(model, npy, "sensitivity.min_int8_share=null",
+                                                      f"sensitivity.sqnr_floor={floor}"), progress=False)
+    step = _step(res.passes)
+    budget = step["measured"]["budget"]
+    assert step["kept"] and step["verdict"] == "kept: the recipe's budget requires it"
+    assert budget["sqnr_floor_db"] == floor and step["measured"]["fp16_layers"]
+    got = _worst(res, res.layout.int8, fit_x)
+    assert got == pytest.approx(budget["measured_db"], abs=1e-3)
+    assert budget["met"] == (got >= floor - 1e-6) and budget["met"]
+    assert res.sensitivity["selection"]["metric"] == "sqnr_db"
+    assert all(res.layout.reasons[n] for n in step["measured"]["fp16_layers"])
