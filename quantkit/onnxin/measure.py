@@ -35,23 +35,6 @@ def per_output_db(ref, got, names, sigmoid=frozenset()) -> dict[str, float]:
     return {n: r.judged_db(n) for n in names}
 
 
-def check_db(ref, got, names, sigmoid=frozenset()) -> dict[str, float]:
-    """The guard's SQNR (dB) per output: a sigmoid output's clipped logit (as :func:`per_output_db`), unless the
-    clipped logits agree exactly (every probability saturated the same way on every check image, so that figure
-    is infinite whatever was quantized): then its raw SQNR, which still ranks the candidates. On PP-OCRv4's text
-    detector the check images hold almost no text: the clipped logit read infinite for every calibration rule and
-    the choice fell to the first candidate (mse; held-out text-pixel F1 0.48), where the raw map picks entropy
-    (0.78)."""
-    from quantkit.exporter import parity
-
-    r = parity.compare_outputs(ref, got, names, sigmoid)
-    out = {}
-    for n in names:
-        judged = r.judged_db(n)
-        out[n] = r.per_output[n] if n in sigmoid and judged == float("inf") else judged
-    return out
-
-
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs ``tensors`` (float)."""
     m = copy.deepcopy(model)
@@ -62,7 +45,7 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 
 class CheckImages:
-    """The guard's held-out check rows of ``cal`` (``ptq.guard.split_rows``) and the worst output's SQNR (:func:`check_db`) of a
+    """The guard's held-out check rows of ``cal`` (``ptq.guard.split_rows``) and the worst output's judged SQNR of a
     graph on them (or on ``rows``) against ``fp32`` (the cleaned FP32 graph), whose outputs are computed once, when first needed."""
 
     def __init__(self, fp32: onnx.ModelProto, cal, threads: int | None, rows: list[int] | None = None):
@@ -79,7 +62,7 @@ class CheckImages:
             self.batches = row_batches(self.cal, self.rows)
             self._ref = run_graph(self.fp32, self.batches, self.threads)
         got = run_graph(graph, self.batches, self.threads)
-        return min(check_db(self._ref, got, self.names, self.sigmoid).values())
+        return min(per_output_db(self._ref, got, self.names, self.sigmoid).values())
 
 
-__all__ = ["MEASURE", "CheckImages", "row_batches", "run_graph", "per_output_db", "check_db", "with_outputs"]
+__all__ = ["MEASURE", "CheckImages", "row_batches", "run_graph", "per_output_db", "with_outputs"]
