@@ -58,11 +58,19 @@ class CheckImages:
         self.batches = self._ref = None
 
     def worst_db(self, graph: onnx.ModelProto) -> float:
+        got = self._run(graph)
+        return min(per_output_db(self._ref, got, self.names, self.sigmoid).values())
+
+    def worst_raw_db(self, graph: onnx.ModelProto) -> float:
+        """The worst output's SQNR with no output judged on its logit (the torch route's measure)."""
+        got = self._run(graph)
+        return min(per_output_db(self._ref, got, self.names).values())
+
+    def _run(self, graph: onnx.ModelProto):
         if self._ref is None:  # loaded and run once, when a step first asks (none with every step off)
             self.batches = row_batches(self.cal, self.rows)
             self._ref = run_graph(self.fp32, self.batches, self.threads)
-        got = run_graph(graph, self.batches, self.threads)
-        return min(per_output_db(self._ref, got, self.names, self.sigmoid).values())
+        return run_graph(graph, self.batches, self.threads)
 
 
 __all__ = ["MEASURE", "CheckImages", "row_batches", "run_graph", "per_output_db", "with_outputs"]

@@ -3,8 +3,12 @@ graph in onnxruntime (registered for ``OnnxTarget`` by ``onnxin.passes``).
 
 With ``calibration.method: auto`` (the default) each candidate rule (mse, entropy, percentile, max) turns the one
 calibration pass's histograms into activation scales; the guard's check measure (``OnnxTarget.checker``: the
-float Q/DQ twin's worst output against FP32 on the held-out check images, 8 to 64 spread over the set) scores it,
-and the rule closest to FP32 is kept, ties going to the earlier candidate. As on the torch route, the histograms saw
+float Q/DQ twin against FP32 on the held-out check images, 8 to 64 spread over the set) scores it by the worst
+output's raw SQNR, the torch route's measure, and the rule closest to FP32 is kept, ties going to the earlier
+candidate; the step judges itself in that measure (``PassResult.db_before`` / ``db_after``). The guard's own
+measure judges a sigmoid output on its clipped logit, which ranks calibration rules poorly where the check images
+saturate it: on PP-OCRv4's text detector (check crops with almost no text) every rule read infinite and the
+choice fell to the first candidate (mse; held-out text-pixel F1 0.48), where the raw SQNR picks entropy (0.78). As on the torch route, the histograms saw
 every calibration image; the check images only judge.
 """
 
@@ -42,8 +46,7 @@ def choose_method(target, data: PassData) -> PassResult:
             log.info("calibration method %s skipped: %s", key, exc)
             continue
         target.set_amax(settings, amax)
-        # the starting rule is what the guard just measured: no forward for it
-        scores[key] = data.current_db if key == start and data.current_db is not None else float(data.measure())
+        scores[key] = float(data.measure.raw())
         rules[key] = (settings, amax)
     if start not in scores:
         raise CalibrationError(f"calibration method {start} cannot be applied to this model's histograms")
@@ -52,7 +55,7 @@ def choose_method(target, data: PassData) -> PassResult:
     log.info("calibration method check SQNR: %s", ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
     return PassResult("calibration_method", changed=None if best == start else f"method {start} -> {best}",
                       measured={"check_sqnr_db_by_method": {k: round(v, 3) for k, v in scores.items()},
-                                "method": best}, db_after=scores[best])
+                                "method": best}, db_before=scores[start], db_after=scores[best])
 
 
 __all__ = ["choose_method", "CANDIDATES"]

@@ -110,5 +110,10 @@ class _Checker:
         self.count += 1
         return self.images.worst_db(self.target.twin())
 
+    def raw(self) -> float:
+        """The worst output's raw SQNR (no sigmoid output judged on its logit: the torch route's measure)."""
+        self.count += 1
+        return self.images.worst_raw_db(self.target.twin())
+
 
 __all__ = ["OnnxTarget"]

@@ -184,15 +184,17 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
             res.kept, res.verdict = True, (f"kept unchecked: {state.data.num_samples} calibration image(s) are too "
                                            f"few to hold any out (needs {1 + FIT_PER_CHECK})")
         else:
-            res.db_before, res.db_after = current, checker() if res.db_after is None else res.db_after
+            own = res.db_before is not None  # the pass judged itself in its own measure (both ends set)
+            if not own:
+                res.db_before, res.db_after = current, checker() if res.db_after is None else res.db_after
             if not res.changed:
                 res.kept, res.verdict = False, "no change"
             elif res.required:
                 res.kept, res.verdict = True, "kept: the recipe's budget requires it"
-                current = res.db_after
+                current = checker() if own else res.db_after
             elif res.db_after > res.db_before:
                 res.kept, res.verdict = True, "kept"
-                current = res.db_after
+                current = checker() if own else res.db_after
             else:
                 ops.restore(snap)
                 res.kept, res.verdict = False, "reverted: no gain on the check images"
