@@ -8,7 +8,8 @@ scales and the per-channel weight scales, run in onnxruntime as the float Q/DQ t
 What a pass may read and change (the guard snapshots and restores exactly these):
 
 - ``graph``: the FP32 graph the quantized graphs are built from (bias correction swaps in one with new biases;
-  model.onnx stays the cleaned graph);
+  model.onnx stays the cleaned graph). Assign a changed copy: the snapshot keeps a reference, so a graph edited in
+  place could not be restored;
 - ``layout.int8`` / ``layout.reasons``: the INT8 nodes, and why a node was taken out of them;
 - ``settings`` / ``amax`` / ``act_scales``: the calibration rule and, per activation tensor, its amax and scale
   (``set_amax`` keeps the two consistent).
