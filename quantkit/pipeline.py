@@ -120,7 +120,7 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
                  else f"input of shape {tuple(example.shape)}")
         raise ModelError(f"the model rejects {shape}: {exc}. Set input.size (or the .npy/.npz shapes) to what the "
                          "model expects") from exc
-    outputs = _flatten_structured_outputs(prepared, outputs, example)
+    prepared, outputs = _flatten_structured_outputs(prepared, outputs, example)
     check_outputs(outputs)  # outputs need a batch axis
     prepared, ptq_report = equalize_state_model(prepared, data, recipe)  # exact FP32 rescale, before calibration
     calibration = calibrate.calibrate(prepared, data, recipe.calibration, progress=progress,
@@ -133,20 +133,22 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
 
 def _flatten_structured_outputs(prepared, outputs, example):
     """A forward returning a dict / named tuple / nested lists: both models return its tensors flattened and
-    named (``models.outputs``), said in the log and the report; the new outputs."""
+    named (``models.outputs``), said in the log and the report. Returns (a new PreparedModel with the flattening
+    views and the note; ``prepared`` is not changed, the modules are shared), and the new outputs."""
+    from dataclasses import replace
+
     from quantkit.models.outputs import flatten_outputs, is_flat, output_names
 
     if is_flat(outputs):
-        return outputs
+        return prepared, outputs
     names = output_names(outputs)
-    prepared.fp32 = flatten_outputs(prepared.fp32, names)
-    prepared.qmodel = flatten_outputs(prepared.qmodel, names)
     note = (f"the model returns a {type(outputs).__name__}: the graphs output its {len(names)} tensor(s) in its "
             f"order, named {', '.join(names)}")
-    prepared.layout.notes.append(note)
+    flat = replace(prepared, fp32=flatten_outputs(prepared.fp32, names), qmodel=flatten_outputs(prepared.qmodel, names),
+                   layout=replace(prepared.layout, notes=[*prepared.layout.notes, note]))
     log.info(note)
     with torch.no_grad():
-        return prepared.fp32(example)
+        return flat, flat.fp32(example)
 
 
 def _note_small_set(data, notes: list[str]) -> None:
@@ -179,7 +181,7 @@ def export_state(state: QuantState, out_dir: str | Path, *, force: bool = False,
         graphs = exporter.write_graphs(stage, state, progress=progress)
         engine.write_calibration_cache(stage, graphs.int8)
         engine.write_build_script(stage, recipe, graphs, state.model, batch)
-        built = engine.build_here(stage, recipe, graphs, batch) if recipe.export.engine else None
+        built = engine.build_here(stage, recipe, graphs, state.model, batch) if recipe.export.engine else None
         metrics = None
         if state.eval_path:
             with fixed_threads(threads):

@@ -102,7 +102,7 @@ class Graphs:
     against torch (INT8 graph vs fake-quant, FP32 graph vs FP32). int8_vs_fp32: onnxruntime INT8 vs torch FP32.
     layers: onnxruntime vs torch fake-quant layer by layer (the per-layer table and the first disagreement).
     strong: the strongly typed graph (None when not a target) and its checks. lint: file name -> findings.
-    nms: names of the ``*.nms.onnx`` graphs when written. fp16_nodes: ONNX nodes of layers kept out of INT8.
+    nms: names of the ``*.nms.onnx`` graphs when written.
     """
 
     fp32_bytes: bytes
@@ -116,7 +116,6 @@ class Graphs:
     strong_report: dict | None = None
     lint: dict = field(default_factory=dict)
     nms: dict | None = None
-    fp16_nodes: list[str] = field(default_factory=list)
     layers: LayerParity | None = None
 
     @property

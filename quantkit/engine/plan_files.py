@@ -37,15 +37,15 @@ def fp16_nodes(graphs: Graphs, model: PreparedModel) -> list[str]:
 
 
 def torch_route_request(graphs: Graphs, model: PreparedModel, batch: tuple[int, int, int]):
-    """The torch route's ``engine.backend.BuildRequest`` (sets ``graphs.fp16_nodes``)."""
+    """The torch route's ``engine.backend.BuildRequest`` (``graphs`` and ``model`` are read, not changed)."""
     from quantkit.engine.backend import BuildRequest
 
-    graphs.fp16_nodes = fp16_nodes(graphs, model)
+    nodes = fp16_nodes(graphs, model)
     inputs = graph_inputs(graphs.int8)
     several = len(inputs) > 1  # named inputs (.npz): each its own shape in the profile
     return BuildRequest(weak_onnx=graphs.weak_name,
                         strong_onnx=graphs.strong_name if graphs.strong is not None else None,
-                        fp16_nodes=tuple(graphs.fp16_nodes), batch=tuple(batch),
+                        fp16_nodes=tuple(nodes), batch=tuple(batch),
                         sample_shape=(inputs[0][1] if several
                                       else tuple(int(d) for d in graphs.refs.batches[0].shape[1:])),
                         input_name=inputs[0][0] if several else "images", inputs=tuple(inputs) if several else ())
@@ -69,10 +69,11 @@ def write_build_script(stage, recipe: Recipe, graphs: Graphs, model: PreparedMod
     get_backend(recipe.export.backend).write_scripts(stage, recipe, torch_route_request(graphs, model, batch))
 
 
-def build_here(stage, recipe: Recipe, graphs: Graphs, batch: tuple[int, int, int]) -> dict:
+def build_here(stage, recipe: Recipe, graphs: Graphs, model: PreparedModel, batch: tuple[int, int, int]) -> dict:
     """``--engine`` on the torch route: the backend's build into ``stage`` (TensorRT: ``model.engine``, strongly
     typed from 10.12, and its layer precisions). Raises DependencyError/EngineError without TensorRT or a GPU."""
-    return build_engine_files(stage, recipe, strong_written=graphs.strong is not None, fp16_nodes=graphs.fp16_nodes,
+    return build_engine_files(stage, recipe, strong_written=graphs.strong is not None,
+                              fp16_nodes=fp16_nodes(graphs, model),
                               batch=batch)
 
 
