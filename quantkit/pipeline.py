@@ -233,8 +233,7 @@ def quantize_and_select(recipe: Recipe, *, model: nn.Module | None = None, calib
     if recipe.calibration.trt_cache:  # the cache's scales as they are: no per-network choice, no FP16 choice
         from quantkit.trt_cache_import import import_trt_cache
 
-        import_trt_cache(state, recipe.calibration.trt_cache)
-        return state
+        return import_trt_cache(state, recipe.calibration.trt_cache)[0]
     run_default_passes(state, dataset=_eval_dataset(state, recipe.evaluation.max_images),
                        analysis_dataset=_eval_dataset(state, recipe.sensitivity.eval_images), progress=progress)
     return state

@@ -26,13 +26,17 @@ log = logging.getLogger("quantkit")
 METHOD = "trt-calibration-cache"
 
 
-def import_trt_cache(state: QuantState, path: str) -> CacheImport:
-    """Set the INT8 layers' input amax of ``state`` from the cache at ``path`` (see the module docstring);
-    edits ``state.model`` (layout, quantizers) and ``state.calibration``. UsageError naming the fix when the
-    cache is not this model's."""
+def import_trt_cache(state: QuantState, path: str) -> tuple[QuantState, CacheImport]:
+    """A new state whose INT8 layers' input amax come from the cache at ``path`` (see the module docstring): its
+    own copy of the fake-quant model and layout, and a new calibration record; ``state`` is not changed. Returns
+    (that state, what came from where). UsageError naming the fix when the cache is not this model's."""
+    import copy
+    from dataclasses import replace
+
     from quantkit.exporter.tensor_names import input_tensor_names
 
-    recipe, model = state.recipe, state.model
+    recipe = state.recipe
+    model = replace(state.model, qmodel=copy.deepcopy(state.model.qmodel), layout=copy.deepcopy(state.model.layout))
     mode = recipe.calibration.trt_cache_missing
     example = next(state.data.batches(limit=1))[:1]
     tensor_of, graph_tensors = input_tensor_names(model.qmodel, list(model.layout.layers), example,
@@ -55,10 +59,8 @@ def import_trt_cache(state: QuantState, path: str) -> CacheImport:
             modules[n]._input_quantizer.amax = torch.tensor(amax[t])
             chosen[f"{n}._input_quantizer"] = amax[t]
     key = out.cache_info["key"]
-    state.calibration.chosen_amax = chosen
-    state.calibration.method = METHOD
-    state.calibration.cache = {**state.calibration.cache, "key": key + "+" + str(state.calibration.cache.get("key"))}
-    state.calibration.trt_cache = out.as_dict(str(path))
+    calibration = replace(state.calibration, chosen_amax=chosen, method=METHOD, trt_cache=out.as_dict(str(path)),
+                          cache={**state.calibration.cache, "key": key + "+" + str(state.calibration.cache.get("key"))})
     note = (f"--trt-calib-cache: {len(from_cache)} tensor scale(s) from {Path(path).name}; the calibration-method "
             "choice, the FP16 choice and bias correction did not run (the cache's scales are used as they are)")
     if missing:
@@ -69,4 +71,4 @@ def import_trt_cache(state: QuantState, path: str) -> CacheImport:
                  f"{what} (calibration.trt_cache_missing={mode})")
     model.layout.notes.append(note)
     log.info("%s", note)
-    return out
+    return replace(state, model=model, calibration=calibration), out
