@@ -134,6 +134,14 @@ def _target(target: str) -> str:
     return key
 
 
+def graph_inputs(model) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, per-sample shape: the dims after the batch) of each input of ``model`` (an ONNX ModelProto) that is
+    not an initializer, in graph order: what :func:`plan_build` takes as ``inputs``."""
+    inits = {t.name for t in model.graph.initializer}
+    return [(i.name, tuple(int(d.dim_value) for d in i.type.tensor_type.shape.dim[1:]))
+            for i in model.graph.input if i.name not in inits]
+
+
 def plan_build(trt_version: str, onnx_is_strong: bool, target: str = "t4",
                batch: str | tuple[int, int, int] | None = None, fp16_layers: list[str] | tuple[str, ...] = (),
                *, input_name: str = "images", chw: tuple[int, int, int] = (3, 640, 640),

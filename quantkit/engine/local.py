@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from quantkit.engine.builder import build_engine, import_tensorrt
-from quantkit.engine.config import parse_trt_version, plan_build
+from quantkit.engine.config import graph_inputs, parse_trt_version, plan_build
 from quantkit.engine.dispatch import is_strong_graph
 from quantkit.engine.inspect import compare_precisions, engine_layers, intended_precisions
 from quantkit.utils.atomic import atomic_write_json
@@ -40,13 +40,10 @@ def build_and_inspect(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, 
     """
     version = installed_trt_version()
     model = onnx.load(str(onnx_path))
-    inits = {t.name for t in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in inits]
-    inp = graph_inputs[0]
     strong = is_strong_graph(model)
-    shapes = tuple((i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim[1:])) for i in graph_inputs)
+    shapes = tuple(graph_inputs(model))
     plan = plan_build(version, onnx_is_strong=strong, target=target, batch=batch, chw=shapes[0][1],
-                      fp16_layers=() if strong else tuple(fp16_nodes), input_name=inp.name,
+                      fp16_layers=() if strong else tuple(fp16_nodes), input_name=shapes[0][0],
                       inputs=shapes if len(shapes) > 1 else ())
     engine = build_engine(onnx_path, plan, out_dir, timing_cache, engine_name=engine_name)
     layers = engine_layers(engine.read_bytes())

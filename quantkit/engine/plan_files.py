@@ -39,6 +39,7 @@ def fp16_nodes(graphs: Graphs, model: PreparedModel) -> list[str]:
 def torch_route_request(graphs: Graphs, model: PreparedModel, batch: tuple[int, int, int]):
     """The torch route's ``engine.backend.BuildRequest`` (``graphs`` and ``model`` are read, not changed)."""
     from quantkit.engine.backend import BuildRequest
+    from quantkit.engine.config import graph_inputs
 
     nodes = fp16_nodes(graphs, model)
     inputs = graph_inputs(graphs.int8)
@@ -49,14 +50,6 @@ def torch_route_request(graphs: Graphs, model: PreparedModel, batch: tuple[int, 
                         sample_shape=(inputs[0][1] if several
                                       else tuple(int(d) for d in graphs.refs.batches[0].shape[1:])),
                         input_name=inputs[0][0] if several else "images", inputs=tuple(inputs) if several else ())
-
-
-def graph_inputs(model) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, per-sample shape: the dims after the batch) of each input of ``model`` (an ONNX ModelProto) that is
-    not an initializer, in graph order."""
-    inits = {t.name for t in model.graph.initializer}
-    return [(i.name, tuple(int(d.dim_value) for d in i.type.tensor_type.shape.dim[1:]))
-            for i in model.graph.input if i.name not in inits]
 
 
 def write_build_script(stage, recipe: Recipe, graphs: Graphs, model: PreparedModel,

@@ -122,16 +122,13 @@ def correct_biases(target, data: PassData) -> PassResult:
     """Bias correction of ``target``'s INT8 nodes (an ``onnxin.target.OnnxTarget``) as described in the module
     docstring, fitted on ``data.fit`` (as many images as the FP16 choice's replays): ``target.graph`` becomes a copy
     with corrected biases; the guard keeps it only when the check SQNR rises."""
-    from quantkit.onnxin.fp16_choice import fit_image_count
-
     graph, layout = target.graph, target.layout
     by_name = {n.name: n for n in graph.graph.node}
     nodes = [n for n in layout.int8 if layout.candidates[n].weight is not None and by_name[n].op_type in OPS
              and _bias_input(graph, by_name[n]) is not None]
     if not nodes:
         return PassResult("bias_correction", measured={"corrected_nodes": 0})
-    images = fit_image_count({op.node: float(op.macs) for op in target.ops}, target.recipe)
-    fit = [b.numpy() for b in data.fit.batches(limit=images, spread=True)]
+    fit = target.fit_arrays(data.fit)
     probe, pairs = _with_float_twins(target.twin(), graph, layout, nodes)
     tensors = {f"{n}/q": q for n, (q, _) in pairs.items()} | {f"{n}/f": f for n, (_, f) in pairs.items()}
     means = _channel_means(probe, tensors, fit, target.threads)

@@ -95,9 +95,8 @@ def choose_fp16(target, data: PassData) -> PassResult:
     with nothing chosen, or when the guard reverts the choice). ``data.fit``: the images the replays run on."""
     from quantkit.onnxin.measure import per_output_db, run_graph
     from quantkit.sensitivity.analysis import LayerSensitivity, SensitivityResult
-    from quantkit.sensitivity.select import _noise, choose_for_int8_share
-
     from quantkit.sensitivity.run import budget_of
+    from quantkit.sensitivity.select import _noise, choose_for_int8_share
 
     recipe, layout, graph, threads = target.recipe, target.layout, target.graph, target.threads
     s = recipe.sensitivity
@@ -110,16 +109,14 @@ def choose_fp16(target, data: PassData) -> PassResult:
         why = ("no FP16 budget: sensitivity.min_int8_share and sensitivity.sqnr_floor are null (--max-drop is a "
                "gate on this route)" if budget is None else "too few calibration images to hold any out")
         return PassResult("fp16_choice", measured={"note": why})
-    ops = target.ops
-    macs, types = {op.node: float(op.macs) for op in ops}, {op.node: op.op for op in ops}
+    macs, types = target.macs, {op.node: op.op for op in target.ops}
     from quantkit.exporter.parity import sigmoid_outputs
 
     names, sig = [o.name for o in graph.graph.output], sigmoid_outputs(graph)
     int8 = list(layout.int8)
     offered = [n for n in int8 if layout.candidates[n].weight is not None and n in macs]
     fixed = [n for n in macs if n not in offered]  # float already (skip, decode rules): spend the budget first
-    n_fit = fit_image_count(macs, recipe)
-    fit = [b.numpy() for b in data.fit.batches(limit=n_fit, spread=n_fit is not None)]
+    fit = target.fit_arrays(data.fit)
 
     weights: dict = {}  # fake-quantized weights, built once for all the replays
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 
-from quantkit.calib_methods import CalibMethod, MethodSettings
+from quantkit.calib_methods import MethodSettings
 from quantkit.calibrate.driver import method_key
 from quantkit.errors import CalibrationError
+from quantkit.ptq.default_passes import CANDIDATE_METHODS
 from quantkit.ptq.passes import PassData, PassResult
 
 log = logging.getLogger("quantkit")
 
-CANDIDATES = (CalibMethod.MSE, CalibMethod.ENTROPY, CalibMethod.PERCENTILE, CalibMethod.MAX)
+CANDIDATES = CANDIDATE_METHODS  # the torch route's candidates, in its tie-break order
 
 
 def choose_method(target, data: PassData) -> PassResult:

@@ -236,10 +236,9 @@ def _run_passes(target: OnnxTarget):
     on ``target``. Returns (report.json ``passes``, the FP16 choice's analysis or None, the graph to quantize)."""
     from quantkit.ptq import registered_passes
     from quantkit.ptq.guard import run_passes
+    from quantkit.ptq.passes import passes_json
 
     if target.data is None:
         return None, None, target.graph
     run_passes(target, registered_passes())
-    rec = target.passes
-    passes = {**{k: v for k, v in rec.items() if k != "steps"}, "steps": [r.as_dict() for r in rec["steps"]]}
-    return passes, target.choice, target.graph
+    return passes_json(target.passes), target.choice, target.graph

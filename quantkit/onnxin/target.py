@@ -86,6 +86,18 @@ class OnnxTarget:
             self._ops = graph_coverage(self.fp32).ops
         return self._ops
 
+    @property
+    def macs(self) -> dict[str, float]:
+        """Weighted node -> its multiply-accumulates per sample, in graph order."""
+        return {op.node: float(op.macs) for op in self.ops}
+
+    def fit_arrays(self, fit) -> list:
+        """The fit images a pass runs its graphs on: ``fit`` (the guard's fit rows), at most
+        ``onnxin.fp16_choice.fit_image_count`` of them spread over the rows, as float32 arrays."""
+        from quantkit.onnxin.fp16_choice import fit_image_count
+
+        return [b.numpy() for b in fit.batches(limit=fit_image_count(self.macs, self.recipe), spread=True)]
+
     # --- what the guard needs (ptq.guard.guard_ops) ---------------------------------------------------------------
     def checker(self, rows: list[int]):
         """The worst output's judged SQNR (dB) of the twin as placed now against FP32 on calibration ``rows``."""

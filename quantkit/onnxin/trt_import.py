@@ -51,10 +51,10 @@ def import_cache(path: str, cleaned: onnx.ModelProto, layout: OnnxLayout, calibr
     missing = out.kept_fp16_tensors if mode == "fp16" else out.calibrated
     from_cache = out.from_cache
     if missing and mode == "calibrate":
-        amax, out.calib, info = calibrate_missing(_in_order(layout, missing))
+        out.calibrated = _in_order(layout, missing)
+        amax, out.calib, info = calibrate_missing(out.calibrated)
         out.amax.update(amax)
         out.act_scales.update({t: float(activation_scale(a)) for t, a in amax.items()})
-        out.calibrated = _in_order(layout, missing)
         out.cache_info.update({"hit": info.get("hit"), "path": info.get("path"), "reason": info.get("reason"),
                                "key": out.cache_info["key"] + "+" + str(info.get("key"))})
     if missing:

@@ -7,8 +7,8 @@
    the recipe asks), on INT8 layers only, so after the FP16 choice.
 
 Their math is the stage functions'; a pass only wraps one and says what it changed and measured. On a target of
-another kind (the ONNX route's graph, ``onnxin.target.OnnxTarget``) each runs the implementation its front end
-registered (``ptq.passes.register_implementation``; ``onnxin.passes``), behind the same guard and record.
+another kind (the ONNX route's graph, ``onnxin.target.OnnxTarget``) the guard runs the implementation its front end
+registered instead (``ptq.passes.register_implementation``; ``onnxin.passes``), behind the same checks and record.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 from quantkit.calibrate.driver import apply_calibration, method_key
 from quantkit.calib_methods import CalibMethod, MethodSettings
 from quantkit.errors import CalibrationError
-from quantkit.ptq.passes import PassData, PassResult, implementation_for
+from quantkit.ptq.passes import PassData, PassResult
 
 log = logging.getLogger("quantkit")
 
@@ -35,9 +35,6 @@ class CalibrationMethodPass:
         return recipe.calibration.method is CalibMethod.AUTO
 
     def apply(self, target, data: PassData) -> PassResult:
-        impl = implementation_for(self.name, target)
-        if impl is not None:  # another kind of target: its front end's implementation
-            return impl.apply(target, data)
         cal, qmodel = target.calibration, target.model.qmodel
         base = target.recipe.calibration.settings  # the starting rule (mse) and the histogram settings
         start = cal.method or method_key(base)
@@ -80,9 +77,6 @@ class Fp16ChoicePass:
         return bool(s.enabled or (s.auto and budget_of(recipe, True)))
 
     def apply(self, target, data: PassData) -> PassResult:
-        impl = implementation_for(self.name, target)
-        if impl is not None:  # another kind of target: its front end's implementation
-            return impl.apply(target, data)
         from quantkit.sensitivity import analyze_and_select
         from quantkit.sensitivity.run import budget_of
 
@@ -122,9 +116,6 @@ class SequentialPtqPass:
         return self.needs + (("autograd",) if recipe.ptq.adaround else ())
 
     def apply(self, target, data: PassData) -> PassResult:
-        impl = implementation_for(self.name, target)
-        if impl is not None:  # another kind of target: its front end's implementation
-            return impl.apply(target, data)
         from quantkit.ptq import ptq_for_state
 
         report = ptq_for_state(target)  # fits on target.data, which the guard points at the fit images

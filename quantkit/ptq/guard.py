@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from quantkit.ptq.passes import PassData, PassResult, refuse_unrunnable
+from quantkit.ptq.passes import PassData, PassResult, implementation_for, refuse_unrunnable
 
 log = logging.getLogger("quantkit")
 
@@ -176,7 +176,8 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
         t0 = time.perf_counter()
         data.current_db = current
         with _data_view(state, data.fit):
-            res = p.apply(state, data)
+            impl = implementation_for(p.name, state)  # a front end's own implementation for its kind of target
+            res = (impl.apply if impl is not None else p.apply)(state, data)
         res.name, res.seconds = label, time.perf_counter() - t0
         if not res.changed and checker is None:
             res.kept, res.verdict = False, "no change"
@@ -189,12 +190,9 @@ def run_passes(state, passes, extras: dict | None = None) -> list[PassResult]:
                 res.db_before, res.db_after = current, checker() if res.db_after is None else res.db_after
             if not res.changed:
                 res.kept, res.verdict = False, "no change"
-            elif res.required:
-                res.kept, res.verdict = True, "kept: the recipe's budget requires it"
-                current = checker() if own else res.db_after
-            elif res.db_after > res.db_before:
-                res.kept, res.verdict = True, "kept"
-                current = checker() if own else res.db_after
+            elif res.required or res.db_after > res.db_before:
+                res.kept, res.verdict = True, "kept: the recipe's budget requires it" if res.required else "kept"
+                current = checker() if own else res.db_after  # a pass's own measure is not the guard's
             else:
                 ops.restore(snap)
                 res.kept, res.verdict = False, "reverted: no gain on the check images"

@@ -81,6 +81,12 @@ def json_db(v):
     return v
 
 
+def passes_json(record: dict) -> dict:
+    """report.json ``passes`` from the guard's record (``ptq.guard.run_passes`` sets it on the target): its fields,
+    each step's :meth:`PassResult.as_dict`."""
+    return {**{k: v for k, v in record.items() if k != "steps"}, "steps": [r.as_dict() for r in record["steps"]]}
+
+
 @dataclass
 class PassData:
     """What a pass gets besides the target. ``fit``: the calibration images it may fit on (a view with
@@ -160,9 +166,9 @@ _IMPLEMENTATIONS: dict[tuple[str, str], Implementation] = {}
 
 
 def register_implementation(pass_name: str, kind: str, apply: Callable, needs: Callable | None = None) -> None:
-    """Run the registered pass ``pass_name`` on targets whose ``kind`` is ``kind`` with ``apply`` (replacing a
-    previous one). A front end registers its target's implementations of the default passes this way, so one
-    registry and one guard serve every route."""
+    """Run the registered pass ``pass_name`` on targets whose ``kind`` is ``kind`` with ``apply`` instead of the
+    pass's own (``ptq.guard.run_passes`` picks it; replaces a previous one). A front end registers its target's
+    implementations of the default passes this way, so one registry and one guard serve every route."""
     _IMPLEMENTATIONS[(pass_name, kind)] = Implementation(apply, needs or (lambda recipe: ()))
 
 
@@ -211,4 +217,4 @@ def check_needs(name: str, needs, target) -> None:
 
 __all__ = ["PassResult", "PassData", "PtqPass", "register_pass", "unregister_pass", "registered_passes",
            "target_capabilities", "check_needs", "register_implementation", "implementation_for", "pass_needs",
-           "refuse_unrunnable", "target_kind", "GuardedTarget"]
+           "refuse_unrunnable", "target_kind", "GuardedTarget", "passes_json"]

@@ -140,8 +140,9 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
         report["ptq"] = state.ptq.as_dict()
         ptq_seconds = report["ptq"].pop("seconds")  # wall times vary run to run: the manifest's run record
     if state.passes is not None:  # the guarded steps: tried, kept or reverted, check-image SQNR before/after
-        report["passes"] = {**{k: v for k, v in state.passes.items() if k != "steps"},
-                            "steps": [r.as_dict() for r in state.passes["steps"]]}
+        from quantkit.ptq.passes import passes_json
+
+        report["passes"] = passes_json(state.passes)
     if graphs.layers is not None:  # per-layer table, with torch's INT8-vs-FP32 beside onnxruntime's
         report["parity_layers"] = {**graphs.layers.as_dict(),
                                    "torch_int8_vs_fp32_sqnr_db": graphs.refs.quantization().as_dict()}
