@@ -96,6 +96,7 @@ RANGES: dict[tuple[str, str], tuple[float, float, str]] = {
     ("preprocess", "pad_value"): (0, 255, "an 8-bit pixel value"),
     ("calibration", "num_bins"): (MIN_NUM_BINS, 65_536, "histogram bins"),
     ("calibration", "batch_size"): (1, 1024, "images per calibration batch"),
+    ("calibration", "clip_margin_db"): (0.0, 100.0, "dB"),
     ("export", "parity_min_sqnr"): (0.0, 200.0, "dB"),
     ("export", "nms_score_threshold"): (0.0, 1.0, "a score"),
     ("export", "nms_iou_threshold"): (0.0, 1.0, "an IoU"),

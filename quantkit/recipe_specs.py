@@ -73,7 +73,11 @@ class CalibrationSpec:
     used instead of calibrating (ONNX route; ``data``, when given, still serves parity and evaluation).
     ``trt_cache_missing``: what becomes of a quantizable tensor the cache has no scale for (a hybrid export's
     cache lists only its INT8 layers' tensors): ``fp16`` (default) keeps the node that reads it FP16, as the
-    source did; ``calibrate`` calibrates it from ``data`` (required then). The report lists which."""
+    source did; ``calibrate`` calibrates it from ``data`` (required then). The report lists which.
+    ``clip_margin_db``: with ``method: auto``, a clipping rule (percentile, entropy, mse) replaces max only when its
+    output SQNR on the held-out check images beats max's by at least this many dB (0: the best check SQNR wins).
+    The check images come from the calibration set, so they flatter a rule fitted to its tails; max clips nothing
+    and holds up best on data unlike the calibration set (measured in benchmarks/RESULTS.md, real-networks)."""
 
     data: str | None = None
     method: CalibMethod = CalibMethod.AUTO
@@ -87,12 +91,14 @@ class CalibrationSpec:
     split: str = "train"
     trt_cache: str | None = None
     trt_cache_missing: str = "fp16"
+    clip_margin_db: float = 1.0
 
     @property
     def settings(self) -> MethodSettings:
         """The amax rule this section selects (validated when the recipe is built); for ``auto``, the rule the
-        per-network choice starts from (mse), which is also what a route without that choice uses."""
-        method = CalibMethod.MSE if self.method is CalibMethod.AUTO else self.method
+        per-network choice starts from (max: a clipping rule must beat it by ``clip_margin_db``), which is also what
+        is used when too few images can be held out to choose."""
+        method = CalibMethod.MAX if self.method is CalibMethod.AUTO else self.method
         return MethodSettings(method=method, percentile=self.percentile, num_bins=self.num_bins)
 
 

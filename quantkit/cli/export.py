@@ -60,8 +60,8 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
               help="YAML recipe file, or a shipped recipe's name (trees, yolo_nas_s, ...: `quantkit recipes`).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe field; repeatable.")
-@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, auto: the best by "
-              "held-out output SQNR]")
+@click.option("--method", help=f"Calibration method: {METHODS}. [default: the recipe's, auto: max unless a "
+              "clipping rule is >= calibration.clip_margin_db better by held-out output SQNR]")
 @click.option("--input-size", help="Model input HxW in pixels, e.g. 640x640. [default: the model's; the bundled "
               "detector: 320x320]")
 @click.option("--batch", help="Batch size N, or dynamic min:opt:max such as 1:8:32 (images). [default: 1]")

@@ -113,9 +113,11 @@ def test_a_pass_that_helps_is_kept_and_a_pass_the_target_cannot_run_is_refused(t
         run_passes(state, [needy])
 
 
-def test_calibration_method_is_chosen_by_held_out_sqnr(tmp_path):
-    """The method the pass keeps has the best worst-output SQNR on the check images, computed here directly."""
-    state = _state(tmp_path)
+@pytest.mark.parametrize("margin", [0.0, 1.0, 100.0])
+def test_calibration_method_is_chosen_by_held_out_sqnr(tmp_path, margin):
+    """The method the pass keeps is max unless a clipping rule's worst-output SQNR on the check images (computed
+    here directly) beats max's by the margin; with margin 0 the best rule wins, with 100 max always stays."""
+    state = _state(tmp_path, overrides=[f"calibration.clip_margin_db={margin}"])
     assert state.recipe.calibration.method is CalibMethod.AUTO
     _, check = split_rows(state.data.num_samples)
     x = torch.cat(list(state.data.batches()))[check]
@@ -127,13 +129,30 @@ def test_calibration_method_is_chosen_by_held_out_sqnr(tmp_path):
         with torch.no_grad():
             oracle[m.value if m is not CalibMethod.PERCENTILE else "percentile_99.99"] = sqnr_db(
                 ref, state.model.qmodel(x))
-    apply_calibration(state.model.qmodel, state.calibration.result, MethodSettings(CalibMethod.MSE))
-    best = max(oracle, key=oracle.get)
+    apply_calibration(state.model.qmodel, state.calibration.result, MethodSettings(CalibMethod.MAX))  # the start
+    clip = max((k for k in oracle if k != "max"), key=oracle.get)
+    want = clip if oracle[clip] - oracle["max"] >= margin else "max"
     results = run_passes(state, [p for p in registered_passes() if p.name == "calibration_method"])
     by = results[0].measured["check_sqnr_db_by_method"]
     assert by == pytest.approx({k: round(v, 3) for k, v in oracle.items()}, abs=1e-3)
-    assert state.calibration.method == (best if oracle[best] > oracle["mse"] else None)
-    assert results[0].kept == (best != "mse")
+    assert results[0].measured["method"] == want and results[0].measured["clip_margin_db"] == margin
+    assert (state.calibration.method or "max") == want
+    assert results[0].kept == (want != "max")
+    if margin == 0.0:  # the toy net's clipping rules beat max: the test would prove nothing otherwise
+        assert want != "max"
+
+
+def test_pick_method_closed_form():
+    from quantkit.ptq.default_passes import pick_method
+
+    scores = {"mse": 20.9, "entropy": 19.0, "percentile_99.99": 20.5, "max": 20.0}
+    assert pick_method(scores, 1.0) == "max"  # mse leads by 0.9 dB: inside the margin
+    assert pick_method({**scores, "mse": 21.0}, 1.0) == "mse"  # leads by exactly the margin
+    assert pick_method(scores, 0.0) == "mse"
+    assert pick_method({**scores, "max": 25.0}, 0.0) == "max"
+    assert pick_method({"mse": 3.0, "entropy": 3.0, "max": 1.0}, 1.0) == "mse"  # ties: the earlier candidate
+    no_max = {k: v for k, v in scores.items() if k != "max"}
+    assert pick_method(no_max, 1.0) == "mse"  # max failed on the histograms: the best wins
 
 
 def test_a_fixed_method_is_honoured_and_auto_is_no_calibrator_rule(tmp_path):
@@ -142,7 +161,7 @@ def test_a_fixed_method_is_honoured_and_auto_is_no_calibrator_rule(tmp_path):
     assert not r.tried and r.verdict == "off in the recipe" and state.calibration.method is None
     with pytest.raises(UsageError, match="auto"):
         MethodSettings(CalibMethod.AUTO)
-    assert load_recipe(None).calibration.settings.method is CalibMethod.MSE  # where a route cannot choose
+    assert load_recipe(None).calibration.settings.method is CalibMethod.MAX  # the start; too few to choose
 
 
 def test_the_default_export_steps_run_guarded_in_order_and_chain_their_db(tmp_path):
