@@ -195,3 +195,11 @@ def test_too_few_images_to_hold_out_runs_the_steps_unchecked_and_says_so(tmp_pat
     (r,) = run_passes(state, [_Scale("double", 2.0)])
     assert r.kept and r.verdict.startswith("kept unchecked: 3 calibration image(s)") and r.db_before is None
     assert state.passes["check_images"] == 0 and state.passes["fit_images"] == 3
+
+
+def test_every_step_off_runs_no_check_forward(tmp_path):
+    """--full-int8 with a fixed method and bias correction off: nothing to judge, so the guard measures nothing."""
+    state = _state(tmp_path, overrides=["calibration.method=max"])
+    results = run_passes(state, registered_passes())
+    assert [r.verdict for r in results] == ["off in the recipe"] * len(results) and results
+    assert state.passes["forwards"] == 0
