@@ -50,24 +50,25 @@ def resolve_inputs(recipe: Recipe, plan: EvalPlan | None = None) -> tuple[str, s
     return calib, (ev or None)
 
 
-def _prepared(recipe: Recipe, model: nn.Module | None, inputs=None):
+def _prepared(recipe: Recipe, model: nn.Module | None, inputs=None, dtypes=None):
     """Build (or take) the model and prepare it; ``inputs`` (a .npz's named inputs): its forward takes them packed
-    (``quantkit.data.inputs.adapt_model``), so every stage keeps one tensor per batch."""
+    (``quantkit.data.inputs.adapt_model``), so every stage keeps one tensor per batch; ``dtypes`` (the data's
+    integer inputs): its forward gets them back as integers."""
     from quantkit import models, quant
     from quantkit.data.inputs import adapt_model
 
     if model is None:
         built, info, size = models.build(recipe.model)
-        if inputs:
-            adapt_model(built, inputs)
+        if inputs or dtypes:
+            adapt_model(built, inputs, dtypes)
         return quant.prepare(built, recipe.quantization, info, size)
     from quantkit.models.loading import check_eager
 
     check_eager(model, "the model passed in")
-    if inputs:
+    if inputs or dtypes:
         import copy
 
-        model = adapt_model(copy.deepcopy(model), inputs)  # the user's object keeps its class
+        model = adapt_model(copy.deepcopy(model), inputs, dtypes)  # the user's object keeps its class
     return quant.prepare(model, recipe.quantization)
 
 
@@ -93,10 +94,12 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     # opened now so bad labels / a YAML without the split fail before calibrating; kept for evaluation
     eval_dataset = _open_eval(recipe, eval_path, recipe.evaluation.max_images) if eval_path else None
     data = None
-    if isinstance(calib_path, (str, Path)) and str(calib_path).lower().endswith(".npz"):
-        # several named inputs: the model must take them packed before it is prepared (traced, copied)
+    if _opens_before_model(calib_path):
+        # several named inputs, or integer ones: the model must take them packed (and cast back to integers)
+        # before it is prepared (traced, copied)
         data, pp = open_data(calib_path, recipe.calibration, recipe.preprocess, recipe.input.size or (640, 640))
-    prepared = _prepared(recipe, model, data.inputs if data is not None else None)
+    prepared = _prepared(recipe, model, data.inputs if data is not None else None,
+                         data.dtypes if data is not None else None)
     if plan.note:  # report.json's notes say why there is no held-out evaluation
         prepared.layout.notes.append(plan.note)
     size = recipe.input.size or getattr(prepared.fp32, "default_input_size", None) or (640, 640)
@@ -118,6 +121,11 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     except (RuntimeError, ValueError) as exc:
         shape = (f"inputs {', '.join(f'{n} {(1, *s)}' for n, s in data.inputs)}" if data.inputs
                  else f"input of shape {tuple(example.shape)}")
+        if data.dtypes:  # integers given, maybe to a model that takes floats (un-normalized uint8 images)
+            saved = ", ".join(d for d in data.dtypes if d)
+            raise ModelError(f"the model rejects the calibration data's {saved} values ({shape}): {exc}. Integer "
+                             "arrays reach the model as integers (token ids); for a model that takes floats, save "
+                             "them preprocessed as float32 (e.g. arr.astype(np.float32) / 255)") from exc
         raise ModelError(f"the model rejects {shape}: {exc}. Set input.size (or the .npy/.npz shapes) to what the "
                          "model expects") from exc
     prepared, outputs = _flatten_structured_outputs(prepared, outputs, example)
@@ -129,6 +137,26 @@ def quantize_recipe(recipe: Recipe, *, model: nn.Module | None = None, calib=Non
     if post_ptq:
         ptq_for_state(state)
     return state
+
+
+def _opens_before_model(calib) -> bool:
+    """True for calibration data the model's forward must be adapted to: a .npz (named inputs), a .npy or array
+    of integers (token ids; read from the .npy's header only)."""
+    import numpy as np
+
+    if isinstance(calib, (str, Path)):
+        name = str(calib).lower()
+        if name.endswith(".npz"):
+            return True
+        if not name.endswith(".npy") or not Path(calib).is_file():
+            return False
+        try:
+            return np.load(calib, mmap_mode="r", allow_pickle=False).dtype.kind in "iub"
+        except (ValueError, OSError):
+            return False  # open_data reports an unreadable .npy with its own message
+    dtype = getattr(calib, "dtype", None)
+    return dtype is not None and not getattr(dtype, "is_floating_point", True) or (
+        isinstance(calib, np.ndarray) and calib.dtype.kind in "iub")
 
 
 def _flatten_structured_outputs(prepared, outputs, example):

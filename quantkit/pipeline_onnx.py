@@ -162,6 +162,18 @@ def _conversion(res: OnnxQuantResult) -> dict:
             "opset_conversion_sqnr_db": "inf" if c.conversion_sqnr_db == float("inf") else _r(c.conversion_sqnr_db, 3)}
 
 
+def _integer_inputs(model) -> dict:
+    """report.json ``input.integer_inputs`` (name -> numpy dtype name) for graph inputs of an integer type, as
+    the torch route writes it for data saved as integers; nothing for an all-float model."""
+    import onnx
+
+    inits = {t.name for t in model.graph.initializer}
+    ints = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+            for i in model.graph.input if i.name not in inits
+            and i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT}
+    return {"integer_inputs": ints} if ints else {}
+
+
 def _layer_rows(res: OnnxQuantResult, recipe: Recipe) -> list[dict]:
     """The layer table, each FP16 node with its reason (the FP16 choice's, a recipe pattern's), as the torch
     route's rows carry ``why``."""
@@ -186,7 +198,8 @@ def build_report(recipe: Recipe, res: OnnxQuantResult, int8_bytes: bytes, checke
                "int8_layers": len(res.layout.int8), "quantizable_layers": len(res.layout.candidates)},
         input={"shape": [1, *res.loaded.input_shape[1:]], "name": res.loaded.input_name,
                "batch": recipe.input.batch, "preprocess": res.pp.as_dict(),
-               **({"inputs": {n: [1, *sh] for n, sh in res.loaded.inputs}} if res.loaded.inputs else {})},
+               **({"inputs": {n: [1, *sh] for n, sh in res.loaded.inputs}} if res.loaded.inputs else {}),
+               **_integer_inputs(res.loaded.model)},
         calibration={
             "method": "trt-calibration-cache" if res.trt_cache else method_key(res.settings),
             "data": paths.display_path(res.data.source) if res.data is not None else None,

@@ -40,7 +40,8 @@ def import_trt_cache(state: QuantState, path: str) -> tuple[QuantState, CacheImp
     mode = recipe.calibration.trt_cache_missing
     example = next(state.data.batches(limit=1))[:1]
     tensor_of, graph_tensors = input_tensor_names(model.qmodel, list(model.layout.layers), example,
-                                                  opset=recipe.export.opset, inputs=state.data.inputs)
+                                                  opset=recipe.export.opset, inputs=state.data.inputs,
+                                                  dtypes=state.data.dtypes)
     out = import_scales(path, tensor_of, list(model.layout.int8), graph_tensors, mode=mode, what="this model",
                         fix="Pass the cache written for this model's export, or drop --trt-calib-cache")
     missing = out.kept_fp16 if mode == "fp16" else [n for n in model.layout.int8

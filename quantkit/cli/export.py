@@ -52,8 +52,9 @@ METHODS = " | ".join(m.value for m in CalibMethod)
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict or super-gradients checkpoint (.pt/.pth).")
 @click.option("--num-classes", type=int, help="Number of classes of the detection head.")
 @click.option("--calib", type=click.Path(), help="Folder of .jpg/.png images, a float32 .npy (N, ...) such as NCHW "
-              "images or (N, L) audio frames, or a .npz of float32 arrays named after the model's forward arguments "
-              "(several inputs; MODEL.onnx: keyed by the ONNX input name). Fewer than 32 images "
+              "images or (N, L) audio frames (integer arrays: token ids, uint8 pixels, fed as integers), or a .npz "
+              "of such arrays named after the model's forward arguments (several inputs; MODEL.onnx: keyed by the "
+              "ONNX input name). Fewer than 32 images "
               "(calibration.max_images included) calibrate with a warning: ranges from so few vary.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (must be empty unless --force).")

@@ -27,6 +27,7 @@ import torch
 
 from quantkit.data.images import list_images, load_image
 from quantkit.data.preprocess import Preprocess, preprocess_image
+from quantkit.data.dtypes import integer_dtype
 from quantkit.errors import DataError
 from quantkit.recipe import CalibrationSpec, PreprocessSpec  # noqa: F401 (annotations)
 
@@ -37,6 +38,9 @@ class CalibrationData:
     array: "npy" (a file, memory-mapped), "npz" (several named inputs, packed), "array" (numpy/torch in memory),
     "batches" (read from an iterable). ``input_shape``: one sample's shape ((C, H, W) in pixels for images; (F,)
     for packed inputs). ``inputs``: for a .npz, ((name, per-sample shape), ...) in packed order, else None.
+    ``dtypes``: the integer/bool dtype each input was saved with (None for float32), in packed order (one entry
+    for a single input), or None when every input is float32; samples are carried as float32 either way
+    (``quantkit.data.dtypes``).
     ``names``: the files' names as hashed into the fingerprint (paths relative to the folder or dataset root);
     ``split``: the dataset YAML split the files come from."""
 
@@ -51,6 +55,7 @@ class CalibrationData:
     names: list[str] | None = None
     split: str | None = None
     inputs: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    dtypes: tuple[str | None, ...] | None = None
 
     @classmethod
     def from_files(cls, source: Path, files: list[Path], preprocess: Preprocess, batch_size: int, *,
@@ -112,6 +117,8 @@ class CalibrationData:
             h.update(json.dumps([list(self.array.shape), str(self.array.dtype)]).encode())
             if self.inputs:  # the same bytes split into other inputs are other data
                 h.update(json.dumps([[n, list(s)] for n, s in self.inputs]).encode())
+            if self.dtypes:  # the same values as token ids are other data than as floats
+                h.update(json.dumps(list(self.dtypes)).encode())
             for start in range(0, self.array.shape[0], 64):
                 h.update(np.ascontiguousarray(self.array[start : start + 64]).tobytes())
         else:
@@ -163,10 +170,11 @@ def open_calibration_data(
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise DataError(f"cannot read {p} as a .npy array ({exc}): save it with numpy.save") from exc
-        _check_array(arr, str(p))
+        dtype = _check_array(arr, str(p))
         if max_images:
             arr = arr[:max_images]
-        return CalibrationData(p, "npy", None, batch_size, [], arr, tuple(int(s) for s in arr.shape[1:]))
+        return CalibrationData(p, "npy", None, batch_size, [], arr, tuple(int(s) for s in arr.shape[1:]),
+                               dtypes=(dtype,) if dtype else None)
     files = list_images(p)
     if max_images:
         files = files[:max_images]
@@ -174,14 +182,14 @@ def open_calibration_data(
     return CalibrationData.from_files(p, files, preprocess, batch_size, names=[f.relative_to(p).as_posix() for f in files])
 
 
-def _check_array(arr: np.ndarray, where: str) -> None:
-    if arr.dtype != np.float32:
-        raise DataError(f"{where} has dtype {arr.dtype}; calibration arrays must be float32, preprocessed as the "
-                        "model expects (convert with arr.astype(np.float32))")
+def _check_array(arr: np.ndarray, where: str) -> str | None:
+    """DataError for an array that is no calibration data; its integer dtype's name, or None for float32."""
+    dtype = integer_dtype(arr, where)
     if arr.ndim < 2 or arr.shape[0] == 0 or 0 in arr.shape:
         raise DataError(f"{where} has shape {tuple(arr.shape)}; expected a non-empty float32 array (N, ...) with the "
                         "samples on axis 0 and at least one axis per sample: (N, C, H, W) images, (N, L) audio "
                         "frames, ... (one sample of shape S: arr[None])")
+    return dtype
 
 
 def _open_npz(p: Path, batch_size: int, max_images: int) -> CalibrationData:
@@ -193,16 +201,16 @@ def _open_npz(p: Path, batch_size: int, max_images: int) -> CalibrationData:
         raise DataError(f"cannot read {p} as a .npz ({exc}): save it with numpy.savez(path, name=array, ...)") from exc
     if not arrays:
         raise DataError(f"{p} holds no arrays: save one float32 array (N, ...) per model input, named after it")
-    for k, a in arrays.items():
-        _check_array(a, f"{p}[{k!r}]")
+    dtypes = tuple(_check_array(a, f"{p}[{k!r}]") for k, a in arrays.items())
     counts = {k: int(a.shape[0]) for k, a in arrays.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{p}: the inputs have different numbers of samples {counts}; every array needs the same N "
                         "(sample i of each array is one call of the model)")
     n = min(counts.values()) if not max_images else min(max_images, *counts.values())
-    packed = np.concatenate([a[:n].reshape(n, -1) for a in arrays.values()], axis=1).astype(np.float32, copy=False)
+    packed = np.concatenate([a[:n].reshape(n, -1).astype(np.float32, copy=False) for a in arrays.values()], axis=1)
     inputs = tuple((k, tuple(int(d) for d in a.shape[1:])) for k, a in arrays.items())
-    return CalibrationData(p, "npz", None, batch_size, [], packed, tuple(packed.shape[1:]), inputs=inputs)
+    return CalibrationData(p, "npz", None, batch_size, [], packed, tuple(packed.shape[1:]), inputs=inputs,
+                           dtypes=dtypes if any(dtypes) else None)
 
 
 def open_data(path, spec: "CalibrationSpec", preprocess: "PreprocessSpec",

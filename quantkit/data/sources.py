@@ -19,20 +19,25 @@ import numpy as np
 from quantkit.data.calib import CalibrationData, open_calibration_data
 from quantkit.data.preprocess import Preprocess
 from quantkit.data.yolo import is_dataset_yaml, load_dataset_yaml, to_coco
+from quantkit.data.dtypes import integer_dtype
 from quantkit.errors import DataError
 
 
 
 def _as_array(x, where: str, *, sample: bool = False) -> np.ndarray:
-    """``x`` as a float32 array (N, ...); ``sample``: a 3-D item of an iterable is one CHW sample."""
+    """``x`` as a float32 or integer array (N, ...); ``sample``: a 3-D item of an iterable (a DataLoader's
+    batch) is one CHW sample, and must be float32 (integer batches from a loader are un-normalized images far
+    more often than token ids: pass ids as one array)."""
     if hasattr(x, "detach"):  # a torch tensor, without importing torch for numpy users
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
         raise DataError(f"{where} is a {type(x).__name__}; expected a float32 array/tensor (N, ...) such as images "
                         "(N,C,H,W), or an (inputs, labels) pair")
-    if x.dtype != np.float32:
+    if sample and x.dtype != np.float32:
         raise DataError(f"{where} has dtype {x.dtype}; calibration batches must be float32, preprocessed "
-                        "as the model expects (convert with .float() / .astype(np.float32))")
+                        "as the model expects (convert with .float() / .astype(np.float32)); integer inputs (token "
+                        "ids) are taken as one array or a .npy / .npz")
+    integer_dtype(x, where)  # float32, or integers float32 holds exactly
     if sample and x.ndim == 3:  # one CHW sample, as a Dataset (not a DataLoader) yields
         x = x[None]
     if x.ndim < 2 or x.shape[0] == 0:
@@ -88,8 +93,10 @@ def open_calibration_source(source, preprocess: Preprocess, batch_size: int = 8,
             return CalibrationData.from_files(Path(source), files, preprocess, batch_size,
                                               names=[ds.display_name(f) for f in files], split=split)
         return open_calibration_data(source, preprocess, batch_size, max_images)
+    dtype = None
     if hasattr(source, "detach") or isinstance(source, np.ndarray):
         arr = _as_array(source, "the calibration array")
+        dtype = integer_dtype(arr, "the calibration array")
         if max_images:
             arr = arr[:max_images]
         kind, what = "array", f"<{type(source).__name__} {tuple(arr.shape)}>"
@@ -101,7 +108,8 @@ def open_calibration_source(source, preprocess: Preprocess, batch_size: int = 8,
                         "images, a .npy or .npz, a dataset YAML, a float32 array/tensor (N, ...), or an iterable of batches")
     if not np.isfinite(arr).all():
         raise DataError(f"the calibration {kind} contains NaN or Inf: fix the data")
-    return CalibrationData(what, kind, None, batch_size, [], arr, tuple(int(s) for s in arr.shape[1:]))
+    return CalibrationData(what, kind, None, batch_size, [], arr, tuple(int(s) for s in arr.shape[1:]),
+                           dtypes=(dtype,) if dtype else None)
 
 
 def open_eval_dataset(data: str | Path, *, annotations: str | Path | None = None, split: str = "val",

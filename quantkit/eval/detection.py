@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quantkit.data.dtypes import ort_dtype
+
 from quantkit.data.preprocess import LetterboxInfo, Preprocess, preprocess_image
 from quantkit.errors import DataError, ModelError, UsageError, require
 from quantkit.data.coco import CocoDataset
@@ -115,7 +117,7 @@ def onnx_predictor(
     inp = inputs[0]
     shape = list(inp.shape)
     fixed_batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
-    in_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+    in_dtype = ort_dtype(inp.type)  # a uint8-image detector takes the pixels as uint8 (preprocess.scale: 1)
     out_names = [o.name for o in outputs]
 
     def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,10 +45,10 @@ def write_graphs(stage, state: QuantState, *, progress: bool = True) -> Graphs:
     # takes about 3x the float one (measured 2.8 s and 9.6 s on the bundled detector)
     with progress_bar(2, "exporting ONNX", "graph", enabled=progress, weights=(1, 3)) as bar:
         fp32_onnx = finalize_fp32(export_onnx(model.fp32, example, opset=opset, dynamic_batch=dynamic,
-                                              inputs=data.inputs))
+                                              inputs=data.inputs, dtypes=data.dtypes))
         bar.update()
         int8_onnx = finalize_int8(export_onnx(model.qmodel, example, opset=opset, dynamic_batch=dynamic,
-                                              inputs=data.inputs))
+                                              inputs=data.inputs, dtypes=data.dtypes))
         bar.update()
     fp32_bytes, int8_bytes = fp32_onnx.SerializeToString(), int8_onnx.SerializeToString()
 

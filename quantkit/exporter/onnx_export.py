@@ -41,16 +41,17 @@ def output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = 17, dynamic_batch: bool = False,
-                inputs=None) -> onnx.ModelProto:
+                inputs=None, dtypes=None) -> onnx.ModelProto:
     """Export ``model`` (eval mode) traced on ``example`` (float32 (1, ...)). Returns the ModelProto, unchecked.
 
     ``inputs``: the named inputs of a packed ``example`` (``CalibrationData.inputs``): the graph takes them by
-    name (``quantkit.data.inputs.export_view``); None: one input, named ``images``."""
+    name (``quantkit.data.inputs.export_view``); None: one input, named ``images``. ``dtypes``
+    (``CalibrationData.dtypes``): inputs saved as integers are integer graph inputs."""
     from quantkit.data.inputs import export_view
 
     model = model.eval()
     names = output_names(model, example)
-    module, args, input_names = export_view(model, example, inputs)
+    module, args, input_names = export_view(model, example, inputs, dtypes)
     input_names = input_names or [INPUT_NAME]
     dynamic_axes = None
     if dynamic_batch:

@@ -52,7 +52,7 @@ def _activation_q_scales(model: onnx.ModelProto) -> list[tuple[str, float]]:
 
 
 def input_tensor_names(qmodel: nn.Module, layers: list[str], example: torch.Tensor, *, opset: int = 17,
-                       inputs=None) -> tuple[dict[str, str], set[str]]:
+                       inputs=None, dtypes=None) -> tuple[dict[str, str], set[str]]:
     """({layer: ONNX tensor its input quantizer reads}, every tensor name of that INT8 graph) for ``layers``
     (wrapped layer names). A layer whose quantizer leaves no QuantizeLinear in the graph is absent."""
     modules = dict(qmodel.named_modules())
@@ -66,7 +66,7 @@ def input_tensor_names(qmodel: nn.Module, layers: list[str], example: torch.Tens
         set_precision(qmodel, set(order))
         for k, n in enumerate(order):
             quantizers[n].amax = torch.tensor(_tag(k))
-        graph = finalize_int8(export_onnx(qmodel, example, opset=opset, inputs=inputs))
+        graph = finalize_int8(export_onnx(qmodel, example, opset=opset, inputs=inputs, dtypes=dtypes))
     finally:
         for n, q in quantizers.items():
             q._amax = saved_amax[n]

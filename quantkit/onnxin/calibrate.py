@@ -76,9 +76,7 @@ class OrtTensors(nn.Module):
         return [getattr(self, f"t{i}")(torch.from_numpy(np.ascontiguousarray(o))) for i, o in enumerate(outs)]
 
     def _feeds(self, arr: np.ndarray) -> dict[str, np.ndarray]:
-        if len(self.inputs) == 1:
-            return {self.input_name: arr}
-        from quantkit.data.inputs import ort_feeds
+        from quantkit.data.inputs import ort_feeds  # each input in its declared type (integer ids too)
 
         return ort_feeds(self.inputs, arr)
 

@@ -92,7 +92,7 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
 
     Raises UsageError (exit 2) for: a missing file, a file that is not an ONNX model, control flow, external data
     outside the model's folder, an opset outside [7, 21] or one the converter cannot bring to 13 unchanged, no
-    outputs, more than one graph input, a non-float32 or non-NCHW input, free dims with nothing to fix them, or an
+    outputs, an input neither float32 nor integer, free dims with nothing to fix them, or an
     ``input_size`` that contradicts fixed dims.
     """
     p = Path(path)
@@ -146,6 +146,20 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
     return loaded
 
 
+# graph input types the route feeds: float32 data, and integer ids / uint8 pixels / masks (quantkit.data.dtypes)
+INPUT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+               onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.BOOL}
+
+
+def refuse_input_type(elem_type: int, qin: str, p: Path) -> None:
+    """UsageError for a graph input quantkit cannot feed: float16/float64 (an FP32 model is what it quantizes),
+    strings, complex numbers."""
+    if elem_type not in INPUT_TYPES:
+        raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(elem_type)}; quantkit quantizes "
+                         "FP32 models whose inputs are float32 or integers (token ids, uint8 pixels): export the "
+                         "model with float32 inputs")
+
+
 def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | None,
                data_shapes: dict[str, tuple[int, ...]] | None, *, free_batch: bool = False
                ) -> list[tuple[str, list[int | None]]]:
@@ -164,9 +178,7 @@ def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | No
     out = []
     for inp in inputs:
         qin, tt = short_repr(inp.name), inp.type.tensor_type
-        if tt.elem_type != onnx.TensorProto.FLOAT:
-            raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
-                             "quantizes FP32 models: export the model with float32 inputs")
+        refuse_input_type(tt.elem_type, qin, p)
         dims = list(tt.shape.dim)
         if not dims:
             raise UsageError(f"input {qin} of {p} has no batch axis: export the model with a batch dimension first")
@@ -211,9 +223,7 @@ def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | Non
     inp = inputs[0]
     qin = short_repr(inp.name)  # names are user content: quoted bounded
     tt = inp.type.tensor_type
-    if tt.elem_type != onnx.TensorProto.FLOAT:
-        raise UsageError(f"input {qin} of {p} is {onnx.TensorProto.DataType.Name(tt.elem_type)}; quantkit "
-                         "quantizes FP32 models: export the model in float32")
+    refuse_input_type(tt.elem_type, qin, p)
     dims = list(tt.shape.dim)
     for k, d in enumerate(dims):  # -1: "dynamic" as paddle2onnx and older exporters write it -> a free dim
         if d.HasField("dim_value") and d.dim_value == -1:

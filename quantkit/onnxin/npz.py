@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantkit.data.dtypes import integer_dtype
 from quantkit.errors import DataError
 
 POSITIONAL = "arr_0"  # np.savez's name for an array passed without a keyword
@@ -71,10 +72,11 @@ def npz_shapes(data) -> dict[str, tuple[int, ...]] | None:
     return out
 
 
-def npz_packed(data, inputs: tuple[tuple[str, tuple[int, ...]], ...]) -> np.ndarray:
-    """A .npz of one float32 array per graph input (``inputs``: (name, per-sample shape) in graph order), packed
-    side by side into (N, F) in graph order (``quantkit.data.inputs``). DataError naming the fix for a missing
-    or extra key, another shape, unequal sample counts, or a file that cannot be read."""
+def npz_packed(data, inputs: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[np.ndarray, tuple[str | None, ...]]:
+    """A .npz of one float32 or integer array per graph input (``inputs``: (name, per-sample shape) in graph
+    order), packed side by side into float32 (N, F) in graph order (``quantkit.data.inputs``), and each array's
+    integer dtype (None for float32; ``quantkit.data.dtypes``). DataError naming the fix for a missing or extra
+    key, another shape or dtype, unequal sample counts, or a file that cannot be read."""
     p = Path(data)
     names = [n for n, _ in inputs]
     if not p.is_file():
@@ -91,16 +93,19 @@ def npz_packed(data, inputs: tuple[tuple[str, tuple[int, ...]], ...]) -> np.ndar
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{p} cannot be read ({str(exc)[:120]}); save plain float32 arrays with np.savez") from exc
     counts = {n: int(a.shape[0]) if a.ndim else 0 for n, a in arrays.items()}
+    dtypes = []
     for n, shape in inputs:
         a = arrays[n]
-        if a.dtype != np.float32 or tuple(a.shape[1:]) != tuple(shape):
-            raise DataError(f"{p}[{n!r}] is {a.dtype} {tuple(a.shape)}; the model's input {n!r} takes float32 "
+        dtypes.append(integer_dtype(a, f"{p}[{n!r}]"))  # float32, or integers float32 holds exactly
+        if tuple(a.shape[1:]) != tuple(shape):
+            raise DataError(f"{p}[{n!r}] is {a.dtype} {tuple(a.shape)}; the model's input {n!r} takes "
                             f"(N, {', '.join(str(d) for d in shape)})")
     if len(set(counts.values())) > 1 or not min(counts.values()):
         raise DataError(f"{p}: the inputs have different (or zero) numbers of samples {counts}; every array needs "
                         "the same N (sample i of each array is one call of the model)")
     n = min(counts.values())
-    return np.concatenate([arrays[k].reshape(n, -1) for k in names], axis=1)
+    packed = np.concatenate([arrays[k].reshape(n, -1).astype(np.float32, copy=False) for k in names], axis=1)
+    return packed, tuple(dtypes)
 
 
 def npz_array(data, input_names: list[str]) -> np.ndarray:

@@ -122,8 +122,12 @@ def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Prep
         if not is_npz(calib):
             raise DataError(f"the ONNX model takes {len(loaded.inputs)} inputs ({[n for n, _ in loaded.inputs]}); "
                             f"calibrate with a .npz holding one float32 array per input, named after it")
-        data, pp = open_calibration(npz_packed(calib, loaded.inputs), recipe.calibration, recipe.preprocess, size)
-        return replace(data, source=Path(calib), kind="npz", inputs=loaded.inputs), pp
+        packed, dtypes = npz_packed(calib, loaded.inputs)
+        data, pp = open_calibration(packed, recipe.calibration, recipe.preprocess, size)
+        data = replace(data, source=Path(calib), kind="npz", inputs=loaded.inputs,
+                       dtypes=dtypes if any(dtypes) else None)
+        check_integer_inputs(data, loaded, calib)
+        return data, pp
     if is_npz(calib):
         arr = npz_array(calib, [loaded.input_name])
         data, pp = open_calibration(arr, recipe.calibration, recipe.preprocess, size)
@@ -136,7 +140,34 @@ def open_data(recipe: Recipe, calib: str, loaded) -> tuple[CalibrationData, Prep
     if tuple(data.input_shape) != sample:
         raise DataError(f"calibration data {calib} has inputs of shape {tuple(data.input_shape)} but the ONNX model "
                         f"takes {sample}: pass data of the model's input shape")
+    check_integer_inputs(data, loaded, calib)
     return data, pp
+
+
+def check_integer_inputs(data: CalibrationData, loaded, calib) -> None:
+    """DataError when integer data (uint8 pixels) would feed a float32 graph input (un-normalized images, most
+    likely), or when a graph input of an integer type (token ids, uint8 pixels) would be fed fractional values
+    (onnxruntime's cast would truncate them silently: every calibration sample is checked once)."""
+    import onnx
+
+    from quantkit.data.dtypes import check_integral
+
+    types = {i.name: i.type.tensor_type.elem_type for i in loaded.model.graph.input}
+    spans, start = [], 0
+    for k, (name, shape) in enumerate(loaded.inputs or ((loaded.input_name, tuple(loaded.input_shape[1:])),)):
+        size = int(np.prod(shape)) if loaded.inputs else None
+        saved = data.dtypes[k] if data.dtypes else None
+        if types.get(name, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            spans.append((name, start, None if size is None else start + size))
+        elif saved:
+            raise DataError(f"calibration data {calib} holds {saved} values for the model's float32 input {name!r}: "
+                            "save it preprocessed as the model expects, as float32 (for 8-bit images, e.g. "
+                            "arr.astype(np.float32) / 255)")
+        start += size or 0
+    for batch in data.batches() if spans else ():
+        x = batch.numpy().reshape(batch.shape[0], -1)
+        for name, a, b in spans:
+            check_integral(x[:, a:b], f"calibration data {calib} (input {name!r})")
 
 
 def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str | None = None,

@@ -114,6 +114,9 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
     inp = {"shape": [1, *data.input_shape], "batch": recipe.input.batch, "preprocess": state.pp.as_dict()}
     if data.inputs:  # several named inputs (a .npz): shape is their packed form, inputs what the graphs take
         inp["inputs"] = {name: [1, *shape] for name, shape in data.inputs}
+    if data.dtypes:  # inputs saved as integers (token ids): the graphs take them as such
+        names = [n for n, _ in data.inputs] if data.inputs else ["images"]
+        inp["integer_inputs"] = {n: d for n, d in zip(names, data.dtypes) if d}
     report = core_report(ReportCore(
         model=model_info, input=inp,
         calibration={

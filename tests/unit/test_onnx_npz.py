@@ -67,7 +67,7 @@ def test_bad_npz_is_exit_2_naming_the_input(toy, tmp_path):
     (tmp_path / "notzip.npz").write_bytes(b"PK\x03\x04 not really a zip")
     cases["notzip.npz"] = "not a readable .npz"
     np.savez(tmp_path / "int.npz", images=(arr * 255).astype(np.uint8))
-    cases["int.npz"] = "float32"
+    cases["int.npz"] = "holds uint8 values for the model's float32 input"
     for k, (name, message) in enumerate(cases.items()):
         out = tmp_path / f"out{k}"
         with pytest.raises(QuantkitError) as e:
