@@ -6,10 +6,11 @@ calibration pass's histograms into activation scales; the guard's check measure 
 float Q/DQ twin against FP32 on the held-out check images, 8 to 64 spread over the set) scores it by the worst
 output's raw SQNR, the torch route's measure, and ``ptq.default_passes.pick_method`` keeps max unless a clipping
 rule beats it by ``calibration.clip_margin_db`` (the torch route's rule); the step judges itself in that measure
-(``PassResult.db_before`` / ``db_after``). The guard's own measure judges a sigmoid output on its clipped logit, which ranks calibration rules poorly where the check images
-saturate it: on PP-OCRv4's text detector (check crops with almost no text) every rule read infinite and the
-choice fell to the first candidate (mse; held-out text-pixel F1 0.48), where the raw SQNR picks entropy (0.78). As on the torch route, the histograms saw
-every calibration image; the check images only judge.
+(``PassResult.db_before`` / ``db_after``). The guard's own measure judges a sigmoid output on its clipped logit,
+which ranks calibration rules poorly where the check images saturate it: on PP-OCRv4's text detector (check crops
+with almost no text) every rule read infinite and the choice fell to the first candidate (mse; held-out text-pixel
+F1 0.48), where the raw SQNR picks entropy (0.78). As on the torch route, the histograms saw every calibration
+image; the check images only judge.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 from quantkit.calib_methods import MethodSettings
 from quantkit.calibrate.driver import method_key
 from quantkit.errors import CalibrationError
-from quantkit.ptq.default_passes import CANDIDATE_METHODS, pick_method
+from quantkit.ptq.default_passes import CANDIDATE_METHODS, pick_method, pick_reason
 from quantkit.ptq.passes import PassData, PassResult
 
 log = logging.getLogger("quantkit")
@@ -56,7 +57,8 @@ def choose_method(target, data: PassData) -> PassResult:
     log.info("calibration method check SQNR: %s", ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
     return PassResult("calibration_method", changed=None if best == start else f"method {start} -> {best}",
                       measured={"check_sqnr_db_by_method": {k: round(v, 3) for k, v in scores.items()},
-                                "method": best, "clip_margin_db": target.recipe.calibration.clip_margin_db},
+                                "method": best, "clip_margin_db": target.recipe.calibration.clip_margin_db,
+                                "why": pick_reason(scores, best, target.recipe.calibration.clip_margin_db)},
                       db_before=scores[start], db_after=scores[best])
 
 

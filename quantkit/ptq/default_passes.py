@@ -37,11 +37,24 @@ def pick_method(scores: dict[str, float], margin_db: float) -> str:
     networks where a clipping rule led max by under 1 dB on the check (MTCNN ONet 0.84, EfficientNet-Lite0 0.76,
     MTCNN RNet 0.65), max scored as well or better on held-out photos (+4.4, +0.7, +0.04 dB); on PP-OCR's direction
     classifier, where percentile led by 1.25 dB, percentile held out 2.0 dB better (and on MTCNN PNet, entropy led by
-    2.1 dB and max held out 0.6 dB better): 1 dB is a compromise, not a law. With max unavailable (it failed on
-    this model's histograms) the best check SQNR wins."""
+    2.1 dB and max held out 0.6 dB better). Against it: EfficientNet-Lite0's FP32 ONNX on the ONNX route, where mse
+    led by 0.3 dB and held out 1.0 dB better than max. 1 dB is a compromise, not a law (benchmarks/RESULTS.md,
+    real-networks). With max unavailable (it failed on this model's histograms) the best check SQNR wins."""
     best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))  # ties: earlier candidate
     keep_max = "max" in scores and best != "max" and scores[best] - scores["max"] < margin_db
     return "max" if keep_max else best
+
+
+def pick_reason(scores: dict[str, float], chosen: str, margin_db: float) -> str:
+    """One line for the report: why ``pick_method`` kept ``chosen``."""
+    clips = {k: v for k, v in scores.items() if k != "max"}
+    if "max" not in scores or not clips:
+        return f"{chosen}: the best check SQNR (max not available)" if "max" not in scores else "max: the only rule"
+    best = max(clips, key=lambda k: (clips[k], -list(clips).index(k)))
+    lead = clips[best] - scores["max"]
+    if chosen == "max":
+        return f"max: the best clipping rule ({best}) led it by {lead:.2f} dB, under the {margin_db:g} dB margin"
+    return f"{chosen}: led max by {lead:.2f} dB (margin {margin_db:g} dB)"
 
 
 class CalibrationMethodPass:
@@ -75,7 +88,8 @@ class CalibrationMethodPass:
         cal.chosen_amax, cal.method = chosen[best], best
         return PassResult(self.name, changed=None if best == start else f"method {start} -> {best}",
                           measured={"check_sqnr_db_by_method": {k: round(v, 3) for k, v in scores.items()},
-                                    "method": best, "clip_margin_db": target.recipe.calibration.clip_margin_db},
+                                    "method": best, "clip_margin_db": target.recipe.calibration.clip_margin_db,
+                                    "why": pick_reason(scores, best, target.recipe.calibration.clip_margin_db)},
                           db_after=scores[best])
 
 

@@ -143,7 +143,7 @@ def test_calibration_method_is_chosen_by_held_out_sqnr(tmp_path, margin):
 
 
 def test_pick_method_closed_form():
-    from quantkit.ptq.default_passes import pick_method
+    from quantkit.ptq.default_passes import pick_method, pick_reason
 
     scores = {"mse": 20.9, "entropy": 19.0, "percentile_99.99": 20.5, "max": 20.0}
     assert pick_method(scores, 1.0) == "max"  # mse leads by 0.9 dB: inside the margin
@@ -153,6 +153,9 @@ def test_pick_method_closed_form():
     assert pick_method({"mse": 3.0, "entropy": 3.0, "max": 1.0}, 1.0) == "mse"  # ties: the earlier candidate
     no_max = {k: v for k, v in scores.items() if k != "max"}
     assert pick_method(no_max, 1.0) == "mse"  # max failed on the histograms: the best wins
+    assert pick_reason(scores, "max", 1.0) == ("max: the best clipping rule (mse) led it by 0.90 dB, under the 1 dB "
+                                               "margin")
+    assert pick_reason(scores, "mse", 0.0) == "mse: led max by 0.90 dB (margin 0 dB)"
 
 
 def test_a_fixed_method_is_honoured_and_auto_is_no_calibrator_rule(tmp_path):
