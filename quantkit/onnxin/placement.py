@@ -6,8 +6,10 @@
 * A residual Add (two computed inputs, one coming from a conv through BN/activations, and an output that still
   reaches a weighted layer): only the skip input is quantized, so TensorRT fuses the Add into the conv.
 * Concat needs nothing: its consumer's Q/DQ sits after it, so its inputs share that one scale.
-* Decode / NMS / scores stay float: a weighted op whose data comes from Sigmoid/Softmax/TopK/NMS (a DFL
-  projection MatMul, say) is not a candidate, and nothing after the last weighted layer is quantized.
+* Decode / NMS / scores stay float: a weighted op whose data comes from Softmax/TopK/NMS (a DFL projection
+  Conv or MatMul, say) is not a candidate, and nothing after the last weighted layer is quantized. A Sigmoid's
+  output feeding a learned layer (basic-pitch's note posteriorgram into its onset convs) is an activation in
+  [0, 1] like any other: that layer is quantized, as the torch route quantizes every conv.
 
 Layer names are ONNX node names; selection reuses the torch route's ``select_layers`` (fnmatch globs,
 ``type:Conv``; a pattern matching nothing is an error listing the closest names).
@@ -85,9 +87,11 @@ class _Graph:
         t = self.inits.get(name)
         return t is not None and t.data_type == onnx.TensorProto.FLOAT
 
-    def from_head_op(self, tensor: str) -> bool:
-        """True when ``tensor`` is computed by a score/decode op, possibly through data-movement ops."""
-        return head_source(self.producer, self.is_const, tensor) is not None
+    def from_head_op(self, tensor: str, exempt: tuple[str, ...] = ()) -> bool:
+        """True when ``tensor`` is computed by a score/decode op (other than those in ``exempt``), possibly through
+        data-movement ops."""
+        src = head_source(self.producer, self.is_const, tensor)
+        return src is not None and src not in exempt
 
     def from_conv(self, tensor: str) -> bool:
         """True when ``tensor`` is a conv output, possibly through BN/activations (SiLU = x * Sigmoid(x))."""
@@ -166,7 +170,7 @@ def find_candidates(model: onnx.ModelProto, residual_add: bool = True) -> tuple[
             if n.op_type == "Gemm" and get_attr(n, "transA", 0):
                 notes.append(f"{n.name}: Gemm with transA=1 kept float (its data input is transposed)")
                 continue
-            if g.from_head_op(data):
+            if g.from_head_op(data, exempt=("Sigmoid",)):
                 notes.append(f"{n.name}: {n.op_type} reads decoded scores/softmax output; kept float")
                 continue
             rank = len(g.inits[w].dims)

@@ -266,3 +266,26 @@ def test_parity_catches_a_wrong_weight_axis(toy_path, toy_npy):
     scale.CopyFrom(numpy_helper.from_array(s[::-1].copy(), scale.name))  # scales of other channels
     with pytest.raises(ExportError, match="disagrees"):
         check_parity(res, batches, 30.0, 1)
+
+
+@pytest.mark.parametrize("gate, quantized", [("Sigmoid", True), ("Softmax", False)])
+def test_a_learned_layer_after_a_sigmoid_is_quantized_a_softmax_projection_is_not(gate, quantized):
+    """basic-pitch feeds its sigmoid note posteriorgram into learned convs (5 % of its MACs): an activation in
+    [0, 1] like any other, quantized as the torch route quantizes every conv. A Softmax (through a Reshape)
+    feeding a weighted op is a DFL-style decode projection: it stays float, with a note."""
+    from onnx import TensorProto, helper
+
+    r = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(r.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(r.normal(size=(2, 4, 1, 1)).astype(np.float32), "w2")
+    shape = numpy_helper.from_array(np.array([1, 4, 6, 6], np.int64), "shape")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[0, 0, 0, 0]),
+             helper.make_node(gate, ["a"], ["g"], name="gate", **({"axis": 1} if gate == "Softmax" else {})),
+             helper.make_node("Reshape", ["g", "shape"], ["r"], name="reshape"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], [w1, w2, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    layout = build_layout(model)
+    assert ("c2" in layout.candidates) is quantized
+    assert any(n.startswith("c2: Conv reads decoded scores") for n in layout.notes) is not quantized
