@@ -15,6 +15,10 @@ time, SQNR of quantkit and of the peer on the scoring set.
 * ``mtcnn_pnet`` / ``mtcnn_rnet``  facenet-pytorch's MTCNN stages (torch modules, the wheel's weights)
 * ``easyocr_rec``    easyocr's english_g2 recognizer (torch: VGG + BiLSTM, ``forward(input, text)`` ignoring
   ``text``; calibrated from a .npz of both)
+* ``basic_pitch``    Spotify's basic-pitch note transcriber, third-party FP32 ONNX converted from TensorFlow
+  (``basic-pitch`` 0.4.0, nmp.onnx; opset 15 + ai.onnx.ml, (N, 43844, 1) audio at 22.05 kHz, its CQT as convs,
+  a sigmoid posteriorgram feeding further convs); 2-s windows 50 ms apart from pygame's example sounds, the
+  calibration / selection / scoring clips disjoint as for CREPE in ``real_networks`` (fewer windows: see the table)
 
 For the torch networks the FP32 ONNX both sides score against is the one quantkit's default export writes
 (model.onnx); the peer quantizes that same file (a file below opset 13 converted to 13 first, as quantkit does).
@@ -60,6 +64,27 @@ def _grey(hw):
     return make
 
 
+def _audio_windows(split):
+    """(N, 43844, 1) float32 windows of mono audio in [-1, 1] at 22.05 kHz, 50 ms apart (a clip shorter than a
+    window zero-padded, as basic-pitch pads), from the clips ``real_networks_data.AUDIO`` gives ``split``."""
+    import io
+
+    from scipy.io import wavfile
+    from scipy.signal import resample_poly
+
+    folder = D.unpack("pygame==2.6.1", "pygame/examples/data/", binary=True) / "pygame" / "examples" / "data"
+    out, size = [], 43844
+    for name, a, b in D.AUDIO[split]:
+        sr, raw = wavfile.read(io.BytesIO((folder / name).read_bytes()))
+        x = raw.astype(np.float64)
+        x = (x - 128.0) / 128.0 if raw.dtype == np.uint8 else x / 32768.0
+        x = resample_poly(x.mean(1) if x.ndim == 2 else x, 22050, sr)
+        x = x[int(a * len(x)):int(b * len(x))]
+        x = np.pad(x, (0, max(0, size - len(x))))
+        out.extend(x[s:s + size] for s in range(0, len(x) - size + 1, 1102))
+    return np.stack(out[:N[split]]).astype(np.float32)[:, :, None]
+
+
 def _onnx(spec, member):
     def get():
         return D.unpack(spec, member) / member
@@ -96,6 +121,8 @@ NETS = {
     "mtcnn_pnet": ("torch", _facenet("PNet"), _rgb((48, 48), 0.0078125, 127.5 * 0.0078125)),
     "mtcnn_rnet": ("torch", _facenet("RNet"), _rgb((24, 24), 0.0078125, 127.5 * 0.0078125)),
     "easyocr_rec": ("torch-npz", _easyocr, _grey((64, 192))),
+    "basic_pitch": ("onnx", _onnx("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
+                    _audio_windows),
 }
 
 
