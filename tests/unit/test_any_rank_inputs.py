@@ -8,9 +8,7 @@ Bad .npy/.npz data is exit 2 naming the fix, with nothing written.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from quantkit.cli import main
+from user_nets import ort_per_sample, sqnr_db, write_nets
 
 NETS = '''
 import torch
@@ -94,10 +93,7 @@ def _sines(n: int, length: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
-    (d / "nets.py").write_text(NETS)
-    spec = importlib.util.spec_from_file_location("qk_any_rank_nets", d / "nets.py")
-    nets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nets)
+    nets = write_nets(d, NETS, "qk_any_rank_nets")
     return d, nets
 
 
@@ -106,18 +102,6 @@ def _export(d: Path, factory: str, calib: Path, out: str, *extra: str):
                                     str(d / out), "--no-cache", "--json", "-q", *extra])
     line = next(ln for ln in res.output.splitlines() if ln.startswith("{"))
     return res.exit_code, json.loads(line), d / out
-
-
-def _sqnr(ref, test) -> float:
-    ref, test = np.asarray(ref, np.float64), np.asarray(test, np.float64)
-    return 10 * math.log10(np.sum(ref ** 2) / max(np.sum((ref - test) ** 2), 1e-30))
-
-
-def _ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """Run one sample at a time (the export's batch is 1) with named feeds."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    n = len(next(iter(feeds.values())))
-    return np.concatenate([sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()})[0] for i in range(n)])
 
 
 def _conv_inputs_quantized(model: onnx.ModelProto) -> list[bool]:
@@ -144,8 +128,8 @@ def test_conv1d_audio_from_npy_exports_and_matches_fp32(work, layout):
     held_out = held_out[:, None, :] if layout == "NCL" else held_out
     with torch.no_grad():
         ref = nets.frames()(torch.from_numpy(held_out)).numpy()
-    assert _sqnr(ref, _ort(out / "model.int8.onnx", {"images": held_out})) > 25.0
-    assert _sqnr(ref, _ort(out / "model.onnx", {"images": held_out})) > 100.0
+    assert sqnr_db(ref, ort_per_sample(out / "model.int8.onnx", {"images": held_out})) > 25.0
+    assert sqnr_db(ref, ort_per_sample(out / "model.onnx", {"images": held_out})) > 100.0
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["shape"] == [1, *x.shape[1:]]
     assert report["int8_mac_share"]["share"] == 1.0 and "Conv" in report["int8_mac_share"]["counted"]  # graph-measured
@@ -164,8 +148,8 @@ def test_two_inputs_from_npz_matched_by_name(work):
     held = {"audio": _sines(8, 512, seed=9), "side": np.random.default_rng(4).normal(size=(8, 6)).astype(np.float32)}
     with torch.no_grad():
         ref = nets.two()(torch.from_numpy(held["audio"]), side=torch.from_numpy(held["side"])).numpy()
-    assert _sqnr(ref, _ort(out / "model.int8.onnx", held)) > 25.0
-    assert _sqnr(ref, _ort(out / "model.int8.strong.onnx", held)) > 25.0
+    assert sqnr_db(ref, ort_per_sample(out / "model.int8.onnx", held)) > 25.0
+    assert sqnr_db(ref, ort_per_sample(out / "model.int8.strong.onnx", held)) > 25.0
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["inputs"] == {"side": [1, 6], "audio": [1, 512]}
     assert _conv_inputs_quantized(onnx.load(str(out / "model.int8.onnx"))) == [True]
@@ -186,7 +170,7 @@ def test_an_input_forward_ignores_stays_an_input_of_the_graphs(work):
     held = {"audio": _sines(8, 512, seed=11), "text": np.zeros((8, 1), np.float32)}
     with torch.no_grad():
         ref = nets.ignores()(torch.from_numpy(held["audio"]), None).numpy()
-    assert _sqnr(ref, _ort(out / "model.int8.onnx", held)) > 25.0
+    assert sqnr_db(ref, ort_per_sample(out / "model.int8.onnx", held)) > 25.0
 
 
 @pytest.mark.parametrize("make, expect", [
@@ -227,7 +211,7 @@ def test_onnx_route_takes_audio_frames_from_npy(work, tmp_path):
     held = _sines(8, 1024, seed=11)
     with torch.no_grad():
         ref = nets.frames()(torch.from_numpy(held)).numpy()
-    assert _sqnr(ref, _ort(tmp_path / "o" / "model.int8.onnx", {"pcm": held})) > 25.0
+    assert sqnr_db(ref, ort_per_sample(tmp_path / "o" / "model.int8.onnx", {"pcm": held})) > 25.0
     # the calibration data must have the graph's sample shape
     np.save(tmp_path / "short.npy", x[:, :512])
     res = CliRunner().invoke(main, ["export", str(tmp_path / "frames.onnx"), "--calib", str(tmp_path / "short.npy"),
@@ -251,8 +235,8 @@ def _check_dynamic_two(out: Path, audio: np.ndarray, side: np.ndarray, ref: np.n
         assert isinstance(dims["audio"][0], str)  # symbolic, shared
     feeds = {"audio": audio, "side": side}
     whole = _batched(out / "model.int8.onnx", feeds)
-    np.testing.assert_allclose(whole, _ort(out / "model.int8.onnx", feeds), rtol=1e-5, atol=1e-5)
-    assert _sqnr(ref, whole) > 20.0
+    np.testing.assert_allclose(whole, ort_per_sample(out / "model.int8.onnx", feeds), rtol=1e-5, atol=1e-5)
+    assert sqnr_db(ref, whole) > 20.0
     import re
 
     script = (out / "build_engine.sh").read_text()
@@ -313,8 +297,8 @@ def test_onnx_route_takes_several_inputs_from_npz(work, tmp_path):
     held = {"audio": _sines(8, 512, seed=9), "side": np.random.default_rng(4).normal(size=(8, 6)).astype(np.float32)}
     with torch.no_grad():
         ref = nets.two()(torch.from_numpy(held["audio"]), side=torch.from_numpy(held["side"])).numpy()
-    assert _sqnr(ref, _ort(out / "model.int8.onnx", held)) > 25.0
-    assert _sqnr(ref, _ort(out / "model.onnx", held)) > 100.0
+    assert sqnr_db(ref, ort_per_sample(out / "model.int8.onnx", held)) > 25.0
+    assert sqnr_db(ref, ort_per_sample(out / "model.onnx", held)) > 100.0
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["inputs"] == {"audio": [1, 512], "side": [1, 6]} and report["route"] == "onnx"
     assert _conv_inputs_quantized(m) == [True]

@@ -7,19 +7,17 @@ cannot carry exactly, are exit 2 naming the fix, with nothing written.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
 
 from quantkit.cli import main
+from user_nets import ort_per_sample, sqnr_db, write_nets
 from quantkit.data.dtypes import EXACT_INT_LIMIT, integer_dtype
 from quantkit.data.inputs import ort_feeds
 from quantkit.errors import DataError
@@ -82,10 +80,7 @@ def pixels():
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("ints")
-    (d / "nets.py").write_text(NETS)
-    spec = importlib.util.spec_from_file_location("qk_int_nets", d / "nets.py")
-    nets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nets)
+    nets = write_nets(d, NETS, "qk_int_nets")
     r = np.random.default_rng(0)
     np.save(d / "ids.npy", r.integers(0, 500, (40, 24)))
     np.savez(d / "masked.npz", mask=(r.random((40, 24)) > 0.2).astype(np.float32), ids=r.integers(0, 500, (40, 24)))
@@ -97,17 +92,6 @@ def _export(model: list[str], calib: Path, out: Path, *extra: str):
     res = CliRunner().invoke(main, ["export", *model, "--calib", str(calib), "--out", str(out), "--no-cache", "--json",
                                     "-q", *extra])
     return res.exit_code, res.output
-
-
-def _sqnr(ref, test) -> float:
-    ref, test = np.asarray(ref, np.float64), np.asarray(test, np.float64)
-    return 10 * math.log10(np.sum(ref ** 2) / max(np.sum((ref - test) ** 2), 1e-30))
-
-
-def _ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    n = len(next(iter(feeds.values())))
-    return np.concatenate([sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()})[0] for i in range(n)])
 
 
 def _input_types(path: Path) -> dict[str, str]:
@@ -144,8 +128,8 @@ def test_both_routes_take_integer_inputs_and_keep_their_type(work, factory, cali
     for out in (torch_out, onnx_out):
         for name in ("model.onnx", "model.int8.onnx", "model.int8.strong.onnx"):
             assert _input_types(out / name) == types, (out, name)
-        assert _sqnr(ref, _ort(out / "model.onnx", feeds)) > 100.0  # the FP32 graph is the torch model
-        assert _sqnr(ref, _ort(out / "model.int8.onnx", feeds)) > 25.0
+        assert sqnr_db(ref, ort_per_sample(out / "model.onnx", feeds)) > 100.0  # the FP32 graph is the torch model
+        assert sqnr_db(ref, ort_per_sample(out / "model.int8.onnx", feeds)) > 25.0
         report = json.loads((out / "report.json").read_text())
         want = {k: {"INT64": "int64", "UINT8": "uint8"}[v] for k, v in types.items() if v != "FLOAT"}
         assert report["input"]["integer_inputs"] == want
