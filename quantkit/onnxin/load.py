@@ -92,7 +92,7 @@ def load_onnx(path: str | os.PathLike, input_size: tuple[int, int] | None = None
 
     Raises UsageError (exit 2) for: a missing file, a file that is not an ONNX model, control flow, external data
     outside the model's folder, an opset outside [7, 21] or one the converter cannot bring to 13 unchanged, no
-    outputs, an input neither float32 nor integer, free dims with nothing to fix them, or an
+    outputs, an input neither float32 nor integer, inputs whose fixed first dims disagree, free dims with nothing to fix them, or an
     ``input_size`` that contradicts fixed dims.
     """
     p = Path(path)
@@ -175,6 +175,7 @@ def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | No
         raise UsageError(f"--input-size applies to a model with one image input; {p} has {len(inputs)} inputs "
                          f"({short_repr(names)}): drop --input-size, the .npz arrays give their shapes")
     shapes = data_shapes or {}
+    refuse_mixed_batch(inputs, p)
     out = []
     for inp in inputs:
         qin, tt = short_repr(inp.name), inp.type.tensor_type
@@ -208,6 +209,23 @@ def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | No
     log.info("ONNX route: %d graph inputs %s, batch %s", len(out), ", ".join(f"{n} {s}" for n, s in out),
              "free (input.batch range)" if free_batch else "1")
     return out
+
+
+def refuse_mixed_batch(inputs, p: Path) -> None:
+    """UsageError when the graph inputs' fixed first dims disagree (silero-vad's ``input`` [1, 576] beside its
+    recurrent ``state`` [2, 1, 128]): every stage feeds each input its samples along axis 0, so an input whose
+    first axis is not the batch cannot be fed (it failed inside onnxruntime as an internal error)."""
+    first = {}
+    for inp in inputs:
+        dims = list(inp.type.tensor_type.shape.dim)
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value >= 1:
+            first[inp.name] = int(dims[0].dim_value)
+    if len(set(first.values())) > 1:
+        listed = ", ".join(f"{short_repr(n)}: {v}" for n, v in first.items())
+        raise UsageError(f"the inputs of {p} disagree on their first (batch) dimension ({listed}); quantkit feeds "
+                         "every input its samples along axis 0, so an input whose first axis is not the batch (a "
+                         "recurrent state [layers, batch, hidden], say) cannot be calibrated: export the model with "
+                         "the batch first on every input (or the state folded in as a constant)")
 
 
 def fix_input(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | None,
