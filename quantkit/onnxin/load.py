@@ -175,7 +175,7 @@ def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | No
         raise UsageError(f"--input-size applies to a model with one image input; {p} has {len(inputs)} inputs "
                          f"({short_repr(names)}): drop --input-size, the .npz arrays give their shapes")
     shapes = data_shapes or {}
-    refuse_mixed_batch(inputs, p)
+    refuse_mixed_batch(inputs, p, free_batch)
     out = []
     for inp in inputs:
         qin, tt = short_repr(inp.name), inp.type.tensor_type
@@ -211,15 +211,18 @@ def fix_inputs(model: onnx.ModelProto, p: Path, input_size: tuple[int, int] | No
     return out
 
 
-def refuse_mixed_batch(inputs, p: Path) -> None:
-    """UsageError when the graph inputs' fixed first dims disagree (silero-vad's ``input`` [1, 576] beside its
-    recurrent ``state`` [2, 1, 128]): every stage feeds each input its samples along axis 0, so an input whose
-    first axis is not the batch cannot be fed (it failed inside onnxruntime as an internal error)."""
+def refuse_mixed_batch(inputs, p: Path, free_batch: bool = False) -> None:
+    """UsageError when the graph inputs' first dims disagree (silero-vad's ``input`` [1, 576] beside its
+    recurrent ``state`` [2, 1, 128]; a free first dim counts as the batch of 1 it is fixed to, unless
+    ``free_batch``): every stage feeds each input its samples along axis 0, so an input whose first axis is not
+    the batch cannot be fed (it failed inside onnxruntime as an internal error)."""
     first = {}
     for inp in inputs:
         dims = list(inp.type.tensor_type.shape.dim)
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value >= 1:
             first[inp.name] = int(dims[0].dim_value)
+        elif dims and not free_batch:
+            first[inp.name] = 1
     if len(set(first.values())) > 1:
         listed = ", ".join(f"{short_repr(n)}: {v}" for n, v in first.items())
         raise UsageError(f"the inputs of {p} disagree on their first (batch) dimension ({listed}); quantkit feeds "
