@@ -154,9 +154,9 @@ def _opens_before_model(calib) -> bool:
             return np.load(calib, mmap_mode="r", allow_pickle=False).dtype.kind in "iub"
         except (ValueError, OSError):
             return False  # open_data reports an unreadable .npy with its own message
-    dtype = getattr(calib, "dtype", None)
-    return dtype is not None and not getattr(dtype, "is_floating_point", True) or (
-        isinstance(calib, np.ndarray) and calib.dtype.kind in "iub")
+    if isinstance(calib, torch.Tensor):
+        return not calib.is_floating_point()
+    return isinstance(calib, np.ndarray) and calib.dtype.kind in "iub"
 
 
 def _flatten_structured_outputs(prepared, outputs, example):

@@ -120,15 +120,12 @@ def ort_feeds(session_inputs, x: np.ndarray) -> dict[str, np.ndarray]:
     graph's input order by each input's per-sample shape (the order and shapes the export wrote); each in the
     type the graph declares (an integer input gets the whole numbers it was calibrated with,
     ``quantkit.data.dtypes``)."""
-    def dtype(inp):
-        return ort_dtype(inp.type)
-
     if len(session_inputs) == 1:
-        return {session_inputs[0].name: x.astype(dtype(session_inputs[0]), copy=False)}
+        return {session_inputs[0].name: x.astype(ort_dtype(session_inputs[0].type), copy=False)}
     feeds, start = {}, 0
     for inp in session_inputs:
         shape = [int(d) for d in inp.shape[1:]]
         size = math.prod(shape)
-        feeds[inp.name] = x[:, start:start + size].reshape(x.shape[0], *shape).astype(dtype(inp), copy=False)
+        feeds[inp.name] = x[:, start:start + size].reshape(x.shape[0], *shape).astype(ort_dtype(inp.type), copy=False)
         start += size
     return feeds

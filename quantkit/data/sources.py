@@ -96,7 +96,7 @@ def open_calibration_source(source, preprocess: Preprocess, batch_size: int = 8,
     dtype = None
     if hasattr(source, "detach") or isinstance(source, np.ndarray):
         arr = _as_array(source, "the calibration array")
-        dtype = integer_dtype(arr, "the calibration array")
+        dtype = None if arr.dtype == np.float32 else arr.dtype.name  # _as_array checked it: float32 or integers
         if max_images:
             arr = arr[:max_images]
         kind, what = "array", f"<{type(source).__name__} {tuple(arr.shape)}>"

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.data.dtypes import ort_dtype
-
 from quantkit.data.preprocess import LetterboxInfo, Preprocess, preprocess_image
 from quantkit.errors import DataError, ModelError, UsageError, require
 from quantkit.data.coco import CocoDataset

@@ -50,7 +50,7 @@ def convert_opset(model: onnx.ModelProto, path, target: int, input_name: str, sh
     rng = np.random.default_rng(CHECK_SEED)
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     # a float input: uniform [0, 1); an integer one (token ids, pixels): zeros, an id every vocabulary holds
-    x = {n: rng.random((sh[0] or 1, *sh[1:]), dtype=np.float32) if types.get(n, 1) == onnx.TensorProto.FLOAT
+    x = {n: rng.random((sh[0] or 1, *sh[1:]), dtype=np.float32) if types.get(n, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
          else np.zeros((sh[0] or 1, *sh[1:]), onnx.helper.tensor_dtype_to_np_dtype(types[n]))
          for n, sh in (feeds or [(input_name, shape)])}
     try:

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
-from quantkit.exporter.lint_core import WEIGHTED_OPS, get_attr, head_source
+from quantkit.exporter.lint_core import HEAD_OPS, WEIGHTED_OPS, get_attr, head_source
 
 # Ops a conv output passes through on its way to a residual Add (the torch route's _PASS_THROUGH, in ONNX)
+# lint's score/decode ops (HEAD_OPS) whose output a weighted op reads only in a decode projection (DFL); a Sigmoid's
+# output is an activation like any other to a learned layer
+DECODE_OPS = HEAD_OPS - {"Sigmoid"}
 PASS_THROUGH_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Identity",
                     "Elu", "Selu", "Gelu", "Tanh", "Mish", "PRelu"}
 
@@ -87,11 +90,9 @@ class _Graph:
         t = self.inits.get(name)
         return t is not None and t.data_type == onnx.TensorProto.FLOAT
 
-    def from_head_op(self, tensor: str, exempt: tuple[str, ...] = ()) -> bool:
-        """True when ``tensor`` is computed by a score/decode op (other than those in ``exempt``), possibly through
-        data-movement ops."""
-        src = head_source(self.producer, self.is_const, tensor)
-        return src is not None and src not in exempt
+    def from_decode_op(self, tensor: str) -> bool:
+        """True when ``tensor`` is computed by a decode op (``DECODE_OPS``), possibly through data-movement ops."""
+        return head_source(self.producer, self.is_const, tensor) in DECODE_OPS
 
     def from_conv(self, tensor: str) -> bool:
         """True when ``tensor`` is a conv output, possibly through BN/activations (SiLU = x * Sigmoid(x))."""
@@ -170,7 +171,7 @@ def find_candidates(model: onnx.ModelProto, residual_add: bool = True) -> tuple[
             if n.op_type == "Gemm" and get_attr(n, "transA", 0):
                 notes.append(f"{n.name}: Gemm with transA=1 kept float (its data input is transposed)")
                 continue
-            if g.from_head_op(data, exempt=("Sigmoid",)):
+            if g.from_decode_op(data):
                 notes.append(f"{n.name}: {n.op_type} reads decoded scores/softmax output; kept float")
                 continue
             rank = len(g.inits[w].dims)

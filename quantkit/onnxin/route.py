@@ -152,22 +152,22 @@ def check_integer_inputs(data: CalibrationData, loaded, calib) -> None:
 
     from quantkit.data.dtypes import check_integral
 
+    from quantkit.data.inputs import unpack
+
     types = {i.name: i.type.tensor_type.elem_type for i in loaded.model.graph.input}
-    spans, start = [], 0
-    for k, (name, shape) in enumerate(loaded.inputs or ((loaded.input_name, tuple(loaded.input_shape[1:])),)):
-        size = int(np.prod(shape)) if loaded.inputs else None
-        saved = data.dtypes[k] if data.dtypes else None
+    names = [n for n, _ in loaded.inputs] if loaded.inputs else [loaded.input_name]
+    ints = []
+    for name, saved in zip(names, data.dtypes or [None] * len(names)):
         if types.get(name, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
-            spans.append((name, start, None if size is None else start + size))
+            ints.append(name)
         elif saved:
             raise DataError(f"calibration data {calib} holds {saved} values for the model's float32 input {name!r}: "
                             "save it preprocessed as the model expects, as float32 (for 8-bit images, e.g. "
                             "arr.astype(np.float32) / 255)")
-        start += size or 0
-    for batch in data.batches() if spans else ():
-        x = batch.numpy().reshape(batch.shape[0], -1)
-        for name, a, b in spans:
-            check_integral(x[:, a:b], f"calibration data {calib} (input {name!r})")
+    for batch in data.batches() if ints else ():
+        parts = unpack(batch, loaded.inputs) if loaded.inputs else {loaded.input_name: batch}
+        for name in ints:
+            check_integral(parts[name].numpy(), f"calibration data {calib} (input {name!r})")
 
 
 def quantize_onnx(path: str, data: str | None, recipe: Recipe, *, trt_cache: str | None = None,

@@ -40,20 +40,28 @@ def pick_method(scores: dict[str, float], margin_db: float) -> str:
     2.1 dB and max held out 0.6 dB better). Against it: EfficientNet-Lite0's FP32 ONNX on the ONNX route, where mse
     led by 0.3 dB and held out 1.0 dB better than max. 1 dB is a compromise, not a law (benchmarks/RESULTS.md,
     real-networks). With max unavailable (it failed on this model's histograms) the best check SQNR wins."""
-    best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))  # ties: earlier candidate
-    keep_max = "max" in scores and best != "max" and scores[best] - scores["max"] < margin_db
-    return "max" if keep_max else best
+    clip = _best_clipping(scores)
+    if "max" not in scores or clip is None:
+        return clip or "max"
+    return clip if scores[clip] - scores["max"] >= margin_db else "max"
+
+
+def _best_clipping(scores: dict[str, float]) -> str | None:
+    """The clipping rule (not max) with the best check SQNR, ties to the earlier candidate; None if there is none."""
+    clips = [k for k in scores if k != "max"]
+    return max(clips, key=lambda k: (scores[k], -clips.index(k))) if clips else None
 
 
 def pick_reason(scores: dict[str, float], chosen: str, margin_db: float) -> str:
     """One line for the report: why ``pick_method`` kept ``chosen``."""
-    clips = {k: v for k, v in scores.items() if k != "max"}
-    if "max" not in scores or not clips:
-        return f"{chosen}: the best check SQNR (max not available)" if "max" not in scores else "max: the only rule"
-    best = max(clips, key=lambda k: (clips[k], -list(clips).index(k)))
-    lead = clips[best] - scores["max"]
+    clip = _best_clipping(scores)
+    if "max" not in scores:
+        return f"{chosen}: the best check SQNR (max not available)"
+    if clip is None:
+        return "max: the only rule"
+    lead = scores[clip] - scores["max"]
     if chosen == "max":
-        return f"max: the best clipping rule ({best}) led it by {lead:.2f} dB, under the {margin_db:g} dB margin"
+        return f"max: the best clipping rule ({clip}) led it by {lead:.2f} dB, under the {margin_db:g} dB margin"
     return f"{chosen}: led max by {lead:.2f} dB (margin {margin_db:g} dB)"
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from quantkit.version import __version__
 from quantkit.calibrate.driver import CalibrationResult, method_key
+from quantkit.exporter.onnx_export import INPUT_NAME
 from quantkit.exporter.passes import qdq_summary
 from quantkit.paths import display_path
 from quantkit.quant.tensor_quantizer import TensorQuantizer
@@ -115,7 +116,7 @@ def build_report(inputs: ReportInputs, seconds: float) -> dict:
     if data.inputs:  # several named inputs (a .npz): shape is their packed form, inputs what the graphs take
         inp["inputs"] = {name: [1, *shape] for name, shape in data.inputs}
     if data.dtypes:  # inputs saved as integers (token ids): the graphs take them as such
-        names = [n for n, _ in data.inputs] if data.inputs else ["images"]
+        names = [n for n, _ in data.inputs] if data.inputs else [INPUT_NAME]
         inp["integer_inputs"] = {n: d for n, d in zip(names, data.dtypes) if d}
     report = core_report(ReportCore(
         model=model_info, input=inp,
